@@ -1,0 +1,1 @@
+//! Key types and cryptographic operations.

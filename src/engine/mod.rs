@@ -1,0 +1,3 @@
+//! The software HSM engine.
+pub mod crypto;
+pub mod secret;

@@ -1,0 +1,26 @@
+//! hsmgate: a network access-control gateway in front of HSMs, with a
+//! built-in software HSM engine.
+//!
+//! Module map (each module is named for the decision it owns):
+//!
+//! - [`cli`]: the command line (`serve`, `check`, `version`); parses, then calls in here.
+//! - [`config`]: parses and validates `config/` and `policies/` into one immutable
+//!   [`config::Config`]; every error carries its file and line.
+//! - [`netfilter`]: decides whether a peer address may connect to a listener, or use
+//!   an admin route (longest-prefix CIDR tables).
+//! - [`gateway`]: listeners, TLS, HTTP, the request phases, and [`gateway::rescue`],
+//!   the one place where errors become HTTP responses.
+//! - [`api`]: the HTTP surface: Vault-Transit-compatible [`api::transit`] and the
+//!   HSM administration API [`api::hsm`].
+//! - [`engine`]: the software HSM: state machine, users and the login counters,
+//!   the sealed crash-safe store, the cryptography, zeroization.
+//!
+//! See `docs/ARCHITECTURE.md` for the request phases and where each decision lives.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod gateway;
+pub mod netfilter;
