@@ -1,4 +1,145 @@
-//! CLI.
-#[derive(clap::Parser)]
-pub struct Cli {}
-pub fn run(_c: Cli) -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The command line: `serve`, `check`, `version`. Parsing lives here; the
+//! work lives in the library.
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::gateway::Server;
+use crate::netfilter::Netfilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "hsmgate", version, about = "A network access-control gateway in front of HSMs, with a built-in software HSM engine")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start the gateway with the built-in engine.
+    Serve {
+        /// The main config file.
+        #[arg(long, default_value = "config/hsmgate.toml")]
+        config: PathBuf,
+        /// Overrides `engine.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Validate a config tree (config file and policies) without starting.
+    Check {
+        #[arg(long, default_value = "config/hsmgate.toml")]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Version => {
+            println!("hsmgate {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match load(&config) {
+            Some(cfg) => {
+                let filter = Netfilter::build(&cfg);
+                println!(
+                    "config OK: {} ({} listeners, {} security groups)",
+                    config.display(),
+                    filter.listeners().len(),
+                    cfg.groups.len()
+                );
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(2),
+        },
+        Command::Serve { config, data_dir } => {
+            init_tracing();
+            let Some(mut cfg) = load(&config) else {
+                return ExitCode::from(2);
+            };
+            if let Some(dir) = data_dir {
+                cfg.data_dir = dir;
+            }
+            harden_process();
+            match serve(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hsmgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: &Path) -> Option<Config> {
+    match config::load(path) {
+        Ok(cfg) => Some(cfg),
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("hsmgate: {} error(s) in the config tree; nothing was changed", errors.0.len());
+            None
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HSMGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// No core dumps: a dump of this process would hold the master key and
+/// every loaded key in the clear.
+fn harden_process() {
+    use nix::sys::resource::{setrlimit, Resource};
+    if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+        tracing::warn!(error = %e, "could not disable core dumps (RLIMIT_CORE)");
+    }
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "could not mark the process non-dumpable");
+    }
+}
+
+fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let server = Server::bind(cfg).await?;
+        let cert = server.certificate();
+        tracing::info!(
+            cert = %cert.cert_path.display(),
+            sha256 = %cert.fingerprint,
+            generated = cert.generated,
+            "TLS certificate"
+        );
+        let engine = server.engine();
+        tracing::info!(state = engine.state().as_str(), "engine open");
+        for (name, addr) in server.local_addrs() {
+            // A stable line on stdout that scripts and tests can wait for.
+            println!("hsmgate: listening {name} https://{addr}");
+        }
+        server.run(shutdown_signal()).await;
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

@@ -1,1 +1,1540 @@
-//! Configuration.
+//! Configuration: the main file (`config/hsmgate.toml`) and the security
+//! groups in `policies/`, parsed and validated as a whole into one immutable
+//! [`Config`].
+//!
+//! Three phases, and every phase reports every problem it can find instead of
+//! stopping at the first:
+//!
+//! 1. **parse**: serde structs that mirror the files (`deny_unknown_fields`),
+//!    with [`toml::Spanned`] on every value a later check may point at;
+//! 2. **validate**: ranges, names, CIDR syntax, and references between files
+//!    (a listener naming a group that no policy file defines);
+//! 3. **build**: the typed [`Config`], only when there was no error at all.
+//!
+//! A structural error (TOML syntax, a misspelled key, a value of the wrong
+//! type) stops serde inside *that* file; the other files are still checked.
+//! Every [`ConfigError`] names its file and, where it has one, a 1-based line
+//! and column. Messages name the key and the problem; they never echo a raw
+//! line of the file, only the offending value when it is a short, public
+//! thing such as an address.
+//!
+//! Security groups are allow-only and default deny: a peer may connect to a
+//! listener only if some rule of some group attached to it covers the peer.
+//! [`crate::netfilter`] compiles them into lookup tables.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A validated configuration snapshot. Built only by [`load`] and
+/// [`load_from_str`] (or by hand in tests); never changed afterwards: a reload
+/// builds a new one and swaps it in whole.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The main config file, as given: error messages and `check` name it.
+    pub source_path: PathBuf,
+    /// Where the engine keeps its store, as written (relative paths are
+    /// relative to the working directory; the CLI's `--data-dir` overrides it).
+    pub data_dir: PathBuf,
+    pub engine: EngineConfig,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    /// In file order; [`crate::netfilter::Netfilter`] keeps the same order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Every group defined in any policy file, by name.
+    pub groups: BTreeMap<String, SecurityGroup>,
+}
+
+/// Login-failure thresholds and session lifetime for the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// The Nth consecutive failed crypto-officer login zeroizes the engine.
+    /// Small on purpose: this is the HSM behaviour hsmgate exists to guard.
+    pub zeroize_after_failures: u32,
+    /// The Nth consecutive failed crypto-user login locks that user.
+    pub lock_user_after_failures: u32,
+    /// How long an HSM session token stays valid.
+    pub session_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            zeroize_after_failures: 3,
+            lock_user_after_failures: 5,
+            session_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Where the listeners' certificate comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, resolved against the config file's directory.
+    /// `None` (together with `key_file`): a self-signed certificate is
+    /// generated in the data dir.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key, resolved against the config file's directory. Config
+    /// holds the path, never the key; whoever reads it checks its permissions.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Bounds on what an (admitted) peer may make the server hold or wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body accepted; bounds memory per request.
+    pub max_body_bytes: usize,
+    /// Largest request head accepted; bounds memory before routing.
+    pub max_header_bytes: usize,
+    /// Time allowed to send the request head (slowloris).
+    pub header_read_timeout: Duration,
+    /// Time allowed to finish the TLS handshake after accept.
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One listening socket and the groups that guard it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Unique; names the listener in logs and metrics.
+    pub name: String,
+    /// An IP literal and port; never a host name, so what is bound is what
+    /// was reviewed.
+    pub address: SocketAddr,
+    /// Who may connect at all: the union of these groups' rules. Never empty.
+    pub security_groups: Vec<String>,
+    /// Who may use admin routes and log in as crypto officer. A peer must
+    /// also be admitted by `security_groups` (it has to connect first), so
+    /// the effective admin networks are the intersection of the two.
+    pub admin_groups: Vec<String>,
+}
+
+/// A named set of allow rules (AWS-style security group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecurityGroup {
+    pub name: String,
+    pub description: String,
+    /// May be empty: such a group simply admits nobody.
+    pub rules: Vec<Rule>,
+}
+
+/// One allow rule: a source network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// A network without host bits. Never an IPv4-mapped IPv6 network: peers
+    /// of that form are matched as IPv4, so rules are written as IPv4.
+    pub source: IpNet,
+    /// Why this network is allowed; for the reader and the audit trail.
+    pub description: String,
+}
+
+/// Every problem found in a config tree; `Display` prints one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", lines(.0))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+fn lines(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(ConfigError::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One problem, with its position. `Display`: `path:line:column: message`,
+/// or `path: message` when the problem has no position (an unreadable file).
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: Option<usize>,
+    /// 1-based, in characters.
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.display();
+        match (self.line, self.column) {
+            (Some(line), Some(column)) => write!(f, "{file}:{line}:{column}: {}", self.message),
+            (Some(line), None) => write!(f, "{file}:{line}: {}", self.message),
+            _ => write!(f, "{file}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Loads the config file and every policy file it points at, validates all
+/// of it, and returns every error found (not just the first).
+///
+/// `policies_dir` is resolved against the config file's directory; every
+/// `*.toml` in it (not recursive, dotfiles skipped) that has a `[group.*]`
+/// table is read as a security-group file. Other `*.toml` files there belong
+/// to other parts of hsmgate and are only checked for TOML syntax.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    let main = Source { path, text: &text };
+    let mut errors = Vec::new();
+    let raw = parse::<RawConfig>(&main, &mut errors);
+    let mut policies = Vec::new();
+    let mut policies_complete = true;
+    if let Some(raw) = &raw {
+        policies_complete = match &raw.policies_dir {
+            None => {
+                errors.push(main.error(
+                    "policies_dir is required: the directory holding the security groups \
+                     (relative to this file's directory)",
+                ));
+                false
+            }
+            Some(dir) => read_policies_dir(&main, dir, &mut policies, &mut errors),
+        };
+    }
+    assemble(
+        &main,
+        raw,
+        &policies,
+        policies_complete,
+        FsChecks::Yes,
+        errors,
+    )
+}
+
+/// Same as [`load`], for config text already in memory plus policy files
+/// given as `(path for messages, text)`. `policies_dir` is ignored; TLS file
+/// paths are resolved but not checked on disk.
+pub fn load_from_str(
+    path_for_messages: &Path,
+    text: &str,
+    policies: &[(PathBuf, String)],
+) -> Result<Config, ConfigErrors> {
+    let main = Source {
+        path: path_for_messages,
+        text,
+    };
+    let mut errors = Vec::new();
+    let raw = parse::<RawConfig>(&main, &mut errors);
+    assemble(&main, raw, policies, true, FsChecks::No, errors)
+}
+
+// ---------------------------------------------------------------------------
+// Phase 1: the files, as serde sees them.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    policies_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    listener: Vec<Spanned<RawListener>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    data_dir: Option<Spanned<String>>,
+    zeroize_after_failures: Option<Spanned<i64>>,
+    lock_user_after_failures: Option<Spanned<i64>>,
+    session_ttl_seconds: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<Spanned<i64>>,
+    max_header_bytes: Option<Spanned<i64>>,
+    header_read_timeout_ms: Option<Spanned<i64>>,
+    tls_handshake_timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    security_groups: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    admin_groups: Vec<Spanned<String>>,
+}
+
+/// A policy file that defines groups. Strict at the top level too: a file
+/// with `[group.*]` tables holds security groups and nothing else, so a
+/// misspelled section there is an error rather than silently ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyFile {
+    group: BTreeMap<Spanned<String>, RawGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    source: Spanned<String>,
+    #[serde(default)]
+    description: String,
+}
+
+/// One file's text, so spans can become line:column.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+
+    fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = position(self.text, span.start);
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: Some(line),
+            column: Some(column),
+            message: message.into(),
+        }
+    }
+
+    fn line_of(&self, span: Range<usize>) -> usize {
+        position(self.text, span.start).0
+    }
+
+    /// toml's own `Display` quotes the source line; only its message is kept.
+    fn toml_error(&self, error: &toml::de::Error) -> ConfigError {
+        let message = error.message().trim().replace('\n', "; ");
+        match error.span() {
+            Some(span) => self.error_at(span, message),
+            None => self.error(message),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+fn parse<T: DeserializeOwned>(source: &Source<'_>, errors: &mut Vec<ConfigError>) -> Option<T> {
+    match toml::from_str::<T>(source.text) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            errors.push(source.toml_error(&e));
+            None
+        }
+    }
+}
+
+/// Reads every candidate policy file; problems with the directory itself are
+/// reported at the `policies_dir` key, problems with a file against the file.
+/// Returns whether every candidate was read.
+fn read_policies_dir(
+    main: &Source<'_>,
+    dir: &Spanned<String>,
+    policies: &mut Vec<(PathBuf, String)>,
+    errors: &mut Vec<ConfigError>,
+) -> bool {
+    let resolved = base_dir(main.path).join(dir.get_ref());
+    let problem = match fs::metadata(&resolved) {
+        Ok(meta) if meta.is_dir() => None,
+        Ok(_) => Some("is not a directory".to_string()),
+        Err(e) => Some(format!("cannot be read: {e}")),
+    };
+    if let Some(problem) = problem {
+        errors.push(main.error_at(
+            dir.span(),
+            format!(
+                "policies_dir {} (resolved to {}) {problem}",
+                quoted(dir.get_ref()),
+                resolved.display()
+            ),
+        ));
+        return false;
+    }
+    let entries = match fs::read_dir(&resolved) {
+        Ok(entries) => entries,
+        Err(e) => {
+            errors.push(main.error_at(
+                dir.span(),
+                format!("policies_dir {}: cannot list: {e}", resolved.display()),
+            ));
+            return false;
+        }
+    };
+    let mut complete = true;
+    let mut paths = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => {
+                let path = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                // Dotfiles include editor lock files such as Emacs's `.#x.toml`.
+                if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
+                    continue;
+                }
+                // A directory that happens to end in .toml is not a policy file.
+                if fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+                    continue;
+                }
+                paths.push(path);
+            }
+            Err(e) => {
+                complete = false;
+                errors.push(main.error_at(
+                    dir.span(),
+                    format!("policies_dir {}: cannot list: {e}", resolved.display()),
+                ));
+            }
+        }
+    }
+    // Sorted, so errors and "already defined at" point the same way every run.
+    paths.sort();
+    for path in paths {
+        match fs::read_to_string(&path) {
+            Ok(text) => policies.push((path, text)),
+            Err(e) => {
+                complete = false;
+                errors.push(ConfigError {
+                    file: path,
+                    line: None,
+                    column: None,
+                    message: format!("cannot read the policy file: {e}"),
+                });
+            }
+        }
+    }
+    complete
+}
+
+/// The directory relative paths in the config file are resolved against.
+fn base_dir(config_path: &Path) -> &Path {
+    config_path.parent().unwrap_or(Path::new(""))
+}
+
+// ---------------------------------------------------------------------------
+// Phases 2 and 3: validate, then build.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FsChecks {
+    /// Check that referenced files exist (`load`).
+    Yes,
+    /// Config text in memory: resolve paths but do not touch the disk.
+    No,
+}
+
+const ZEROIZE_AFTER_FAILURES: RangeInclusive<i64> = 1..=10;
+const LOCK_USER_AFTER_FAILURES: RangeInclusive<i64> = 1..=100;
+const SESSION_TTL_SECONDS: RangeInclusive<i64> = 60..=86_400;
+const MAX_BODY_BYTES: RangeInclusive<i64> = 1..=67_108_864;
+const MAX_HEADER_BYTES: RangeInclusive<i64> = 1024..=1_048_576;
+const TIMEOUT_MS: RangeInclusive<i64> = 100..=600_000;
+
+/// Longest listener or group name; names end up in logs and metric labels.
+const MAX_NAME_LEN: usize = 64;
+
+fn assemble(
+    main: &Source<'_>,
+    raw: Option<RawConfig>,
+    policies: &[(PathBuf, String)],
+    policies_complete: bool,
+    fs_checks: FsChecks,
+    mut errors: Vec<ConfigError>,
+) -> Result<Config, ConfigErrors> {
+    let (groups, parsed_all) = security_groups(policies, &mut errors);
+    // Whether a group missing from `groups` is really undefined, rather than
+    // in a file that could not be read or parsed.
+    let groups_complete = policies_complete && parsed_all;
+
+    let config = raw.map(|raw| {
+        let engine_defaults = EngineConfig::default();
+        let limit_defaults = Limits::default();
+        let e = &raw.engine;
+        let engine = EngineConfig {
+            zeroize_after_failures: bounded(
+                main,
+                &mut errors,
+                "engine.zeroize_after_failures",
+                &e.zeroize_after_failures,
+                ZEROIZE_AFTER_FAILURES,
+            )
+            .unwrap_or(engine_defaults.zeroize_after_failures),
+            lock_user_after_failures: bounded(
+                main,
+                &mut errors,
+                "engine.lock_user_after_failures",
+                &e.lock_user_after_failures,
+                LOCK_USER_AFTER_FAILURES,
+            )
+            .unwrap_or(engine_defaults.lock_user_after_failures),
+            session_ttl: bounded(
+                main,
+                &mut errors,
+                "engine.session_ttl_seconds",
+                &e.session_ttl_seconds,
+                SESSION_TTL_SECONDS,
+            )
+            .map(Duration::from_secs)
+            .unwrap_or(engine_defaults.session_ttl),
+        };
+        let data_dir = match &e.data_dir {
+            None => PathBuf::from("./data"),
+            Some(dir) if dir.get_ref().trim().is_empty() => {
+                errors.push(main.error_at(dir.span(), "engine.data_dir must not be empty"));
+                PathBuf::new()
+            }
+            Some(dir) => PathBuf::from(dir.get_ref()),
+        };
+
+        let l = &raw.limits;
+        let limits = Limits {
+            max_body_bytes: bounded(
+                main,
+                &mut errors,
+                "limits.max_body_bytes",
+                &l.max_body_bytes,
+                MAX_BODY_BYTES,
+            )
+            .unwrap_or(limit_defaults.max_body_bytes),
+            max_header_bytes: bounded(
+                main,
+                &mut errors,
+                "limits.max_header_bytes",
+                &l.max_header_bytes,
+                MAX_HEADER_BYTES,
+            )
+            .unwrap_or(limit_defaults.max_header_bytes),
+            header_read_timeout: bounded(
+                main,
+                &mut errors,
+                "limits.header_read_timeout_ms",
+                &l.header_read_timeout_ms,
+                TIMEOUT_MS,
+            )
+            .map(Duration::from_millis)
+            .unwrap_or(limit_defaults.header_read_timeout),
+            tls_handshake_timeout: bounded(
+                main,
+                &mut errors,
+                "limits.tls_handshake_timeout_ms",
+                &l.tls_handshake_timeout_ms,
+                TIMEOUT_MS,
+            )
+            .map(Duration::from_millis)
+            .unwrap_or(limit_defaults.tls_handshake_timeout),
+        };
+
+        let tls = tls(main, &raw.tls, fs_checks, &mut errors);
+        let listeners = listeners(main, &raw.listener, &groups, groups_complete, &mut errors);
+        Config {
+            source_path: main.path.to_path_buf(),
+            data_dir,
+            engine,
+            tls,
+            limits,
+            listeners,
+            groups: BTreeMap::new(),
+        }
+    });
+
+    if errors.is_empty() {
+        if let Some(mut config) = config {
+            config.groups = groups
+                .into_iter()
+                .map(|(name, defined)| (name, defined.group))
+                .collect();
+            return Ok(config);
+        }
+    }
+    sort_errors(&mut errors, main.path, policies);
+    Err(ConfigErrors(errors))
+}
+
+/// The value of an integer key converted to the field's type: `None` when
+/// the key is absent (the caller takes the default) or out of `range` (an
+/// error is recorded).
+fn bounded<T: TryFrom<i64>>(
+    source: &Source<'_>,
+    errors: &mut Vec<ConfigError>,
+    key: &str,
+    value: &Option<Spanned<i64>>,
+    range: RangeInclusive<i64>,
+) -> Option<T> {
+    let value = value.as_ref()?;
+    let n = *value.get_ref();
+    if range.contains(&n) {
+        if let Ok(converted) = T::try_from(n) {
+            return Some(converted);
+        }
+    }
+    errors.push(source.error_at(
+        value.span(),
+        format!(
+            "{key} must be between {} and {}, not {n}",
+            range.start(),
+            range.end()
+        ),
+    ));
+    None
+}
+
+fn tls(
+    main: &Source<'_>,
+    raw: &RawTls,
+    fs_checks: FsChecks,
+    errors: &mut Vec<ConfigError>,
+) -> TlsConfig {
+    let mut resolve = |key: &str, value: &Option<Spanned<String>>| {
+        let value = value.as_ref()?;
+        if value.get_ref().trim().is_empty() {
+            errors.push(main.error_at(value.span(), format!("tls.{key} must not be empty")));
+            return None;
+        }
+        let path = base_dir(main.path).join(value.get_ref());
+        if fs_checks == FsChecks::Yes {
+            let problem = match fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => None,
+                Ok(_) => Some("is not a file".to_string()),
+                Err(e) => Some(format!("cannot be read: {e}")),
+            };
+            if let Some(problem) = problem {
+                errors.push(main.error_at(
+                    value.span(),
+                    format!("tls.{key} {} {problem}", path.display()),
+                ));
+            }
+        }
+        Some((path, value.span()))
+    };
+    let cert = resolve("cert_file", &raw.cert_file);
+    let key = resolve("key_file", &raw.key_file);
+    match (&cert, &key) {
+        (Some((_, span)), None) if raw.key_file.is_none() => errors.push(main.error_at(
+            span.clone(),
+            "tls.cert_file is set but tls.key_file is not: set both, or neither \
+             to use a generated self-signed certificate",
+        )),
+        (None, Some((_, span))) if raw.cert_file.is_none() => errors.push(main.error_at(
+            span.clone(),
+            "tls.key_file is set but tls.cert_file is not: set both, or neither \
+             to use a generated self-signed certificate",
+        )),
+        _ => {}
+    }
+    TlsConfig {
+        cert_file: cert.map(|(path, _)| path),
+        key_file: key.map(|(path, _)| path),
+    }
+}
+
+fn listeners(
+    main: &Source<'_>,
+    raw: &[Spanned<RawListener>],
+    groups: &BTreeMap<String, DefinedGroup>,
+    groups_complete: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<ListenerConfig> {
+    if raw.is_empty() {
+        errors.push(
+            main.error("no [[listener]] is defined: hsmgate would accept no connections at all"),
+        );
+    }
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut addresses: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+    let mut listeners = Vec::with_capacity(raw.len());
+    for spanned in raw {
+        let l = spanned.get_ref();
+        let name = l.name.get_ref().as_str();
+        if let Err(problem) = check_name(name) {
+            errors.push(main.error_at(l.name.span(), format!("listener name {problem}")));
+        } else if let Some(first) = names.get(name) {
+            errors.push(main.error_at(
+                l.name.span(),
+                format!(
+                    "listener name {} is already used at line {first}",
+                    quoted(name)
+                ),
+            ));
+        } else {
+            names.insert(name, main.line_of(l.name.span()));
+        }
+
+        let address = match l.address.get_ref().parse::<SocketAddr>() {
+            Ok(address) => address,
+            Err(_) => {
+                errors.push(main.error_at(
+                    l.address.span(),
+                    format!(
+                        "listener {}: address {} is not an IP address and port \
+                         (e.g. 127.0.0.1:8200 or [::1]:8200; host names are not accepted)",
+                        quoted(name),
+                        quoted(l.address.get_ref())
+                    ),
+                ));
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        };
+        // Port 0 asks the OS for a free port, so it can be repeated (tests do).
+        if address.port() != 0 {
+            if let Some(other) = addresses.get(&address) {
+                errors.push(main.error_at(
+                    l.address.span(),
+                    format!(
+                        "listener {}: address {address} is already used by listener {}",
+                        quoted(name),
+                        quoted(other)
+                    ),
+                ));
+            } else {
+                addresses.insert(address, name);
+            }
+        }
+
+        let security_groups = l.security_groups.as_ref().map_or(&[][..], |g| g.get_ref());
+        if security_groups.is_empty() {
+            let span = l
+                .security_groups
+                .as_ref()
+                .map_or(spanned.span(), |g| g.span());
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "listener {} needs at least one group in security_groups: \
+                     the default is deny, so nobody could connect",
+                    quoted(name)
+                ),
+            ));
+        }
+        for (key, refs) in [
+            ("security_groups", security_groups),
+            ("admin_groups", &l.admin_groups[..]),
+        ] {
+            for group in refs {
+                // After a policy file failed to parse, its groups are unknown:
+                // "not defined" would be noise, not news.
+                if groups_complete && !groups.contains_key(group.get_ref()) {
+                    errors.push(main.error_at(
+                        group.span(),
+                        format!(
+                            "listener {}: {key} names group {}, which no policy file defines{}",
+                            quoted(name),
+                            quoted(group.get_ref()),
+                            defined_list(groups)
+                        ),
+                    ));
+                }
+            }
+        }
+        listeners.push(ListenerConfig {
+            name: name.to_string(),
+            address,
+            security_groups: dedup(security_groups),
+            admin_groups: dedup(&l.admin_groups),
+        });
+    }
+    listeners
+}
+
+/// Group names in file order, repeats dropped (a repeat adds nothing).
+fn dedup(names: &[Spanned<String>]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        if !out.contains(name.get_ref()) {
+            out.push(name.get_ref().clone());
+        }
+    }
+    out
+}
+
+fn defined_list(groups: &BTreeMap<String, DefinedGroup>) -> String {
+    const SHOWN: usize = 10;
+    if groups.is_empty() {
+        return " (no groups are defined)".to_string();
+    }
+    let mut names: Vec<String> = groups.keys().take(SHOWN).map(|n| quoted(n)).collect();
+    if groups.len() > SHOWN {
+        names.push(format!("and {} more", groups.len() - SHOWN));
+    }
+    format!(" (defined: {})", names.join(", "))
+}
+
+/// A group and where it was first defined, for "already defined at".
+struct DefinedGroup {
+    group: SecurityGroup,
+    file: PathBuf,
+    line: usize,
+}
+
+/// Reads the groups of every policy file. The flag says whether every file
+/// parsed, i.e. whether a missing group is really missing.
+fn security_groups(
+    policies: &[(PathBuf, String)],
+    errors: &mut Vec<ConfigError>,
+) -> (BTreeMap<String, DefinedGroup>, bool) {
+    let mut groups: BTreeMap<String, DefinedGroup> = BTreeMap::new();
+    let mut complete = true;
+    for (path, text) in policies {
+        let source = Source { path, text };
+        // First as plain TOML: a file without groups belongs to another part
+        // of hsmgate, but broken TOML anywhere in policies/ is still an error.
+        let Some(table) = parse::<toml::Table>(&source, errors) else {
+            complete = false;
+            continue;
+        };
+        if !table.contains_key("group") {
+            continue;
+        }
+        let Some(file) = parse::<RawPolicyFile>(&source, errors) else {
+            complete = false;
+            continue;
+        };
+        for (name, raw) in file.group {
+            let line = source.line_of(name.span());
+            if let Err(problem) = check_name(name.get_ref()) {
+                errors.push(source.error_at(name.span(), format!("group name {problem}")));
+            }
+            let mut rules = Vec::with_capacity(raw.rules.len());
+            for rule in raw.rules {
+                match parse_source(rule.source.get_ref()) {
+                    Ok(source_net) => rules.push(Rule {
+                        source: source_net,
+                        description: rule.description,
+                    }),
+                    Err(problem) => errors.push(source.error_at(
+                        rule.source.span(),
+                        format!("group {}: {problem}", quoted(name.get_ref())),
+                    )),
+                }
+            }
+            if let Some(first) = groups.get(name.get_ref()) {
+                errors.push(source.error_at(
+                    name.span(),
+                    format!(
+                        "group {} is already defined at {}:{}",
+                        quoted(name.get_ref()),
+                        first.file.display(),
+                        first.line
+                    ),
+                ));
+                continue;
+            }
+            let name = name.into_inner();
+            groups.insert(
+                name.clone(),
+                DefinedGroup {
+                    group: SecurityGroup {
+                        name,
+                        description: raw.description,
+                        rules,
+                    },
+                    file: path.clone(),
+                    line,
+                },
+            );
+        }
+    }
+    (groups, complete)
+}
+
+/// Parses a rule's `source`: a CIDR, or a bare address meaning one host.
+/// Strict, because a rule that means something other than what its author
+/// thought is an open door:
+/// - host bits set (`10.0.0.1/8`) is refused: the author meant either the
+///   network or the host, and we cannot tell which;
+/// - leading zeros in IPv4 octets are refused (some parsers read `010` as
+///   octal 8);
+/// - IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/104`) are refused: mapped
+///   peers are matched as IPv4 (see [`crate::netfilter::canonical`]), so the
+///   rule is written as the IPv4 network it means;
+/// - host names are never accepted.
+fn parse_source(text: &str) -> Result<IpNet, String> {
+    let (addr_text, len_text) = match text.split_once('/') {
+        Some((addr, len)) => (addr, Some(len)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr_text.parse().map_err(|_| {
+        format!(
+            "source {} is not an IP network: write a CIDR such as 10.0.0.0/8 or \
+             2001:db8::/32, or a single address (host names are not accepted)",
+            quoted(text)
+        )
+    })?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len_text {
+        None => max,
+        Some(len) => len
+            .parse::<u8>()
+            .ok()
+            .filter(|n| *n <= max && len.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| {
+                format!(
+                    "source {}: the prefix length must be a number from 0 to {max}",
+                    quoted(text)
+                )
+            })?,
+    };
+    let net = IpNet::new(addr, len).map_err(|_| {
+        format!(
+            "source {}: the prefix length must be a number from 0 to {max}",
+            quoted(text)
+        )
+    })?;
+    if net.addr() != net.network() {
+        return Err(format!(
+            "source {} has host bits set: write {} for the network, or {}/{max} for the single host",
+            quoted(text),
+            net.trunc(),
+            net.addr()
+        ));
+    }
+    if let IpNet::V6(v6) = net {
+        if let (true, Some(v4)) = (v6.prefix_len() >= 96, v6.network().to_ipv4_mapped()) {
+            let suggestion = Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map_or_else(|_| v4.to_string(), |n| n.to_string());
+            return Err(format!(
+                "source {} is an IPv4-mapped IPv6 network; such peers are matched as \
+                 IPv4, so write {suggestion}",
+                quoted(text)
+            ));
+        }
+    }
+    Ok(net)
+}
+
+/// Listener and group names end up in logs and metric labels: keep them plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    if name.chars().count() > MAX_NAME_LEN
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "{} must be at most {MAX_NAME_LEN} characters from A-Z a-z 0-9 - _ .",
+            quoted(name)
+        ));
+    }
+    Ok(())
+}
+
+/// A value for an error message: escaped (no control characters reach the
+/// terminal) and cut short (no pasting of whole lines).
+fn quoted(value: &str) -> String {
+    const MAX: usize = 64;
+    let mut out: String = value
+        .chars()
+        .take(MAX)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().count() > MAX {
+        out.push('…');
+    }
+    format!("`{out}`")
+}
+
+/// Main file first, then policy files in the order read; by position within
+/// each file (file-level errors first).
+fn sort_errors(errors: &mut [ConfigError], main: &Path, policies: &[(PathBuf, String)]) {
+    let rank = |file: &Path| -> usize {
+        if file == main {
+            0
+        } else {
+            policies
+                .iter()
+                .position(|(p, _)| p == file)
+                .map_or(usize::MAX, |i| i + 1)
+        }
+    };
+    errors.sort_by(|a, b| {
+        rank(&a.file)
+            .cmp(&rank(&b.file))
+            .then_with(|| a.file.cmp(&b.file))
+            .then_with(|| a.line.cmp(&b.line))
+            .then_with(|| a.column.cmp(&b.column))
+            .then(Ordering::Equal)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GROUPS: &str = r#"
+[group.apps]
+description = "apps"
+rules = [ { source = "10.0.0.0/8", description = "app network" } ]
+
+[group.admins]
+rules = [ { source = "10.9.9.9" }, { source = "2001:db8::/32" } ]
+"#;
+
+    const MAIN: &str = r#"
+[[listener]]
+name = "api"
+address = "127.0.0.1:8200"
+security_groups = ["apps", "admins"]
+admin_groups = ["admins"]
+"#;
+
+    fn policies(files: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
+        files
+            .iter()
+            .map(|(path, text)| (PathBuf::from(path), text.to_string()))
+            .collect()
+    }
+
+    fn load_ok(main: &str, groups: &str) -> Config {
+        match load_from_str(
+            Path::new("hsmgate.toml"),
+            main,
+            &policies(&[("sg.toml", groups)]),
+        ) {
+            Ok(config) => config,
+            Err(e) => panic!("expected a valid config, got:\n{e}"),
+        }
+    }
+
+    /// The errors as `file:line: message` without columns, for short asserts.
+    fn errors(main: &str, files: &[(&str, &str)]) -> Vec<(String, Option<usize>, String)> {
+        match load_from_str(Path::new("hsmgate.toml"), main, &policies(files)) {
+            Ok(_) => panic!("expected errors, config was accepted"),
+            Err(ConfigErrors(errors)) => errors
+                .into_iter()
+                .map(|e| (e.file.display().to_string(), e.line, e.message))
+                .collect(),
+        }
+    }
+
+    /// Asserts exactly one error, in `file` at `line`, whose message contains `needle`.
+    fn assert_one_error(main: &str, groups: &str, file: &str, line: usize, needle: &str) {
+        let found = errors(main, &[("sg.toml", groups)]);
+        assert_eq!(found.len(), 1, "expected one error, got {found:#?}");
+        let (f, l, message) = &found[0];
+        assert_eq!((f.as_str(), *l), (file, Some(line)), "{message}");
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+
+    fn shipped() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hsmgate.toml")
+    }
+
+    #[test]
+    fn shipped_default_loads_and_matches_the_built_in_defaults() {
+        let config = load(&shipped()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.engine, EngineConfig::default());
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.tls, TlsConfig::default());
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.listeners.len(), 1);
+        let api = &config.listeners[0];
+        assert_eq!(api.name, "api");
+        assert_eq!(api.address, "127.0.0.1:8200".parse().unwrap());
+        assert!(api.address.ip().is_loopback());
+        assert_eq!(api.security_groups, ["apps", "admins"]);
+        assert_eq!(api.admin_groups, ["admins"]);
+        assert_eq!(config.groups.keys().collect::<Vec<_>>(), ["admins", "apps"]);
+        for group in config.groups.values() {
+            let sources: Vec<String> = group.rules.iter().map(|r| r.source.to_string()).collect();
+            assert_eq!(sources, ["127.0.0.1/32", "::1/128"], "group {}", group.name);
+            assert!(group.rules.iter().all(|r| r.source.addr().is_loopback()));
+        }
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = load_ok(MAIN, GROUPS);
+        assert_eq!(config.engine, EngineConfig::default());
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.source_path, PathBuf::from("hsmgate.toml"));
+    }
+
+    #[test]
+    fn values_are_converted_to_their_types() {
+        let main = format!(
+            "[engine]\ndata_dir = \"/var/lib/hsmgate\"\nzeroize_after_failures = 10\n\
+             lock_user_after_failures = 1\nsession_ttl_seconds = 60\n\
+             [limits]\nmax_body_bytes = 1\nmax_header_bytes = 1024\n\
+             header_read_timeout_ms = 100\ntls_handshake_timeout_ms = 600000\n{MAIN}"
+        );
+        let config = load_ok(&main, GROUPS);
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/hsmgate"));
+        assert_eq!(
+            config.engine,
+            EngineConfig {
+                zeroize_after_failures: 10,
+                lock_user_after_failures: 1,
+                session_ttl: Duration::from_secs(60),
+            }
+        );
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_body_bytes: 1,
+                max_header_bytes: 1024,
+                header_read_timeout: Duration::from_millis(100),
+                tls_handshake_timeout: Duration::from_secs(600),
+            }
+        );
+    }
+
+    #[test]
+    fn tls_paths_resolve_against_the_config_directory() {
+        let main =
+            format!("[tls]\ncert_file = \"tls/cert.pem\"\nkey_file = \"/abs/key.pem\"\n{MAIN}");
+        let config = load_from_str(
+            Path::new("/etc/hsmgate/hsmgate.toml"),
+            &main,
+            &policies(&[("sg.toml", GROUPS)]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.tls.cert_file,
+            Some(PathBuf::from("/etc/hsmgate/tls/cert.pem"))
+        );
+        assert_eq!(config.tls.key_file, Some(PathBuf::from("/abs/key.pem")));
+    }
+
+    #[test]
+    fn bare_addresses_are_single_hosts() {
+        let config = load_ok(MAIN, GROUPS);
+        let admins: Vec<String> = config.groups["admins"]
+            .rules
+            .iter()
+            .map(|r| r.source.to_string())
+            .collect();
+        assert_eq!(admins, ["10.9.9.9/32", "2001:db8::/32"]);
+        let single_v6 = "[group.apps]\nrules = [{ source = \"2001:db8::1\" }]\n\
+                         [group.admins]\nrules = []\n";
+        let config = load_ok(MAIN, single_v6);
+        assert_eq!(
+            config.groups["apps"].rules[0].source.to_string(),
+            "2001:db8::1/128"
+        );
+        assert!(
+            config.groups["admins"].rules.is_empty(),
+            "empty groups are allowed"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_reported_at_its_line() {
+        let main = format!("[engine]\nzeroize_after_failure = 3\n{MAIN}");
+        assert_one_error(&main, GROUPS, "hsmgate.toml", 2, "zeroize_after_failure");
+        let groups = "[group.apps]\ndescripton = \"x\"\n[group.admins]\n";
+        assert_one_error(MAIN, groups, "sg.toml", 2, "descripton");
+        let groups = "[group.apps]\nrules = [\n  { source = \"10.0.0.0/8\", port = 1 },\n]\n";
+        assert_one_error(MAIN, groups, "sg.toml", 3, "port");
+    }
+
+    #[test]
+    fn toml_syntax_error_is_reported_at_its_line() {
+        let main = format!("{MAIN}\nsecurity_groups = [\"apps\"\n");
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].0, "hsmgate.toml");
+        assert!(found[0].1.is_some());
+    }
+
+    #[test]
+    fn wrong_type_is_reported_at_its_line() {
+        let main = format!("[limits]\n\nmax_body_bytes = \"1MB\"\n{MAIN}");
+        assert_one_error(&main, GROUPS, "hsmgate.toml", 3, "i64");
+    }
+
+    #[test]
+    fn out_of_range_values_are_reported_at_their_lines() {
+        for (key, table, bad, good) in [
+            ("zeroize_after_failures", "engine", "0", "1"),
+            ("zeroize_after_failures", "engine", "11", "10"),
+            ("lock_user_after_failures", "engine", "101", "100"),
+            ("session_ttl_seconds", "engine", "59", "60"),
+            ("session_ttl_seconds", "engine", "86401", "86400"),
+            ("max_body_bytes", "limits", "0", "67108864"),
+            ("max_body_bytes", "limits", "-1", "1"),
+            ("max_header_bytes", "limits", "1023", "1048576"),
+            ("header_read_timeout_ms", "limits", "99", "600000"),
+            ("tls_handshake_timeout_ms", "limits", "600001", "100"),
+        ] {
+            let main = format!("[{table}]\n{key} = {bad}\n{MAIN}");
+            assert_one_error(&main, GROUPS, "hsmgate.toml", 2, &format!("{table}.{key}"));
+            load_ok(&format!("[{table}]\n{key} = {good}\n{MAIN}"), GROUPS);
+        }
+    }
+
+    #[test]
+    fn listener_problems_are_reported_at_their_lines() {
+        let dup = format!("{MAIN}\n[[listener]]\nname = \"api\"\naddress = \"127.0.0.1:8201\"\nsecurity_groups = [\"apps\"]\n");
+        assert_one_error(&dup, GROUPS, "hsmgate.toml", 9, "already used at line 3");
+
+        let empty = MAIN.replace("name = \"api\"", "name = \"\"");
+        assert_one_error(&empty, GROUPS, "hsmgate.toml", 3, "must not be empty");
+
+        let spaces = MAIN.replace("name = \"api\"", "name = \"my api\"");
+        assert_one_error(&spaces, GROUPS, "hsmgate.toml", 3, "characters from");
+
+        let host = MAIN.replace("127.0.0.1:8200", "localhost:8200");
+        assert_one_error(
+            &host,
+            GROUPS,
+            "hsmgate.toml",
+            4,
+            "host names are not accepted",
+        );
+        let no_port = MAIN.replace("127.0.0.1:8200", "127.0.0.1");
+        assert_one_error(&no_port, GROUPS, "hsmgate.toml", 4, "IP address and port");
+        let v6 = MAIN.replace("127.0.0.1:8200", "[::1]:8200");
+        assert_eq!(
+            load_ok(&v6, GROUPS).listeners[0].address,
+            "[::1]:8200".parse().unwrap()
+        );
+
+        let same_address = format!("{MAIN}[[listener]]\nname = \"b\"\naddress = \"127.0.0.1:8200\"\nsecurity_groups = [\"apps\"]\n");
+        assert_one_error(
+            &same_address,
+            GROUPS,
+            "hsmgate.toml",
+            9,
+            "already used by listener `api`",
+        );
+        let port_zero = concat!(
+            "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nsecurity_groups = [\"apps\"]\n",
+            "[[listener]]\nname = \"b\"\naddress = \"127.0.0.1:0\"\nsecurity_groups = [\"apps\"]\n"
+        );
+        assert_eq!(load_ok(port_zero, GROUPS).listeners.len(), 2);
+
+        let no_groups = MAIN.replace(
+            "security_groups = [\"apps\", \"admins\"]",
+            "security_groups = []",
+        );
+        assert_one_error(&no_groups, GROUPS, "hsmgate.toml", 5, "at least one group");
+        let missing_groups = MAIN.replace("security_groups = [\"apps\", \"admins\"]\n", "");
+        assert_one_error(
+            &missing_groups,
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "at least one group",
+        );
+
+        let none = errors("", &[("sg.toml", GROUPS)]);
+        assert_eq!(none.len(), 1, "{none:#?}");
+        assert!(none[0].2.contains("no [[listener]]"));
+    }
+
+    #[test]
+    fn undefined_groups_are_reported_at_the_name() {
+        let main = MAIN.replace("[\"apps\", \"admins\"]", "[\"apps\",\n  \"apss\"]");
+        assert_one_error(
+            &main,
+            GROUPS,
+            "hsmgate.toml",
+            6,
+            "`apss`, which no policy file defines",
+        );
+        let main = MAIN.replace("admin_groups = [\"admins\"]", "admin_groups = [\"root\"]");
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].1, Some(6));
+        assert!(
+            found[0].2.contains("admin_groups names group `root`"),
+            "{}",
+            found[0].2
+        );
+        assert!(
+            found[0].2.contains("defined: `admins`, `apps`"),
+            "{}",
+            found[0].2
+        );
+    }
+
+    #[test]
+    fn a_broken_policy_file_does_not_cascade_into_undefined_groups() {
+        let found = errors(MAIN, &[("sg.toml", "[group.apps\n")]);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!((found[0].0.as_str(), found[0].1), ("sg.toml", Some(1)));
+    }
+
+    #[test]
+    fn bad_sources_are_reported_at_their_lines() {
+        let cases = [
+            (
+                "10.0.0.1/8",
+                "write 10.0.0.0/8 for the network, or 10.0.0.1/32",
+            ),
+            (
+                "2001:db8::1/32",
+                "write 2001:db8::/32 for the network, or 2001:db8::1/128",
+            ),
+            ("10.0.0.0/33", "from 0 to 32"),
+            ("10.0.0.0/", "from 0 to 32"),
+            ("10.0.0.0/+8", "from 0 to 32"),
+            ("::/129", "from 0 to 128"),
+            ("010.0.0.0/8", "not an IP network"),
+            ("db.example.com", "host names are not accepted"),
+            ("10.0.0.0/8 ", "from 0 to 32"),
+            ("", "not an IP network"),
+            ("::ffff:10.0.0.0/104", "write 10.0.0.0/8"),
+            ("::ffff:10.1.2.3", "write 10.1.2.3/32"),
+        ];
+        for (source, needle) in cases {
+            let groups = format!(
+                "[group.admins]\n[group.apps]\nrules = [\n  {{ source = \"10.0.0.0/8\" }},\n  {{ source = \"{source}\" }},\n]\n"
+            );
+            assert_one_error(MAIN, &groups, "sg.toml", 5, needle);
+        }
+        // Wider IPv6 networks that merely contain the mapped range are fine.
+        load_ok(
+            MAIN,
+            "[group.admins]\n[group.apps]\nrules = [{ source = \"::/0\" }]\n",
+        );
+    }
+
+    #[test]
+    fn group_name_problems_are_reported() {
+        let dup = errors(
+            MAIN,
+            &[
+                ("a.toml", GROUPS),
+                ("b.toml", "# b\n[group.apps]\nrules = []\n"),
+            ],
+        );
+        assert_eq!(dup.len(), 1, "{dup:#?}");
+        assert_eq!((dup[0].0.as_str(), dup[0].1), ("b.toml", Some(2)));
+        assert!(
+            dup[0].2.contains("already defined at a.toml:2"),
+            "{}",
+            dup[0].2
+        );
+
+        let bad_name = format!("{GROUPS}[group.\"a b\"]\n");
+        assert_one_error(MAIN, &bad_name, "sg.toml", 8, "group name");
+
+        let stray = format!("{GROUPS}[groups.other]\n");
+        assert_one_error(MAIN, &stray, "sg.toml", 8, "unknown field `groups`");
+    }
+
+    #[test]
+    fn files_without_groups_are_left_to_others() {
+        let config = load_from_str(
+            Path::new("hsmgate.toml"),
+            MAIN,
+            &policies(&[
+                ("sg.toml", GROUPS),
+                ("rate.toml", "[rate_limit.login]\nburst = 3\n"),
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.groups.len(), 2);
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let cert_only = format!("[tls]\ncert_file = \"cert.pem\"\n{MAIN}");
+        assert_one_error(&cert_only, GROUPS, "hsmgate.toml", 2, "tls.key_file is not");
+        let key_only = format!("[tls]\n\nkey_file = \"key.pem\"\n{MAIN}");
+        assert_one_error(&key_only, GROUPS, "hsmgate.toml", 3, "tls.cert_file is not");
+    }
+
+    #[test]
+    fn several_errors_are_reported_at_once_in_file_order() {
+        let main = format!(
+            "[engine]\nzeroize_after_failures = 0\nsession_ttl_seconds = 1\n{}",
+            MAIN.replace("127.0.0.1:8200", "nowhere")
+                .replace("\"admins\"]\n", "\"nobody\"]\n")
+        );
+        let groups = format!("{GROUPS}[group.bad]\nrules = [{{ source = \"10.0.0.1/8\" }}]\n");
+        let found = errors(&main, &[("sg.toml", &groups)]);
+        let positions: Vec<(&str, Option<usize>)> =
+            found.iter().map(|(f, l, _)| (f.as_str(), *l)).collect();
+        assert_eq!(
+            positions,
+            [
+                ("hsmgate.toml", Some(2)),
+                ("hsmgate.toml", Some(3)),
+                ("hsmgate.toml", Some(7)),
+                ("hsmgate.toml", Some(8)),
+                ("hsmgate.toml", Some(9)),
+                ("sg.toml", Some(9)),
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn display_is_path_line_column_message() {
+        let main = format!("[engine]\n  zeroize_after_failures = 11\n{MAIN}");
+        let err = load_from_str(
+            Path::new("conf/h.toml"),
+            &main,
+            &policies(&[("sg.toml", GROUPS)]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "conf/h.toml:2:28: engine.zeroize_after_failures must be between 1 and 10, not 11"
+        );
+        let no_position = ConfigError {
+            file: PathBuf::from("x.toml"),
+            line: None,
+            column: None,
+            message: "cannot read".into(),
+        };
+        assert_eq!(no_position.to_string(), "x.toml: cannot read");
+        let two = ConfigErrors(vec![no_position.clone(), no_position]);
+        assert_eq!(two.to_string(), "x.toml: cannot read\nx.toml: cannot read");
+    }
+
+    #[test]
+    fn messages_do_not_echo_raw_lines() {
+        let secretish = "[group.admins]\n[group.apps]\nrules = [{ source = \"10.0.0.0/8\", description = \"hunter2\", oops = 1 }]\n";
+        let found = errors(MAIN, &[("sg.toml", secretish)]);
+        assert_eq!(found.len(), 1);
+        assert!(!found[0].2.contains("hunter2"), "{}", found[0].2);
+        assert!(!found[0].2.contains('\n'));
+    }
+
+    #[test]
+    fn columns_count_characters() {
+        assert_eq!(position("ab\ncé d", 8), (2, 5));
+        assert_eq!(position("x", 0), (1, 1));
+        assert_eq!(position("x\n", 99), (2, 1));
+    }
+
+    #[test]
+    fn load_reads_the_policies_dir_and_reports_file_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let main_path = dir.path().join("hsmgate.toml");
+        let missing = format!("policies_dir = \"nope\"\n{MAIN}");
+        std::fs::write(&main_path, &missing).unwrap();
+        let err = load(&main_path).unwrap_err().0;
+        assert_eq!(err.len(), 1, "{err:#?}");
+        assert_eq!(err[0].line, Some(1));
+        assert!(
+            err[0].message.contains("policies_dir `nope`"),
+            "{}",
+            err[0].message
+        );
+
+        std::fs::write(dir.path().join("nope"), "").unwrap();
+        let err = load(&main_path).unwrap_err().0;
+        assert!(
+            err[0].message.contains("is not a directory"),
+            "{}",
+            err[0].message
+        );
+
+        let policies = dir.path().join("pol");
+        std::fs::create_dir(&policies).unwrap();
+        std::fs::write(policies.join("sg.toml"), GROUPS).unwrap();
+        std::fs::write(policies.join("notes.txt"), "not toml [").unwrap();
+        std::fs::write(policies.join(".#sg.toml"), "editor junk [").unwrap();
+        std::fs::create_dir(policies.join("old.toml")).unwrap();
+        let main = format!("policies_dir = \"pol\"\n{MAIN}");
+        std::fs::write(&main_path, &main).unwrap();
+        let config = load(&main_path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.groups.len(), 2);
+        assert_eq!(config.source_path, main_path);
+
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink("gone", policies.join("broken.toml")).unwrap();
+            let err = load(&main_path).unwrap_err().0;
+            assert_eq!(err.len(), 1, "{err:#?}");
+            assert_eq!(err[0].file, policies.join("broken.toml"));
+            assert_eq!(err[0].line, None);
+            std::fs::remove_file(policies.join("broken.toml")).unwrap();
+        }
+
+        let tls = format!(
+            "policies_dir = \"pol\"\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{MAIN}"
+        );
+        std::fs::write(&main_path, &tls).unwrap();
+        std::fs::write(dir.path().join("c.pem"), "").unwrap();
+        let err = load(&main_path).unwrap_err().0;
+        assert_eq!(err.len(), 1, "{err:#?}");
+        assert_eq!(err[0].line, Some(4));
+        assert!(
+            err[0].message.starts_with("tls.key_file"),
+            "{}",
+            err[0].message
+        );
+
+        let no_dir = MAIN.to_string();
+        std::fs::write(&main_path, &no_dir).unwrap();
+        let err = load(&main_path).unwrap_err().0;
+        assert!(
+            err[0].message.contains("policies_dir is required"),
+            "{}",
+            err[0].message
+        );
+
+        let err = load(&dir.path().join("absent.toml")).unwrap_err().0;
+        assert_eq!(err.len(), 1);
+        assert!(err[0].message.contains("cannot read the config file"));
+    }
+}

@@ -1,1 +1,142 @@
-//! API.
+//! The HTTP surface: [`transit`] (Vault Transit compatible), [`hsm`] (HSM
+//! administration), [`sys`] (health, token lookup). Handlers parse, call the
+//! engine, and shape Vault-style envelopes; errors go back as
+//! [`ApiError`] for the gateway's rescue to render.
+pub mod hsm;
+pub mod sys;
+pub mod transit;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{HeaderMap, Method, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::engine::{Engine, EngineError, Principal};
+use crate::gateway::listener::ConnInfo;
+use crate::gateway::rescue::{self, ApiError};
+use crate::gateway::AppState;
+
+/// One request, as the handlers see it.
+pub struct Call<'a> {
+    pub state: &'a Arc<AppState>,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+    pub conn: ConnInfo,
+    /// Whether the TCP peer is on one of the listener's admin networks.
+    pub is_admin_network: bool,
+    pub request_id: &'a str,
+}
+
+impl Call<'_> {
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.state.engine
+    }
+
+    /// The session token from `X-Vault-Token` or `Authorization: Bearer`.
+    pub fn token(&self) -> Option<&str> {
+        if let Some(t) = self.headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
+            return Some(t.trim());
+        }
+        self.headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+    }
+
+    /// Who is calling. A missing, unknown or expired token is a plain 403,
+    /// as in Vault.
+    pub fn principal(&self) -> Result<Principal, ApiError> {
+        let token = self.token().ok_or(ApiError::PermissionDenied)?;
+        Ok(self.engine().authenticate(token)?)
+    }
+
+    /// The JSON body; an empty body reads as `{}`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &self.body };
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("failed to parse JSON input: {e}")))
+    }
+
+    pub fn query_flag(&self, name: &str) -> bool {
+        self.query_param(name).is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+    }
+
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then_some(v)
+        })
+    }
+
+    /// A 200 with Vault's response envelope around `data`.
+    pub fn ok(&self, data: Value) -> Result<Response<Full<Bytes>>, ApiError> {
+        Ok(rescue::json_response(StatusCode::OK, &self.envelope(data)))
+    }
+
+    pub fn envelope(&self, data: Value) -> Value {
+        json!({
+            "request_id": self.request_id,
+            "lease_id": "",
+            "renewable": false,
+            "lease_duration": 0,
+            "data": data,
+            "wrap_info": null,
+            "warnings": null,
+            "auth": null,
+        })
+    }
+}
+
+/// Runs blocking engine work (argon2, key generation, fsync) off the
+/// async workers.
+pub async fn blocking<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || f(&engine))
+        .await
+        .map_err(|e| ApiError::Internal(format!("engine task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// Unix seconds as RFC 3339 UTC, without pulling in a date crate.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
+    }
+}

@@ -1,3 +1,829 @@
-//! The software HSM engine.
+//! The software HSM engine: its state machine (uninitialized → active →
+//! zeroized), users and their login counters, the sealed store, key rings
+//! and the operations on them.
+//!
+//! The engine enforces its own rules whatever the caller: the role checks,
+//! the consecutive-failure counters (counted *before* the password is
+//! checked, in the same per-user critical section), and zeroization. The
+//! gateway only tells it facts it cannot know itself: which channel a login
+//! came through and whether the peer sits on an admin network.
+//!
+//! Blocking: `login`, `init`, `create_user` and key generation do real work
+//! (argon2, key generation, fsync); async callers run them on a blocking thread.
 pub mod crypto;
+pub mod keyring;
 pub mod secret;
+pub mod store;
+pub mod users;
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::config::EngineConfig;
+use crypto::{CryptoError, HashAlgorithm};
+use keyring::{KeyConfigChange, KeyOptions, KeyRing};
+use secret::{SecretBytes, SecretString};
+use store::{MasterKey, Store, StoreError, UserRecord};
+
+pub const ADMIN_USERNAME: &str = "admin";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Administers users and the HSM; does not use keys (as in CloudHSM).
+    CryptoOfficer,
+    /// Uses keys.
+    CryptoUser,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::CryptoOfficer => "crypto-officer",
+            Role::CryptoUser => "crypto-user",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineState {
+    Uninitialized,
+    Active,
+    Zeroized,
+}
+
+impl EngineState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EngineState::Uninitialized => "uninitialized",
+            EngineState::Active => "active",
+            EngineState::Zeroized => "zeroized",
+        }
+    }
+}
+
+/// The way a login reached the engine. Only the front door exists in this
+/// slice; the guard that reserves the last attempts for break-glass keys on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    FrontDoor,
+    BreakGlass,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the engine is {0:?}, not active")]
+    NotActive(EngineState),
+    #[error("the engine is already initialized")]
+    AlreadyInitialized,
+    #[error("the init token is missing or wrong")]
+    InvalidInitToken,
+    /// One variant for every login failure: the caller must not learn why.
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("key {0:?} not found")]
+    KeyNotFound(String),
+    #[error("user {0:?} not found")]
+    UserNotFound(String),
+    #[error("user {0:?} already exists")]
+    UserExists(String),
+    #[error("key {0:?} exists with another type")]
+    KeyTypeMismatch(String),
+    #[error("deletion is not allowed for key {0:?}: set deletion_allowed in its config first")]
+    DeletionNotAllowed(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("storage failure: {0}")]
+    Storage(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Who is calling, as established by a session token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub username: String,
+    pub role: Role,
+    pub issued_at: SystemTime,
+    pub expires_at: SystemTime,
+}
+
+impl Principal {
+    pub fn policies(&self) -> Vec<String> {
+        vec![self.role.as_str().to_string()]
+    }
+}
+
+/// What a successful login hands back.
+pub struct LoginSuccess {
+    pub token: SecretString,
+    pub principal: Principal,
+}
+
+pub struct LoginRequest<'a> {
+    pub username: &'a str,
+    pub password: &'a SecretString,
+    pub channel: Channel,
+    /// Whether the peer is on an admin network. A crypto-officer login from
+    /// elsewhere fails like a wrong password and counts nothing.
+    pub officer_allowed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UserStatus {
+    pub username: String,
+    pub role: Role,
+    pub consecutive_failures: u32,
+    pub attempts_left: u32,
+    pub locked: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub state: EngineState,
+    /// How many times this data dir has been zeroized, ever.
+    pub zeroizations: u64,
+    pub zeroize_after_failures: u32,
+    pub lock_user_after_failures: u32,
+    pub users: Vec<UserStatus>,
+    pub keys: usize,
+}
+
+/// Survives zeroization: the engine's lifecycle, written atomically.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    state: EngineState,
+    zeroizations: u64,
+    last_zeroized_at: Option<u64>,
+}
+
+struct Paths {
+    store: PathBuf,
+    master_key: PathBuf,
+    state: PathBuf,
+    init_token: PathBuf,
+}
+
+struct Active {
+    store: Store,
+    keys: RwLock<HashMap<String, Arc<KeyRing>>>,
+}
+
+struct Inner {
+    state: EngineState,
+    active: Option<Active>,
+    /// Present exactly while uninitialized or zeroized.
+    init_token: Option<SecretBytes>,
+    zeroizations: u64,
+}
+
+pub struct Engine {
+    paths: Paths,
+    config: EngineConfig,
+    inner: RwLock<Inner>,
+    /// One lock per existing user: a login holds it from the count through
+    /// the password check, so concurrent attempts are strictly sequential.
+    user_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Session tokens by SHA-256 of the token (never the token itself).
+    sessions: Mutex<HashMap<[u8; 32], Principal>>,
+    /// Serializes key ring updates (create/rotate/config/delete) so two
+    /// writers cannot lose each other's version.
+    key_writes: Mutex<()>,
+}
+
+// A poisoned lock means a panic mid-update of in-memory state; the durable
+// truth is the store, so carrying on with the inner value is sound.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Opens (or creates) the engine in `data_dir`, finishing any zeroization
+    /// a crash interrupted, and writing a fresh init token when the engine
+    /// has no owner.
+    pub fn open(data_dir: &Path, config: EngineConfig) -> Result<Engine, EngineError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| EngineError::Internal(format!("creating data dir {}: {e}", data_dir.display())))?;
+        let paths = Paths {
+            store: data_dir.join("store.redb"),
+            master_key: data_dir.join("master.key"),
+            state: data_dir.join("engine-state.json"),
+            init_token: data_dir.join("init-token"),
+        };
+        let state_file = read_state_file(&paths.state)?;
+        let zeroizations = state_file.as_ref().map(|s| s.zeroizations).unwrap_or(0);
+        let engine = Engine {
+            config,
+            inner: RwLock::new(Inner {
+                state: EngineState::Uninitialized,
+                active: None,
+                init_token: None,
+                zeroizations,
+            }),
+            user_locks: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            key_writes: Mutex::new(()),
+            paths,
+        };
+        let has_key = engine.paths.master_key.exists();
+        let has_store = engine.paths.store.exists();
+        let marked_zeroized = matches!(&state_file, Some(s) if s.state == EngineState::Zeroized);
+        let mut inner = write(&engine.inner);
+        if !marked_zeroized && has_key && has_store {
+            let master = MasterKey::load(&engine.paths.master_key)?;
+            let store = Store::open(&engine.paths.store, master)?;
+            let mut keys = HashMap::new();
+            for (name, bytes) in store.keys()? {
+                let ring = KeyRing::from_record(&name, &bytes)?;
+                keys.insert(name, Arc::new(ring));
+            }
+            inner.state = EngineState::Active;
+            inner.active = Some(Active {
+                store,
+                keys: RwLock::new(keys),
+            });
+            // An init that crashed after its last durable step leaves a token behind.
+            let _ = fs::remove_file(&engine.paths.init_token);
+        } else if marked_zeroized || state_file.is_some() || has_store {
+            // Zeroized, or an interrupted zeroization, or a store whose key
+            // is gone (crypto-erased): finish the erase.
+            if !marked_zeroized {
+                tracing::warn!("store or master key missing: treating the engine as zeroized");
+                engine.write_state(EngineState::Zeroized, inner.zeroizations, Some(now_unix()))?;
+            }
+            MasterKey::destroy_file(&engine.paths.master_key)?;
+            remove_if_exists(&engine.paths.store)?;
+            inner.state = EngineState::Zeroized;
+            engine.issue_init_token(&mut inner)?;
+        } else {
+            // Never initialized (or an init crashed before its store existed).
+            MasterKey::destroy_file(&engine.paths.master_key)?;
+            inner.state = EngineState::Uninitialized;
+            engine.issue_init_token(&mut inner)?;
+        }
+        drop(inner);
+        Ok(engine)
+    }
+
+    pub fn state(&self) -> EngineState {
+        read(&self.inner).state
+    }
+
+    pub fn init_token_path(&self) -> &Path {
+        &self.paths.init_token
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn write_state(&self, state: EngineState, zeroizations: u64, last: Option<u64>) -> Result<(), EngineError> {
+        let file = StateFile {
+            format: 1,
+            state,
+            zeroizations,
+            last_zeroized_at: last,
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| EngineError::Internal(e.to_string()))?;
+        store::write_atomic(&self.paths.state, &bytes, 0o600)?;
+        Ok(())
+    }
+
+    fn issue_init_token(&self, inner: &mut Inner) -> Result<(), EngineError> {
+        let raw = crypto::random_bytes(32)?;
+        let token = Zeroizing::new(URL_SAFE_NO_PAD.encode(&*raw));
+        store::write_atomic(&self.paths.init_token, token.as_bytes(), 0o600)?;
+        inner.init_token = Some(SecretBytes::from_slice(token.as_bytes()));
+        tracing::warn!(
+            path = %self.paths.init_token.display(),
+            "engine has no owner: init token written (mode 0600); POST /v1/hsm/init with it"
+        );
+        Ok(())
+    }
+
+    /// Takes ownership of an uninitialized or zeroized engine: sets the crypto
+    /// officer's password. Needs the current init token from the data dir.
+    pub fn init(&self, admin_password: &SecretString, init_token: &SecretString) -> Result<(), EngineError> {
+        let mut inner = write(&self.inner);
+        if inner.state == EngineState::Active {
+            return Err(EngineError::AlreadyInitialized);
+        }
+        let token_ok = inner
+            .init_token
+            .as_ref()
+            .is_some_and(|t| t.ct_eq(init_token.expose_secret().as_bytes()));
+        if !token_ok {
+            return Err(EngineError::InvalidInitToken);
+        }
+        users::validate_password(ADMIN_USERNAME, admin_password.expose_secret())?;
+        let hash = users::hash_password(admin_password.expose_secret())?;
+        // Master key first: a crash before the store exists leaves a stray
+        // key that the next start removes; a crash after the admin record is
+        // committed leaves a complete engine.
+        let master = MasterKey::generate()?;
+        master.persist(&self.paths.master_key)?;
+        let store = Store::create(&self.paths.store, master)?;
+        store.put_user(&UserRecord {
+            username: ADMIN_USERNAME.into(),
+            role: Role::CryptoOfficer,
+            password_hash: hash,
+            consecutive_failures: 0,
+            locked: false,
+        })?;
+        self.write_state(EngineState::Active, inner.zeroizations, None)?;
+        remove_if_exists(&self.paths.init_token)?;
+        inner.init_token = None;
+        inner.active = Some(Active {
+            store,
+            keys: RwLock::new(HashMap::new()),
+        });
+        inner.state = EngineState::Active;
+        lock(&self.user_locks).clear();
+        tracing::info!("engine initialized");
+        Ok(())
+    }
+
+    fn user_lock(&self, username: &str) -> Arc<Mutex<()>> {
+        lock(&self.user_locks)
+            .entry(username.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn threshold(&self, role: Role) -> u32 {
+        match role {
+            Role::CryptoOfficer => self.config.zeroize_after_failures,
+            Role::CryptoUser => self.config.lock_user_after_failures,
+        }
+    }
+
+    /// Logs a user in. The attempt is counted and made durable before the
+    /// password is checked; the per-user lock makes count-then-check one
+    /// step, so concurrent attempts can neither skip the count nor race past
+    /// the threshold. The threshold-th consecutive failed crypto-officer
+    /// login zeroizes the engine; a crypto user's locks that user.
+    pub fn login(&self, req: LoginRequest<'_>) -> Result<LoginSuccess, EngineError> {
+        let password = req.password.expose_secret();
+        // Refuse to count anything for a name that does not exist, and do
+        // not create locks for it (the lock map is bounded by real users).
+        let exists = {
+            let inner = read(&self.inner);
+            let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+            active.store.get_user(req.username)?.is_some()
+        };
+        if !exists || users::validate_username(req.username).is_err() {
+            users::burn_equal_time(password);
+            return Err(EngineError::InvalidCredentials);
+        }
+        let user_lock = self.user_lock(req.username);
+        let _serial = lock(&user_lock);
+
+        // Count the attempt (durably) before looking at the password.
+        let (record, attempt) = {
+            let inner = read(&self.inner);
+            let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+            let Some(mut record) = active.store.get_user(req.username)? else {
+                drop(inner);
+                users::burn_equal_time(password);
+                return Err(EngineError::InvalidCredentials);
+            };
+            if record.role == Role::CryptoOfficer && !req.officer_allowed {
+                drop(inner);
+                tracing::warn!(user = req.username, "crypto-officer login from a non-admin network refused; nothing counted");
+                users::burn_equal_time(password);
+                return Err(EngineError::InvalidCredentials);
+            }
+            if record.locked {
+                drop(inner);
+                tracing::warn!(user = req.username, "login to a locked user refused");
+                users::burn_equal_time(password);
+                return Err(EngineError::InvalidCredentials);
+            }
+            record.consecutive_failures = record.consecutive_failures.saturating_add(1);
+            active.store.put_user(&record)?;
+            let attempt = record.consecutive_failures;
+            (record, attempt)
+        };
+        let _ = req.channel; // the guard (fence issue) decides on it; every call already names it.
+
+        let ok = users::verify_password(password, &record.password_hash);
+
+        let inner = read(&self.inner);
+        let Some(active) = inner.active.as_ref() else {
+            return Err(EngineError::NotActive(inner.state));
+        };
+        let mut record = record;
+        if ok {
+            record.consecutive_failures = 0;
+            active.store.put_user(&record)?;
+            drop(inner);
+            return Ok(self.new_session(&record));
+        }
+        let threshold = self.threshold(record.role);
+        tracing::warn!(user = req.username, attempt, threshold, "failed login");
+        if attempt >= threshold {
+            match record.role {
+                Role::CryptoOfficer => {
+                    drop(inner);
+                    // Still under this user's lock: no other officer attempt
+                    // can slip in between, and zeroize_locked is idempotent
+                    // on state (it only runs while active).
+                    let mut inner = write(&self.inner);
+                    if inner.state == EngineState::Active {
+                        tracing::error!(user = req.username, attempt, "crypto-officer failure threshold reached: zeroizing");
+                        self.zeroize_locked(&mut inner)?;
+                    }
+                }
+                Role::CryptoUser => {
+                    record.locked = true;
+                    active.store.put_user(&record)?;
+                    drop(inner);
+                    self.revoke_user_sessions(&record.username);
+                    tracing::warn!(user = req.username, "crypto user locked until a crypto officer resets its password");
+                }
+            }
+        }
+        Err(EngineError::InvalidCredentials)
+    }
+
+    fn new_session(&self, record: &UserRecord) -> LoginSuccess {
+        // random_bytes only fails if the OS RNG fails; then no token is
+        // better than a weak one, so fall through to an error-shaped token
+        // that can never match (empty map entry is not inserted).
+        let raw = crypto::random_bytes(32).unwrap_or_else(|_| Zeroizing::new(Vec::new()));
+        let token = SecretString::new(format!("hsm.{}", URL_SAFE_NO_PAD.encode(&*raw)));
+        let now = SystemTime::now();
+        let principal = Principal {
+            username: record.username.clone(),
+            role: record.role,
+            issued_at: now,
+            expires_at: now + self.config.session_ttl,
+        };
+        if raw.len() == 32 {
+            let mut sessions = lock(&self.sessions);
+            sessions.retain(|_, p| p.expires_at > now);
+            sessions.insert(crypto::sha256(token.expose_secret().as_bytes()), principal.clone());
+        }
+        LoginSuccess { token, principal }
+    }
+
+    fn revoke_user_sessions(&self, username: &str) {
+        lock(&self.sessions).retain(|_, p| p.username != username);
+    }
+
+    /// Resolves a session token to its principal.
+    pub fn authenticate(&self, token: &str) -> Result<Principal, EngineError> {
+        if read(&self.inner).state != EngineState::Active {
+            return Err(EngineError::PermissionDenied);
+        }
+        let digest = crypto::sha256(token.as_bytes());
+        let sessions = lock(&self.sessions);
+        match sessions.get(&digest) {
+            Some(p) if p.expires_at > SystemTime::now() => Ok(p.clone()),
+            _ => Err(EngineError::PermissionDenied),
+        }
+    }
+
+    pub fn session_ttl(&self) -> Duration {
+        self.config.session_ttl
+    }
+
+    pub fn status(&self) -> Result<Status, EngineError> {
+        let inner = read(&self.inner);
+        let (users, keys) = match inner.active.as_ref() {
+            Some(active) => {
+                let users = active
+                    .store
+                    .users()?
+                    .into_iter()
+                    .map(|u| UserStatus {
+                        attempts_left: self.threshold(u.role).saturating_sub(u.consecutive_failures),
+                        username: u.username,
+                        role: u.role,
+                        consecutive_failures: u.consecutive_failures,
+                        locked: u.locked,
+                    })
+                    .collect();
+                (users, read(&active.keys).len())
+            }
+            None => (Vec::new(), 0),
+        };
+        Ok(Status {
+            state: inner.state,
+            zeroizations: inner.zeroizations,
+            zeroize_after_failures: self.config.zeroize_after_failures,
+            lock_user_after_failures: self.config.lock_user_after_failures,
+            users,
+            keys,
+        })
+    }
+
+    fn require(principal: &Principal, role: Role) -> Result<(), EngineError> {
+        if principal.role == role {
+            Ok(())
+        } else {
+            Err(EngineError::PermissionDenied)
+        }
+    }
+
+    /// The crypto officer adds a crypto user.
+    pub fn create_user(&self, by: &Principal, username: &str, password: &SecretString, role: Role) -> Result<(), EngineError> {
+        Self::require(by, Role::CryptoOfficer)?;
+        if role != Role::CryptoUser {
+            return Err(EngineError::InvalidRequest(
+                "only crypto users can be created; the crypto officer is set by init".into(),
+            ));
+        }
+        users::validate_username(username)?;
+        users::validate_password(username, password.expose_secret())?;
+        let hash = users::hash_password(password.expose_secret())?;
+        let inner = read(&self.inner);
+        let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+        let _serial = lock(&self.key_writes);
+        if active.store.get_user(username)?.is_some() {
+            return Err(EngineError::UserExists(username.into()));
+        }
+        active.store.put_user(&UserRecord {
+            username: username.into(),
+            role,
+            password_hash: hash,
+            consecutive_failures: 0,
+            locked: false,
+        })?;
+        Ok(())
+    }
+
+    /// The crypto officer resets a crypto user's password, which also
+    /// clears its failure count and unlocks it.
+    pub fn reset_password(&self, by: &Principal, username: &str, password: &SecretString) -> Result<(), EngineError> {
+        Self::require(by, Role::CryptoOfficer)?;
+        users::validate_password(username, password.expose_secret())?;
+        let hash = users::hash_password(password.expose_secret())?;
+        let user_lock = self.user_lock(username);
+        let _serial = lock(&user_lock);
+        let inner = read(&self.inner);
+        let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+        let mut record = active
+            .store
+            .get_user(username)?
+            .ok_or_else(|| EngineError::UserNotFound(username.into()))?;
+        if record.role != Role::CryptoUser {
+            return Err(EngineError::InvalidRequest(
+                "only crypto users' passwords can be reset this way".into(),
+            ));
+        }
+        record.password_hash = hash;
+        record.consecutive_failures = 0;
+        record.locked = false;
+        active.store.put_user(&record)?;
+        drop(inner);
+        self.revoke_user_sessions(username);
+        Ok(())
+    }
+
+    /// Deliberate zeroization by the crypto officer.
+    pub fn zeroize(&self, by: &Principal) -> Result<(), EngineError> {
+        Self::require(by, Role::CryptoOfficer)?;
+        let mut inner = write(&self.inner);
+        if inner.state != EngineState::Active {
+            return Err(EngineError::NotActive(inner.state));
+        }
+        tracing::error!(user = %by.username, "zeroize requested by the crypto officer");
+        self.zeroize_locked(&mut inner)
+    }
+
+    /// Crypto-erase. The state file goes first, so a crash anywhere after it
+    /// resumes the erase at the next start instead of reviving the keys.
+    fn zeroize_locked(&self, inner: &mut Inner) -> Result<(), EngineError> {
+        let zeroizations = inner.zeroizations + 1;
+        let marked = self.write_state(EngineState::Zeroized, zeroizations, Some(now_unix()));
+        if let Err(e) = &marked {
+            tracing::error!(error = %e, "could not record zeroization; erasing anyway");
+        }
+        let key_gone = MasterKey::destroy_file(&self.paths.master_key);
+        // Dropping the store and key rings wipes the master key and every
+        // key's material from memory (zeroize on drop).
+        inner.active = None;
+        inner.state = EngineState::Zeroized;
+        inner.zeroizations = zeroizations;
+        lock(&self.sessions).clear();
+        lock(&self.user_locks).clear();
+        let store_gone = remove_if_exists(&self.paths.store);
+        tracing::error!(zeroizations, "engine zeroized");
+        self.issue_init_token(inner)?;
+        key_gone?;
+        store_gone?;
+        Ok(())
+    }
+
+    // ----- keys -------------------------------------------------------
+
+    fn with_active<T>(&self, f: impl FnOnce(&Active) -> Result<T, EngineError>) -> Result<T, EngineError> {
+        let inner = read(&self.inner);
+        let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+        f(active)
+    }
+
+    fn ring(&self, by: &Principal, name: &str) -> Result<Arc<KeyRing>, EngineError> {
+        Self::require(by, Role::CryptoUser)?;
+        self.with_active(|a| {
+            read(&a.keys)
+                .get(name)
+                .cloned()
+                .ok_or_else(|| EngineError::KeyNotFound(name.into()))
+        })
+    }
+
+    /// Persists a new version of a ring, then publishes it. Runs under
+    /// `key_writes`; the closure sees the current ring (if any).
+    fn update_ring(
+        &self,
+        by: &Principal,
+        name: &str,
+        f: impl FnOnce(Option<&KeyRing>) -> Result<Option<KeyRing>, EngineError>,
+    ) -> Result<Arc<KeyRing>, EngineError> {
+        Self::require(by, Role::CryptoUser)?;
+        keyring::validate_name(name)?;
+        let _serial = lock(&self.key_writes);
+        self.with_active(|a| {
+            let current = read(&a.keys).get(name).cloned();
+            match f(current.as_deref())? {
+                Some(next) => {
+                    a.store.put_key(name, &next.to_record()?)?;
+                    let next = Arc::new(next);
+                    write(&a.keys).insert(name.to_string(), next.clone());
+                    Ok(next)
+                }
+                None => current.ok_or_else(|| EngineError::KeyNotFound(name.into())),
+            }
+        })
+    }
+
+    /// Creates a key ring. As in Vault, creating an existing key of the same
+    /// type changes nothing and succeeds.
+    pub fn create_key(&self, by: &Principal, name: &str, opts: &KeyOptions) -> Result<Arc<KeyRing>, EngineError> {
+        self.update_ring(by, name, |current| match current {
+            Some(ring) if ring.key_type == opts.key_type => Ok(None),
+            Some(_) => Err(EngineError::KeyTypeMismatch(name.into())),
+            None => KeyRing::new(name, opts, now_unix()).map(Some),
+        })
+    }
+
+    pub fn read_key(&self, by: &Principal, name: &str) -> Result<Arc<KeyRing>, EngineError> {
+        self.ring(by, name)
+    }
+
+    pub fn list_keys(&self, by: &Principal) -> Result<Vec<String>, EngineError> {
+        Self::require(by, Role::CryptoUser)?;
+        self.with_active(|a| {
+            let mut names: Vec<String> = read(&a.keys).keys().cloned().collect();
+            names.sort();
+            Ok(names)
+        })
+    }
+
+    pub fn rotate_key(&self, by: &Principal, name: &str) -> Result<Arc<KeyRing>, EngineError> {
+        self.update_ring(by, name, |current| {
+            let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
+            ring.rotated(now_unix()).map(Some)
+        })
+    }
+
+    pub fn configure_key(&self, by: &Principal, name: &str, change: &KeyConfigChange) -> Result<Arc<KeyRing>, EngineError> {
+        self.update_ring(by, name, |current| {
+            let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
+            ring.reconfigured(change).map(Some)
+        })
+    }
+
+    pub fn delete_key(&self, by: &Principal, name: &str) -> Result<(), EngineError> {
+        Self::require(by, Role::CryptoUser)?;
+        let _serial = lock(&self.key_writes);
+        self.with_active(|a| {
+            let ring = read(&a.keys)
+                .get(name)
+                .cloned()
+                .ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
+            if !ring.deletion_allowed {
+                return Err(EngineError::DeletionNotAllowed(name.into()));
+            }
+            a.store.delete_key(name)?;
+            write(&a.keys).remove(name);
+            Ok(())
+        })
+    }
+
+    /// Encrypts with the latest (or requested) version: `vault:vN:...`.
+    pub fn encrypt(&self, by: &Principal, name: &str, plaintext: &[u8], aad: &[u8], version: Option<u32>) -> Result<(String, u32), EngineError> {
+        let ring = self.ring(by, name)?;
+        let (v, kv) = ring.encryption_version(version)?;
+        let blob = kv.material.encrypt(plaintext, aad)?;
+        Ok((keyring::format_vault(v, &blob), v))
+    }
+
+    pub fn decrypt(&self, by: &Principal, name: &str, ciphertext: &str, aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, EngineError> {
+        let ring = self.ring(by, name)?;
+        if !ring.key_type.supports_encryption() {
+            return Err(CryptoError::OperationNotSupported {
+                op: "decryption",
+                key_type: ring.key_type,
+            }
+            .into());
+        }
+        let (v, blob) = keyring::parse_vault(ciphertext, "ciphertext")?;
+        let kv = ring.decryption_version(v)?;
+        Ok(kv.material.decrypt(&blob, aad)?)
+    }
+
+    pub fn sign(&self, by: &Principal, name: &str, input: &[u8], hash: HashAlgorithm, version: Option<u32>) -> Result<(String, u32), EngineError> {
+        let ring = self.ring(by, name)?;
+        let (v, kv) = ring.encryption_version(version)?;
+        let sig = kv.material.sign(input, hash)?;
+        Ok((keyring::format_vault(v, &sig), v))
+    }
+
+    pub fn verify(&self, by: &Principal, name: &str, input: &[u8], signature: &str, hash: HashAlgorithm) -> Result<bool, EngineError> {
+        let ring = self.ring(by, name)?;
+        if !ring.key_type.supports_signing() {
+            return Err(CryptoError::OperationNotSupported {
+                op: "signing",
+                key_type: ring.key_type,
+            }
+            .into());
+        }
+        let (v, sig) = keyring::parse_vault(signature, "signature")?;
+        let kv = ring.decryption_version(v)?;
+        Ok(kv.material.verify(input, &sig, hash)?)
+    }
+
+    pub fn hmac(&self, by: &Principal, name: &str, input: &[u8], hash: HashAlgorithm, version: Option<u32>) -> Result<(String, u32), EngineError> {
+        let ring = self.ring(by, name)?;
+        let (v, kv) = ring.encryption_version(version)?;
+        Ok((keyring::format_vault(v, &kv.material.hmac(input, hash)), v))
+    }
+
+    pub fn verify_hmac(&self, by: &Principal, name: &str, input: &[u8], mac: &str, hash: HashAlgorithm) -> Result<bool, EngineError> {
+        let ring = self.ring(by, name)?;
+        let (v, mac) = keyring::parse_vault(mac, "hmac")?;
+        let kv = ring.decryption_version(v)?;
+        Ok(kv.material.verify_hmac(input, &mac, hash))
+    }
+
+    /// Random bytes for a crypto user (Vault's `transit/random`).
+    pub fn random(&self, by: &Principal, n: usize) -> Result<Zeroizing<Vec<u8>>, EngineError> {
+        Self::require(by, Role::CryptoUser)?;
+        self.with_active(|_| Ok(crypto::random_bytes(n)?))
+    }
+}
+
+fn read_state_file(path: &Path) -> Result<Option<StateFile>, EngineError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            EngineError::Internal(format!(
+                "{} is not a valid engine state file ({e}); refusing to guess the engine's state",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EngineError::Internal(format!("reading {}: {e}", path.display()))),
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), EngineError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(EngineError::Internal(format!("removing {}: {e}", path.display()))),
+    }
+}

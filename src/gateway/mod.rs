@@ -1,1 +1,135 @@
-//! Gateway.
+//! The gateway: listeners, TLS, HTTP, and the request phases.
+//!
+//! - [`listener`]: accept → network check (phase 1) → TLS (2) → HTTP (3).
+//! - [`router`]: per request, phases 4–10 (route class, class networks,
+//!   limits, identity, dispatch, access log).
+//! - [`rescue`]: errors → HTTP responses, in one place.
+//! - [`tls`]: the certificate and rustls config.
+pub mod listener;
+pub mod rescue;
+pub mod router;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineError};
+use crate::netfilter::Netfilter;
+
+/// One immutable view of the configuration. A request loads it once, so a
+/// reload never changes the rules under a request in flight.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub netfilter: Netfilter,
+}
+
+impl Snapshot {
+    pub fn new(config: Config) -> Snapshot {
+        let netfilter = Netfilter::build(&config);
+        Snapshot {
+            config: Arc::new(config),
+            netfilter,
+        }
+    }
+}
+
+/// What every connection and request shares.
+pub struct AppState {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub engine: Arc<Engine>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("opening the engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("binding listener {name} on {address}: {source}")]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running, server.
+pub struct Server {
+    state: Arc<AppState>,
+    cert: tls::ServerCert,
+    listeners: Vec<(usize, TcpListener)>,
+}
+
+impl Server {
+    /// Opens the engine, loads or generates the certificate and binds every
+    /// listener. Nothing is served until [`Server::run`].
+    pub async fn bind(config: Config) -> Result<Server, ServeError> {
+        let data_dir = config.data_dir.clone();
+        let engine_config = config.engine.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::open(&data_dir, engine_config))
+            .await
+            .map_err(|e| EngineError::Internal(format!("engine open task: {e}")))??;
+        let cert = tls::load_or_generate(&config)?;
+        let mut listeners = Vec::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let socket = TcpListener::bind(l.address)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    name: l.name.clone(),
+                    address: l.address,
+                    source,
+                })?;
+            listeners.push((i, socket));
+        }
+        Ok(Server {
+            state: Arc::new(AppState {
+                snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
+                engine: Arc::new(engine),
+            }),
+            cert,
+            listeners,
+        })
+    }
+
+    /// The bound addresses, by listener name (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        let snap = self.state.snapshot.load();
+        self.listeners
+            .iter()
+            .filter_map(|(i, l)| {
+                let name = snap.config.listeners[*i].name.clone();
+                l.local_addr().ok().map(|a| (name, a))
+            })
+            .collect()
+    }
+
+    pub fn engine(&self) -> Arc<Engine> {
+        self.state.engine.clone()
+    }
+
+    pub fn certificate(&self) -> &tls::ServerCert {
+        &self.cert
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and gives
+    /// in-flight requests a grace period to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, socket) in self.listeners {
+            let state = self.state.clone();
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.cert.server_config());
+            let stop = stop_rx.clone();
+            tasks.spawn(listener::serve(index, socket, state, acceptor, stop));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+    }
+}

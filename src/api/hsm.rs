@@ -1,0 +1,127 @@
+//! The HSM administration API under `/v1/hsm/`: init, login, status, users,
+//! zeroize. Every route but login is admin-class (the router has already
+//! checked the admin networks); login tells the engine whether the peer is
+//! on one, so an officer login from an app network counts nothing.
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{blocking, Call};
+use crate::engine::secret::SecretString;
+use crate::engine::{LoginRequest, Role};
+use crate::gateway::rescue::{self, ApiError};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InitBody {
+    admin_password: SecretString,
+    init_token: SecretString,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    username: String,
+    password: SecretString,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUserBody {
+    username: String,
+    password: SecretString,
+    #[serde(default = "crypto_user")]
+    role: Role,
+}
+
+fn crypto_user() -> Role {
+    Role::CryptoUser
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: SecretString,
+}
+
+pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let route = call.path.trim_start_matches("/v1/hsm/");
+    let segments: Vec<&str> = route.split('/').collect();
+    match (call.method.clone(), segments.as_slice()) {
+        (Method::POST, ["init"]) => init(call).await,
+        (Method::POST, ["login"]) => login(call).await,
+        (Method::GET, ["status"]) => status(call),
+        (Method::POST, ["users"]) => create_user(call).await,
+        (Method::POST, ["users", name, "password"]) => reset_password(call, name).await,
+        (Method::POST, ["zeroize"]) => zeroize(call).await,
+        (_, ["init" | "login" | "status" | "users" | "zeroize"]) | (_, ["users", _, "password"]) => {
+            Err(ApiError::MethodNotAllowed)
+        }
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body: InitBody = call.json()?;
+    blocking(call.engine(), move |e| e.init(&body.admin_password, &body.init_token)).await?;
+    call.ok(json!({ "state": "active" }))
+}
+
+async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body: LoginBody = call.json()?;
+    let channel = call.conn.channel;
+    let officer_allowed = call.is_admin_network;
+    let success = blocking(call.engine(), move |e| {
+        e.login(LoginRequest {
+            username: &body.username,
+            password: &body.password,
+            channel,
+            officer_allowed,
+        })
+    })
+    .await?;
+    let ttl = call.engine().session_ttl().as_secs();
+    let mut envelope = call.envelope(serde_json::Value::Null);
+    envelope["auth"] = json!({
+        "client_token": success.token.expose_secret(),
+        "accessor": "",
+        "policies": success.principal.policies(),
+        "token_policies": success.principal.policies(),
+        "metadata": { "username": success.principal.username, "role": success.principal.role.as_str() },
+        "lease_duration": ttl,
+        "renewable": false,
+        "token_type": "service",
+        "orphan": true,
+    });
+    Ok(rescue::json_response(StatusCode::OK, &envelope))
+}
+
+fn status(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let status = call.engine().status()?;
+    let data = serde_json::to_value(&status).map_err(|e| ApiError::Internal(e.to_string()))?;
+    call.ok(data)
+}
+
+async fn create_user(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body: CreateUserBody = call.json()?;
+    let (username, role) = (body.username.clone(), body.role);
+    blocking(call.engine(), move |e| e.create_user(&by, &body.username, &body.password, body.role)).await?;
+    call.ok(json!({ "username": username, "role": role.as_str() }))
+}
+
+async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body: PasswordBody = call.json()?;
+    let username = name.to_string();
+    blocking(call.engine(), move |e| e.reset_password(&by, &username, &body.password)).await?;
+    call.ok(json!({ "username": name, "locked": false, "consecutive_failures": 0 }))
+}
+
+async fn zeroize(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    blocking(call.engine(), move |e| e.zeroize(&by)).await?;
+    call.ok(json!({ "state": "zeroized" }))
+}

@@ -1,0 +1,438 @@
+//! `/v1/transit/...`: the Vault Transit secrets engine's HTTP API, for the
+//! operations this engine supports. Field names, envelopes, `vault:vN:`
+//! strings and status codes follow Vault, so Vault clients work unmodified.
+//!
+//! Bodies are read leniently, as Vault does: unknown fields are ignored and
+//! numbers or booleans may arrive as strings. Wrongly typed fields are a 400.
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Response, StatusCode};
+use serde_json::{json, Map, Value};
+
+use super::{blocking, rfc3339, Call};
+use crate::engine::crypto::{HashAlgorithm, KeyType};
+use crate::engine::keyring::{KeyConfigChange, KeyOptions, KeyRing};
+use crate::engine::{EngineError, Principal};
+use crate::gateway::rescue::{self, ApiError};
+
+/// Vault caps `transit/random` too; a bound keeps one call from asking for gigabytes.
+const MAX_RANDOM_BYTES: usize = 128 * 1024;
+
+pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let route = &call.path["/v1/transit/".len()..];
+    let segments: Vec<&str> = route.split('/').collect();
+    let list = call.method.as_str() == "LIST" || (call.method == Method::GET && call.query_flag("list"));
+    let m = call.method.clone();
+    match segments.as_slice() {
+        ["keys"] | ["keys", ""] if list => list_keys(call),
+        ["keys", name] if !name.is_empty() => match m {
+            Method::POST | Method::PUT => create_key(call, name).await,
+            Method::GET => read_key(call, name),
+            Method::DELETE => delete_key(call, name).await,
+            _ => Err(ApiError::MethodNotAllowed),
+        },
+        ["keys", name, "config"] => post(call, |c| configure_key(c, name)).await,
+        ["keys", name, "rotate"] => post(call, |c| rotate_key(c, name)).await,
+        ["encrypt", name] => post(call, |c| async move { encrypt(c, name) }).await,
+        ["decrypt", name] => post(call, |c| async move { decrypt(c, name) }).await,
+        ["sign", name] => post(call, |c| async move { sign(c, name, None) }).await,
+        ["sign", name, alg] => post(call, |c| async move { sign(c, name, Some(alg)) }).await,
+        ["verify", name] => post(call, |c| async move { verify(c, name, None) }).await,
+        ["verify", name, alg] => post(call, |c| async move { verify(c, name, Some(alg)) }).await,
+        ["hmac", name] => post(call, |c| async move { hmac(c, name, None) }).await,
+        ["hmac", name, alg] => post(call, |c| async move { hmac(c, name, Some(alg)) }).await,
+        ["random"] => post(call, |c| async move { random(c, None) }).await,
+        ["random", a] => post(call, |c| async move { random(c, Some(a)) }).await,
+        // Vault's `random/:source/:bytes`; the source is always the OS RNG here.
+        ["random", _source, b] => post(call, |c| async move { random(c, Some(b)) }).await,
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+async fn post<'c, F, Fut>(call: &'c Call<'c>, f: F) -> Result<Response<Full<Bytes>>, ApiError>
+where
+    F: FnOnce(&'c Call<'c>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, ApiError>>,
+{
+    if call.method == Method::POST || call.method == Method::PUT {
+        f(call).await
+    } else {
+        Err(ApiError::MethodNotAllowed)
+    }
+}
+
+// ----- lenient body access ----------------------------------------------
+
+struct Body(Map<String, Value>);
+
+impl Body {
+    fn parse(call: &Call<'_>) -> Result<Body, ApiError> {
+        match call.json::<Value>()? {
+            Value::Object(m) => Ok(Body(m)),
+            _ => Err(ApiError::BadRequest("the request body must be a JSON object".into())),
+        }
+    }
+
+    fn from_item(v: &Value) -> Result<Body, String> {
+        match v {
+            Value::Object(m) => Ok(Body(m.clone())),
+            _ => Err("each batch_input item must be a JSON object".into()),
+        }
+    }
+
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    fn str(&self, k: &str) -> Result<Option<&str>, String> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(format!("{k} must be a string")),
+        }
+    }
+
+    fn bool(&self, k: &str) -> Result<Option<bool>, String> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if s == "true" || s == "1" => Ok(Some(true)),
+            Some(Value::String(s)) if s == "false" || s == "0" || s.is_empty() => Ok(Some(false)),
+            Some(_) => Err(format!("{k} must be a boolean")),
+        }
+    }
+
+    fn u32(&self, k: &str) -> Result<Option<u32>, String> {
+        let n = match self.get(k) {
+            None => return Ok(None),
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(Value::String(s)) if s.is_empty() => return Ok(None),
+            Some(Value::String(s)) => s.parse::<u64>().ok(),
+            Some(_) => None,
+        };
+        n.and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| format!("{k} must be a non-negative integer"))
+    }
+
+    fn b64(&self, k: &str) -> Result<Option<Vec<u8>>, String> {
+        match self.str(k)? {
+            None => Ok(None),
+            Some(s) => STANDARD
+                .decode(s.trim().as_bytes())
+                .map(Some)
+                .map_err(|_| format!("{k} is not valid base64")),
+        }
+    }
+
+    fn batch(&self) -> Result<Option<&Vec<Value>>, String> {
+        match self.get("batch_input") {
+            None => Ok(None),
+            Some(Value::Array(items)) if !items.is_empty() => Ok(Some(items)),
+            Some(Value::Array(_)) => Err("batch_input must not be empty".into()),
+            Some(_) => Err("batch_input must be a list".into()),
+        }
+    }
+}
+
+fn bad(msg: String) -> ApiError {
+    ApiError::BadRequest(msg)
+}
+
+// ----- keys -----------------------------------------------------------
+
+fn key_info(ring: &KeyRing) -> Result<Value, ApiError> {
+    let mut keys = Map::new();
+    for (v, kv) in &ring.versions {
+        let entry = match kv.material.public_key().map_err(EngineError::from)? {
+            Some(pk) => json!({
+                "creation_time": rfc3339(kv.created),
+                "name": pk.name,
+                "public_key": pk.public_key,
+            }),
+            None => json!(kv.created),
+        };
+        keys.insert(v.to_string(), entry);
+    }
+    let t = ring.key_type;
+    Ok(json!({
+        "name": ring.name,
+        "type": t.as_str(),
+        "keys": keys,
+        "latest_version": ring.latest_version,
+        "min_available_version": 0,
+        "min_decryption_version": ring.min_decryption_version,
+        "min_encryption_version": ring.min_encryption_version,
+        "deletion_allowed": ring.deletion_allowed,
+        "derived": false,
+        "exportable": ring.exportable,
+        "allow_plaintext_backup": ring.allow_plaintext_backup,
+        "imported_key": false,
+        "auto_rotate_period": 0,
+        "supports_encryption": t.supports_encryption(),
+        "supports_decryption": t.supports_encryption(),
+        "supports_derivation": t.supports_derivation(),
+        "supports_signing": t.supports_signing(),
+    }))
+}
+
+fn list_keys(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let names = call.engine().list_keys(&by)?;
+    if names.is_empty() {
+        // Vault answers an empty LIST with 404; clients expect it.
+        return Err(ApiError::ObjectNotFound);
+    }
+    call.ok(json!({ "keys": names }))
+}
+
+async fn create_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    let key_type = KeyType::parse(body.str("type").map_err(bad)?.unwrap_or("aes256-gcm96")).map_err(EngineError::from)?;
+    if body.bool("derived").map_err(bad)?.unwrap_or(false) || body.bool("convergent_encryption").map_err(bad)?.unwrap_or(false) {
+        return Err(bad("derived keys and convergent encryption are not supported yet".into()));
+    }
+    let opts = KeyOptions {
+        key_type,
+        exportable: body.bool("exportable").map_err(bad)?.unwrap_or(false),
+        allow_plaintext_backup: body.bool("allow_plaintext_backup").map_err(bad)?.unwrap_or(false),
+    };
+    let name = name.to_string();
+    let ring = blocking(call.engine(), move |e| e.create_key(&by, &name, &opts)).await?;
+    call.ok(key_info(&ring)?)
+}
+
+fn read_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let ring = call.engine().read_key(&by, name)?;
+    call.ok(key_info(&ring)?)
+}
+
+async fn delete_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let name = name.to_string();
+    blocking(call.engine(), move |e| e.delete_key(&by, &name)).await?;
+    Ok(rescue::empty_response(StatusCode::NO_CONTENT))
+}
+
+async fn configure_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    let change = KeyConfigChange {
+        min_decryption_version: body.u32("min_decryption_version").map_err(bad)?,
+        min_encryption_version: body.u32("min_encryption_version").map_err(bad)?,
+        deletion_allowed: body.bool("deletion_allowed").map_err(bad)?,
+        exportable: body.bool("exportable").map_err(bad)?,
+        allow_plaintext_backup: body.bool("allow_plaintext_backup").map_err(bad)?,
+    };
+    let name = name.to_string();
+    let ring = blocking(call.engine(), move |e| e.configure_key(&by, &name, &change)).await?;
+    call.ok(key_info(&ring)?)
+}
+
+async fn rotate_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let name = name.to_string();
+    let ring = blocking(call.engine(), move |e| e.rotate_key(&by, &name)).await?;
+    call.ok(key_info(&ring)?)
+}
+
+// ----- batches ----------------------------------------------------------
+
+/// Runs `one` over a single request or every `batch_input` item. As in Vault,
+/// a batch with any failed item answers 400 (or `partial_failure_response_code`
+/// when some items succeeded) with every item's result or error.
+fn single_or_batch(
+    call: &Call<'_>,
+    body: &Body,
+    one: impl Fn(&Body) -> Result<Value, String>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let Some(items) = body.batch().map_err(bad)? else {
+        return call.ok(one(body).map_err(bad)?);
+    };
+    let mut failed = 0usize;
+    let results: Vec<Value> = items
+        .iter()
+        .map(|item| {
+            let result = Body::from_item(item).and_then(|b| {
+                let mut r = one(&b)?;
+                if let (Some(reference), Value::Object(m)) = (b.get("reference"), &mut r) {
+                    m.insert("reference".into(), reference.clone());
+                }
+                Ok(r)
+            });
+            result.unwrap_or_else(|e| {
+                failed += 1;
+                let mut err = json!({ "error": e });
+                if let Some(reference) = item.get("reference") {
+                    err["reference"] = reference.clone();
+                }
+                err
+            })
+        })
+        .collect();
+    let envelope = call.envelope(json!({ "batch_results": results }));
+    let status = if failed == 0 {
+        StatusCode::OK
+    } else if failed < items.len() {
+        body.u32("partial_failure_response_code")
+            .ok()
+            .flatten()
+            .and_then(|c| u16::try_from(c).ok())
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST)
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    Ok(rescue::json_response(status, &envelope))
+}
+
+/// Engine errors inside a batch item become that item's message (the key
+/// and the caller were already checked once for the whole request).
+/// Storage and internal failures keep their detail in the log, as in rescue.
+fn item_error(e: EngineError) -> String {
+    match e {
+        EngineError::Storage(_) | EngineError::Internal(_) => {
+            tracing::error!(error = %e, "batch item failed");
+            "internal error; see the server log".into()
+        }
+        e => e.to_string(),
+    }
+}
+
+// ----- operations -------------------------------------------------------
+
+fn encrypt(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    check_key(call, &by, name)?;
+    single_or_batch(call, &body, |b| {
+        let plaintext = b.b64("plaintext")?.ok_or("missing plaintext to encrypt")?;
+        let aad = b.b64("associated_data")?.unwrap_or_default();
+        let version = b.u32("key_version")?;
+        let (ciphertext, v) = call.engine().encrypt(&by, name, &plaintext, &aad, version).map_err(item_error)?;
+        Ok(json!({ "ciphertext": ciphertext, "key_version": v }))
+    })
+}
+
+fn decrypt(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    check_key(call, &by, name)?;
+    single_or_batch(call, &body, |b| {
+        let ciphertext = b.str("ciphertext")?.ok_or("missing ciphertext to decrypt")?;
+        let aad = b.b64("associated_data")?.unwrap_or_default();
+        let plaintext = call.engine().decrypt(&by, name, ciphertext, &aad).map_err(item_error)?;
+        Ok(json!({ "plaintext": STANDARD.encode(&*plaintext) }))
+    })
+}
+
+/// Resolves the key once before a batch, so a missing key or a dead engine
+/// is one clear error rather than N item errors.
+fn check_key(call: &Call<'_>, by: &Principal, name: &str) -> Result<(), ApiError> {
+    call.engine().read_key(by, name).map(|_| ()).map_err(ApiError::from)
+}
+
+fn hash_param(body: &Body, key: &str, path_alg: Option<&str>) -> Result<HashAlgorithm, String> {
+    let name = match path_alg {
+        Some(a) => Some(a),
+        None => body.str(key)?,
+    };
+    HashAlgorithm::parse(name.unwrap_or("sha2-256")).map_err(|e| e.to_string())
+}
+
+fn refuse_unsupported_sign_options(body: &Body) -> Result<(), String> {
+    if body.bool("prehashed")?.unwrap_or(false) {
+        return Err("prehashed input is not supported yet".into());
+    }
+    match body.str("marshaling_algorithm")? {
+        None | Some("asn1") => Ok(()),
+        Some(other) => Err(format!("marshaling_algorithm {other:?} is not supported yet (only asn1)")),
+    }
+}
+
+fn sign(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    check_key(call, &by, name)?;
+    if body.batch().map_err(bad)?.is_some() {
+        return Err(bad("batch_input is not supported on sign yet".into()));
+    }
+    refuse_unsupported_sign_options(&body).map_err(bad)?;
+    let hash = hash_param(&body, "hash_algorithm", path_alg).map_err(bad)?;
+    let input = body.b64("input").map_err(bad)?.ok_or_else(|| bad("missing input to sign".into()))?;
+    let version = body.u32("key_version").map_err(bad)?;
+    let (signature, v) = call.engine().sign(&by, name, &input, hash, version)?;
+    call.ok(json!({ "signature": signature, "key_version": v }))
+}
+
+fn verify(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    check_key(call, &by, name)?;
+    if body.batch().map_err(bad)?.is_some() {
+        return Err(bad("batch_input is not supported on verify yet".into()));
+    }
+    refuse_unsupported_sign_options(&body).map_err(bad)?;
+    let input = body.b64("input").map_err(bad)?.ok_or_else(|| bad("missing input to verify".into()))?;
+    let valid = match (body.str("signature").map_err(bad)?, body.str("hmac").map_err(bad)?) {
+        (Some(sig), None) => {
+            let hash = hash_param(&body, "hash_algorithm", path_alg).map_err(bad)?;
+            call.engine().verify(&by, name, &input, sig, hash)?
+        }
+        (None, Some(mac)) => {
+            let hash = hash_param(&body, "algorithm", path_alg).map_err(bad)?;
+            call.engine().verify_hmac(&by, name, &input, mac, hash)?
+        }
+        (Some(_), Some(_)) => return Err(bad("provide either signature or hmac, not both".into())),
+        (None, None) => return Err(bad("missing signature or hmac to verify".into())),
+    };
+    call.ok(json!({ "valid": valid }))
+}
+
+fn hmac(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    check_key(call, &by, name)?;
+    if body.batch().map_err(bad)?.is_some() {
+        return Err(bad("batch_input is not supported on hmac yet".into()));
+    }
+    let hash = hash_param(&body, "algorithm", path_alg).map_err(bad)?;
+    let input = body.b64("input").map_err(bad)?.ok_or_else(|| bad("missing input to HMAC".into()))?;
+    let version = body.u32("key_version").map_err(bad)?;
+    let (mac, v) = call.engine().hmac(&by, name, &input, hash, version)?;
+    call.ok(json!({ "hmac": mac, "key_version": v }))
+}
+
+fn random(call: &Call<'_>, path_arg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    // The path segment is a byte count (`random/32`) or, as in Vault, a format.
+    let (path_bytes, path_format) = match path_arg {
+        Some(a) if a.bytes().all(|b| b.is_ascii_digit()) && !a.is_empty() => (Some(a), None),
+        Some(a) => (None, Some(a)),
+        None => (None, None),
+    };
+    let n = match path_bytes {
+        Some(s) => s.parse::<u32>().map_err(|_| bad("bytes must be a positive integer".into()))?,
+        None => body.u32("bytes").map_err(bad)?.unwrap_or(32),
+    } as usize;
+    if n == 0 || n > MAX_RANDOM_BYTES {
+        return Err(bad(format!("bytes must be between 1 and {MAX_RANDOM_BYTES}")));
+    }
+    let format = match path_format {
+        Some(f) => f,
+        None => body.str("format").map_err(bad)?.unwrap_or("base64"),
+    };
+    let bytes = call.engine().random(&by, n)?;
+    let encoded = match format {
+        "base64" => STANDARD.encode(&*bytes),
+        "hex" => hex::encode(&*bytes),
+        other => return Err(bad(format!("unsupported encoding format {other:?}; use base64 or hex"))),
+    };
+    call.ok(json!({ "random_bytes": encoded }))
+}
+

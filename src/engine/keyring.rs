@@ -1,0 +1,396 @@
+//! Named key rings: versions of one key, their policy knobs, and the Vault
+//! ciphertext/signature format (`vault:v{N}:base64`).
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::crypto::{KeyMaterial, KeyType};
+use super::secret::SecretBytes;
+use super::EngineError;
+
+/// One version of a key. No `Debug`: it carries key material.
+pub struct KeyVersion {
+    /// Unix seconds.
+    pub created: u64,
+    pub material: KeyMaterial,
+}
+
+/// A key ring as the engine holds it. Cloning is cheap (versions are shared)
+/// so updates are copy-on-write: build the new ring, persist it, publish it.
+#[derive(Clone)]
+pub struct KeyRing {
+    pub name: String,
+    pub key_type: KeyType,
+    pub versions: BTreeMap<u32, Arc<KeyVersion>>,
+    pub latest_version: u32,
+    /// Ciphertexts and signatures older than this are refused (Vault's knob
+    /// for retiring compromised versions).
+    pub min_decryption_version: u32,
+    /// 0 means "latest".
+    pub min_encryption_version: u32,
+    pub deletion_allowed: bool,
+    pub exportable: bool,
+    pub allow_plaintext_backup: bool,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("name", &self.name)
+            .field("key_type", &self.key_type)
+            .field("latest_version", &self.latest_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parameters for creating a key (a subset of Vault's `keys/:name` body).
+#[derive(Debug, Clone)]
+pub struct KeyOptions {
+    pub key_type: KeyType,
+    pub exportable: bool,
+    pub allow_plaintext_backup: bool,
+}
+
+/// Changes accepted by `keys/:name/config`; `None` leaves a knob unchanged.
+#[derive(Debug, Clone, Default)]
+pub struct KeyConfigChange {
+    pub min_decryption_version: Option<u32>,
+    pub min_encryption_version: Option<u32>,
+    pub deletion_allowed: Option<bool>,
+    pub exportable: Option<bool>,
+    pub allow_plaintext_backup: Option<bool>,
+}
+
+/// Key names end up in URLs, logs and record identities: keep them boring.
+pub fn validate_name(name: &str) -> Result<(), EngineError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidRequest(
+            "key names are 1-128 characters of A-Z a-z 0-9 - _ . and may not start with '.'"
+                .into(),
+        ))
+    }
+}
+
+impl KeyRing {
+    pub fn new(name: &str, opts: &KeyOptions, now: u64) -> Result<KeyRing, EngineError> {
+        let material = KeyMaterial::generate(opts.key_type)?;
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            1,
+            Arc::new(KeyVersion {
+                created: now,
+                material,
+            }),
+        );
+        Ok(KeyRing {
+            name: name.to_string(),
+            key_type: opts.key_type,
+            versions,
+            latest_version: 1,
+            min_decryption_version: 1,
+            min_encryption_version: 0,
+            deletion_allowed: false,
+            exportable: opts.exportable,
+            allow_plaintext_backup: opts.allow_plaintext_backup,
+        })
+    }
+
+    pub fn rotated(&self, now: u64) -> Result<KeyRing, EngineError> {
+        let mut next = self.clone();
+        next.latest_version += 1;
+        next.versions.insert(
+            next.latest_version,
+            Arc::new(KeyVersion {
+                created: now,
+                material: KeyMaterial::generate(self.key_type)?,
+            }),
+        );
+        Ok(next)
+    }
+
+    pub fn reconfigured(&self, change: &KeyConfigChange) -> Result<KeyRing, EngineError> {
+        let mut next = self.clone();
+        if let Some(v) = change.min_decryption_version {
+            if v == 0 || v > self.latest_version {
+                return Err(EngineError::InvalidRequest(format!(
+                    "min_decryption_version must be between 1 and the latest version ({})",
+                    self.latest_version
+                )));
+            }
+            next.min_decryption_version = v;
+        }
+        if let Some(v) = change.min_encryption_version {
+            if v > self.latest_version {
+                return Err(EngineError::InvalidRequest(format!(
+                    "min_encryption_version must be 0 or at most the latest version ({})",
+                    self.latest_version
+                )));
+            }
+            next.min_encryption_version = v;
+        }
+        if next.min_encryption_version != 0
+            && next.min_encryption_version < next.min_decryption_version
+        {
+            return Err(EngineError::InvalidRequest(
+                "min_encryption_version must be 0 or at least min_decryption_version".into(),
+            ));
+        }
+        if let Some(v) = change.deletion_allowed {
+            next.deletion_allowed = v;
+        }
+        // As in Vault, these two only ever open up: a key that has been
+        // exportable may already be out, so "un-exporting" it would lie.
+        if let Some(v) = change.exportable {
+            if !v && self.exportable {
+                return Err(EngineError::InvalidRequest(
+                    "exportable cannot be disabled once enabled".into(),
+                ));
+            }
+            next.exportable = v;
+        }
+        if let Some(v) = change.allow_plaintext_backup {
+            if !v && self.allow_plaintext_backup {
+                return Err(EngineError::InvalidRequest(
+                    "allow_plaintext_backup cannot be disabled once enabled".into(),
+                ));
+            }
+            next.allow_plaintext_backup = v;
+        }
+        Ok(next)
+    }
+
+    /// The version new ciphertexts and signatures use.
+    pub fn encryption_version(&self, requested: Option<u32>) -> Result<(u32, &KeyVersion), EngineError> {
+        let v = requested.filter(|v| *v != 0).unwrap_or(self.latest_version);
+        if v > self.latest_version {
+            return Err(EngineError::InvalidRequest(format!(
+                "requested version {v} is newer than the latest version {}",
+                self.latest_version
+            )));
+        }
+        if self.min_encryption_version != 0 && v < self.min_encryption_version {
+            return Err(EngineError::InvalidRequest(format!(
+                "requested version {v} is older than min_encryption_version {}",
+                self.min_encryption_version
+            )));
+        }
+        self.version(v)
+    }
+
+    /// The version that may open or verify an existing ciphertext/signature.
+    pub fn decryption_version(&self, v: u32) -> Result<&KeyVersion, EngineError> {
+        if v < self.min_decryption_version {
+            return Err(EngineError::InvalidRequest(format!(
+                "ciphertext or signature version {v} is disallowed by policy (min_decryption_version {})",
+                self.min_decryption_version
+            )));
+        }
+        if v > self.latest_version {
+            return Err(EngineError::InvalidRequest(format!(
+                "invalid version {v}: the key's latest version is {}",
+                self.latest_version
+            )));
+        }
+        self.version(v).map(|(_, kv)| kv)
+    }
+
+    fn version(&self, v: u32) -> Result<(u32, &KeyVersion), EngineError> {
+        self.versions
+            .get(&v)
+            .map(|kv| (v, kv.as_ref()))
+            .ok_or_else(|| EngineError::InvalidRequest(format!("key version {v} does not exist")))
+    }
+
+    /// Serializes the ring for sealing. The buffer holds key material in the
+    /// clear and is wiped on drop.
+    pub fn to_record(&self) -> Result<Zeroizing<Vec<u8>>, EngineError> {
+        let record = KeyRingRecord {
+            name: self.name.clone(),
+            key_type: self.key_type,
+            latest_version: self.latest_version,
+            min_decryption_version: self.min_decryption_version,
+            min_encryption_version: self.min_encryption_version,
+            deletion_allowed: self.deletion_allowed,
+            exportable: self.exportable,
+            allow_plaintext_backup: self.allow_plaintext_backup,
+            versions: self
+                .versions
+                .iter()
+                .map(|(v, kv)| VersionRecord {
+                    version: *v,
+                    created: kv.created,
+                    secret: Zeroizing::new(STANDARD.encode(kv.material.secret.expose_secret())),
+                    hmac_key: Zeroizing::new(STANDARD.encode(kv.material.hmac_key.expose_secret())),
+                })
+                .collect(),
+        };
+        serde_json::to_vec(&record)
+            .map(Zeroizing::new)
+            .map_err(|e| EngineError::Internal(format!("serializing key ring: {e}")))
+    }
+
+    pub fn from_record(name: &str, bytes: &[u8]) -> Result<KeyRing, EngineError> {
+        let malformed = |detail: String| EngineError::Internal(format!("stored key {name} is malformed: {detail}"));
+        let record: KeyRingRecord = serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+        if record.name != name {
+            return Err(malformed("record name does not match its key".into()));
+        }
+        let mut versions = BTreeMap::new();
+        for v in &record.versions {
+            let secret = Zeroizing::new(STANDARD.decode(v.secret.as_bytes()).map_err(|e| malformed(e.to_string()))?);
+            let hmac = Zeroizing::new(STANDARD.decode(v.hmac_key.as_bytes()).map_err(|e| malformed(e.to_string()))?);
+            let material = KeyMaterial::from_parts(
+                record.key_type,
+                SecretBytes::from_slice(&secret),
+                SecretBytes::from_slice(&hmac),
+            )?;
+            versions.insert(
+                v.version,
+                Arc::new(KeyVersion {
+                    created: v.created,
+                    material,
+                }),
+            );
+        }
+        if !versions.contains_key(&record.latest_version) {
+            return Err(malformed("latest version missing".into()));
+        }
+        Ok(KeyRing {
+            name: record.name,
+            key_type: record.key_type,
+            versions,
+            latest_version: record.latest_version,
+            min_decryption_version: record.min_decryption_version,
+            min_encryption_version: record.min_encryption_version,
+            deletion_allowed: record.deletion_allowed,
+            exportable: record.exportable,
+            allow_plaintext_backup: record.allow_plaintext_backup,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyRingRecord {
+    name: String,
+    key_type: KeyType,
+    latest_version: u32,
+    min_decryption_version: u32,
+    min_encryption_version: u32,
+    deletion_allowed: bool,
+    exportable: bool,
+    allow_plaintext_backup: bool,
+    versions: Vec<VersionRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VersionRecord {
+    version: u32,
+    created: u64,
+    secret: Zeroizing<String>,
+    hmac_key: Zeroizing<String>,
+}
+
+/// `vault:v{N}:` + standard base64, Vault's envelope for ciphertexts,
+/// signatures and HMACs.
+pub fn format_vault(version: u32, bytes: &[u8]) -> String {
+    format!("vault:v{version}:{}", STANDARD.encode(bytes))
+}
+
+/// Splits a `vault:v{N}:base64` string into its version and bytes.
+pub fn parse_vault(s: &str, what: &str) -> Result<(u32, Vec<u8>), EngineError> {
+    let bad = |why: &str| EngineError::InvalidRequest(format!("invalid {what}: {why}"));
+    let rest = s
+        .strip_prefix("vault:v")
+        .ok_or_else(|| bad("it must start with \"vault:v\""))?;
+    let (version, body) = rest
+        .split_once(':')
+        .ok_or_else(|| bad("missing ':' after the version"))?;
+    let version: u32 = version
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| bad("the version is not a positive number"))?;
+    let bytes = STANDARD
+        .decode(body.as_bytes())
+        .map_err(|_| bad("the payload is not valid base64"))?;
+    Ok((version, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vault_format_round_trips_and_rejects_garbage() {
+        let s = format_vault(3, b"abc");
+        assert_eq!(s, "vault:v3:YWJj");
+        assert_eq!(parse_vault(&s, "ciphertext").unwrap(), (3, b"abc".to_vec()));
+        for bad in ["", "vault:", "vault:v0:YWJj", "vault:vx:YWJj", "vault:v1", "vault:v1:!!", "v1:YWJj"] {
+            assert!(parse_vault(bad, "ciphertext").is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("orders-key_1.v2").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", "ä", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let opts = KeyOptions {
+            key_type: KeyType::Ed25519,
+            exportable: false,
+            allow_plaintext_backup: false,
+        };
+        let ring = KeyRing::new("k", &opts, 1).unwrap().rotated(2).unwrap();
+        let bytes = ring.to_record().unwrap();
+        let back = KeyRing::from_record("k", &bytes).unwrap();
+        assert_eq!(back.latest_version, 2);
+        let sig = back.versions[&2].material.sign(b"m", crate::engine::crypto::HashAlgorithm::Sha2_256).unwrap();
+        assert!(ring.versions[&2]
+            .material
+            .verify(b"m", &sig, crate::engine::crypto::HashAlgorithm::Sha2_256)
+            .unwrap());
+        assert!(KeyRing::from_record("other", &bytes).is_err());
+    }
+
+    #[test]
+    fn config_changes_are_validated() {
+        let opts = KeyOptions {
+            key_type: KeyType::Aes256Gcm96,
+            exportable: true,
+            allow_plaintext_backup: false,
+        };
+        let ring = KeyRing::new("k", &opts, 1).unwrap().rotated(2).unwrap();
+        let ok = ring
+            .reconfigured(&KeyConfigChange {
+                min_decryption_version: Some(2),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(ok.decryption_version(1).is_err());
+        assert!(ok.decryption_version(2).is_ok());
+        for change in [
+            KeyConfigChange { min_decryption_version: Some(3), ..Default::default() },
+            KeyConfigChange { min_decryption_version: Some(0), ..Default::default() },
+            KeyConfigChange { exportable: Some(false), ..Default::default() },
+        ] {
+            assert!(ring.reconfigured(&change).is_err());
+        }
+    }
+}

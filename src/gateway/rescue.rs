@@ -1,0 +1,127 @@
+//! The one place errors become HTTP responses, by type.
+//!
+//! Vault's shapes: `{"errors": [...]}` with 400/403/404/405/413/429/503.
+//! 5xx bodies are generic; their detail goes to the log. Every login
+//! failure produces the same 401 body whatever the cause.
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, Response, StatusCode};
+
+use crate::engine::{EngineError, EngineState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("invalid username or password")]
+    LoginFailed,
+    #[error("no handler for route")]
+    NotFound,
+    /// Vault answers a missing object with 404 and an empty error list.
+    #[error("not found")]
+    ObjectNotFound,
+    #[error("unsupported operation")]
+    MethodNotAllowed,
+    #[error("request body too large (limit {0} bytes)")]
+    PayloadTooLarge(usize),
+    #[error("the engine is {}", .0.as_str())]
+    Unavailable(EngineState),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::NotActive(state) => ApiError::Unavailable(state),
+            EngineError::AlreadyInitialized => ApiError::BadRequest("the engine is already initialized".into()),
+            EngineError::InvalidInitToken => ApiError::PermissionDenied,
+            EngineError::InvalidCredentials => ApiError::LoginFailed,
+            EngineError::PermissionDenied => ApiError::PermissionDenied,
+            EngineError::KeyNotFound(_) | EngineError::UserNotFound(_) => ApiError::ObjectNotFound,
+            e @ (EngineError::UserExists(_)
+            | EngineError::KeyTypeMismatch(_)
+            | EngineError::DeletionNotAllowed(_)
+            | EngineError::InvalidRequest(_)
+            | EngineError::Crypto(_)) => ApiError::BadRequest(e.to_string()),
+            e @ (EngineError::Storage(_) | EngineError::Internal(_)) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::PermissionDenied => StatusCode::FORBIDDEN,
+            ApiError::LoginFailed => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound | ApiError::ObjectNotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(EngineState::Uninitialized) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The messages the caller sees. Internal detail never leaves the server.
+    fn messages(&self) -> Vec<String> {
+        match self {
+            ApiError::ObjectNotFound => Vec::new(),
+            ApiError::Internal(_) => vec!["internal error; see the server log".into()],
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// Turns an error into its response, logging what the caller must not see.
+pub fn respond(err: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
+    if let ApiError::Internal(detail) = err {
+        tracing::error!(request_id, detail = %detail, "internal error");
+    }
+    json_response(err.status(), &serde_json::json!({ "errors": err.messages() }))
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    // Serializing a serde_json::Value cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+pub fn empty_response(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_detail_never_reaches_the_body() {
+        let resp = respond(&ApiError::Internal("disk /secret/path exploded".into()), "r");
+        assert_eq!(resp.status(), 500);
+        let body = format!("{:?}", resp.body());
+        assert!(!body.contains("secret/path"));
+    }
+
+    #[test]
+    fn every_login_failure_looks_the_same() {
+        let a = ApiError::from(EngineError::InvalidCredentials);
+        assert_eq!(a.status(), 401);
+        assert_eq!(a.messages(), vec!["invalid username or password".to_string()]);
+    }
+}

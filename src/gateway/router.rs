@@ -1,0 +1,167 @@
+//! Phases 4–10 of a request: route class, the class's networks, body
+//! limits, identity and dispatch — then, always, the access log.
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{header, Request, Response};
+
+use super::listener::ConnInfo;
+use super::rescue::{self, ApiError};
+use super::{AppState, Snapshot};
+use crate::api::{self, Call};
+use crate::engine::crypto;
+
+/// Which part of the API a path belongs to; each class may demand its own
+/// networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    /// `/v1/transit/...` and token lookups: apps.
+    Transit,
+    /// `/v1/hsm/login`: anyone admitted; officers only from admin networks
+    /// (decided inside the engine with the network fact we pass).
+    Login,
+    /// The rest of `/v1/hsm/...`: admin networks only.
+    Admin,
+    /// `/v1/sys/health`.
+    Health,
+    Unknown,
+}
+
+pub fn classify(path: &str) -> RouteClass {
+    if path.starts_with("/v1/transit/") {
+        RouteClass::Transit
+    } else if path == "/v1/hsm/login" {
+        RouteClass::Login
+    } else if path.starts_with("/v1/hsm/") {
+        RouteClass::Admin
+    } else if path == "/v1/sys/health" {
+        RouteClass::Health
+    } else if path == "/v1/auth/token/lookup-self" {
+        RouteClass::Transit
+    } else {
+        RouteClass::Unknown
+    }
+}
+
+pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let snapshot = state.snapshot.load_full();
+    let class = classify(&path);
+    let outcome = phases(&state, &snapshot, conn, class, &request_id, req).await;
+    let mut response = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = rescue::respond(&e, &request_id);
+            if matches!(e, ApiError::PermissionDenied) && !snapshot.netfilter.listener(conn.listener).may_connect(conn.peer) {
+                // The peer lost its network since it connected: end the connection too.
+                r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            }
+            r
+        }
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    // Phase 10, whatever happened above.
+    tracing::info!(
+        target: "hsmgate::access",
+        request_id,
+        peer = %conn.peer,
+        listener = conn.listener,
+        %method,
+        path,
+        class = ?class,
+        status = response.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64,
+    );
+    response
+}
+
+async fn phases(
+    state: &Arc<AppState>,
+    snapshot: &Snapshot,
+    conn: ConnInfo,
+    class: RouteClass,
+    request_id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    // The connection was admitted at accept time; a reload may have revoked
+    // the peer since. Re-check against this request's snapshot.
+    let filter = snapshot.netfilter.listener(conn.listener);
+    if !filter.may_connect(conn.peer) {
+        return Err(ApiError::PermissionDenied);
+    }
+    if class == RouteClass::Unknown {
+        return Err(ApiError::NotFound);
+    }
+    // Admin routes trust the TCP peer alone.
+    let is_admin_network = filter.is_admin(conn.peer);
+    if class == RouteClass::Admin && !is_admin_network {
+        return Err(ApiError::PermissionDenied);
+    }
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, &parts.headers, snapshot.config.limits.max_body_bytes).await?;
+    let call = Call {
+        state,
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        body,
+        conn,
+        is_admin_network,
+        request_id,
+    };
+    match class {
+        RouteClass::Transit if call.path.starts_with("/v1/transit/") => api::transit::handle(&call).await,
+        RouteClass::Transit => api::sys::lookup_self(&call),
+        RouteClass::Login | RouteClass::Admin => api::hsm::handle(&call).await,
+        RouteClass::Health => api::sys::health(&call),
+        RouteClass::Unknown => Err(ApiError::NotFound),
+    }
+}
+
+async fn read_body(body: Incoming, headers: &hyper::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge(limit)),
+        Err(_) => Err(ApiError::BadRequest("failed to read the request body".into())),
+    }
+}
+
+/// A UUID-shaped random id (Vault's `request_id` format).
+fn new_request_id() -> String {
+    let b = crypto::random_bytes(16).map(|b| b.to_vec()).unwrap_or_else(|_| vec![0; 16]);
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert_eq!(classify("/v1/transit/encrypt/k"), RouteClass::Transit);
+        assert_eq!(classify("/v1/hsm/login"), RouteClass::Login);
+        assert_eq!(classify("/v1/hsm/login/"), RouteClass::Admin);
+        assert_eq!(classify("/v1/hsm/init"), RouteClass::Admin);
+        assert_eq!(classify("/v1/hsm/zeroize"), RouteClass::Admin);
+        assert_eq!(classify("/v1/sys/health"), RouteClass::Health);
+        assert_eq!(classify("/v1/transitx"), RouteClass::Unknown);
+        assert_eq!(classify("/"), RouteClass::Unknown);
+    }
+}
