@@ -22,7 +22,6 @@
 //! listener only if some rule of some group attached to it covers the peer.
 //! [`crate::netfilter`] compiles them into lookup tables.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
@@ -1015,7 +1014,6 @@ fn sort_errors(errors: &mut [ConfigError], main: &Path, policies: &[(PathBuf, St
             .then_with(|| a.file.cmp(&b.file))
             .then_with(|| a.line.cmp(&b.line))
             .then_with(|| a.column.cmp(&b.column))
-            .then(Ordering::Equal)
     });
 }
 

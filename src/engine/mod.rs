@@ -504,8 +504,10 @@ impl Engine {
 
     /// Resolves a session token to its principal.
     pub fn authenticate(&self, token: &str) -> Result<Principal, EngineError> {
-        if read(&self.inner).state != EngineState::Active {
-            return Err(EngineError::PermissionDenied);
+        let state = read(&self.inner).state;
+        if state != EngineState::Active {
+            // Every session died with the old state; say why, as Vault's 503 does.
+            return Err(EngineError::NotActive(state));
         }
         let digest = crypto::sha256(token.as_bytes());
         let sessions = lock(&self.sessions);
@@ -777,7 +779,7 @@ impl Engine {
         let ring = self.ring(by, name)?;
         if !ring.key_type.supports_signing() {
             return Err(CryptoError::OperationNotSupported {
-                op: "signing",
+                op: "verification",
                 key_type: ring.key_type,
             }
             .into());
