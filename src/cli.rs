@@ -10,7 +10,11 @@ use crate::gateway::Server;
 use crate::netfilter::Netfilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "hsmgate", version, about = "A network access-control gateway in front of HSMs, with a built-in software HSM engine")]
+#[command(
+    name = "hsmgate",
+    version,
+    about = "A network access-control gateway in front of HSMs, with a built-in software HSM engine"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -82,7 +86,10 @@ fn load(path: &Path) -> Option<Config> {
             for e in &errors.0 {
                 eprintln!("{e}");
             }
-            eprintln!("hsmgate: {} error(s) in the config tree; nothing was changed", errors.0.len());
+            eprintln!(
+                "hsmgate: {} error(s) in the config tree; nothing was changed",
+                errors.0.len()
+            );
             None
         }
     }
@@ -91,7 +98,10 @@ fn load(path: &Path) -> Option<Config> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HSMGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// No core dumps: a dump of this process would hold the master key and
@@ -107,7 +117,9 @@ fn harden_process() {
 }
 
 fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let server = Server::bind(cfg).await?;
         let cert = server.certificate();

@@ -56,16 +56,18 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["users"]) => create_user(call).await,
         (Method::POST, ["users", name, "password"]) => reset_password(call, name).await,
         (Method::POST, ["zeroize"]) => zeroize(call).await,
-        (_, ["init" | "login" | "status" | "users" | "zeroize"]) | (_, ["users", _, "password"]) => {
-            Err(ApiError::MethodNotAllowed)
-        }
+        (_, ["init" | "login" | "status" | "users" | "zeroize"])
+        | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
 }
 
 async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: InitBody = call.json()?;
-    blocking(call.engine(), move |e| e.init(&body.admin_password, &body.init_token)).await?;
+    blocking(call.engine(), move |e| {
+        e.init(&body.admin_password, &body.init_token)
+    })
+    .await?;
     call.ok(json!({ "state": "active" }))
 }
 
@@ -108,7 +110,10 @@ async fn create_user(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError>
     let by = call.principal()?;
     let body: CreateUserBody = call.json()?;
     let (username, role) = (body.username.clone(), body.role);
-    blocking(call.engine(), move |e| e.create_user(&by, &body.username, &body.password, body.role)).await?;
+    blocking(call.engine(), move |e| {
+        e.create_user(&by, &body.username, &body.password, body.role)
+    })
+    .await?;
     call.ok(json!({ "username": username, "role": role.as_str() }))
 }
 
@@ -116,7 +121,10 @@ async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Byt
     let by = call.principal()?;
     let body: PasswordBody = call.json()?;
     let username = name.to_string();
-    blocking(call.engine(), move |e| e.reset_password(&by, &username, &body.password)).await?;
+    blocking(call.engine(), move |e| {
+        e.reset_password(&by, &username, &body.password)
+    })
+    .await?;
     call.ok(json!({ "username": name, "locked": false, "consecutive_failures": 0 }))
 }
 

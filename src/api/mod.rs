@@ -40,13 +40,20 @@ impl Call<'_> {
 
     /// The session token from `X-Vault-Token` or `Authorization: Bearer`.
     pub fn token(&self) -> Option<&str> {
-        if let Some(t) = self.headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
+        if let Some(t) = self
+            .headers
+            .get("x-vault-token")
+            .and_then(|v| v.to_str().ok())
+        {
             return Some(t.trim());
         }
         self.headers
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
     }
 
@@ -59,12 +66,18 @@ impl Call<'_> {
 
     /// The JSON body; an empty body reads as `{}`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &self.body };
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("failed to parse JSON input: {e}")))
+        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &self.body
+        };
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("failed to parse JSON input: {e}")))
     }
 
     pub fn query_flag(&self, name: &str) -> bool {
-        self.query_param(name).is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+        self.query_param(name)
+            .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
     }
 
     pub fn query_param(&self, name: &str) -> Option<&str> {

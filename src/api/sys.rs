@@ -27,7 +27,10 @@ pub fn health(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::from_u16(default).unwrap_or(StatusCode::OK));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let body = json!({
         "initialized": state != EngineState::Uninitialized,
         "sealed": state != EngineState::Active,
@@ -48,8 +51,16 @@ pub fn lookup_self(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         return Err(ApiError::MethodNotAllowed);
     }
     let p = call.principal()?;
-    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let ttl = p.expires_at.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let ttl = p
+        .expires_at
+        .duration_since(SystemTime::now())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     call.ok(json!({
         "display_name": format!("hsm-{}", p.username),
         "creation_time": secs(p.issued_at),

@@ -23,7 +23,8 @@ const MAX_RANDOM_BYTES: usize = 128 * 1024;
 pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = &call.path["/v1/transit/".len()..];
     let segments: Vec<&str> = route.split('/').collect();
-    let list = call.method.as_str() == "LIST" || (call.method == Method::GET && call.query_flag("list"));
+    let list =
+        call.method.as_str() == "LIST" || (call.method == Method::GET && call.query_flag("list"));
     let m = call.method.clone();
     match segments.as_slice() {
         ["keys"] | ["keys", ""] if list => list_keys(call),
@@ -71,7 +72,9 @@ impl Body {
     fn parse(call: &Call<'_>) -> Result<Body, ApiError> {
         match call.json::<Value>()? {
             Value::Object(m) => Ok(Body(m)),
-            _ => Err(ApiError::BadRequest("the request body must be a JSON object".into())),
+            _ => Err(ApiError::BadRequest(
+                "the request body must be a JSON object".into(),
+            )),
         }
     }
 
@@ -191,14 +194,25 @@ fn list_keys(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
 async fn create_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
-    let key_type = KeyType::parse(body.str("type").map_err(bad)?.unwrap_or("aes256-gcm96")).map_err(EngineError::from)?;
-    if body.bool("derived").map_err(bad)?.unwrap_or(false) || body.bool("convergent_encryption").map_err(bad)?.unwrap_or(false) {
-        return Err(bad("derived keys and convergent encryption are not supported yet".into()));
+    let key_type = KeyType::parse(body.str("type").map_err(bad)?.unwrap_or("aes256-gcm96"))
+        .map_err(EngineError::from)?;
+    if body.bool("derived").map_err(bad)?.unwrap_or(false)
+        || body
+            .bool("convergent_encryption")
+            .map_err(bad)?
+            .unwrap_or(false)
+    {
+        return Err(bad(
+            "derived keys and convergent encryption are not supported yet".into(),
+        ));
     }
     let opts = KeyOptions {
         key_type,
         exportable: body.bool("exportable").map_err(bad)?.unwrap_or(false),
-        allow_plaintext_backup: body.bool("allow_plaintext_backup").map_err(bad)?.unwrap_or(false),
+        allow_plaintext_backup: body
+            .bool("allow_plaintext_backup")
+            .map_err(bad)?
+            .unwrap_or(false),
     };
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| e.create_key(&by, &name, &opts)).await?;
@@ -313,7 +327,10 @@ fn encrypt(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiErro
         let plaintext = b.b64("plaintext")?.ok_or("missing plaintext to encrypt")?;
         let aad = b.b64("associated_data")?.unwrap_or_default();
         let version = b.u32("key_version")?;
-        let (ciphertext, v) = call.engine().encrypt(&by, name, &plaintext, &aad, version).map_err(item_error)?;
+        let (ciphertext, v) = call
+            .engine()
+            .encrypt(&by, name, &plaintext, &aad, version)
+            .map_err(item_error)?;
         Ok(json!({ "ciphertext": ciphertext, "key_version": v }))
     })
 }
@@ -323,9 +340,14 @@ fn decrypt(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiErro
     let body = Body::parse(call)?;
     check_key(call, &by, name)?;
     single_or_batch(call, &body, |b| {
-        let ciphertext = b.str("ciphertext")?.ok_or("missing ciphertext to decrypt")?;
+        let ciphertext = b
+            .str("ciphertext")?
+            .ok_or("missing ciphertext to decrypt")?;
         let aad = b.b64("associated_data")?.unwrap_or_default();
-        let plaintext = call.engine().decrypt(&by, name, ciphertext, &aad).map_err(item_error)?;
+        let plaintext = call
+            .engine()
+            .decrypt(&by, name, ciphertext, &aad)
+            .map_err(item_error)?;
         Ok(json!({ "plaintext": STANDARD.encode(&*plaintext) }))
     })
 }
@@ -333,7 +355,10 @@ fn decrypt(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiErro
 /// Resolves the key once before a batch, so a missing key or a dead engine
 /// is one clear error rather than N item errors.
 fn check_key(call: &Call<'_>, by: &Principal, name: &str) -> Result<(), ApiError> {
-    call.engine().read_key(by, name).map(|_| ()).map_err(ApiError::from)
+    call.engine()
+        .read_key(by, name)
+        .map(|_| ())
+        .map_err(ApiError::from)
 }
 
 fn hash_param(body: &Body, key: &str, path_alg: Option<&str>) -> Result<HashAlgorithm, String> {
@@ -350,11 +375,17 @@ fn refuse_unsupported_sign_options(body: &Body) -> Result<(), String> {
     }
     match body.str("marshaling_algorithm")? {
         None | Some("asn1") => Ok(()),
-        Some(other) => Err(format!("marshaling_algorithm {other:?} is not supported yet (only asn1)")),
+        Some(other) => Err(format!(
+            "marshaling_algorithm {other:?} is not supported yet (only asn1)"
+        )),
     }
 }
 
-fn sign(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn sign(
+    call: &Call<'_>,
+    name: &str,
+    path_alg: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
     check_key(call, &by, name)?;
@@ -363,13 +394,20 @@ fn sign(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<
     }
     refuse_unsupported_sign_options(&body).map_err(bad)?;
     let hash = hash_param(&body, "hash_algorithm", path_alg).map_err(bad)?;
-    let input = body.b64("input").map_err(bad)?.ok_or_else(|| bad("missing input to sign".into()))?;
+    let input = body
+        .b64("input")
+        .map_err(bad)?
+        .ok_or_else(|| bad("missing input to sign".into()))?;
     let version = body.u32("key_version").map_err(bad)?;
     let (signature, v) = call.engine().sign(&by, name, &input, hash, version)?;
     call.ok(json!({ "signature": signature, "key_version": v }))
 }
 
-fn verify(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn verify(
+    call: &Call<'_>,
+    name: &str,
+    path_alg: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
     check_key(call, &by, name)?;
@@ -377,8 +415,14 @@ fn verify(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Respons
         return Err(bad("batch_input is not supported on verify yet".into()));
     }
     refuse_unsupported_sign_options(&body).map_err(bad)?;
-    let input = body.b64("input").map_err(bad)?.ok_or_else(|| bad("missing input to verify".into()))?;
-    let valid = match (body.str("signature").map_err(bad)?, body.str("hmac").map_err(bad)?) {
+    let input = body
+        .b64("input")
+        .map_err(bad)?
+        .ok_or_else(|| bad("missing input to verify".into()))?;
+    let valid = match (
+        body.str("signature").map_err(bad)?,
+        body.str("hmac").map_err(bad)?,
+    ) {
         (Some(sig), None) => {
             let hash = hash_param(&body, "hash_algorithm", path_alg).map_err(bad)?;
             call.engine().verify(&by, name, &input, sig, hash)?
@@ -393,7 +437,11 @@ fn verify(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Respons
     call.ok(json!({ "valid": valid }))
 }
 
-fn hmac(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn hmac(
+    call: &Call<'_>,
+    name: &str,
+    path_alg: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
     check_key(call, &by, name)?;
@@ -401,7 +449,10 @@ fn hmac(call: &Call<'_>, name: &str, path_alg: Option<&str>) -> Result<Response<
         return Err(bad("batch_input is not supported on hmac yet".into()));
     }
     let hash = hash_param(&body, "algorithm", path_alg).map_err(bad)?;
-    let input = body.b64("input").map_err(bad)?.ok_or_else(|| bad("missing input to HMAC".into()))?;
+    let input = body
+        .b64("input")
+        .map_err(bad)?
+        .ok_or_else(|| bad("missing input to HMAC".into()))?;
     let version = body.u32("key_version").map_err(bad)?;
     let (mac, v) = call.engine().hmac(&by, name, &input, hash, version)?;
     call.ok(json!({ "hmac": mac, "key_version": v }))
@@ -417,11 +468,15 @@ fn random(call: &Call<'_>, path_arg: Option<&str>) -> Result<Response<Full<Bytes
         None => (None, None),
     };
     let n = match path_bytes {
-        Some(s) => s.parse::<u32>().map_err(|_| bad("bytes must be a positive integer".into()))?,
+        Some(s) => s
+            .parse::<u32>()
+            .map_err(|_| bad("bytes must be a positive integer".into()))?,
         None => body.u32("bytes").map_err(bad)?.unwrap_or(32),
     } as usize;
     if n == 0 || n > MAX_RANDOM_BYTES {
-        return Err(bad(format!("bytes must be between 1 and {MAX_RANDOM_BYTES}")));
+        return Err(bad(format!(
+            "bytes must be between 1 and {MAX_RANDOM_BYTES}"
+        )));
     }
     let format = match path_format {
         Some(f) => f,
@@ -431,8 +486,11 @@ fn random(call: &Call<'_>, path_arg: Option<&str>) -> Result<Response<Full<Bytes
     let encoded = match format {
         "base64" => STANDARD.encode(&*bytes),
         "hex" => hex::encode(&*bytes),
-        other => return Err(bad(format!("unsupported encoding format {other:?}; use base64 or hex"))),
+        other => {
+            return Err(bad(format!(
+                "unsupported encoding format {other:?}; use base64 or hex"
+            )))
+        }
     };
     call.ok(json!({ "random_bytes": encoded }))
 }
-

@@ -77,8 +77,7 @@ pub fn validate_name(name: &str) -> Result<(), EngineError> {
         Ok(())
     } else {
         Err(EngineError::InvalidRequest(
-            "key names are 1-128 characters of A-Z a-z 0-9 - _ . and may not start with '.'"
-                .into(),
+            "key names are 1-128 characters of A-Z a-z 0-9 - _ . and may not start with '.'".into(),
         ))
     }
 }
@@ -172,7 +171,10 @@ impl KeyRing {
     }
 
     /// The version new ciphertexts and signatures use.
-    pub fn encryption_version(&self, requested: Option<u32>) -> Result<(u32, &KeyVersion), EngineError> {
+    pub fn encryption_version(
+        &self,
+        requested: Option<u32>,
+    ) -> Result<(u32, &KeyVersion), EngineError> {
         let v = requested.filter(|v| *v != 0).unwrap_or(self.latest_version);
         if v > self.latest_version {
             return Err(EngineError::InvalidRequest(format!(
@@ -242,15 +244,26 @@ impl KeyRing {
     }
 
     pub fn from_record(name: &str, bytes: &[u8]) -> Result<KeyRing, EngineError> {
-        let malformed = |detail: String| EngineError::Internal(format!("stored key {name} is malformed: {detail}"));
-        let record: KeyRingRecord = serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+        let malformed = |detail: String| {
+            EngineError::Internal(format!("stored key {name} is malformed: {detail}"))
+        };
+        let record: KeyRingRecord =
+            serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
         if record.name != name {
             return Err(malformed("record name does not match its key".into()));
         }
         let mut versions = BTreeMap::new();
         for v in &record.versions {
-            let secret = Zeroizing::new(STANDARD.decode(v.secret.as_bytes()).map_err(|e| malformed(e.to_string()))?);
-            let hmac = Zeroizing::new(STANDARD.decode(v.hmac_key.as_bytes()).map_err(|e| malformed(e.to_string()))?);
+            let secret = Zeroizing::new(
+                STANDARD
+                    .decode(v.secret.as_bytes())
+                    .map_err(|e| malformed(e.to_string()))?,
+            );
+            let hmac = Zeroizing::new(
+                STANDARD
+                    .decode(v.hmac_key.as_bytes())
+                    .map_err(|e| malformed(e.to_string()))?,
+            );
             let material = KeyMaterial::from_parts(
                 record.key_type,
                 SecretBytes::from_slice(&secret),
@@ -337,7 +350,15 @@ mod tests {
         let s = format_vault(3, b"abc");
         assert_eq!(s, "vault:v3:YWJj");
         assert_eq!(parse_vault(&s, "ciphertext").unwrap(), (3, b"abc".to_vec()));
-        for bad in ["", "vault:", "vault:v0:YWJj", "vault:vx:YWJj", "vault:v1", "vault:v1:!!", "v1:YWJj"] {
+        for bad in [
+            "",
+            "vault:",
+            "vault:v0:YWJj",
+            "vault:vx:YWJj",
+            "vault:v1",
+            "vault:v1:!!",
+            "v1:YWJj",
+        ] {
             assert!(parse_vault(bad, "ciphertext").is_err(), "{bad} parsed");
         }
     }
@@ -361,7 +382,10 @@ mod tests {
         let bytes = ring.to_record().unwrap();
         let back = KeyRing::from_record("k", &bytes).unwrap();
         assert_eq!(back.latest_version, 2);
-        let sig = back.versions[&2].material.sign(b"m", crate::engine::crypto::HashAlgorithm::Sha2_256).unwrap();
+        let sig = back.versions[&2]
+            .material
+            .sign(b"m", crate::engine::crypto::HashAlgorithm::Sha2_256)
+            .unwrap();
         assert!(ring.versions[&2]
             .material
             .verify(b"m", &sig, crate::engine::crypto::HashAlgorithm::Sha2_256)
@@ -386,9 +410,18 @@ mod tests {
         assert!(ok.decryption_version(1).is_err());
         assert!(ok.decryption_version(2).is_ok());
         for change in [
-            KeyConfigChange { min_decryption_version: Some(3), ..Default::default() },
-            KeyConfigChange { min_decryption_version: Some(0), ..Default::default() },
-            KeyConfigChange { exportable: Some(false), ..Default::default() },
+            KeyConfigChange {
+                min_decryption_version: Some(3),
+                ..Default::default()
+            },
+            KeyConfigChange {
+                min_decryption_version: Some(0),
+                ..Default::default()
+            },
+            KeyConfigChange {
+                exportable: Some(false),
+                ..Default::default()
+            },
         ] {
             assert!(ring.reconfigured(&change).is_err());
         }

@@ -234,7 +234,9 @@ impl Engine {
             .recursive(true)
             .mode(0o700)
             .create(data_dir)
-            .map_err(|e| EngineError::Internal(format!("creating data dir {}: {e}", data_dir.display())))?;
+            .map_err(|e| {
+                EngineError::Internal(format!("creating data dir {}: {e}", data_dir.display()))
+            })?;
         let paths = Paths {
             store: data_dir.join("store.redb"),
             master_key: data_dir.join("master.key"),
@@ -308,14 +310,20 @@ impl Engine {
         &self.config
     }
 
-    fn write_state(&self, state: EngineState, zeroizations: u64, last: Option<u64>) -> Result<(), EngineError> {
+    fn write_state(
+        &self,
+        state: EngineState,
+        zeroizations: u64,
+        last: Option<u64>,
+    ) -> Result<(), EngineError> {
         let file = StateFile {
             format: 1,
             state,
             zeroizations,
             last_zeroized_at: last,
         };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(&file).map_err(|e| EngineError::Internal(e.to_string()))?;
         store::write_atomic(&self.paths.state, &bytes, 0o600)?;
         Ok(())
     }
@@ -334,7 +342,11 @@ impl Engine {
 
     /// Takes ownership of an uninitialized or zeroized engine: sets the crypto
     /// officer's password. Needs the current init token from the data dir.
-    pub fn init(&self, admin_password: &SecretString, init_token: &SecretString) -> Result<(), EngineError> {
+    pub fn init(
+        &self,
+        admin_password: &SecretString,
+        init_token: &SecretString,
+    ) -> Result<(), EngineError> {
         let mut inner = write(&self.inner);
         if inner.state == EngineState::Active {
             return Err(EngineError::AlreadyInitialized);
@@ -399,7 +411,10 @@ impl Engine {
         // not create locks for it (the lock map is bounded by real users).
         let exists = {
             let inner = read(&self.inner);
-            let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+            let active = inner
+                .active
+                .as_ref()
+                .ok_or(EngineError::NotActive(inner.state))?;
             active.store.get_user(req.username)?.is_some()
         };
         if !exists || users::validate_username(req.username).is_err() {
@@ -412,7 +427,10 @@ impl Engine {
         // Count the attempt (durably) before looking at the password.
         let (record, attempt) = {
             let inner = read(&self.inner);
-            let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+            let active = inner
+                .active
+                .as_ref()
+                .ok_or(EngineError::NotActive(inner.state))?;
             let Some(mut record) = active.store.get_user(req.username)? else {
                 drop(inner);
                 users::burn_equal_time(password);
@@ -420,7 +438,10 @@ impl Engine {
             };
             if record.role == Role::CryptoOfficer && !req.officer_allowed {
                 drop(inner);
-                tracing::warn!(user = req.username, "crypto-officer login from a non-admin network refused; nothing counted");
+                tracing::warn!(
+                    user = req.username,
+                    "crypto-officer login from a non-admin network refused; nothing counted"
+                );
                 users::burn_equal_time(password);
                 return Err(EngineError::InvalidCredentials);
             }
@@ -461,7 +482,11 @@ impl Engine {
                     // on state (it only runs while active).
                     let mut inner = write(&self.inner);
                     if inner.state == EngineState::Active {
-                        tracing::error!(user = req.username, attempt, "crypto-officer failure threshold reached: zeroizing");
+                        tracing::error!(
+                            user = req.username,
+                            attempt,
+                            "crypto-officer failure threshold reached: zeroizing"
+                        );
                         self.zeroize_locked(&mut inner)?;
                     }
                 }
@@ -470,7 +495,10 @@ impl Engine {
                     active.store.put_user(&record)?;
                     drop(inner);
                     self.revoke_user_sessions(&record.username);
-                    tracing::warn!(user = req.username, "crypto user locked until a crypto officer resets its password");
+                    tracing::warn!(
+                        user = req.username,
+                        "crypto user locked until a crypto officer resets its password"
+                    );
                 }
             }
         }
@@ -493,7 +521,10 @@ impl Engine {
         if raw.len() == 32 {
             let mut sessions = lock(&self.sessions);
             sessions.retain(|_, p| p.expires_at > now);
-            sessions.insert(crypto::sha256(token.expose_secret().as_bytes()), principal.clone());
+            sessions.insert(
+                crypto::sha256(token.expose_secret().as_bytes()),
+                principal.clone(),
+            );
         }
         LoginSuccess { token, principal }
     }
@@ -530,7 +561,9 @@ impl Engine {
                     .users()?
                     .into_iter()
                     .map(|u| UserStatus {
-                        attempts_left: self.threshold(u.role).saturating_sub(u.consecutive_failures),
+                        attempts_left: self
+                            .threshold(u.role)
+                            .saturating_sub(u.consecutive_failures),
                         username: u.username,
                         role: u.role,
                         consecutive_failures: u.consecutive_failures,
@@ -560,7 +593,13 @@ impl Engine {
     }
 
     /// The crypto officer adds a crypto user.
-    pub fn create_user(&self, by: &Principal, username: &str, password: &SecretString, role: Role) -> Result<(), EngineError> {
+    pub fn create_user(
+        &self,
+        by: &Principal,
+        username: &str,
+        password: &SecretString,
+        role: Role,
+    ) -> Result<(), EngineError> {
         Self::require(by, Role::CryptoOfficer)?;
         if role != Role::CryptoUser {
             return Err(EngineError::InvalidRequest(
@@ -571,7 +610,10 @@ impl Engine {
         users::validate_password(username, password.expose_secret())?;
         let hash = users::hash_password(password.expose_secret())?;
         let inner = read(&self.inner);
-        let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
         let _serial = lock(&self.key_writes);
         if active.store.get_user(username)?.is_some() {
             return Err(EngineError::UserExists(username.into()));
@@ -588,14 +630,22 @@ impl Engine {
 
     /// The crypto officer resets a crypto user's password, which also
     /// clears its failure count and unlocks it.
-    pub fn reset_password(&self, by: &Principal, username: &str, password: &SecretString) -> Result<(), EngineError> {
+    pub fn reset_password(
+        &self,
+        by: &Principal,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<(), EngineError> {
         Self::require(by, Role::CryptoOfficer)?;
         users::validate_password(username, password.expose_secret())?;
         let hash = users::hash_password(password.expose_secret())?;
         let user_lock = self.user_lock(username);
         let _serial = lock(&user_lock);
         let inner = read(&self.inner);
-        let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
         let mut record = active
             .store
             .get_user(username)?
@@ -651,9 +701,15 @@ impl Engine {
 
     // ----- keys -------------------------------------------------------
 
-    fn with_active<T>(&self, f: impl FnOnce(&Active) -> Result<T, EngineError>) -> Result<T, EngineError> {
+    fn with_active<T>(
+        &self,
+        f: impl FnOnce(&Active) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
         let inner = read(&self.inner);
-        let active = inner.active.as_ref().ok_or(EngineError::NotActive(inner.state))?;
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
         f(active)
     }
 
@@ -694,7 +750,12 @@ impl Engine {
 
     /// Creates a key ring. As in Vault, creating an existing key of the same
     /// type changes nothing and succeeds.
-    pub fn create_key(&self, by: &Principal, name: &str, opts: &KeyOptions) -> Result<Arc<KeyRing>, EngineError> {
+    pub fn create_key(
+        &self,
+        by: &Principal,
+        name: &str,
+        opts: &KeyOptions,
+    ) -> Result<Arc<KeyRing>, EngineError> {
         self.update_ring(by, name, |current| match current {
             Some(ring) if ring.key_type == opts.key_type => Ok(None),
             Some(_) => Err(EngineError::KeyTypeMismatch(name.into())),
@@ -722,7 +783,12 @@ impl Engine {
         })
     }
 
-    pub fn configure_key(&self, by: &Principal, name: &str, change: &KeyConfigChange) -> Result<Arc<KeyRing>, EngineError> {
+    pub fn configure_key(
+        &self,
+        by: &Principal,
+        name: &str,
+        change: &KeyConfigChange,
+    ) -> Result<Arc<KeyRing>, EngineError> {
         self.update_ring(by, name, |current| {
             let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
             ring.reconfigured(change).map(Some)
@@ -747,14 +813,27 @@ impl Engine {
     }
 
     /// Encrypts with the latest (or requested) version: `vault:vN:...`.
-    pub fn encrypt(&self, by: &Principal, name: &str, plaintext: &[u8], aad: &[u8], version: Option<u32>) -> Result<(String, u32), EngineError> {
+    pub fn encrypt(
+        &self,
+        by: &Principal,
+        name: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+        version: Option<u32>,
+    ) -> Result<(String, u32), EngineError> {
         let ring = self.ring(by, name)?;
         let (v, kv) = ring.encryption_version(version)?;
         let blob = kv.material.encrypt(plaintext, aad)?;
         Ok((keyring::format_vault(v, &blob), v))
     }
 
-    pub fn decrypt(&self, by: &Principal, name: &str, ciphertext: &str, aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, EngineError> {
+    pub fn decrypt(
+        &self,
+        by: &Principal,
+        name: &str,
+        ciphertext: &str,
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, EngineError> {
         let ring = self.ring(by, name)?;
         if !ring.key_type.supports_encryption() {
             return Err(CryptoError::OperationNotSupported {
@@ -768,14 +847,28 @@ impl Engine {
         Ok(kv.material.decrypt(&blob, aad)?)
     }
 
-    pub fn sign(&self, by: &Principal, name: &str, input: &[u8], hash: HashAlgorithm, version: Option<u32>) -> Result<(String, u32), EngineError> {
+    pub fn sign(
+        &self,
+        by: &Principal,
+        name: &str,
+        input: &[u8],
+        hash: HashAlgorithm,
+        version: Option<u32>,
+    ) -> Result<(String, u32), EngineError> {
         let ring = self.ring(by, name)?;
         let (v, kv) = ring.encryption_version(version)?;
         let sig = kv.material.sign(input, hash)?;
         Ok((keyring::format_vault(v, &sig), v))
     }
 
-    pub fn verify(&self, by: &Principal, name: &str, input: &[u8], signature: &str, hash: HashAlgorithm) -> Result<bool, EngineError> {
+    pub fn verify(
+        &self,
+        by: &Principal,
+        name: &str,
+        input: &[u8],
+        signature: &str,
+        hash: HashAlgorithm,
+    ) -> Result<bool, EngineError> {
         let ring = self.ring(by, name)?;
         if !ring.key_type.supports_signing() {
             return Err(CryptoError::OperationNotSupported {
@@ -789,13 +882,27 @@ impl Engine {
         Ok(kv.material.verify(input, &sig, hash)?)
     }
 
-    pub fn hmac(&self, by: &Principal, name: &str, input: &[u8], hash: HashAlgorithm, version: Option<u32>) -> Result<(String, u32), EngineError> {
+    pub fn hmac(
+        &self,
+        by: &Principal,
+        name: &str,
+        input: &[u8],
+        hash: HashAlgorithm,
+        version: Option<u32>,
+    ) -> Result<(String, u32), EngineError> {
         let ring = self.ring(by, name)?;
         let (v, kv) = ring.encryption_version(version)?;
         Ok((keyring::format_vault(v, &kv.material.hmac(input, hash)), v))
     }
 
-    pub fn verify_hmac(&self, by: &Principal, name: &str, input: &[u8], mac: &str, hash: HashAlgorithm) -> Result<bool, EngineError> {
+    pub fn verify_hmac(
+        &self,
+        by: &Principal,
+        name: &str,
+        input: &[u8],
+        mac: &str,
+        hash: HashAlgorithm,
+    ) -> Result<bool, EngineError> {
         let ring = self.ring(by, name)?;
         let (v, mac) = keyring::parse_vault(mac, "hmac")?;
         let kv = ring.decryption_version(v)?;
@@ -818,7 +925,10 @@ fn read_state_file(path: &Path) -> Result<Option<StateFile>, EngineError> {
             ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(EngineError::Internal(format!("reading {}: {e}", path.display()))),
+        Err(e) => Err(EngineError::Internal(format!(
+            "reading {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -826,6 +936,9 @@ fn remove_if_exists(path: &Path) -> Result<(), EngineError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(EngineError::Internal(format!("removing {}: {e}", path.display()))),
+        Err(e) => Err(EngineError::Internal(format!(
+            "removing {}: {e}",
+            path.display()
+        ))),
     }
 }

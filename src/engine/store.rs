@@ -37,7 +37,9 @@ pub enum StoreError {
     },
     #[error("store database error: {0}")]
     Database(#[from] redb::Error),
-    #[error("record {table}/{name} does not open under this master key (tampered, moved or wrong key)")]
+    #[error(
+        "record {table}/{name} does not open under this master key (tampered, moved or wrong key)"
+    )]
     Unseal { table: &'static str, name: String },
     #[error("record {table}/{name} is malformed: {detail}")]
     Malformed {
@@ -179,6 +181,9 @@ impl std::fmt::Debug for UserRecord {
     }
 }
 
+/// A record's name and its opened plaintext (wiped on drop).
+pub type Unsealed = (String, Zeroizing<Vec<u8>>);
+
 pub struct Store {
     db: Database,
     master: MasterKey,
@@ -241,15 +246,23 @@ impl Store {
         name: &str,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        crypto::aes_gcm_open(self.master.0.expose_secret(), sealed, &Self::aad(table, name)).map_err(
-            |_| StoreError::Unseal {
-                table,
-                name: name.to_string(),
-            },
+        crypto::aes_gcm_open(
+            self.master.0.expose_secret(),
+            sealed,
+            &Self::aad(table, name),
         )
+        .map_err(|_| StoreError::Unseal {
+            table,
+            name: name.to_string(),
+        })
     }
 
-    fn put(&self, table: TableDefinition<&str, &[u8]>, name: &str, plaintext: &[u8]) -> Result<(), StoreError> {
+    fn put(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &str,
+        plaintext: &[u8],
+    ) -> Result<(), StoreError> {
         let sealed = self.seal(table.name(), name, plaintext)?;
         let txn = db_err!(self.db.begin_write())?;
         {
@@ -277,7 +290,7 @@ impl Store {
         &self,
         table: TableDefinition<&'static str, &'static [u8]>,
         table_name: &'static str,
-    ) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>, StoreError> {
+    ) -> Result<Vec<Unsealed>, StoreError> {
         let txn = db_err!(self.db.begin_read())?;
         let t = db_err!(txn.open_table(table))?;
         let mut out = Vec::new();
@@ -329,7 +342,7 @@ impl Store {
         self.put(KEYS, name, plaintext)
     }
 
-    pub fn keys(&self) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>, StoreError> {
+    pub fn keys(&self) -> Result<Vec<Unsealed>, StoreError> {
         self.all(KEYS, "keys")
     }
 
@@ -390,7 +403,8 @@ mod tests {
     #[test]
     fn round_trips_a_user() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(&dir.path().join("s.redb"), MasterKey::generate().unwrap()).unwrap();
+        let store =
+            Store::create(&dir.path().join("s.redb"), MasterKey::generate().unwrap()).unwrap();
         store.put_user(&user("alice")).unwrap();
         let got = store.get_user("alice").unwrap().unwrap();
         assert_eq!(got.consecutive_failures, 2);
@@ -400,13 +414,17 @@ mod tests {
     #[test]
     fn a_sealed_value_moved_to_another_record_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(&dir.path().join("s.redb"), MasterKey::generate().unwrap()).unwrap();
+        let store =
+            Store::create(&dir.path().join("s.redb"), MasterKey::generate().unwrap()).unwrap();
         store.put_user(&user("alice")).unwrap();
         store.put_user(&user("bob")).unwrap();
         // An attacker with write access copies alice's sealed record over bob's.
         let alice_sealed = store.raw_get(USERS, "alice");
         store.raw_put(USERS, "bob", &alice_sealed);
-        assert!(matches!(store.get_user("bob"), Err(StoreError::Unseal { .. })));
+        assert!(matches!(
+            store.get_user("bob"),
+            Err(StoreError::Unseal { .. })
+        ));
         // The same bytes still open where they belong.
         assert!(store.get_user("alice").unwrap().is_some());
         // And across tables.
@@ -422,7 +440,10 @@ mod tests {
         store.put_user(&user("alice")).unwrap();
         drop(store);
         let store = Store::open(&path, MasterKey::generate().unwrap()).unwrap();
-        assert!(matches!(store.get_user("alice"), Err(StoreError::Unseal { .. })));
+        assert!(matches!(
+            store.get_user("alice"),
+            Err(StoreError::Unseal { .. })
+        ));
     }
 
     #[test]

@@ -36,7 +36,9 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::NotActive(state) => ApiError::Unavailable(state),
-            EngineError::AlreadyInitialized => ApiError::BadRequest("the engine is already initialized".into()),
+            EngineError::AlreadyInitialized => {
+                ApiError::BadRequest("the engine is already initialized".into())
+            }
             EngineError::InvalidInitToken => ApiError::PermissionDenied,
             EngineError::InvalidCredentials => ApiError::LoginFailed,
             EngineError::PermissionDenied => ApiError::PermissionDenied,
@@ -46,7 +48,9 @@ impl From<EngineError> for ApiError {
             | EngineError::DeletionNotAllowed(_)
             | EngineError::InvalidRequest(_)
             | EngineError::Crypto(_)) => ApiError::BadRequest(e.to_string()),
-            e @ (EngineError::Storage(_) | EngineError::Internal(_)) => ApiError::Internal(e.to_string()),
+            e @ (EngineError::Storage(_) | EngineError::Internal(_)) => {
+                ApiError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -81,7 +85,10 @@ pub fn respond(err: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
     if let ApiError::Internal(detail) = err {
         tracing::error!(request_id, detail = %detail, "internal error");
     }
-    json_response(err.status(), &serde_json::json!({ "errors": err.messages() }))
+    json_response(
+        err.status(),
+        &serde_json::json!({ "errors": err.messages() }),
+    )
 }
 
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -112,7 +119,10 @@ mod tests {
 
     #[test]
     fn internal_detail_never_reaches_the_body() {
-        let resp = respond(&ApiError::Internal("disk /secret/path exploded".into()), "r");
+        let resp = respond(
+            &ApiError::Internal("disk /secret/path exploded".into()),
+            "r",
+        );
         assert_eq!(resp.status(), 500);
         let body = format!("{:?}", resp.body());
         assert!(!body.contains("secret/path"));
@@ -122,6 +132,9 @@ mod tests {
     fn every_login_failure_looks_the_same() {
         let a = ApiError::from(EngineError::InvalidCredentials);
         assert_eq!(a.status(), 401);
-        assert_eq!(a.messages(), vec!["invalid username or password".to_string()]);
+        assert_eq!(
+            a.messages(),
+            vec!["invalid username or password".to_string()]
+        );
     }
 }

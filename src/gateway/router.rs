@@ -46,7 +46,11 @@ pub fn classify(path: &str) -> RouteClass {
     }
 }
 
-pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(
+    state: Arc<AppState>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let request_id = new_request_id();
     let method = req.method().clone();
@@ -58,9 +62,17 @@ pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>
         Ok(r) => r,
         Err(e) => {
             let mut r = rescue::respond(&e, &request_id);
-            if matches!(e, ApiError::PermissionDenied) && !snapshot.netfilter.listener(conn.listener).may_connect(conn.peer) {
+            if matches!(e, ApiError::PermissionDenied)
+                && !snapshot
+                    .netfilter
+                    .listener(conn.listener)
+                    .may_connect(conn.peer)
+            {
                 // The peer lost its network since it connected: end the connection too.
-                r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                r.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
             }
             r
         }
@@ -119,7 +131,9 @@ async fn phases(
         request_id,
     };
     match class {
-        RouteClass::Transit if call.path.starts_with("/v1/transit/") => api::transit::handle(&call).await,
+        RouteClass::Transit if call.path.starts_with("/v1/transit/") => {
+            api::transit::handle(&call).await
+        }
         RouteClass::Transit => api::sys::lookup_self(&call),
         RouteClass::Login | RouteClass::Admin => api::hsm::handle(&call).await,
         RouteClass::Health => api::sys::health(&call),
@@ -127,7 +141,11 @@ async fn phases(
     }
 }
 
-async fn read_body(body: Incoming, headers: &hyper::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(
+    body: Incoming,
+    headers: &hyper::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -137,16 +155,32 @@ async fn read_body(body: Incoming, headers: &hyper::HeaderMap, limit: usize) -> 
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge(limit)),
-        Err(_) => Err(ApiError::BadRequest("failed to read the request body".into())),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::PayloadTooLarge(limit))
+        }
+        Err(_) => Err(ApiError::BadRequest(
+            "failed to read the request body".into(),
+        )),
     }
 }
 
 /// A UUID-shaped random id (Vault's `request_id` format).
 fn new_request_id() -> String {
-    let b = crypto::random_bytes(16).map(|b| b.to_vec()).unwrap_or_else(|_| vec![0; 16]);
+    let b = crypto::random_bytes(16)
+        .map(|b| b.to_vec())
+        .unwrap_or_else(|_| vec![0; 16]);
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]

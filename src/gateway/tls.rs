@@ -55,7 +55,12 @@ pub fn load_or_generate(config: &Config) -> Result<ServerCert, TlsError> {
             let key = dir.join("key.pem");
             let generated = !(cert.exists() && key.exists());
             if generated {
-                generate(&dir, &cert, &key, config.listeners.iter().map(|l| l.address))?;
+                generate(
+                    &dir,
+                    &cert,
+                    &key,
+                    config.listeners.iter().map(|l| l.address),
+                )?;
             }
             (cert, key, generated)
         }
@@ -64,7 +69,9 @@ pub fn load_or_generate(config: &Config) -> Result<ServerCert, TlsError> {
         .map_err(|e| read_err(&cert_path, e))?
         .collect::<Result<_, _>>()
         .map_err(|e| read_err(&cert_path, e))?;
-    let leaf = certs.first().ok_or_else(|| TlsError::NoCertificate(cert_path.clone()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| TlsError::NoCertificate(cert_path.clone()))?;
     let fingerprint = hex::encode(crypto::sha256(leaf.as_ref()))
         .as_bytes()
         .chunks(2)
@@ -117,14 +124,19 @@ fn generate(
             path: dir.to_path_buf(),
             detail: e.to_string(),
         })?;
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     for a in addrs {
         let ip = a.ip();
         if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
             names.push(ip.to_string());
         }
     }
-    let ck = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let ck =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
     let key_pem = zeroize::Zeroizing::new(ck.signing_key.serialize_pem());
     let write = |path: &Path, bytes: &[u8], mode: u32| {
         store::write_atomic(path, bytes, mode).map_err(|e| TlsError::Write {

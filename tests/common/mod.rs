@@ -188,14 +188,24 @@ admin_groups = ["admins"]
 
     pub async fn init(&self) {
         let (status, body) = self
-            .post(&self.client(), "/v1/hsm/init", None, json!({"admin_password": ADMIN_PASSWORD, "init_token": self.init_token()}))
+            .post(
+                &self.client(),
+                "/v1/hsm/init",
+                None,
+                json!({"admin_password": ADMIN_PASSWORD, "init_token": self.init_token()}),
+            )
             .await;
         assert_eq!(status, 200, "init: {body}");
     }
 
     pub async fn login(&self, username: &str, password: &str) -> (u16, Value) {
-        self.post(&self.client(), "/v1/hsm/login", None, json!({"username": username, "password": password}))
-            .await
+        self.post(
+            &self.client(),
+            "/v1/hsm/login",
+            None,
+            json!({"username": username, "password": password}),
+        )
+        .await
     }
 
     pub async fn token(&self, username: &str, password: &str) -> String {
@@ -209,7 +219,12 @@ admin_groups = ["admins"]
         self.init().await;
         let co = self.token("admin", ADMIN_PASSWORD).await;
         let (status, body) = self
-            .post(&self.client(), "/v1/hsm/users", Some(&co), json!({"username": "app", "password": CU_PASSWORD, "role": "crypto-user"}))
+            .post(
+                &self.client(),
+                "/v1/hsm/users",
+                Some(&co),
+                json!({"username": "app", "password": CU_PASSWORD, "role": "crypto-user"}),
+            )
             .await;
         assert_eq!(status, 200, "create user: {body}");
         let app = self.token("app", CU_PASSWORD).await;
@@ -233,7 +248,13 @@ admin_groups = ["admins"]
             .unwrap_or_else(|| panic!("no user {username} in {status}"))
     }
 
-    pub async fn post(&self, client: &reqwest::Client, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+    pub async fn post(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
         let mut req = client.post(self.url(path)).json(&body);
         if let Some(t) = token {
             req = req.header("X-Vault-Token", t);
@@ -241,7 +262,12 @@ admin_groups = ["admins"]
         into_parts(req.send().await.expect("request")).await
     }
 
-    pub async fn get(&self, client: &reqwest::Client, path: &str, token: Option<&str>) -> (u16, Value) {
+    pub async fn get(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        token: Option<&str>,
+    ) -> (u16, Value) {
         let mut req = client.get(self.url(path));
         if let Some(t) = token {
             req = req.header("X-Vault-Token", t);

@@ -1,0 +1,292 @@
+//! One test per attack, named for what it guards against. Each deny has its
+//! allow beside it, so a test cannot pass by refusing everything.
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const UNTRUSTED: &str = "127.0.0.2";
+/// In the test server's `apps` group but not in `admins`.
+const APP_NET: &str = "127.0.0.3";
+
+fn app_and_admin_nets() -> Opts {
+    Opts {
+        apps: vec!["127.0.0.1/32", "127.0.0.3/32"],
+        admins: vec!["127.0.0.1/32"],
+        ..Opts::default()
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Connects from `source`, sends the start of a TLS ClientHello, and returns
+/// every byte the server sent back before closing.
+async fn raw_exchange(source: &str, server: SocketAddr) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(ip(source), 0))?;
+    let mut stream = socket.connect(server).await?;
+    // A TLS record header for a ClientHello, then a truncated body: enough
+    // for a server that speaks TLS to answer or wait.
+    let _ = stream
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x00])
+        .await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+    match read {
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "server kept the connection open",
+        )),
+        Ok(Ok(_)) => Ok(got),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(got),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+#[tokio::test]
+async fn untrusted_source_is_disconnected_before_any_tls_byte() {
+    let s = TestServer::start(Opts::default());
+    let got = raw_exchange(UNTRUSTED, s.addr)
+        .await
+        .expect("the server closes, it does not hang");
+    assert!(
+        got.is_empty(),
+        "the server sent {} bytes to an untrusted peer",
+        got.len()
+    );
+    // A real TLS client from there fails to connect at all.
+    let err = s
+        .client_from(ip(UNTRUSTED))
+        .get(s.url("/v1/sys/health"))
+        .send()
+        .await;
+    assert!(err.is_err(), "untrusted peer got a response");
+    // The allow: a trusted peer completes TLS and gets an answer.
+    let (st, _) = s.get(&s.client(), "/v1/sys/health", None).await;
+    assert_eq!(st, 501);
+}
+
+#[tokio::test]
+async fn untrusted_source_cannot_spend_officer_login_attempts() {
+    let s = TestServer::start(Opts::default());
+    s.init().await;
+    let untrusted = s.client_from(ip(UNTRUSTED));
+    for _ in 0..100 {
+        let r = untrusted
+            .post(s.url("/v1/hsm/login"))
+            .json(&json!({"username": "admin", "password": "guess"}))
+            .send()
+            .await;
+        assert!(r.is_err(), "an untrusted login attempt reached HTTP");
+    }
+    let status = s.status().await;
+    assert_eq!(status["state"], "active");
+    for user in status["users"].as_array().unwrap() {
+        assert_eq!(user["consecutive_failures"], 0, "{status}");
+    }
+    // The allow: the same wrong guess from the trusted network is counted.
+    assert_eq!(s.login("admin", "guess").await.0, 401);
+    assert_eq!(s.failures("admin").await, 1);
+}
+
+#[tokio::test]
+async fn officer_login_from_an_app_network_fails_like_a_wrong_password_and_counts_nothing() {
+    let s = TestServer::start(app_and_admin_nets());
+    let (_co, _app) = s.init_with_app_user().await;
+    let from_app_net = s.client_from(ip(APP_NET));
+    let (st_right, body_right) = s
+        .post(
+            &from_app_net,
+            "/v1/hsm/login",
+            None,
+            json!({"username": "admin", "password": ADMIN_PASSWORD}),
+        )
+        .await;
+    let (st_wrong, body_wrong) = s
+        .post(
+            &from_app_net,
+            "/v1/hsm/login",
+            None,
+            json!({"username": "admin", "password": "wrong password"}),
+        )
+        .await;
+    assert_eq!((st_right, st_wrong), (401, 401));
+    assert_eq!(
+        body_right["errors"], body_wrong["errors"],
+        "the reason must not show"
+    );
+    assert_eq!(s.failures("admin").await, 0, "nothing was counted");
+    // The allow: a crypto user may log in from the app network...
+    let (st, body) = s
+        .post(
+            &from_app_net,
+            "/v1/hsm/login",
+            None,
+            json!({"username": "app", "password": CU_PASSWORD}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // ...and the officer from the admin network.
+    assert_eq!(s.login("admin", ADMIN_PASSWORD).await.0, 200);
+}
+
+#[tokio::test]
+async fn app_network_cannot_reach_admin_routes() {
+    let s = TestServer::start(app_and_admin_nets());
+    let (co, _app) = s.init_with_app_user().await;
+    let from_app_net = s.client_from(ip(APP_NET));
+    let (st, _) = s.get(&from_app_net, "/v1/hsm/status", None).await;
+    assert_eq!(st, 403);
+    // Even with a valid officer token, zeroize is refused off the admin network.
+    let (st, _) = s
+        .post(&from_app_net, "/v1/hsm/zeroize", Some(&co), json!({}))
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = s
+        .post(
+            &from_app_net,
+            "/v1/hsm/users",
+            Some(&co),
+            json!({"username": "eve", "password": "eve-password-1"}),
+        )
+        .await;
+    assert_eq!(st, 403);
+    assert_eq!(s.status().await["state"], "active");
+    // The allow: the same calls from the admin network.
+    let (st, _) = s
+        .post(
+            &s.client(),
+            "/v1/hsm/users",
+            Some(&co),
+            json!({"username": "eve", "password": "eve-password-1"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .post(&s.client(), "/v1/hsm/zeroize", Some(&co), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(s.status().await["state"], "zeroized");
+}
+
+#[tokio::test]
+async fn init_from_an_app_network_is_refused_even_with_the_token() {
+    let s = TestServer::start(app_and_admin_nets());
+    let token = s.init_token();
+    let body = json!({"admin_password": ADMIN_PASSWORD, "init_token": token});
+    let (st, _) = s
+        .post(
+            &s.client_from(ip(APP_NET)),
+            "/v1/hsm/init",
+            None,
+            body.clone(),
+        )
+        .await;
+    assert_eq!(st, 403);
+    assert_eq!(s.status().await["state"], "uninitialized");
+    assert_eq!(s.init_token(), token);
+    let (st, _) = s.post(&s.client(), "/v1/hsm/init", None, body).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn forwarded_for_header_does_not_grant_admin_routes() {
+    let s = TestServer::start(app_and_admin_nets());
+    s.init().await;
+    let from_app_net = s.client_from(ip(APP_NET));
+    for header in ["x-forwarded-for", "x-real-ip", "forwarded"] {
+        let value = if header == "forwarded" {
+            "for=127.0.0.1"
+        } else {
+            "127.0.0.1"
+        };
+        let st = from_app_net
+            .get(s.url("/v1/hsm/status"))
+            .header(header, value)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(st, 403, "{header} was trusted");
+    }
+}
+
+#[tokio::test]
+async fn crypto_officer_token_cannot_use_keys_and_crypto_user_cannot_administer() {
+    let s = TestServer::start(Opts::default());
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, _) = s.post(&c, "/v1/transit/keys/k", Some(&co), json!({})).await;
+    assert_eq!(st, 403, "the officer does not use keys");
+    let (st, _) = s.post(&c, "/v1/hsm/zeroize", Some(&app), json!({})).await;
+    assert_eq!(st, 403, "a crypto user cannot zeroize");
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/users",
+            Some(&app),
+            json!({"username": "x", "password": "password-123"}),
+        )
+        .await;
+    assert_eq!(st, 403);
+    assert_eq!(s.status().await["state"], "active");
+    // The allow.
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn missing_forged_or_revoked_tokens_are_refused() {
+    let s = TestServer::start(Opts::default());
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    for token in [
+        None,
+        Some(""),
+        Some("hsm.forged"),
+        Some(&app[..app.len() - 1]),
+    ] {
+        let (st, _) = s.post(&c, "/v1/transit/keys/k", token, json!({})).await;
+        assert_eq!(st, 403, "token {token:?} accepted");
+    }
+    // Bearer works like X-Vault-Token (the allow).
+    let st = c
+        .post(s.url("/v1/transit/keys/k"))
+        .bearer_auth(&app)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 200);
+    // A password reset revokes the user's sessions.
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/users/app/password",
+            Some(&co),
+            json!({"password": "new-password-99"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s.get(&c, "/v1/transit/keys/k", Some(&app)).await;
+    assert_eq!(st, 403, "old session survived a password reset");
+}
+
+#[tokio::test]
+async fn unknown_users_and_wrong_passwords_look_the_same() {
+    let s = TestServer::start(Opts::default());
+    let (_co, _app) = s.init_with_app_user().await;
+    let (a, body_a) = s.login("nobody", "whatever-password").await;
+    let (b, body_b) = s.login("app", "whatever-password").await;
+    assert_eq!((a, b), (401, 401));
+    assert_eq!(body_a["errors"], body_b["errors"]);
+}
