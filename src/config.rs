@@ -33,6 +33,8 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+pub use crate::engine::Channel;
 use toml::Spanned;
 
 /// A validated configuration snapshot. Built only by [`load`] and
@@ -62,6 +64,11 @@ pub struct EngineConfig {
     pub zeroize_after_failures: u32,
     /// The Nth consecutive failed crypto-user login locks that user.
     pub lock_user_after_failures: u32,
+    /// The login guard: once a crypto officer has this many attempts (or
+    /// fewer) left before zeroization, front-door logins are refused
+    /// unchecked and only break-glass may spend the rest. Always below
+    /// `zeroize_after_failures`; 0 turns the guard off.
+    pub login_guard_reserve: u32,
     /// How long an HSM session token stays valid.
     pub session_ttl: Duration,
 }
@@ -71,6 +78,7 @@ impl Default for EngineConfig {
         EngineConfig {
             zeroize_after_failures: 3,
             lock_user_after_failures: 5,
+            login_guard_reserve: 1,
             session_ttl: Duration::from_secs(3600),
         }
     }
@@ -126,6 +134,9 @@ pub struct ListenerConfig {
     /// also be admitted by `security_groups` (it has to connect first), so
     /// the effective admin networks are the intersection of the two.
     pub admin_groups: Vec<String>,
+    /// Which door this is. Logins through a break-glass listener may spend
+    /// the attempts the login guard keeps back from the front door.
+    pub channel: Channel,
 }
 
 /// A named set of allow rules (AWS-style security group).
@@ -268,6 +279,7 @@ struct RawEngine {
     data_dir: Option<Spanned<String>>,
     zeroize_after_failures: Option<Spanned<i64>>,
     lock_user_after_failures: Option<Spanned<i64>>,
+    login_guard_reserve: Option<Spanned<i64>>,
     session_ttl_seconds: Option<Spanned<i64>>,
 }
 
@@ -295,6 +307,7 @@ struct RawListener {
     security_groups: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     admin_groups: Vec<Spanned<String>>,
+    channel: Option<Spanned<String>>,
 }
 
 /// A policy file that defines groups. Strict at the top level too: a file
@@ -485,6 +498,7 @@ enum FsChecks {
 }
 
 const ZEROIZE_AFTER_FAILURES: RangeInclusive<i64> = 1..=10;
+const LOGIN_GUARD_RESERVE: RangeInclusive<i64> = 0..=9;
 const LOCK_USER_AFTER_FAILURES: RangeInclusive<i64> = 1..=100;
 const SESSION_TTL_SECONDS: RangeInclusive<i64> = 60..=86_400;
 const MAX_BODY_BYTES: RangeInclusive<i64> = 1..=67_108_864;
@@ -528,6 +542,14 @@ fn assemble(
                 LOCK_USER_AFTER_FAILURES,
             )
             .unwrap_or(engine_defaults.lock_user_after_failures),
+            login_guard_reserve: bounded(
+                main,
+                &mut errors,
+                "engine.login_guard_reserve",
+                &e.login_guard_reserve,
+                LOGIN_GUARD_RESERVE,
+            )
+            .unwrap_or(engine_defaults.login_guard_reserve),
             session_ttl: bounded(
                 main,
                 &mut errors,
@@ -538,6 +560,22 @@ fn assemble(
             .map(Duration::from_secs)
             .unwrap_or(engine_defaults.session_ttl),
         };
+        if engine.login_guard_reserve >= engine.zeroize_after_failures {
+            let span = e
+                .login_guard_reserve
+                .as_ref()
+                .or(e.zeroize_after_failures.as_ref())
+                .map(|v| v.span());
+            let message = format!(
+                "engine.login_guard_reserve ({}) must be below engine.zeroize_after_failures ({}): \
+                 otherwise the front door could never log the crypto officer in",
+                engine.login_guard_reserve, engine.zeroize_after_failures
+            );
+            errors.push(match span {
+                Some(span) => main.error_at(span, message),
+                None => main.error(message),
+            });
+        }
         let data_dir = match &e.data_dir {
             None => PathBuf::from("./data"),
             Some(dir) if dir.get_ref().trim().is_empty() => {
@@ -786,11 +824,27 @@ fn listeners(
                 }
             }
         }
+        let channel = match l.channel.as_ref().map(|c| (c.get_ref().as_str(), c.span())) {
+            None | Some(("front-door", _)) => Channel::FrontDoor,
+            Some(("break-glass", _)) => Channel::BreakGlass,
+            Some((other, span)) => {
+                errors.push(main.error_at(
+                    span,
+                    format!(
+                        "listener {}: channel must be \"front-door\" or \"break-glass\", not {}",
+                        quoted(name),
+                        quoted(other)
+                    ),
+                ));
+                Channel::FrontDoor
+            }
+        };
         listeners.push(ListenerConfig {
             name: name.to_string(),
             address,
             security_groups: dedup(security_groups),
             admin_groups: dedup(&l.admin_groups),
+            channel,
         });
     }
     listeners
@@ -1126,6 +1180,7 @@ admin_groups = ["admins"]
             EngineConfig {
                 zeroize_after_failures: 10,
                 lock_user_after_failures: 1,
+                login_guard_reserve: 1,
                 session_ttl: Duration::from_secs(60),
             }
         );
@@ -1205,10 +1260,56 @@ admin_groups = ["admins"]
     }
 
     #[test]
+    fn the_guard_reserve_must_stay_below_the_zeroization_threshold() {
+        let main = format!("[engine]\nzeroize_after_failures = 3\nlogin_guard_reserve = 3\n{MAIN}");
+        assert_one_error(
+            &main,
+            GROUPS,
+            "hsmgate.toml",
+            3,
+            "must be below engine.zeroize_after_failures",
+        );
+        // The default reserve (1) with a threshold of 1 is refused too: the
+        // operator has to turn the guard off explicitly.
+        let main = format!("[engine]\nzeroize_after_failures = 1\n{MAIN}");
+        assert_one_error(&main, GROUPS, "hsmgate.toml", 2, "login_guard_reserve (1)");
+        let main = format!("[engine]\nzeroize_after_failures = 1\nlogin_guard_reserve = 0\n{MAIN}");
+        assert_eq!(load_ok(&main, GROUPS).engine.login_guard_reserve, 0);
+        let main = format!("[engine]\nzeroize_after_failures = 5\nlogin_guard_reserve = 2\n{MAIN}");
+        assert_eq!(load_ok(&main, GROUPS).engine.login_guard_reserve, 2);
+    }
+
+    #[test]
+    fn listener_channel_is_front_door_by_default_and_validated() {
+        let config = load_ok(MAIN, GROUPS);
+        assert!(config
+            .listeners
+            .iter()
+            .all(|l| l.channel == Channel::FrontDoor));
+        let main = MAIN.replace(
+            "admin_groups = [\"admins\"]",
+            "admin_groups = [\"admins\"]\nchannel = \"break-glass\"",
+        );
+        assert_eq!(
+            load_ok(&main, GROUPS).listeners[0].channel,
+            Channel::BreakGlass
+        );
+        let main = MAIN.replace(
+            "admin_groups = [\"admins\"]",
+            "admin_groups = [\"admins\"]\nchannel = \"back-door\"",
+        );
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(found[0].2.contains("channel must be"), "{found:#?}");
+    }
+
+    #[test]
     fn out_of_range_values_are_reported_at_their_lines() {
         for (key, table, bad, good) in [
-            ("zeroize_after_failures", "engine", "0", "1"),
+            ("zeroize_after_failures", "engine", "0", "2"),
             ("zeroize_after_failures", "engine", "11", "10"),
+            ("login_guard_reserve", "engine", "-1", "0"),
+            ("login_guard_reserve", "engine", "10", "2"),
             ("lock_user_after_failures", "engine", "101", "100"),
             ("session_ttl_seconds", "engine", "59", "60"),
             ("session_ttl_seconds", "engine", "86401", "86400"),

@@ -254,6 +254,7 @@ mod tests {
                     address: format!("127.0.0.1:{}", 8200 + i).parse().unwrap(),
                     security_groups: names(connect),
                     admin_groups: names(admin),
+                    channel: crate::engine::Channel::FrontDoor,
                 })
                 .collect(),
             groups: groups

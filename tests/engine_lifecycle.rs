@@ -9,6 +9,10 @@ async fn wrong_admin_login(s: &TestServer) -> u16 {
     s.login("admin", "not the password").await.0
 }
 
+async fn wrong_admin_login_break_glass(s: &TestServer) -> u16 {
+    s.login_break_glass("admin", "not the password").await.0
+}
+
 #[tokio::test]
 async fn three_wrong_officer_passwords_zeroize_the_engine() {
     let s = TestServer::start(Opts::default());
@@ -30,8 +34,10 @@ async fn three_wrong_officer_passwords_zeroize_the_engine() {
     assert!(s.path("master.key").exists());
     assert!(!s.path("init-token").exists(), "init consumes the token");
 
+    // The engine's threat is real: three wrong passwords through the door
+    // that may spend every attempt (break-glass) destroy every key.
     for _ in 0..3 {
-        assert_eq!(wrong_admin_login(&s).await, 401);
+        assert_eq!(wrong_admin_login_break_glass(&s).await, 401);
     }
 
     let status = s.status().await;
@@ -81,16 +87,24 @@ async fn two_wrong_passwords_do_not_zeroize_and_a_success_resets_the_count() {
     assert_eq!(s.failures("admin").await, 2);
     assert_eq!(s.status().await["state"], "active");
 
-    let (st, body) = s.login("admin", ADMIN_PASSWORD).await;
+    // Two is the front door's limit (the guard); break-glass may log in.
+    let (st, body) = s.login_break_glass("admin", ADMIN_PASSWORD).await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(s.failures("admin").await, 0);
 
-    // Two more wrong ones after the reset are still only two.
-    assert_eq!(wrong_admin_login(&s).await, 401);
-    assert_eq!(wrong_admin_login(&s).await, 401);
+    // Two more wrong ones after the reset are still only two, on either door.
+    assert_eq!(wrong_admin_login_break_glass(&s).await, 401);
+    assert_eq!(wrong_admin_login_break_glass(&s).await, 401);
     let status = s.status().await;
     assert_eq!(status["state"], "active");
     assert_eq!(status["users"][0]["attempts_left"], 1);
+
+    // A front-door success before the reserve resets the count as well.
+    let (st, _) = s.login_break_glass("admin", ADMIN_PASSWORD).await;
+    assert_eq!(st, 200);
+    assert_eq!(wrong_admin_login(&s).await, 401);
+    assert_eq!(s.login("admin", ADMIN_PASSWORD).await.0, 200);
+    assert_eq!(s.failures("admin").await, 0);
 }
 
 #[tokio::test]
@@ -126,7 +140,26 @@ async fn concurrent_wrong_logins_are_all_counted_and_zeroize_exactly_once() {
     );
     assert_eq!(s.status().await["state"], "active");
 
+    // The front door stops at the reserve; break-glass may spend the rest.
     let statuses = burst(10).join_all().await;
+    assert!(statuses.iter().all(|s| *s == 423), "{statuses:?}");
+    assert_eq!(s.failures("admin").await, 9, "refusals count nothing");
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let c = s.client();
+        let url = s.break_glass_url("/v1/hsm/login");
+        set.spawn(async move {
+            let body = json!({"username": "admin", "password": "wrong password"});
+            c.post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    let statuses = set.join_all().await;
     assert!(
         statuses.iter().all(|s| *s == 401 || *s == 503),
         "{statuses:?}"
@@ -219,7 +252,8 @@ async fn failure_counters_survive_a_restart() {
     assert_eq!(wrong_admin_login(&s).await, 401);
     s.restart();
     assert_eq!(s.failures("admin").await, 2, "a restart is not a reset");
-    assert_eq!(wrong_admin_login(&s).await, 401);
+    assert_eq!(wrong_admin_login(&s).await, 423, "the guard still knows");
+    assert_eq!(wrong_admin_login_break_glass(&s).await, 401);
     assert_eq!(s.status().await["state"], "zeroized");
 }
 
@@ -286,4 +320,102 @@ async fn an_acknowledged_key_survives_kill_9() {
         .await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["data"]["valid"], true);
+}
+
+#[tokio::test]
+async fn the_login_guard_refuses_the_front_door_at_the_reserve_and_break_glass_resets() {
+    let s = TestServer::start(Opts::default());
+    s.init().await;
+    assert_eq!(wrong_admin_login(&s).await, 401);
+    assert_eq!(wrong_admin_login(&s).await, 401);
+    // At the reserve: refused without looking at the password, even the right one.
+    let (st, body) = s.login("admin", "not the password").await;
+    assert_eq!(st, 423, "{body}");
+    assert!(
+        body["errors"][0].as_str().unwrap().contains("break-glass"),
+        "{body}"
+    );
+    assert_eq!(s.login("admin", ADMIN_PASSWORD).await.0, 423);
+    let status = s.status().await;
+    assert_eq!(status["state"], "active");
+    assert_eq!(
+        status["users"][0]["consecutive_failures"], 2,
+        "refusals count nothing"
+    );
+    // Break-glass may log in; the success resets the count and reopens the front door.
+    let (st, body) = s.login_break_glass("admin", ADMIN_PASSWORD).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(s.failures("admin").await, 0);
+    assert_eq!(s.login("admin", ADMIN_PASSWORD).await.0, 200);
+}
+
+#[tokio::test]
+async fn twenty_concurrent_wrong_front_door_logins_never_get_past_the_reserve() {
+    let s = TestServer::start(Opts::default());
+    s.init().await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let c = s.client();
+        let url = s.url("/v1/hsm/login");
+        set.spawn(async move {
+            let body = json!({"username": "admin", "password": "wrong password"});
+            c.post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    let statuses = set.join_all().await;
+    let refused = statuses.iter().filter(|s| **s == 423).count();
+    let failed = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!((failed, refused), (2, 18), "{statuses:?}");
+    let status = s.status().await;
+    assert_eq!(status["state"], "active");
+    assert_eq!(status["zeroizations"], 0);
+    assert_eq!(status["users"][0]["attempts_left"], 1);
+}
+
+#[tokio::test]
+async fn with_the_guard_off_the_front_door_zeroizes() {
+    let s = TestServer::start(Opts {
+        login_guard_reserve: 0,
+        ..Opts::default()
+    });
+    s.init().await;
+    for _ in 0..3 {
+        assert_eq!(wrong_admin_login(&s).await, 401);
+    }
+    assert_eq!(s.status().await["state"], "zeroized");
+}
+
+#[tokio::test]
+async fn break_glass_serves_no_transit_and_admits_only_its_group() {
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let r = s
+        .client()
+        .post(s.break_glass_url("/v1/transit/keys/k"))
+        .header("X-Vault-Token", &app)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // 127.0.0.3 is in no group of the break-glass listener.
+    let other = s.client_from("127.0.0.3".parse().unwrap());
+    assert!(other
+        .get(s.break_glass_url("/v1/sys/health"))
+        .send()
+        .await
+        .is_err());
+    let r = s
+        .client()
+        .get(s.break_glass_url("/v1/sys/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -290,3 +290,21 @@ async fn unknown_users_and_wrong_passwords_look_the_same() {
     assert_eq!((a, b), (401, 401));
     assert_eq!(body_a["errors"], body_b["errors"]);
 }
+
+#[tokio::test]
+async fn mistyped_officer_passwords_at_the_front_door_never_zeroize() {
+    let s = TestServer::start(Opts::default());
+    s.init().await;
+    let mut statuses = Vec::new();
+    for i in 0..30 {
+        statuses.push(s.login("admin", &format!("typo number {i}")).await.0);
+    }
+    assert_eq!(&statuses[..2], &[401, 401], "two real tries");
+    assert!(statuses[2..].iter().all(|st| *st == 423), "{statuses:?}");
+    let status = s.status().await;
+    assert_eq!(status["state"], "active");
+    assert_eq!(status["zeroizations"], 0);
+    // The deny's twin: the door that may spend the last attempt does zeroize.
+    assert_eq!(s.login_break_glass("admin", "one more typo").await.0, 401);
+    assert_eq!(s.status().await["state"], "zeroized");
+}

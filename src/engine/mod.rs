@@ -72,8 +72,9 @@ impl EngineState {
     }
 }
 
-/// The way a login reached the engine. Only the front door exists in this
-/// slice; the guard that reserves the last attempts for break-glass keys on it.
+/// The way a login reached the engine: the normal listeners, or the
+/// break-glass listener. The login guard keeps the crypto officer's last
+/// attempts for break-glass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
     FrontDoor,
@@ -91,6 +92,12 @@ pub enum EngineError {
     /// One variant for every login failure: the caller must not learn why.
     #[error("invalid username or password")]
     InvalidCredentials,
+    #[error(
+        "login refused by the login guard: the crypto officer has {attempts_left} attempt(s) left \
+         before the HSM zeroizes, and the front door never spends the last {reserve}; log in \
+         through the break-glass listener (a success there resets the count)"
+    )]
+    GuardRefused { attempts_left: u32, reserve: u32 },
     #[error("permission denied")]
     PermissionDenied,
     #[error("key {0:?} not found")]
@@ -159,6 +166,7 @@ pub struct Status {
     pub zeroizations: u64,
     pub zeroize_after_failures: u32,
     pub lock_user_after_failures: u32,
+    pub login_guard_reserve: u32,
     pub users: Vec<UserStatus>,
     pub keys: usize,
 }
@@ -451,12 +459,32 @@ impl Engine {
                 users::burn_equal_time(password);
                 return Err(EngineError::InvalidCredentials);
             }
+            // The login guard: checked and counted in this one critical
+            // section, so concurrent attempts cannot race past the reserve.
+            if record.role == Role::CryptoOfficer && req.channel == Channel::FrontDoor {
+                let left = self
+                    .config
+                    .zeroize_after_failures
+                    .saturating_sub(record.consecutive_failures);
+                let reserve = self.config.login_guard_reserve;
+                if left <= reserve {
+                    drop(inner);
+                    tracing::warn!(
+                        user = req.username,
+                        attempts_left = left,
+                        "login guard refused a front-door crypto-officer login; nothing counted"
+                    );
+                    return Err(EngineError::GuardRefused {
+                        attempts_left: left,
+                        reserve,
+                    });
+                }
+            }
             record.consecutive_failures = record.consecutive_failures.saturating_add(1);
             active.store.put_user(&record)?;
             let attempt = record.consecutive_failures;
             (record, attempt)
         };
-        let _ = req.channel; // the guard (fence issue) decides on it; every call already names it.
 
         let ok = users::verify_password(password, &record.password_hash);
 
@@ -579,6 +607,7 @@ impl Engine {
             zeroizations: inner.zeroizations,
             zeroize_after_failures: self.config.zeroize_after_failures,
             lock_user_after_failures: self.config.lock_user_after_failures,
+            login_guard_reserve: self.config.login_guard_reserve,
             users,
             keys,
         })

@@ -63,6 +63,7 @@ pub async fn serve(
             continue;
         }
         let limits = snapshot.config.limits.clone();
+        let channel = snapshot.config.listeners[index].channel;
         drop(snapshot);
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -70,7 +71,7 @@ pub async fn serve(
         let conn_info = ConnInfo {
             peer,
             listener: index,
-            channel: Channel::FrontDoor,
+            channel,
         };
         let watcher = graceful.watcher();
         tokio::spawn(async move {

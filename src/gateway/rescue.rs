@@ -17,6 +17,9 @@ pub enum ApiError {
     PermissionDenied,
     #[error("invalid username or password")]
     LoginFailed,
+    /// The login guard refused a front-door officer login (423 Locked).
+    #[error("{0}")]
+    GuardRefused(String),
     #[error("no handler for route")]
     NotFound,
     /// Vault answers a missing object with 404 and an empty error list.
@@ -41,6 +44,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::InvalidInitToken => ApiError::PermissionDenied,
             EngineError::InvalidCredentials => ApiError::LoginFailed,
+            e @ EngineError::GuardRefused { .. } => ApiError::GuardRefused(e.to_string()),
             EngineError::PermissionDenied => ApiError::PermissionDenied,
             EngineError::KeyNotFound(_) | EngineError::UserNotFound(_) => ApiError::ObjectNotFound,
             e @ (EngineError::UserExists(_)
@@ -61,10 +65,10 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PermissionDenied => StatusCode::FORBIDDEN,
             ApiError::LoginFailed => StatusCode::UNAUTHORIZED,
+            ApiError::GuardRefused(_) => StatusCode::LOCKED,
             ApiError::NotFound | ApiError::ObjectNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(EngineState::Uninitialized) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -12,7 +12,7 @@ use super::listener::ConnInfo;
 use super::rescue::{self, ApiError};
 use super::{AppState, Snapshot};
 use crate::api::{self, Call};
-use crate::engine::crypto;
+use crate::engine::{crypto, Channel};
 
 /// Which part of the API a path belongs to; each class may demand its own
 /// networks.
@@ -111,6 +111,10 @@ async fn phases(
     }
     if class == RouteClass::Unknown {
         return Err(ApiError::NotFound);
+    }
+    // Break-glass is a door for administrators, not a second app endpoint.
+    if conn.channel == Channel::BreakGlass && class == RouteClass::Transit {
+        return Err(ApiError::PermissionDenied);
     }
     // Admin routes trust the TCP peer alone.
     let is_admin_network = filter.is_admin(conn.peer);

@@ -21,6 +21,8 @@ pub struct Opts {
     pub admins: Vec<&'static str>,
     pub zeroize_after_failures: u32,
     pub lock_user_after_failures: u32,
+    /// The login guard's reserve (0 turns it off).
+    pub login_guard_reserve: u32,
     pub max_body_bytes: usize,
 }
 
@@ -31,6 +33,7 @@ impl Default for Opts {
             admins: vec!["127.0.0.1/32", "::1/128"],
             zeroize_after_failures: 3,
             lock_user_after_failures: 5,
+            login_guard_reserve: 1,
             max_body_bytes: 1024 * 1024,
         }
     }
@@ -40,7 +43,10 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
+    /// The front-door API listener.
     pub addr: SocketAddr,
+    /// The break-glass listener (group `break-glass`: 127.0.0.1 only).
+    pub break_glass_addr: SocketAddr,
     child: Option<Child>,
 }
 
@@ -59,9 +65,10 @@ impl TestServer {
         std::fs::write(
             policies.join("security-groups.toml"),
             format!(
-                "[group.apps]\ndescription = \"apps\"\nrules = [\n{}]\n\n[group.admins]\ndescription = \"admins\"\nrules = [\n{}]\n",
+                "[group.apps]\ndescription = \"apps\"\nrules = [\n{}]\n\n[group.admins]\ndescription = \"admins\"\nrules = [\n{}]\n\n[group.break-glass]\nrules = [\n{}]\n",
                 rules(&opts.apps),
-                rules(&opts.admins)
+                rules(&opts.admins),
+                rules(&["127.0.0.1/32"])
             ),
         )
         .unwrap();
@@ -74,6 +81,7 @@ impl TestServer {
 data_dir = "{data}"
 zeroize_after_failures = {z}
 lock_user_after_failures = {l}
+login_guard_reserve = {g}
 session_ttl_seconds = 3600
 [limits]
 max_body_bytes = {b}
@@ -82,10 +90,17 @@ name = "api"
 address = "127.0.0.1:0"
 security_groups = ["apps", "admins"]
 admin_groups = ["admins"]
+[[listener]]
+name = "break-glass"
+address = "127.0.0.1:0"
+security_groups = ["break-glass"]
+admin_groups = ["break-glass"]
+channel = "break-glass"
 "#,
                 data = data_dir.display(),
                 z = opts.zeroize_after_failures,
                 l = opts.lock_user_after_failures,
+                g = opts.login_guard_reserve,
                 b = opts.max_body_bytes,
             ),
         )
@@ -95,6 +110,7 @@ admin_groups = ["admins"]
             data_dir,
             config_path,
             addr: "127.0.0.1:0".parse().unwrap(),
+            break_glass_addr: "127.0.0.1:0".parse().unwrap(),
             child: None,
         };
         server.spawn();
@@ -119,15 +135,23 @@ admin_groups = ["admins"]
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("hsmgate: listening api https://") {
-                    let _ = tx.send(rest.to_string());
+                if let Some(rest) = line.strip_prefix("hsmgate: listening ") {
+                    if let Some((name, url)) = rest.split_once(" https://") {
+                        let _ = tx.send((name.to_string(), url.to_string()));
+                    }
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("server did not start; log:\n{}", self.log()));
-        self.addr = addr.parse().unwrap();
+        for _ in 0..2 {
+            let (name, addr) = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("server did not start; log:\n{}", self.log()));
+            match name.as_str() {
+                "api" => self.addr = addr.parse().unwrap(),
+                "break-glass" => self.break_glass_addr = addr.parse().unwrap(),
+                other => panic!("unexpected listener {other}"),
+            }
+        }
         self.child = Some(child);
     }
 
@@ -160,6 +184,22 @@ admin_groups = ["admins"]
 
     pub fn url(&self, path: &str) -> String {
         format!("https://{}{}", self.addr, path)
+    }
+
+    pub fn break_glass_url(&self, path: &str) -> String {
+        format!("https://{}{}", self.break_glass_addr, path)
+    }
+
+    /// Logs in through the break-glass listener.
+    pub async fn login_break_glass(&self, username: &str, password: &str) -> (u16, Value) {
+        let resp = self
+            .client()
+            .post(self.break_glass_url("/v1/hsm/login"))
+            .json(&json!({"username": username, "password": password}))
+            .send()
+            .await
+            .expect("request");
+        into_parts(resp).await
     }
 
     fn cert(&self) -> reqwest::Certificate {
