@@ -75,9 +75,12 @@ impl Call<'_> {
             .map_err(|e| ApiError::BadRequest(format!("failed to parse JSON input: {e}")))
     }
 
+    /// A boolean query flag read as Vault reads it (Go's `strconv.ParseBool`):
+    /// `1 t T TRUE true True` are true; anything else, or absence, is false.
+    /// (hvac sends Python's `True` for `list=True`.)
     pub fn query_flag(&self, name: &str) -> bool {
         self.query_param(name)
-            .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+            .is_some_and(|v| matches!(v, "1" | "t" | "T" | "TRUE" | "true" | "True"))
     }
 
     pub fn query_param(&self, name: &str) -> Option<&str> {

@@ -428,7 +428,14 @@ fn verify(
             call.engine().verify(&by, name, &input, sig, hash)?
         }
         (None, Some(mac)) => {
-            let hash = hash_param(&body, "algorithm", path_alg).map_err(bad)?;
+            // As Vault's HMAC verify: the path, then hash_algorithm, then
+            // the deprecated algorithm.
+            let hash = if body.get("hash_algorithm").is_some() {
+                hash_param(&body, "hash_algorithm", path_alg)
+            } else {
+                hash_param(&body, "algorithm", path_alg)
+            }
+            .map_err(bad)?;
             call.engine().verify_hmac(&by, name, &input, mac, hash)?
         }
         (Some(_), Some(_)) => return Err(bad("provide either signature or hmac, not both".into())),
