@@ -1141,14 +1141,22 @@ admin_groups = ["admins"]
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.tls, TlsConfig::default());
         assert_eq!(config.data_dir, PathBuf::from("./data"));
-        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(config.listeners.len(), 2);
         let api = &config.listeners[0];
         assert_eq!(api.name, "api");
         assert_eq!(api.address, "127.0.0.1:8200".parse().unwrap());
         assert!(api.address.ip().is_loopback());
         assert_eq!(api.security_groups, ["apps", "admins"]);
         assert_eq!(api.admin_groups, ["admins"]);
-        assert_eq!(config.groups.keys().collect::<Vec<_>>(), ["admins", "apps"]);
+        assert_eq!(api.channel, Channel::FrontDoor);
+        let bg = &config.listeners[1];
+        assert_eq!(bg.address, "127.0.0.1:8210".parse().unwrap());
+        assert_eq!(bg.channel, Channel::BreakGlass);
+        assert_eq!(bg.security_groups, ["break-glass"]);
+        assert_eq!(
+            config.groups.keys().collect::<Vec<_>>(),
+            ["admins", "apps", "break-glass"]
+        );
         for group in config.groups.values() {
             let sources: Vec<String> = group.rules.iter().map(|r| r.source.to_string()).collect();
             assert_eq!(sources, ["127.0.0.1/32", "::1/128"], "group {}", group.name);
