@@ -77,7 +77,10 @@ fn main() {
         let mut hits = 0usize;
         for _ in 0..3 {
             let t = Instant::now();
-            hits = ips.iter().filter(|ip| set.contains(black_box(**ip))).count();
+            hits = ips
+                .iter()
+                .filter(|ip| set.contains(black_box(**ip)))
+                .count();
             best_set = best_set.min(t.elapsed().as_nanos() as f64 / LOOKUPS as f64);
             let t = Instant::now();
             let allowed = ips
