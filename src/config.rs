@@ -54,6 +54,13 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Every group defined in any policy file, by name.
     pub groups: BTreeMap<String, SecurityGroup>,
+    /// Every prefix list defined in any policy file, by name.
+    pub prefix_lists: BTreeMap<String, PrefixList>,
+    /// Every deny list defined in any policy file, by name.
+    pub deny_lists: BTreeMap<String, DenyList>,
+    /// Deny lists checked on every listener (top-level `deny_lists`), before
+    /// each listener's own.
+    pub global_deny_lists: Vec<String>,
 }
 
 /// Login-failure thresholds and session lifetime for the engine.
@@ -137,6 +144,14 @@ pub struct ListenerConfig {
     /// Which door this is. Logins through a break-glass listener may spend
     /// the attempts the login guard keeps back from the front door.
     pub channel: Channel,
+    /// Per-route-class narrowing (`None`: every peer the listener admits).
+    /// The admin class is `admin_groups` above.
+    pub transit_groups: Option<Vec<String>>,
+    pub login_groups: Option<Vec<String>>,
+    pub health_groups: Option<Vec<String>>,
+    /// Deny lists checked on this listener, after the global ones and before
+    /// any allow rule: a listed peer is refused whatever the groups say.
+    pub deny_lists: Vec<String>,
 }
 
 /// A named set of allow rules (AWS-style security group).
@@ -148,14 +163,93 @@ pub struct SecurityGroup {
     pub rules: Vec<Rule>,
 }
 
-/// One allow rule: a source network.
+/// One rule of a security group (allow) or a deny list (deny): a source,
+/// optionally limited to listeners bound to some ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    pub source: RuleSource,
+    /// AWS-style: the rule applies only on listeners whose bound port is in
+    /// this range. `None`: every listener the group is attached to.
+    pub ports: Option<PortRange>,
+    /// Why this network is allowed (or denied); for the reader and the audit trail.
+    pub description: String,
+}
+
+/// What a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleSource {
     /// A network without host bits. Never an IPv4-mapped IPv6 network: peers
     /// of that form are matched as IPv4, so rules are written as IPv4.
-    pub source: IpNet,
-    /// Why this network is allowed; for the reader and the audit trail.
+    Net(IpNet),
+    /// Every network of the named prefix list (validated to exist).
+    PrefixList(String),
+}
+
+/// The network itself, or `prefix_list:<name>`.
+impl fmt::Display for RuleSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuleSource::Net(net) => write!(f, "{net}"),
+            RuleSource::PrefixList(name) => write!(f, "prefix_list:{name}"),
+        }
+    }
+}
+
+/// An inclusive range of TCP ports, `first <= last`, both non-zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// A named, reusable set of networks: written inline (`cidrs`) or kept in a
+/// plain-text file of one CIDR per line (`file`), for imported lists of
+/// millions of entries.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrefixList {
+    pub name: String,
     pub description: String,
+    /// The text file it was read from, if any (for messages).
+    pub file: Option<PathBuf>,
+    /// Validated networks (no host bits, no mapped form). Shared: a list of a
+    /// million entries is not copied when the config is.
+    pub nets: std::sync::Arc<[IpNet]>,
+}
+
+/// Counts only: a list can hold millions of networks.
+impl fmt::Debug for PrefixList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrefixList")
+            .field("name", &self.name)
+            .field("file", &self.file)
+            .field("nets", &self.nets.len())
+            .finish()
+    }
+}
+
+/// A named list of deny rules (like a network ACL), checked before any
+/// allow rule: a peer it covers is refused even inside an allowed network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyList {
+    pub name: String,
+    pub description: String,
+    pub rules: Vec<Rule>,
 }
 
 /// Every problem found in a config tree; `Display` prints one per line.
@@ -271,6 +365,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    deny_lists: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -308,16 +404,29 @@ struct RawListener {
     #[serde(default)]
     admin_groups: Vec<Spanned<String>>,
     channel: Option<Spanned<String>>,
+    transit_groups: Option<Vec<Spanned<String>>>,
+    login_groups: Option<Vec<Spanned<String>>>,
+    health_groups: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    deny_lists: Vec<Spanned<String>>,
 }
 
-/// A policy file that defines groups. Strict at the top level too: a file
-/// with `[group.*]` tables holds security groups and nothing else, so a
+/// A policy file that defines groups, prefix lists or deny lists. Strict at
+/// the top level too: such a file holds these and nothing else, so a
 /// misspelled section there is an error rather than silently ignored.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicyFile {
+    #[serde(default)]
     group: BTreeMap<Spanned<String>, RawGroup>,
+    #[serde(default)]
+    prefix_list: BTreeMap<Spanned<String>, RawPrefixList>,
+    #[serde(default)]
+    deny_list: BTreeMap<Spanned<String>, RawGroup>,
 }
+
+/// The top-level tables that make a `policies/*.toml` file ours.
+const FENCE_TABLES: [&str; 3] = ["group", "prefix_list", "deny_list"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -325,15 +434,26 @@ struct RawGroup {
     #[serde(default)]
     description: String,
     #[serde(default)]
-    rules: Vec<RawRule>,
+    rules: Vec<Spanned<RawRule>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
-    source: Spanned<String>,
+    source: Option<Spanned<String>>,
+    prefix_list: Option<Spanned<String>>,
+    ports: Option<Spanned<toml::Value>>,
     #[serde(default)]
     description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrefixList {
+    #[serde(default)]
+    description: String,
+    cidrs: Option<Vec<Spanned<String>>>,
+    file: Option<Spanned<String>>,
 }
 
 /// One file's text, so spans can become line:column.
@@ -516,7 +636,7 @@ fn assemble(
     fs_checks: FsChecks,
     mut errors: Vec<ConfigError>,
 ) -> Result<Config, ConfigErrors> {
-    let (groups, parsed_all) = security_groups(policies, &mut errors);
+    let (fence, parsed_all) = security_groups(policies, &mut errors);
     // Whether a group missing from `groups` is really undefined, rather than
     // in a file that could not be read or parsed.
     let groups_complete = policies_complete && parsed_all;
@@ -624,7 +744,15 @@ fn assemble(
         };
 
         let tls = tls(main, &raw.tls, fs_checks, &mut errors);
-        let listeners = listeners(main, &raw.listener, &groups, groups_complete, &mut errors);
+        let listeners = listeners(main, &raw.listener, &fence, groups_complete, &mut errors);
+        let global_deny_lists = deny_list_refs(
+            main,
+            "deny_lists",
+            &raw.deny_lists,
+            &fence,
+            groups_complete,
+            &mut errors,
+        );
         Config {
             source_path: main.path.to_path_buf(),
             data_dir,
@@ -633,14 +761,28 @@ fn assemble(
             limits,
             listeners,
             groups: BTreeMap::new(),
+            prefix_lists: BTreeMap::new(),
+            deny_lists: BTreeMap::new(),
+            global_deny_lists,
         }
     });
 
     if errors.is_empty() {
         if let Some(mut config) = config {
-            config.groups = groups
+            config.groups = fence
+                .groups
                 .into_iter()
                 .map(|(name, defined)| (name, defined.group))
+                .collect();
+            config.prefix_lists = fence
+                .prefix_lists
+                .into_iter()
+                .map(|(name, (list, _, _))| (name, list))
+                .collect();
+            config.deny_lists = fence
+                .deny_lists
+                .into_iter()
+                .map(|(name, (list, _, _))| (name, list))
                 .collect();
             return Ok(config);
         }
@@ -729,7 +871,7 @@ fn tls(
 fn listeners(
     main: &Source<'_>,
     raw: &[Spanned<RawListener>],
-    groups: &BTreeMap<String, DefinedGroup>,
+    fence: &Fence,
     groups_complete: bool,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<ListenerConfig> {
@@ -804,9 +946,13 @@ fn listeners(
                 ),
             ));
         }
+        let groups = &fence.groups;
         for (key, refs) in [
             ("security_groups", security_groups),
             ("admin_groups", &l.admin_groups[..]),
+            ("transit_groups", class_refs(&l.transit_groups)),
+            ("login_groups", class_refs(&l.login_groups)),
+            ("health_groups", class_refs(&l.health_groups)),
         ] {
             for group in refs {
                 // After a policy file failed to parse, its groups are unknown:
@@ -839,15 +985,55 @@ fn listeners(
                 Channel::FrontDoor
             }
         };
+        let deny_lists = deny_list_refs(
+            main,
+            &format!("listener {}: deny_lists", quoted(name)),
+            &l.deny_lists,
+            fence,
+            groups_complete,
+            errors,
+        );
         listeners.push(ListenerConfig {
             name: name.to_string(),
             address,
             security_groups: dedup(security_groups),
             admin_groups: dedup(&l.admin_groups),
             channel,
+            transit_groups: l.transit_groups.as_deref().map(dedup),
+            login_groups: l.login_groups.as_deref().map(dedup),
+            health_groups: l.health_groups.as_deref().map(dedup),
+            deny_lists,
         });
     }
     listeners
+}
+
+fn class_refs(groups: &Option<Vec<Spanned<String>>>) -> &[Spanned<String>] {
+    groups.as_deref().unwrap_or(&[])
+}
+
+/// Checks that every name refers to a defined deny list; returns the names
+/// in order, repeats dropped.
+fn deny_list_refs(
+    main: &Source<'_>,
+    key: &str,
+    refs: &[Spanned<String>],
+    fence: &Fence,
+    complete: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<String> {
+    for name in refs {
+        if complete && !fence.deny_lists.contains_key(name.get_ref()) {
+            errors.push(main.error_at(
+                name.span(),
+                format!(
+                    "{key} names deny list {}, which no policy file defines",
+                    quoted(name.get_ref())
+                ),
+            ));
+        }
+    }
+    dedup(refs)
 }
 
 /// Group names in file order, repeats dropped (a repeat adds nothing).
@@ -880,48 +1066,71 @@ struct DefinedGroup {
     line: usize,
 }
 
-/// Reads the groups of every policy file. The flag says whether every file
-/// parsed, i.e. whether a missing group is really missing.
-fn security_groups(
-    policies: &[(PathBuf, String)],
-    errors: &mut Vec<ConfigError>,
-) -> (BTreeMap<String, DefinedGroup>, bool) {
-    let mut groups: BTreeMap<String, DefinedGroup> = BTreeMap::new();
+/// Everything the policy files define for the fence.
+#[derive(Default)]
+struct Fence {
+    groups: BTreeMap<String, DefinedGroup>,
+    prefix_lists: BTreeMap<String, (PrefixList, PathBuf, usize)>,
+    deny_lists: BTreeMap<String, (DenyList, PathBuf, usize)>,
+}
+
+/// Reads the groups, prefix lists and deny lists of every policy file. The
+/// flag says whether every file parsed, i.e. whether a missing name is really
+/// missing.
+fn security_groups(policies: &[(PathBuf, String)], errors: &mut Vec<ConfigError>) -> (Fence, bool) {
+    let mut fence = Fence::default();
     let mut complete = true;
+    let mut files = Vec::new();
     for (path, text) in policies {
         let source = Source { path, text };
-        // First as plain TOML: a file without groups belongs to another part
-        // of hsmgate, but broken TOML anywhere in policies/ is still an error.
+        // First as plain TOML: a file without our tables belongs to another
+        // part of hsmgate, but broken TOML anywhere in policies/ is still an error.
         let Some(table) = parse::<toml::Table>(&source, errors) else {
             complete = false;
             continue;
         };
-        if !table.contains_key("group") {
+        if !FENCE_TABLES.iter().any(|t| table.contains_key(*t)) {
             continue;
         }
         let Some(file) = parse::<RawPolicyFile>(&source, errors) else {
             complete = false;
             continue;
         };
+        files.push((source, file));
+    }
+    // Prefix lists first: rules in any file may name them.
+    for (source, file) in &mut files {
+        for (name, raw) in std::mem::take(&mut file.prefix_list) {
+            let line = source.line_of(name.span());
+            if let Err(problem) = check_name(name.get_ref()) {
+                errors.push(source.error_at(name.span(), format!("prefix list name {problem}")));
+            }
+            let list = prefix_list(source, &name, raw, errors);
+            if let Some((_, first, first_line)) = fence.prefix_lists.get(name.get_ref()) {
+                errors.push(source.error_at(
+                    name.span(),
+                    format!(
+                        "prefix list {} is already defined at {}:{first_line}",
+                        quoted(name.get_ref()),
+                        first.display()
+                    ),
+                ));
+                continue;
+            }
+            fence
+                .prefix_lists
+                .insert(name.into_inner(), (list, source.path.to_path_buf(), line));
+        }
+    }
+    for (source, file) in files {
         for (name, raw) in file.group {
             let line = source.line_of(name.span());
             if let Err(problem) = check_name(name.get_ref()) {
                 errors.push(source.error_at(name.span(), format!("group name {problem}")));
             }
-            let mut rules = Vec::with_capacity(raw.rules.len());
-            for rule in raw.rules {
-                match parse_source(rule.source.get_ref()) {
-                    Ok(source_net) => rules.push(Rule {
-                        source: source_net,
-                        description: rule.description,
-                    }),
-                    Err(problem) => errors.push(source.error_at(
-                        rule.source.span(),
-                        format!("group {}: {problem}", quoted(name.get_ref())),
-                    )),
-                }
-            }
-            if let Some(first) = groups.get(name.get_ref()) {
+            let what = format!("group {}", quoted(name.get_ref()));
+            let rules = rules(&source, &what, raw.rules, &fence, complete, errors);
+            if let Some(first) = fence.groups.get(name.get_ref()) {
                 errors.push(source.error_at(
                     name.span(),
                     format!(
@@ -934,7 +1143,7 @@ fn security_groups(
                 continue;
             }
             let name = name.into_inner();
-            groups.insert(
+            fence.groups.insert(
                 name.clone(),
                 DefinedGroup {
                     group: SecurityGroup {
@@ -942,13 +1151,245 @@ fn security_groups(
                         description: raw.description,
                         rules,
                     },
-                    file: path.clone(),
+                    file: source.path.to_path_buf(),
                     line,
                 },
             );
         }
+        for (name, raw) in file.deny_list {
+            let line = source.line_of(name.span());
+            if let Err(problem) = check_name(name.get_ref()) {
+                errors.push(source.error_at(name.span(), format!("deny list name {problem}")));
+            }
+            let what = format!("deny list {}", quoted(name.get_ref()));
+            let rules = rules(&source, &what, raw.rules, &fence, complete, errors);
+            if let Some((_, first, first_line)) = fence.deny_lists.get(name.get_ref()) {
+                errors.push(source.error_at(
+                    name.span(),
+                    format!(
+                        "deny list {} is already defined at {}:{first_line}",
+                        quoted(name.get_ref()),
+                        first.display()
+                    ),
+                ));
+                continue;
+            }
+            let name = name.into_inner();
+            let list = DenyList {
+                name: name.clone(),
+                description: raw.description,
+                rules,
+            };
+            fence
+                .deny_lists
+                .insert(name, (list, source.path.to_path_buf(), line));
+        }
     }
-    (groups, complete)
+    (fence, complete)
+}
+
+/// Validates the rules of one group or deny list.
+fn rules(
+    source: &Source<'_>,
+    what: &str,
+    raw: Vec<Spanned<RawRule>>,
+    fence: &Fence,
+    complete: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Rule> {
+    let mut rules = Vec::with_capacity(raw.len());
+    for spanned in raw {
+        let span = spanned.span();
+        let rule = spanned.into_inner();
+        let ports = match &rule.ports {
+            None => Ok(None),
+            Some(ports) => parse_ports(ports.get_ref()).map(Some).map_err(|problem| {
+                errors.push(source.error_at(ports.span(), format!("{what}: {problem}")))
+            }),
+        };
+        let target = match (&rule.source, &rule.prefix_list) {
+            (Some(net), None) => {
+                parse_source(net.get_ref())
+                    .map(RuleSource::Net)
+                    .map_err(|problem| {
+                        errors.push(source.error_at(net.span(), format!("{what}: {problem}")))
+                    })
+            }
+            (None, Some(list)) => {
+                // After a policy file failed to parse, its lists are unknown.
+                if complete && !fence.prefix_lists.contains_key(list.get_ref()) {
+                    errors.push(source.error_at(
+                        list.span(),
+                        format!(
+                            "{what}: prefix_list names {}, which no policy file defines",
+                            quoted(list.get_ref())
+                        ),
+                    ));
+                    Err(())
+                } else {
+                    Ok(RuleSource::PrefixList(list.get_ref().clone()))
+                }
+            }
+            _ => {
+                errors.push(source.error_at(
+                    span,
+                    format!("{what}: a rule needs exactly one of `source` or `prefix_list`"),
+                ));
+                Err(())
+            }
+        };
+        if let (Ok(ports), Ok(target)) = (ports, target) {
+            rules.push(Rule {
+                source: target,
+                ports,
+                description: rule.description,
+            });
+        }
+    }
+    rules
+}
+
+/// `ports = 8200` or `ports = "8200-8210"`.
+fn parse_ports(value: &toml::Value) -> Result<PortRange, String> {
+    const HINT: &str = "ports must be a port (8200) or an inclusive range (\"8200-8210\") \
+                        of ports from 1 to 65535";
+    let port = |n: i64| u16::try_from(n).ok().filter(|p| *p != 0);
+    let text_port = |t: &str| {
+        t.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|_| t.trim().bytes().all(|b| b.is_ascii_digit()))
+            .and_then(port)
+    };
+    let range = match value {
+        toml::Value::Integer(n) => port(*n).map(|p| (p, p)),
+        toml::Value::String(t) => match t.split_once('-') {
+            Some((a, b)) => text_port(a).zip(text_port(b)),
+            None => text_port(t).map(|p| (p, p)),
+        },
+        _ => None,
+    };
+    match range {
+        Some((first, last)) if first <= last => Ok(PortRange { first, last }),
+        Some((first, last)) => Err(format!(
+            "ports range {first}-{last} is empty: write the lower port first"
+        )),
+        None => Err(HINT.to_string()),
+    }
+}
+
+/// Most errors reported for one prefix-list file: a file of a million bad
+/// lines must not become a million lines of errors.
+const MAX_ERRORS_PER_LIST_FILE: usize = 20;
+
+fn prefix_list(
+    source: &Source<'_>,
+    name: &Spanned<String>,
+    raw: RawPrefixList,
+    errors: &mut Vec<ConfigError>,
+) -> PrefixList {
+    let what = format!("prefix list {}", quoted(name.get_ref()));
+    let mut nets = Vec::new();
+    let mut file = None;
+    match (raw.cidrs, raw.file) {
+        (Some(cidrs), None) => {
+            nets.reserve(cidrs.len());
+            for cidr in cidrs {
+                match parse_source(cidr.get_ref()) {
+                    Ok(net) => nets.push(net),
+                    Err(problem) => {
+                        errors.push(source.error_at(cidr.span(), format!("{what}: {problem}")))
+                    }
+                }
+            }
+        }
+        (None, Some(path)) => {
+            if path.get_ref().trim().is_empty() {
+                errors
+                    .push(source.error_at(path.span(), format!("{what}: file must not be empty")));
+            } else {
+                // Relative to the policy file's directory: the policies dir.
+                let resolved = base_dir(source.path).join(path.get_ref());
+                match fs::read(&resolved) {
+                    Ok(bytes) => nets = read_prefix_file(&resolved, &bytes, errors),
+                    Err(e) => errors.push(source.error_at(
+                        path.span(),
+                        format!("{what}: file {} cannot be read: {e}", resolved.display()),
+                    )),
+                }
+                file = Some(resolved);
+            }
+        }
+        _ => errors.push(source.error_at(
+            name.span(),
+            format!("{what} needs exactly one of `cidrs` (inline) or `file` (one CIDR per line)"),
+        )),
+    }
+    PrefixList {
+        name: name.get_ref().clone(),
+        description: raw.description,
+        file,
+        nets: nets.into(),
+    }
+}
+
+/// Parses a prefix-list text file: one CIDR (or address) per line, `#`
+/// starts a comment, blank lines are skipped. Errors name the file and line
+/// and at most a short excerpt of the value, never the line itself.
+pub fn read_prefix_file(path: &Path, bytes: &[u8], errors: &mut Vec<ConfigError>) -> Vec<IpNet> {
+    // A rough guess (~16 bytes a line) saves most re-allocations on big files.
+    let mut nets = Vec::with_capacity(bytes.len() / 16);
+    let mut bad = 0usize;
+    let mut report = |line: usize, message: String, errors: &mut Vec<ConfigError>| {
+        bad += 1;
+        if bad <= MAX_ERRORS_PER_LIST_FILE {
+            errors.push(ConfigError {
+                file: path.to_path_buf(),
+                line: Some(line),
+                column: None,
+                message,
+            });
+        }
+    };
+    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = index + 1;
+        let content = match raw.iter().position(|&b| b == b'#') {
+            Some(i) => &raw[..i],
+            None => raw,
+        };
+        let content = content.trim_ascii();
+        if content.is_empty() {
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(content) else {
+            report(line, "not UTF-8 text: expected one CIDR".into(), errors);
+            continue;
+        };
+        if text.split_ascii_whitespace().nth(1).is_some() {
+            report(
+                line,
+                "expected one CIDR per line (put notes after `#`)".into(),
+                errors,
+            );
+            continue;
+        }
+        match parse_source(text) {
+            Ok(net) => nets.push(net),
+            Err(problem) => report(line, problem, errors),
+        }
+    }
+    if bad > MAX_ERRORS_PER_LIST_FILE {
+        errors.push(ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: format!(
+                "{} more invalid lines not shown ({bad} in all)",
+                bad - MAX_ERRORS_PER_LIST_FILE
+            ),
+        });
+    }
+    nets
 }
 
 /// Parses a rule's `source`: a CIDR, or a bare address meaning one host.
@@ -1141,7 +1582,7 @@ admin_groups = ["admins"]
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.tls, TlsConfig::default());
         assert_eq!(config.data_dir, PathBuf::from("./data"));
-        assert_eq!(config.listeners.len(), 2);
+        assert_eq!(config.listeners.len(), 2, "api and break-glass");
         let api = &config.listeners[0];
         assert_eq!(api.name, "api");
         assert_eq!(api.address, "127.0.0.1:8200".parse().unwrap());
@@ -1160,7 +1601,10 @@ admin_groups = ["admins"]
         for group in config.groups.values() {
             let sources: Vec<String> = group.rules.iter().map(|r| r.source.to_string()).collect();
             assert_eq!(sources, ["127.0.0.1/32", "::1/128"], "group {}", group.name);
-            assert!(group.rules.iter().all(|r| r.source.addr().is_loopback()));
+            assert!(group
+                .rules
+                .iter()
+                .all(|r| matches!(r.source, RuleSource::Net(n) if n.addr().is_loopback())));
         }
     }
 

@@ -24,13 +24,17 @@
 //! which does not go through validation, converts them to the IPv4 network
 //! they denote, so both spellings mean the same thing everywhere.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prefix_trie::PrefixSet;
 
-use crate::config::Config;
+use crate::config::{Config, PortRange, Rule, RuleSource};
 
 /// The IPv4 address for an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`);
 /// every other address unchanged.
@@ -69,7 +73,8 @@ impl CidrSet {
         set
     }
 
-    fn insert(&mut self, net: IpNet) {
+    /// Adds one network (host bits ignored, mapped form folded to IPv4).
+    pub fn insert(&mut self, net: IpNet) {
         match canonical_net(net) {
             IpNet::V4(net) => self.v4.insert(net),
             IpNet::V6(net) => self.v6.insert(net),
@@ -135,38 +140,255 @@ fn canonical_net(net: IpNet) -> IpNet {
     net.trunc()
 }
 
+/// Why a peer was refused. Also the `reason` label of the deny counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DenyReason {
+    /// A deny list (global or the listener's) covers the peer.
+    DenyList,
+    /// No rule of the listener's security groups covers the peer.
+    NotInGroups,
+    /// Admitted by the listener, but not by the route class's groups.
+    NotInTransitGroups,
+    NotInLoginGroups,
+    NotInAdminGroups,
+    NotInHealthGroups,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 6] = [
+        DenyReason::DenyList,
+        DenyReason::NotInGroups,
+        DenyReason::NotInTransitGroups,
+        DenyReason::NotInLoginGroups,
+        DenyReason::NotInAdminGroups,
+        DenyReason::NotInHealthGroups,
+    ];
+
+    /// Stable, metric-label friendly.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::DenyList => "deny-list",
+            DenyReason::NotInGroups => "not-in-groups",
+            DenyReason::NotInTransitGroups => "not-in-transit-groups",
+            DenyReason::NotInLoginGroups => "not-in-login-groups",
+            DenyReason::NotInAdminGroups => "not-in-admin-groups",
+            DenyReason::NotInHealthGroups => "not-in-health-groups",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The route classes that may demand their own networks. The gateway maps
+/// its routes onto these; netfilter knows nothing of paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetClass {
+    Transit,
+    Login,
+    Admin,
+    Health,
+}
+
+/// A set of rules compiled for lookup: each part is one trie pair and an
+/// optional port range. Inline networks with the same port range share one
+/// part; each prefix list is its own part, compiled once per snapshot and
+/// shared by every listener using it. Lookup cost is one trie walk per part:
+/// it grows with the number of distinct prefix lists and port ranges a
+/// listener uses, never with the number of networks.
+#[derive(Debug, Clone, Default)]
+struct Matcher {
+    parts: Vec<(Option<PortRange>, Arc<CidrSet>)>,
+}
+
+impl Matcher {
+    /// `ip` is already canonical.
+    fn matches(&self, ip: IpAddr, port: u16) -> bool {
+        self.parts
+            .iter()
+            .any(|(ports, set)| ports.is_none_or(|r| r.contains(port)) && set.contains(ip))
+    }
+
+    fn len(&self) -> usize {
+        self.parts.iter().map(|(_, s)| s.len()).sum()
+    }
+}
+
+/// Compiles rules into [`Matcher`]s, building each prefix list's set once.
+struct Compiler<'a> {
+    config: &'a Config,
+    lists: HashMap<&'a str, Arc<CidrSet>>,
+}
+
+impl<'a> Compiler<'a> {
+    fn list(&mut self, name: &'a str) -> Arc<CidrSet> {
+        if let Some(set) = self.lists.get(name) {
+            return set.clone();
+        }
+        let set = Arc::new(match self.config.prefix_lists.get(name) {
+            Some(list) => CidrSet::from_nets(list.nets.iter().copied()),
+            // Unvalidated config: an unknown list contributes nothing (for an
+            // allow rule, the failure mode is to admit fewer peers).
+            None => CidrSet::new(),
+        });
+        self.lists.insert(name, set.clone());
+        set
+    }
+
+    fn compile(&mut self, rules: impl Iterator<Item = &'a Rule>) -> Matcher {
+        let mut inline: Vec<(Option<PortRange>, CidrSet)> = Vec::new();
+        let mut parts: Vec<(Option<PortRange>, Arc<CidrSet>)> = Vec::new();
+        for rule in rules {
+            match &rule.source {
+                RuleSource::Net(net) => match inline.iter_mut().find(|(p, _)| *p == rule.ports) {
+                    Some((_, set)) => set.insert(*net),
+                    None => inline.push((rule.ports, CidrSet::from_nets([*net]))),
+                },
+                RuleSource::PrefixList(name) => {
+                    let set = self.list(name);
+                    if !parts
+                        .iter()
+                        .any(|(p, s)| *p == rule.ports && Arc::ptr_eq(s, &set))
+                    {
+                        parts.push((rule.ports, set));
+                    }
+                }
+            }
+        }
+        let mut all: Vec<_> = inline.into_iter().map(|(p, s)| (p, Arc::new(s))).collect();
+        all.extend(parts);
+        Matcher { parts: all }
+    }
+
+    fn groups(&mut self, names: &'a [String]) -> Matcher {
+        let config = self.config;
+        self.compile(
+            names
+                .iter()
+                .filter_map(|name| config.groups.get(name))
+                .flat_map(|group| group.rules.iter()),
+        )
+    }
+
+    fn deny_lists(&mut self, names: impl Iterator<Item = &'a String>) -> Matcher {
+        let config = self.config;
+        self.compile(
+            names
+                .filter_map(|name| config.deny_lists.get(name))
+                .flat_map(|list| list.rules.iter()),
+        )
+    }
+}
+
 /// The decisions for one listener.
 #[derive(Debug, Clone)]
 pub struct ListenerFilter {
     pub name: String,
+    /// Global deny lists, then the listener's own.
+    deny: Matcher,
     /// Union of the listener's `security_groups`.
-    connect: CidrSet,
+    connect: Matcher,
     /// Union of the listener's `admin_groups`.
-    admin: CidrSet,
+    admin: Matcher,
+    /// Per-class narrowing; `None`: whoever may connect.
+    transit: Option<Matcher>,
+    login: Option<Matcher>,
+    health: Option<Matcher>,
+    counters: Arc<ListenerCounters>,
 }
 
 impl ListenerFilter {
-    /// For callers that compile their own sets (tests, benchmarks).
+    /// For callers that compile their own sets (tests, benchmarks): `connect`
+    /// and `admin` apply on every port; no deny list, no class narrowing.
     pub fn new(name: impl Into<String>, connect: CidrSet, admin: CidrSet) -> Self {
+        let name = name.into();
+        let whole = |set: CidrSet| Matcher {
+            parts: vec![(None, Arc::new(set))],
+        };
         ListenerFilter {
-            name: name.into(),
-            connect,
-            admin,
+            counters: counters_for(&name),
+            name,
+            deny: Matcher::default(),
+            connect: whole(connect),
+            admin: whole(admin),
+            transit: None,
+            login: None,
+            health: None,
         }
     }
 
-    /// Whether `peer` may open a connection at all. Checked at accept, before
-    /// any byte is read.
-    pub fn may_connect(&self, peer: IpAddr) -> bool {
-        self.connect.contains(peer)
+    /// The connection decision, with no side effect: deny lists first (a
+    /// deny beats any allow), then the union of the security groups.
+    /// `port` is the listener's bound port (port-range rules).
+    pub fn decide_connect(&self, peer: IpAddr, port: u16) -> Result<(), DenyReason> {
+        let peer = canonical(peer);
+        if self.deny.matches(peer, port) {
+            Err(DenyReason::DenyList)
+        } else if self.connect.matches(peer, port) {
+            Ok(())
+        } else {
+            Err(DenyReason::NotInGroups)
+        }
+    }
+
+    /// [`decide_connect`](Self::decide_connect), counting and logging a
+    /// denial. Checked at accept, before any byte is read, and again per
+    /// request.
+    pub fn check_connect(&self, peer: IpAddr, port: u16) -> Result<(), DenyReason> {
+        self.decide_connect(peer, port)
+            .inspect_err(|reason| self.denied(peer, *reason))
+    }
+
+    /// Whether `peer` may open a connection at all (no counting).
+    pub fn may_connect(&self, peer: IpAddr, port: u16) -> bool {
+        self.decide_connect(peer, port).is_ok()
     }
 
     /// Whether `peer` may use admin routes and log in as crypto officer.
     /// Also requires [`may_connect`](Self::may_connect): admin networks narrow
     /// the listener's networks, they never widen them, so this holds even for
     /// a caller that forgot the accept-time check.
-    pub fn is_admin(&self, peer: IpAddr) -> bool {
-        self.connect.contains(peer) && self.admin.contains(peer)
+    pub fn is_admin(&self, peer: IpAddr, port: u16) -> bool {
+        self.may_connect(peer, port) && self.admin.matches(canonical(peer), port)
+    }
+
+    /// The per-request decision for a route class, counted and logged when
+    /// it denies: the connection check again (a reload may have revoked the
+    /// peer), then the class's groups. The caller passes the TCP peer: admin
+    /// and login decisions never trust a forwarded address.
+    pub fn check_class(&self, class: NetClass, peer: IpAddr, port: u16) -> Result<(), DenyReason> {
+        self.check_connect(peer, port)?;
+        let ip = canonical(peer);
+        let (narrowing, reason) = match class {
+            NetClass::Admin => (Some(&self.admin), DenyReason::NotInAdminGroups),
+            NetClass::Transit => (self.transit.as_ref(), DenyReason::NotInTransitGroups),
+            NetClass::Login => (self.login.as_ref(), DenyReason::NotInLoginGroups),
+            NetClass::Health => (self.health.as_ref(), DenyReason::NotInHealthGroups),
+        };
+        match narrowing {
+            Some(m) if !m.matches(ip, port) => {
+                self.denied(peer, reason);
+                Err(reason)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn denied(&self, peer: IpAddr, reason: DenyReason) {
+        self.counters.by_reason[reason.index()].fetch_add(1, Ordering::Relaxed);
+        DENY_LOG.record(&self.name, canonical(peer), reason);
+    }
+
+    /// Networks compiled for this listener (allow, admin, deny), for `check`.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.connect.len(), self.admin.len(), self.deny.len())
     }
 }
 
@@ -178,29 +400,29 @@ pub struct Netfilter {
 }
 
 impl Netfilter {
-    /// Compiles every listener's groups. A group name the config does not
-    /// define (possible only for a hand-built, unvalidated `Config`)
-    /// contributes nothing: the failure mode is to admit fewer peers.
+    /// Compiles every listener's groups and deny lists. A name the config
+    /// does not define (possible only for a hand-built, unvalidated `Config`)
+    /// contributes nothing.
     pub fn build(config: &Config) -> Netfilter {
-        let union = |names: &[String]| {
-            CidrSet::from_nets(
-                names
-                    .iter()
-                    .filter_map(|name| config.groups.get(name))
-                    .flat_map(|group| group.rules.iter().map(|rule| rule.source)),
-            )
+        let mut compiler = Compiler {
+            config,
+            lists: HashMap::new(),
         };
-        Netfilter {
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| ListenerFilter {
-                    name: l.name.clone(),
-                    connect: union(&l.security_groups),
-                    admin: union(&l.admin_groups),
-                })
-                .collect(),
-        }
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| ListenerFilter {
+                name: l.name.clone(),
+                deny: compiler.deny_lists(config.global_deny_lists.iter().chain(&l.deny_lists)),
+                connect: compiler.groups(&l.security_groups),
+                admin: compiler.groups(&l.admin_groups),
+                transit: l.transit_groups.as_deref().map(|g| compiler.groups(g)),
+                login: l.login_groups.as_deref().map(|g| compiler.groups(g)),
+                health: l.health_groups.as_deref().map(|g| compiler.groups(g)),
+                counters: counters_for(&l.name),
+            })
+            .collect();
+        Netfilter { listeners }
     }
 
     /// The filter of `config.listeners[index]`.
@@ -218,12 +440,223 @@ impl Netfilter {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Deny counters and summaries.
+
+/// Denials of one listener, by reason. Lives for the process, keyed by
+/// listener name, so counts survive reloads (snapshots come and go).
+#[derive(Debug, Default)]
+struct ListenerCounters {
+    by_reason: [AtomicU64; DenyReason::ALL.len()],
+}
+
+/// Listener names come from config files, so this map stays small.
+static COUNTERS: Mutex<BTreeMap<String, Arc<ListenerCounters>>> = Mutex::new(BTreeMap::new());
+
+fn counters_for(listener: &str) -> Arc<ListenerCounters> {
+    let mut map = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(listener.to_string()).or_default().clone()
+}
+
+/// One deny counter: how many peers `listener` refused for `reason` since
+/// the process started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyCount {
+    pub listener: String,
+    pub reason: DenyReason,
+    pub count: u64,
+}
+
+/// Every deny counter, by listener name then reason (zeros included, so a
+/// metrics exporter shows every series from the start). For the metrics
+/// module: monotonic per process, untouched by reloads.
+pub fn deny_counts() -> Vec<DenyCount> {
+    let map = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    map.iter()
+        .flat_map(|(listener, c)| {
+            DenyReason::ALL.iter().map(move |reason| DenyCount {
+                listener: listener.clone(),
+                reason: *reason,
+                count: c.by_reason[reason.index()].load(Ordering::Relaxed),
+            })
+        })
+        .collect()
+}
+
+/// How long denials are gathered before a summary is logged.
+pub const DENY_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+/// Distinct sources tracked per interval; more are only counted in total, so
+/// a flood from millions of addresses costs bounded memory and log lines.
+pub const DENY_SUMMARY_MAX_SOURCES: usize = 1024;
+/// Sources named in one summary (the busiest).
+pub const DENY_SUMMARY_TOP: usize = 20;
+
+/// Per-source denial summaries: one log line per busy source per interval
+/// instead of one per connection.
+pub struct DenySummary {
+    inner: Mutex<SummaryState>,
+}
+
+struct SummaryState {
+    started: Option<Instant>,
+    sources: HashMap<(IpAddr, String, DenyReason), u64>,
+    /// Denials whose source did not fit in `sources`.
+    untracked: u64,
+    total: u64,
+}
+
+/// One line of a summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDenials {
+    pub source: IpAddr,
+    pub listener: String,
+    pub reason: DenyReason,
+    pub count: u64,
+}
+
+/// What one interval saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// The busiest sources, most denials first, at most [`DENY_SUMMARY_TOP`].
+    pub top: Vec<SourceDenials>,
+    /// Distinct (source, listener, reason) entries tracked.
+    pub tracked: usize,
+    pub untracked: u64,
+    pub total: u64,
+}
+
+static DENY_LOG: LazyLock<DenySummary> = LazyLock::new(DenySummary::new);
+
+impl DenySummary {
+    pub fn new() -> Self {
+        DenySummary {
+            inner: Mutex::new(SummaryState {
+                started: None,
+                sources: HashMap::new(),
+                untracked: 0,
+                total: 0,
+            }),
+        }
+    }
+
+    /// Counts a denial; logs the previous interval's summary when it is over.
+    pub fn record(&self, listener: &str, source: IpAddr, reason: DenyReason) {
+        if let Some(summary) = self.record_at(Instant::now(), listener, source, reason) {
+            log_summary(&summary);
+        }
+    }
+
+    /// [`record`](Self::record) with an injected clock; returns the summary
+    /// to log, if an interval just ended.
+    pub fn record_at(
+        &self,
+        now: Instant,
+        listener: &str,
+        source: IpAddr,
+        reason: DenyReason,
+    ) -> Option<Summary> {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let started = *state.started.get_or_insert(now);
+        let finished = if now.duration_since(started) >= DENY_SUMMARY_INTERVAL {
+            let summary = state.take();
+            state.started = Some(now);
+            Some(summary)
+        } else {
+            None
+        };
+        state.total += 1;
+        let key = (source, listener.to_string(), reason);
+        if let Some(n) = state.sources.get_mut(&key) {
+            *n += 1;
+        } else if state.sources.len() < DENY_SUMMARY_MAX_SOURCES {
+            state.sources.insert(key, 1);
+        } else {
+            state.untracked += 1;
+        }
+        finished
+    }
+
+    /// Ends the current interval now and returns what it saw (for a timer or
+    /// shutdown; also what `record` logs).
+    pub fn flush(&self) -> Summary {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        state.started = None;
+        state.take()
+    }
+}
+
+impl Default for DenySummary {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SummaryState {
+    fn take(&mut self) -> Summary {
+        let tracked = self.sources.len();
+        let mut all: Vec<SourceDenials> = self
+            .sources
+            .drain()
+            .map(|((source, listener, reason), count)| SourceDenials {
+                source,
+                listener,
+                reason,
+                count,
+            })
+            .collect();
+        all.sort_by(|a, b| b.count.cmp(&a.count).then(a.source.cmp(&b.source)));
+        all.truncate(DENY_SUMMARY_TOP);
+        // Give back what a flood made the map grow to.
+        self.sources.shrink_to(DENY_SUMMARY_MAX_SOURCES / 8);
+        let summary = Summary {
+            top: all,
+            tracked,
+            untracked: self.untracked,
+            total: self.total,
+        };
+        self.untracked = 0;
+        self.total = 0;
+        summary
+    }
+}
+
+fn log_summary(summary: &Summary) {
+    for s in &summary.top {
+        tracing::warn!(
+            target: "hsmgate::netfilter",
+            source = %s.source,
+            listener = %s.listener,
+            reason = %s.reason,
+            denials = s.count,
+            "connections or requests denied by the security groups"
+        );
+    }
+    tracing::warn!(
+        target: "hsmgate::netfilter",
+        total = summary.total,
+        sources = summary.tracked,
+        untracked = summary.untracked,
+        interval_secs = DENY_SUMMARY_INTERVAL.as_secs(),
+        "denial summary"
+    );
+}
+
+/// Logs and resets the process-wide denial summary (call from a timer or at
+/// shutdown; otherwise a summary is logged at the first denial after each
+/// interval).
+pub fn flush_deny_summary() {
+    let summary = DENY_LOG.flush();
+    if summary.total > 0 {
+        log_summary(&summary);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::config::{EngineConfig, Limits, ListenerConfig, Rule, SecurityGroup, TlsConfig};
+    use crate::config::{EngineConfig, Limits, ListenerConfig, SecurityGroup, TlsConfig};
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -255,6 +688,10 @@ mod tests {
                     security_groups: names(connect),
                     admin_groups: names(admin),
                     channel: crate::engine::Channel::FrontDoor,
+                    transit_groups: None,
+                    login_groups: None,
+                    health_groups: None,
+                    deny_lists: vec![],
                 })
                 .collect(),
             groups: groups
@@ -266,7 +703,8 @@ mod tests {
                         rules: sources
                             .iter()
                             .map(|s| Rule {
-                                source: net(s),
+                                source: RuleSource::Net(net(s)),
+                                ports: None,
                                 description: String::new(),
                             })
                             .collect(),
@@ -274,6 +712,9 @@ mod tests {
                     (name.to_string(), group)
                 })
                 .collect::<BTreeMap<_, _>>(),
+            prefix_lists: BTreeMap::new(),
+            deny_lists: BTreeMap::new(),
+            global_deny_lists: vec![],
         }
     }
 
@@ -372,8 +813,8 @@ mod tests {
             assert!(!s.contains(ip(peer)), "{peer}");
         }
         let f = ListenerFilter::new("x", CidrSet::new(), CidrSet::new());
-        assert!(!f.may_connect(ip("127.0.0.1")));
-        assert!(!f.is_admin(ip("127.0.0.1")));
+        assert!(!f.may_connect(ip("127.0.0.1"), 8200));
+        assert!(!f.is_admin(ip("127.0.0.1"), 8200));
     }
 
     #[test]
@@ -410,11 +851,14 @@ mod tests {
         let nf = Netfilter::build(&c);
         let api = nf.listener(0);
         assert_eq!(api.name, "api");
-        assert!(api.may_connect(ip("10.1.0.1")));
-        assert!(api.may_connect(ip("10.2.0.1")));
-        assert!(api.may_connect(ip("2001:db8::9")));
-        assert!(!api.may_connect(ip("10.3.0.1")), "group c is not attached");
-        assert!(!api.may_connect(ip("192.0.2.1")));
+        assert!(api.may_connect(ip("10.1.0.1"), 8200));
+        assert!(api.may_connect(ip("10.2.0.1"), 8200));
+        assert!(api.may_connect(ip("2001:db8::9"), 8200));
+        assert!(
+            !api.may_connect(ip("10.3.0.1"), 8200),
+            "group c is not attached"
+        );
+        assert!(!api.may_connect(ip("192.0.2.1"), 8200));
     }
 
     #[test]
@@ -433,16 +877,16 @@ mod tests {
         let nf = Netfilter::build(&c);
         let api = nf.listener(0);
         // An admin network inside the app network: admitted and admin.
-        assert!(api.may_connect(ip("10.9.1.1")));
-        assert!(api.is_admin(ip("10.9.1.1")));
+        assert!(api.may_connect(ip("10.9.1.1"), 8200));
+        assert!(api.is_admin(ip("10.9.1.1"), 8200));
         // An app: admitted, not admin.
-        assert!(api.may_connect(ip("10.1.1.1")));
-        assert!(!api.is_admin(ip("10.1.1.1")));
+        assert!(api.may_connect(ip("10.1.1.1"), 8200));
+        assert!(!api.is_admin(ip("10.1.1.1"), 8200));
         // Admin groups never widen who may connect.
         let odd = nf.listener(1);
-        assert!(!odd.may_connect(ip("192.0.2.1")));
-        assert!(!odd.is_admin(ip("192.0.2.1")));
-        assert!(odd.is_admin(ip("10.9.0.1")));
+        assert!(!odd.may_connect(ip("192.0.2.1"), 8200));
+        assert!(!odd.is_admin(ip("192.0.2.1"), 8200));
+        assert!(odd.is_admin(ip("10.9.0.1"), 8200));
     }
 
     #[test]
@@ -457,10 +901,10 @@ mod tests {
         let nf = Netfilter::build(&c);
         assert_eq!(nf.listeners().len(), 2);
         assert_eq!(nf.listener(1).name, "rescue");
-        assert!(nf.listener(0).may_connect(ip("10.0.0.1")));
-        assert!(!nf.listener(0).may_connect(ip("127.0.0.1")));
-        assert!(nf.listener(1).is_admin(ip("127.0.0.1")));
-        assert!(!nf.listener(1).may_connect(ip("10.0.0.1")));
+        assert!(nf.listener(0).may_connect(ip("10.0.0.1"), 8200));
+        assert!(!nf.listener(0).may_connect(ip("127.0.0.1"), 8200));
+        assert!(nf.listener(1).is_admin(ip("127.0.0.1"), 8200));
+        assert!(!nf.listener(1).may_connect(ip("10.0.0.1"), 8200));
     }
 
     #[test]
@@ -470,16 +914,16 @@ mod tests {
             &[("api", &["ghost"], &["ghost"])],
         );
         let nf = Netfilter::build(&c);
-        assert!(!nf.listener(0).may_connect(ip("10.0.0.1")));
-        assert!(!nf.listener(0).is_admin(ip("10.0.0.1")));
+        assert!(!nf.listener(0).may_connect(ip("10.0.0.1"), 8200));
+        assert!(!nf.listener(0).is_admin(ip("10.0.0.1"), 8200));
     }
 
     #[test]
     fn empty_group_admits_nobody() {
         let c = config(&[("none", &[])], &[("api", &["none"], &["none"])]);
         let nf = Netfilter::build(&c);
-        assert!(!nf.listener(0).may_connect(ip("127.0.0.1")));
-        assert!(!nf.listener(0).may_connect(ip("::1")));
+        assert!(!nf.listener(0).may_connect(ip("127.0.0.1"), 8200));
+        assert!(!nf.listener(0).may_connect(ip("::1"), 8200));
     }
 
     #[test]
@@ -489,12 +933,222 @@ mod tests {
         let nf = Netfilter::build(&c);
         let api = nf.listener(0);
         for peer in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
-            assert!(api.may_connect(ip(peer)), "{peer}");
-            assert!(api.is_admin(ip(peer)), "{peer}");
+            assert!(api.may_connect(ip(peer), 8200), "{peer}");
+            assert!(api.is_admin(ip(peer), 8200), "{peer}");
         }
         for peer in ["127.0.0.2", "10.0.0.1", "::2", "2001:db8::1"] {
-            assert!(!api.may_connect(ip(peer)), "{peer}");
-            assert!(!api.is_admin(ip(peer)), "{peer}");
+            assert!(!api.may_connect(ip(peer), 8200), "{peer}");
+            assert!(!api.is_admin(ip(peer), 8200), "{peer}");
         }
+    }
+
+    /// A validated config from text: main file plus one policy file.
+    fn loaded(main: &str, policy: &str) -> Config {
+        crate::config::load_from_str(
+            std::path::Path::new("hsmgate.toml"),
+            main,
+            &[(std::path::PathBuf::from("sg.toml"), policy.to_string())],
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const FENCE: &str = r#"
+[prefix_list.partners]
+cidrs = ["192.0.2.0/24", "2001:db8:77::/48"]
+
+[prefix_list.threats]
+cidrs = ["10.1.2.3", "10.66.0.0/16"]
+
+[deny_list.threats]
+rules = [{ prefix_list = "threats", description = "imported" }]
+
+[deny_list.local]
+rules = [{ source = "10.9.9.0/24" }]
+
+[group.apps]
+rules = [
+  { source = "10.0.0.0/8", ports = "8200-8209" },
+  { prefix_list = "partners", ports = 8200 },
+]
+
+[group.admins]
+rules = [{ source = "172.16.0.0/16" }]
+
+[group.monitoring]
+rules = [{ source = "198.51.100.0/24" }]
+"#;
+
+    const LISTENERS: &str = r#"
+deny_lists = ["threats"]
+[[listener]]
+name = "api"
+address = "127.0.0.1:8200"
+security_groups = ["apps", "admins", "monitoring"]
+admin_groups = ["admins"]
+transit_groups = ["apps"]
+login_groups = ["apps", "admins"]
+health_groups = ["monitoring", "admins"]
+deny_lists = ["local"]
+[[listener]]
+name = "other"
+address = "127.0.0.1:8300"
+security_groups = ["apps"]
+"#;
+
+    #[test]
+    fn deny_lists_beat_allow_rules() {
+        let nf = Netfilter::build(&loaded(LISTENERS, FENCE));
+        let api = nf.listener(0);
+        assert_eq!(api.decide_connect(ip("10.1.2.4"), 8200), Ok(()));
+        assert_eq!(
+            api.decide_connect(ip("10.1.2.3"), 8200),
+            Err(DenyReason::DenyList)
+        );
+        assert_eq!(
+            api.decide_connect(ip("::ffff:10.66.1.1"), 8200),
+            Err(DenyReason::DenyList)
+        );
+        // The listener's own list, on this listener only.
+        assert_eq!(
+            api.decide_connect(ip("10.9.9.9"), 8200),
+            Err(DenyReason::DenyList)
+        );
+        let other = nf.listener(1);
+        assert_eq!(
+            other.decide_connect(ip("10.1.2.3"), 8201),
+            Err(DenyReason::DenyList),
+            "global deny lists apply to every listener"
+        );
+        assert_eq!(other.decide_connect(ip("10.9.9.9"), 8201), Ok(()));
+        assert_eq!(
+            api.decide_connect(ip("11.0.0.1"), 8200),
+            Err(DenyReason::NotInGroups)
+        );
+    }
+
+    #[test]
+    fn port_ranges_select_listeners() {
+        let nf = Netfilter::build(&loaded(LISTENERS, FENCE));
+        let api = nf.listener(0);
+        assert!(api.may_connect(ip("10.0.0.1"), 8200));
+        assert!(api.may_connect(ip("10.0.0.1"), 8209));
+        assert!(!api.may_connect(ip("10.0.0.1"), 8210));
+        assert!(api.may_connect(ip("192.0.2.7"), 8200));
+        assert!(!api.may_connect(ip("192.0.2.7"), 8201));
+        assert!(api.may_connect(ip("2001:db8:77::1"), 8200));
+        assert!(!api.may_connect(ip("2001:db8:78::1"), 8200));
+        // Unranged rules apply on every port.
+        assert!(api.may_connect(ip("172.16.0.1"), 1));
+    }
+
+    #[test]
+    fn route_classes_narrow_per_listener() {
+        let nf = Netfilter::build(&loaded(LISTENERS, FENCE));
+        let api = nf.listener(0);
+        let app = ip("10.0.0.1");
+        let admin = ip("172.16.0.1");
+        let monitor = ip("198.51.100.1");
+        assert_eq!(api.check_class(NetClass::Transit, app, 8200), Ok(()));
+        assert_eq!(
+            api.check_class(NetClass::Admin, app, 8200),
+            Err(DenyReason::NotInAdminGroups)
+        );
+        assert_eq!(api.check_class(NetClass::Admin, admin, 8200), Ok(()));
+        assert_eq!(
+            api.check_class(NetClass::Transit, admin, 8200),
+            Err(DenyReason::NotInTransitGroups)
+        );
+        assert_eq!(api.check_class(NetClass::Login, app, 8200), Ok(()));
+        assert_eq!(
+            api.check_class(NetClass::Login, monitor, 8200),
+            Err(DenyReason::NotInLoginGroups)
+        );
+        assert_eq!(api.check_class(NetClass::Health, monitor, 8200), Ok(()));
+        assert_eq!(
+            api.check_class(NetClass::Health, app, 8200),
+            Err(DenyReason::NotInHealthGroups)
+        );
+        // No class groups on `other`: whoever may connect.
+        let other = nf.listener(1);
+        assert_eq!(
+            other.check_class(NetClass::Health, app, 8300),
+            Err(DenyReason::NotInGroups)
+        );
+        assert_eq!(other.check_class(NetClass::Health, app, 8201), Ok(()));
+        assert_eq!(
+            other.check_class(NetClass::Admin, app, 8201),
+            Err(DenyReason::NotInAdminGroups)
+        );
+    }
+
+    #[test]
+    fn prefix_lists_are_compiled_once_and_shared() {
+        let nf = Netfilter::build(&loaded(LISTENERS, FENCE));
+        let api = &nf.listener(0).connect;
+        let other = &nf.listener(1).connect;
+        let shared = |m: &Matcher| {
+            m.parts
+                .iter()
+                .find(|(p, _)| p.is_some_and(|p| p.first == 8200 && p.last == 8200))
+                .unwrap()
+                .1
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&shared(api), &shared(other)));
+    }
+
+    #[test]
+    fn denials_are_counted_per_listener_and_reason() {
+        let name = "count-test-listener";
+        let f = ListenerFilter::new(name, set(&["10.0.0.0/8"]), CidrSet::new());
+        let count = |reason| {
+            deny_counts()
+                .into_iter()
+                .find(|c| c.listener == name && c.reason == reason)
+                .map(|c| c.count)
+        };
+        assert_eq!(count(DenyReason::NotInGroups), Some(0));
+        assert!(f.check_connect(ip("10.0.0.1"), 1).is_ok());
+        assert!(f.check_connect(ip("11.0.0.1"), 1).is_err());
+        assert!(f.check_connect(ip("11.0.0.2"), 1).is_err());
+        assert!(f.check_class(NetClass::Admin, ip("10.0.0.1"), 1).is_err());
+        assert_eq!(count(DenyReason::NotInGroups), Some(2));
+        assert_eq!(count(DenyReason::NotInAdminGroups), Some(1));
+        assert_eq!(count(DenyReason::DenyList), Some(0));
+        // A rebuilt filter (a reload) keeps counting on the same counters.
+        let again = ListenerFilter::new(name, CidrSet::new(), CidrSet::new());
+        assert!(again.check_connect(ip("10.0.0.1"), 1).is_err());
+        assert_eq!(count(DenyReason::NotInGroups), Some(3));
+    }
+
+    #[test]
+    fn deny_summaries_are_bounded_and_periodic() {
+        let log = DenySummary::new();
+        let t0 = Instant::now();
+        // A flood from 200k distinct sources inside one interval.
+        for i in 0..200_000u32 {
+            let source = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            assert!(log
+                .record_at(t0, "api", source, DenyReason::NotInGroups)
+                .is_none());
+        }
+        for _ in 0..5 {
+            log.record_at(t0, "api", ip("11.0.0.0"), DenyReason::NotInGroups);
+        }
+        // The first denial after the interval returns the summary.
+        let later = t0 + DENY_SUMMARY_INTERVAL;
+        let summary = log
+            .record_at(later, "api", ip("12.0.0.1"), DenyReason::DenyList)
+            .expect("interval over");
+        assert_eq!(summary.total, 200_005);
+        assert_eq!(summary.tracked, DENY_SUMMARY_MAX_SOURCES);
+        assert_eq!(summary.untracked, 200_000 - DENY_SUMMARY_MAX_SOURCES as u64);
+        assert_eq!(summary.top.len(), DENY_SUMMARY_TOP);
+        assert_eq!(summary.top[0].source, ip("11.0.0.0"));
+        assert_eq!(summary.top[0].count, 6);
+        // The new interval holds only the denial that ended the old one.
+        let next = log.flush();
+        assert_eq!(next.total, 1);
+        assert_eq!(next.top[0].reason, DenyReason::DenyList);
     }
 }

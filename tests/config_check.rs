@@ -183,3 +183,43 @@ fn every_broken_fixture_fails_with_file_and_line() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[test]
+fn shipped_examples_pass() {
+    let dir = manifest_dir().join("config/examples");
+    let mut checked = 0;
+    for entry in fs::read_dir(&dir).expect("config/examples exists") {
+        let path = entry.expect("readable entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = check(&path);
+            assert!(
+                out.status.success(),
+                "{}: stderr: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no example config in {}", dir.display());
+}
+
+#[test]
+fn the_default_stays_loopback_only() {
+    let config = hsmgate::config::load(&manifest_dir().join("config/hsmgate.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for l in &config.listeners {
+        assert!(l.address.ip().is_loopback(), "{}", l.name);
+    }
+    assert!(config.global_deny_lists.is_empty());
+    for group in config.groups.values() {
+        for rule in &group.rules {
+            match &rule.source {
+                hsmgate::config::RuleSource::Net(net) => {
+                    assert!(net.addr().is_loopback(), "{}: {net}", group.name)
+                }
+                other => panic!("{}: {other}", group.name),
+            }
+        }
+    }
+}

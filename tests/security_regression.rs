@@ -308,3 +308,92 @@ async fn mistyped_officer_passwords_at_the_front_door_never_zeroize() {
     assert_eq!(s.login_break_glass("admin", "one more typo").await.0, 401);
     assert_eq!(s.status().await["state"], "zeroized");
 }
+
+/// Rewrites the test server's policies and `api` listener, then restarts it.
+fn refence(s: &mut TestServer, api_extra: &str, policy: &str) {
+    std::fs::write(s.dir.path().join("policies/fence.toml"), policy).unwrap();
+    let config = std::fs::read_to_string(&s.config_path).unwrap();
+    let config = config.replacen(
+        "admin_groups = [\"admins\"]\n",
+        &format!("admin_groups = [\"admins\"]\n{api_extra}\n"),
+        1,
+    );
+    std::fs::write(&s.config_path, config).unwrap();
+    s.restart();
+}
+
+/// An imported threat list beats the allow rules: a listed address inside
+/// an allowed network never gets a TLS handshake, let alone a login attempt.
+#[tokio::test]
+async fn threat_list_entry_is_refused_even_inside_an_allowed_network() {
+    let mut s = TestServer::start(Opts {
+        apps: vec!["127.0.0.0/8"],
+        ..Opts::default()
+    });
+    std::fs::write(
+        s.dir.path().join("policies/threats.txt"),
+        "# feed\n127.0.0.66\n",
+    )
+    .unwrap();
+    refence(
+        &mut s,
+        "deny_lists = [\"feed\"]",
+        "[prefix_list.feed]\nfile = \"threats.txt\"\n[deny_list.feed]\nrules = [{ prefix_list = \"feed\" }]\n",
+    );
+    let inside = s.client_from("127.0.0.65".parse().unwrap());
+    let (st, _) = s.get(&inside, "/v1/sys/health", None).await;
+    assert_eq!(st, 501, "an allowed neighbour still gets in");
+    let listed = s.client_from("127.0.0.66".parse().unwrap());
+    let refused = listed.get(s.url("/v1/sys/health")).send().await;
+    assert!(refused.is_err(), "listed source got an answer: {refused:?}");
+    let login = listed
+        .post(s.url("/v1/hsm/login"))
+        .json(&json!({"username": "admin", "password": "guess"}))
+        .send()
+        .await;
+    assert!(login.is_err(), "listed source reached the login route");
+}
+
+/// An app network admitted to the listener cannot reach admin routes nor
+/// spend a crypto-officer attempt, while its own route class still works.
+#[tokio::test]
+async fn app_network_cannot_reach_admin_routes_while_health_works() {
+    let s = TestServer::start(Opts {
+        apps: vec!["127.0.0.1/32", "127.0.0.2/32"],
+        admins: vec!["127.0.0.1/32"],
+        ..Opts::default()
+    });
+    s.init().await;
+    let app = s.client_from("127.0.0.2".parse().unwrap());
+    let (st, _) = s.get(&app, "/v1/hsm/status", None).await;
+    assert_eq!(st, 403);
+    let (st, _) = s.post(&app, "/v1/hsm/zeroize", None, json!({})).await;
+    assert_eq!(st, 403);
+    let (st, _) = s.get(&app, "/v1/sys/health", None).await;
+    assert_eq!(st, 200, "health still works from the app network");
+    assert_eq!(s.status().await["state"], "active");
+    assert_eq!(s.failures("admin").await, 0);
+}
+
+/// A port-range rule for another listener's port opens nothing here.
+#[tokio::test]
+async fn port_range_rule_for_another_port_opens_nothing() {
+    let mut s = TestServer::start(Opts::default());
+    refence(
+        &mut s,
+        "",
+        "[group.elsewhere]\nrules = [{ source = \"127.0.0.9\", ports = \"1-1\" }]\n",
+    );
+    let config = std::fs::read_to_string(&s.config_path).unwrap();
+    let config = config.replacen(
+        "security_groups = [\"apps\", \"admins\"]",
+        "security_groups = [\"apps\", \"admins\", \"elsewhere\"]",
+        1,
+    );
+    std::fs::write(&s.config_path, config).unwrap();
+    s.restart();
+    let outsider = s.client_from("127.0.0.9".parse().unwrap());
+    assert!(outsider.get(s.url("/v1/sys/health")).send().await.is_err());
+    let (st, _) = s.get(&s.client(), "/v1/sys/health", None).await;
+    assert_eq!(st, 501);
+}

@@ -29,6 +29,9 @@ pub struct ConnInfo {
     pub peer: IpAddr,
     /// Index into the snapshot's listeners.
     pub listener: usize,
+    /// The listener's bound port, for port-range rules (known only after
+    /// bind when the config says port 0).
+    pub port: u16,
     pub channel: Channel,
 }
 
@@ -40,6 +43,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let port = socket.local_addr().map_or(0, |a| a.port());
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
@@ -56,10 +60,12 @@ pub async fn serve(
         };
         let peer = netfilter::canonical(peer.ip());
         let snapshot = state.snapshot.load();
-        if !snapshot.netfilter.listener(index).may_connect(peer) {
-            // Phase 1 deny: close before any byte either way.
+        // Phase 1: deny lists, then security groups. Denials are counted and
+        // summarised per source by netfilter (no log line per connection).
+        if let Err(reason) = snapshot.netfilter.listener(index).check_connect(peer, port) {
+            // Close before any byte either way.
             drop(stream);
-            tracing::debug!(%peer, listener = index, "connection denied by security groups");
+            tracing::trace!(%peer, listener = index, %reason, "connection denied");
             continue;
         }
         let limits = snapshot.config.limits.clone();
@@ -71,6 +77,7 @@ pub async fn serve(
         let conn_info = ConnInfo {
             peer,
             listener: index,
+            port,
             channel,
         };
         let watcher = graceful.watcher();

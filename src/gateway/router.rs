@@ -13,6 +13,7 @@ use super::rescue::{self, ApiError};
 use super::{AppState, Snapshot};
 use crate::api::{self, Call};
 use crate::engine::{crypto, Channel};
+use crate::netfilter::NetClass;
 
 /// Which part of the API a path belongs to; each class may demand its own
 /// networks.
@@ -66,7 +67,7 @@ pub async fn handle(
                 && !snapshot
                     .netfilter
                     .listener(conn.listener)
-                    .may_connect(conn.peer)
+                    .may_connect(conn.peer, conn.port)
             {
                 // The peer lost its network since it connected: end the connection too.
                 r.headers_mut().insert(
@@ -105,22 +106,32 @@ async fn phases(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     // The connection was admitted at accept time; a reload may have revoked
     // the peer since. Re-check against this request's snapshot.
+    // Then the route class's own groups. Always the TCP peer: admin routes
+    // and crypto-officer logins never trust a forwarded address.
     let filter = snapshot.netfilter.listener(conn.listener);
-    if !filter.may_connect(conn.peer) {
-        return Err(ApiError::PermissionDenied);
-    }
-    if class == RouteClass::Unknown {
-        return Err(ApiError::NotFound);
+    let net_class = match class {
+        RouteClass::Transit => Some(NetClass::Transit),
+        RouteClass::Login => Some(NetClass::Login),
+        RouteClass::Admin => Some(NetClass::Admin),
+        RouteClass::Health => Some(NetClass::Health),
+        RouteClass::Unknown => None,
+    };
+    match net_class {
+        Some(net_class) => filter
+            .check_class(net_class, conn.peer, conn.port)
+            .map_err(|_| ApiError::PermissionDenied)?,
+        None => {
+            filter
+                .check_connect(conn.peer, conn.port)
+                .map_err(|_| ApiError::PermissionDenied)?;
+            return Err(ApiError::NotFound);
+        }
     }
     // Break-glass is a door for administrators, not a second app endpoint.
     if conn.channel == Channel::BreakGlass && class == RouteClass::Transit {
         return Err(ApiError::PermissionDenied);
     }
-    // Admin routes trust the TCP peer alone.
-    let is_admin_network = filter.is_admin(conn.peer);
-    if class == RouteClass::Admin && !is_admin_network {
-        return Err(ApiError::PermissionDenied);
-    }
+    let is_admin_network = filter.is_admin(conn.peer, conn.port);
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, snapshot.config.limits.max_body_bytes).await?;
     let call = Call {
