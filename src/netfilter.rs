@@ -274,6 +274,7 @@ mod tests {
                     (name.to_string(), group)
                 })
                 .collect::<BTreeMap<_, _>>(),
+            jwt: Default::default(),
         }
     }
 

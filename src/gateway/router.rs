@@ -13,6 +13,7 @@ use super::rescue::{self, ApiError};
 use super::{AppState, Snapshot};
 use crate::api::{self, Call};
 use crate::engine::{crypto, Channel};
+use crate::ratelimit;
 
 /// Which part of the API a path belongs to; each class may demand its own
 /// networks.
@@ -35,12 +36,18 @@ pub fn classify(path: &str) -> RouteClass {
         RouteClass::Transit
     } else if path == "/v1/hsm/login" {
         RouteClass::Login
-    } else if path.starts_with("/v1/hsm/") {
+    } else if path.starts_with("/v1/hsm/") && path != "/v1/hsm/logout" {
         RouteClass::Admin
     } else if path == "/v1/sys/health" {
         RouteClass::Health
-    } else if path == "/v1/auth/token/lookup-self" {
+    } else if path == "/v1/auth/token/lookup-self"
+        || path == "/v1/auth/token/revoke-self"
+        || path == "/v1/hsm/logout"
+    {
+        // Token housekeeping: whoever holds a token, from wherever.
         RouteClass::Transit
+    } else if path == "/v1/auth/jwt/login" {
+        RouteClass::Login
     } else {
         RouteClass::Unknown
     }
@@ -121,6 +128,19 @@ async fn phases(
     if class == RouteClass::Admin && !is_admin_network {
         return Err(ApiError::PermissionDenied);
     }
+    // Phase 5: rate limits before identity, per source network and class.
+    // (Phase 7, per principal and key, runs where identity is established:
+    // `api::Call::principal`.)
+    let limiters = state.fence.limiters(&snapshot.config.limits.rate);
+    let limit_class = match class {
+        RouteClass::Transit => ratelimit::Class::Transit,
+        RouteClass::Login => ratelimit::Class::Login,
+        RouteClass::Admin => ratelimit::Class::Admin,
+        RouteClass::Health | RouteClass::Unknown => ratelimit::Class::Health,
+    };
+    limiters
+        .check_source(conn.peer, limit_class)
+        .map_err(ApiError::RateLimited)?;
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, snapshot.config.limits.max_body_bytes).await?;
     let call = Call {
@@ -133,8 +153,11 @@ async fn phases(
         conn,
         is_admin_network,
         request_id,
+        limiters,
+        jwt: &snapshot.config.jwt,
     };
     match class {
+        _ if api::auth::owns(call.path) => api::auth::handle(&call).await,
         RouteClass::Transit if call.path.starts_with("/v1/transit/") => {
             api::transit::handle(&call).await
         }
@@ -200,6 +223,9 @@ mod tests {
         assert_eq!(classify("/v1/hsm/zeroize"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/health"), RouteClass::Health);
         assert_eq!(classify("/v1/transitx"), RouteClass::Unknown);
+        assert_eq!(classify("/v1/auth/jwt/login"), RouteClass::Login);
+        assert_eq!(classify("/v1/hsm/logout"), RouteClass::Transit);
+        assert_eq!(classify("/v1/auth/token/revoke-self"), RouteClass::Transit);
         assert_eq!(classify("/"), RouteClass::Unknown);
     }
 }
