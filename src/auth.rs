@@ -164,10 +164,9 @@ impl JwtIssuers {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway;
-        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
-            token, &key.key, &validation,
-        )
-        .map_err(|e| AuthError::Rejected(format!("{:?}", e.kind())))?;
+        let data =
+            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
+                .map_err(|e| AuthError::Rejected(format!("{:?}", e.kind())))?;
         let claims = data.claims;
         let chosen = match role {
             Some(name) => issuer
@@ -277,7 +276,10 @@ pub(crate) fn load_issuers(
             ));
         }
         if r.issuer.get_ref().is_empty() {
-            errors.push(at(r.issuer.span(), "issuer (the iss value) is required".into()));
+            errors.push(at(
+                r.issuer.span(),
+                "issuer (the iss value) is required".into(),
+            ));
         }
         let audiences = r.audiences.as_ref().map_or(&[][..], |a| a.get_ref());
         if audiences.is_empty() {
@@ -340,7 +342,10 @@ pub(crate) fn load_issuers(
         for role in &r.role {
             let role_ref = role.get_ref();
             let role_name = role_ref.name.get_ref().clone();
-            if role_name.is_empty() || role_name.contains(':') || roles.iter().any(|x| x.name == role_name) {
+            if role_name.is_empty()
+                || role_name.contains(':')
+                || roles.iter().any(|x| x.name == role_name)
+            {
                 errors.push(at(
                     role_ref.name.span(),
                     "role name must be unique, non-empty and without ':'".into(),

@@ -1231,6 +1231,7 @@ admin_groups = ["admins"]
                 max_header_bytes: 1024,
                 header_read_timeout: Duration::from_millis(100),
                 tls_handshake_timeout: Duration::from_secs(600),
+                rate: crate::ratelimit::RateLimitPolicy::default(),
             }
         );
     }

@@ -565,7 +565,12 @@ pub(crate) fn load_policy(
             d.sweep_interval.as_secs() as i64,
         ) as u64),
         source: ClassQuotas {
-            transit: quota(errors, "source.transit", &r.source.transit, d.source.transit),
+            transit: quota(
+                errors,
+                "source.transit",
+                &r.source.transit,
+                d.source.transit,
+            ),
             login: quota(errors, "source.login", &r.source.login, d.source.login),
             admin: quota(errors, "source.admin", &r.source.admin, d.source.admin),
             health: quota(errors, "source.health", &r.source.health, d.source.health),

@@ -152,11 +152,7 @@ pub fn transit_key_name(path: &str) -> Option<&str> {
     let segments: Vec<&str> = rest.split('/').collect();
     let name = match segments.as_slice() {
         ["keys", name, ..]
-        | [
-            "encrypt" | "decrypt" | "rewrap" | "hmac" | "sign" | "verify" | "backup" | "restore",
-            name,
-            ..,
-        ]
+        | ["encrypt" | "decrypt" | "rewrap" | "hmac" | "sign" | "verify" | "backup" | "restore", name, ..]
         | ["datakey" | "export", _, name, ..] => *name,
         _ => return None,
     };
@@ -207,7 +203,10 @@ mod tests {
     fn key_names_of_transit_paths() {
         assert_eq!(transit_key_name("/v1/transit/encrypt/k1"), Some("k1"));
         assert_eq!(transit_key_name("/v1/transit/keys/k1/rotate"), Some("k1"));
-        assert_eq!(transit_key_name("/v1/transit/datakey/plaintext/k2"), Some("k2"));
+        assert_eq!(
+            transit_key_name("/v1/transit/datakey/plaintext/k2"),
+            Some("k2")
+        );
         assert_eq!(transit_key_name("/v1/transit/keys"), None);
         assert_eq!(transit_key_name("/v1/transit/random/32"), None);
     }

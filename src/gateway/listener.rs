@@ -118,7 +118,10 @@ pub async fn serve(
             tracing::debug!(%peer, listener = index, "connection denied by security groups");
             continue;
         }
-        let slot = match state.fence.open_connection(peer, &snapshot.config.limits.rate) {
+        let slot = match state
+            .fence
+            .open_connection(peer, &snapshot.config.limits.rate)
+        {
             Ok(slot) => slot,
             Err(cap) => {
                 drop(stream);
