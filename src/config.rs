@@ -61,6 +61,8 @@ pub struct Config {
     /// Deny lists checked on every listener (top-level `deny_lists`), before
     /// each listener's own.
     pub global_deny_lists: Vec<String>,
+    /// App JWT issuers (`[[jwt_issuer]]`), their keys loaded; see [`crate::auth`].
+    pub jwt: crate::auth::JwtIssuers,
 }
 
 /// Login-failure thresholds and session lifetime for the engine.
@@ -114,6 +116,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time allowed to finish the TLS handshake after accept.
     pub tls_handshake_timeout: Duration,
+    /// Rate limits, connection caps and the idle timeout, from the policy
+    /// file with `[rate_limits]` (see [`crate::ratelimit`]).
+    pub rate: crate::ratelimit::RateLimitPolicy,
 }
 
 impl Default for Limits {
@@ -123,6 +128,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
+            rate: crate::ratelimit::RateLimitPolicy::default(),
         }
     }
 }
@@ -367,6 +373,8 @@ struct RawConfig {
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     deny_lists: Vec<Spanned<String>>,
+    #[serde(default)]
+    jwt_issuer: Vec<Spanned<crate::auth::RawIssuer>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -457,13 +465,13 @@ struct RawPrefixList {
 }
 
 /// One file's text, so spans can become line:column.
-struct Source<'a> {
-    path: &'a Path,
-    text: &'a str,
+pub(crate) struct Source<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) text: &'a str,
 }
 
 impl Source<'_> {
-    fn error(&self, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn error(&self, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.path.to_path_buf(),
             line: None,
@@ -472,7 +480,7 @@ impl Source<'_> {
         }
     }
 
-    fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
         let (line, column) = position(self.text, span.start);
         ConfigError {
             file: self.path.to_path_buf(),
@@ -487,7 +495,7 @@ impl Source<'_> {
     }
 
     /// toml's own `Display` quotes the source line; only its message is kept.
-    fn toml_error(&self, error: &toml::de::Error) -> ConfigError {
+    pub(crate) fn toml_error(&self, error: &toml::de::Error) -> ConfigError {
         let message = error.message().trim().replace('\n', "; ");
         match error.span() {
             Some(span) => self.error_at(span, message),
@@ -640,6 +648,7 @@ fn assemble(
     // Whether a group missing from `groups` is really undefined, rather than
     // in a file that could not be read or parsed.
     let groups_complete = policies_complete && parsed_all;
+    let rate = rate_limit_policy(policies, &mut errors);
 
     let config = raw.map(|raw| {
         let engine_defaults = EngineConfig::default();
@@ -741,7 +750,9 @@ fn assemble(
             )
             .map(Duration::from_millis)
             .unwrap_or(limit_defaults.tls_handshake_timeout),
+            rate: rate.clone(),
         };
+        let jwt = crate::auth::load_issuers(main, &raw.jwt_issuer, &mut errors);
 
         let tls = tls(main, &raw.tls, fs_checks, &mut errors);
         let listeners = listeners(main, &raw.listener, &fence, groups_complete, &mut errors);
@@ -764,6 +775,7 @@ fn assemble(
             prefix_lists: BTreeMap::new(),
             deny_lists: BTreeMap::new(),
             global_deny_lists,
+            jwt,
         }
     });
 
@@ -789,6 +801,34 @@ fn assemble(
     }
     sort_errors(&mut errors, main.path, policies);
     Err(ConfigErrors(errors))
+}
+
+/// The rate-limit policy from the one policy file with `[rate_limits]`, or
+/// the defaults; parsing lives in [`crate::ratelimit`].
+fn rate_limit_policy(
+    policies: &[(PathBuf, String)],
+    errors: &mut Vec<ConfigError>,
+) -> crate::ratelimit::RateLimitPolicy {
+    let mut found: Option<&Path> = None;
+    let mut policy = crate::ratelimit::RateLimitPolicy::default();
+    for (path, text) in policies {
+        if !crate::ratelimit::is_rate_limit_file(text) {
+            continue;
+        }
+        let source = Source { path, text };
+        if let Some(first) = found {
+            errors.push(source.error(format!(
+                "[rate_limits] is already defined in {}",
+                first.display()
+            )));
+            continue;
+        }
+        found = Some(path);
+        if let Some(p) = crate::ratelimit::load_policy(&source, errors) {
+            policy = p;
+        }
+    }
+    policy
 }
 
 /// The value of an integer key converted to the field's type: `None` when
@@ -1643,6 +1683,7 @@ admin_groups = ["admins"]
                 max_header_bytes: 1024,
                 header_read_timeout: Duration::from_millis(100),
                 tls_handshake_timeout: Duration::from_secs(600),
+                rate: crate::ratelimit::RateLimitPolicy::default(),
             }
         );
     }

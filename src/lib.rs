@@ -8,6 +8,9 @@
 //!   [`config::Config`]; every error carries its file and line.
 //! - [`netfilter`]: decides whether a peer address may connect to a listener, or use
 //!   an admin route (longest-prefix CIDR tables).
+//! - [`ratelimit`]: decides whether a peer or principal may go on now (GCRA limits,
+//!   the password-hashing cap, connection caps).
+//! - [`auth`]: decides who an app is from its JWT (issuers, keys, roles).
 //! - [`gateway`]: listeners, TLS, HTTP, the request phases, and [`gateway::rescue`],
 //!   the one place where errors become HTTP responses.
 //! - [`api`]: the HTTP surface: Vault-Transit-compatible [`api::transit`] and the
@@ -19,8 +22,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod gateway;
 pub mod netfilter;
+pub mod ratelimit;

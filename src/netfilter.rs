@@ -715,6 +715,7 @@ mod tests {
             prefix_lists: BTreeMap::new(),
             deny_lists: BTreeMap::new(),
             global_deny_lists: vec![],
+            jwt: Default::default(),
         }
     }
 

@@ -397,3 +397,130 @@ async fn port_range_rule_for_another_port_opens_nothing() {
     let (st, _) = s.get(&s.client(), "/v1/sys/health", None).await;
     assert_eq!(st, 501);
 }
+
+// ---------------------------------------------------------------------------
+// Rate limits and app JWTs (issue 4, items 3 and 5).
+
+#[path = "fixtures/jwt_issuer.rs"]
+mod jwt_issuer;
+
+async fn server_with_jwt_issuer(issuer: &jwt_issuer::Issuer) -> TestServer {
+    let s = TestServer::start(Opts {
+        extra_config: issuer.config(),
+        ..Opts::default()
+    });
+    s.init().await;
+    let token = issuer.rs256(&issuer.claims());
+    let (status, body) = s
+        .post(&s.client(), "/v1/transit/keys/k", Some(&token), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    s
+}
+
+async fn encrypt_with(s: &TestServer, token: &str) -> u16 {
+    s.post(
+        &s.client(),
+        "/v1/transit/encrypt/k",
+        Some(token),
+        json!({"plaintext": b64(b"x")}),
+    )
+    .await
+    .0
+}
+
+/// Key confusion: a verifier that feeds the RSA public key to HMAC would
+/// accept a token anyone can mint. The allowlist holds no HS algorithm and
+/// a key is only used with its own family.
+#[tokio::test]
+async fn hs256_token_signed_with_the_rsa_public_key_is_refused() {
+    let issuer = jwt_issuer::Issuer::new();
+    let s = server_with_jwt_issuer(&issuer).await;
+    let claims = issuer.claims();
+    assert_eq!(
+        encrypt_with(&s, &issuer.hs256_with_rsa_public_key(&claims)).await,
+        403
+    );
+    assert_eq!(encrypt_with(&s, &issuer.rs256(&claims)).await, 200);
+}
+
+/// `alg: none` means "no signature": never accepted, whatever the claims.
+#[tokio::test]
+async fn unsigned_alg_none_token_is_refused() {
+    let issuer = jwt_issuer::Issuer::new();
+    let s = server_with_jwt_issuer(&issuer).await;
+    let claims = issuer.claims();
+    assert_eq!(encrypt_with(&s, &issuer.unsigned(&claims)).await, 403);
+    assert_eq!(encrypt_with(&s, &issuer.es256(&claims)).await, 200);
+}
+
+/// A token minted for another service (another `aud`) must not work here.
+#[tokio::test]
+async fn token_for_another_audience_is_refused() {
+    let issuer = jwt_issuer::Issuer::new();
+    let s = server_with_jwt_issuer(&issuer).await;
+    let mut claims = issuer.claims();
+    assert_eq!(encrypt_with(&s, &issuer.rs256(&claims)).await, 200);
+    claims["aud"] = json!("payments-db");
+    assert_eq!(encrypt_with(&s, &issuer.rs256(&claims)).await, 403);
+}
+
+/// One app network guessing passwords, for many users, as fast as it can:
+/// the shipped limits stop it after a handful of argon2 runs, the users it
+/// did not reach keep their counters at zero, and other hosts log in.
+#[tokio::test]
+async fn login_flood_from_one_network_cannot_lock_out_other_users() {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/rate-limits.toml"),
+    )
+    .unwrap();
+    let s = TestServer::start(Opts {
+        rate_limits: Some(shipped),
+        ..app_and_admin_nets()
+    });
+    s.init().await;
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let users = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"];
+    for u in users {
+        let (status, body) = s
+            .post(
+                &s.client(),
+                "/v1/hsm/users",
+                Some(&co),
+                json!({"username": u, "password": CU_PASSWORD}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let attacker = s.client_from(ip(APP_NET));
+    let mut limited = 0;
+    for round in 0..5 {
+        for u in users {
+            let r = attacker
+                .post(s.url("/v1/hsm/login"))
+                .json(&json!({"username": u, "password": format!("guess {round}")}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 429 {
+                assert!(r.headers().contains_key("retry-after"));
+                limited += 1;
+            } else {
+                assert_eq!(r.status(), 401);
+            }
+        }
+    }
+    assert!(limited >= 25, "only {limited} of 40 guesses were limited");
+    let status = s.status().await;
+    let locked = status["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["locked"] == true)
+        .count();
+    assert_eq!(locked, 0, "{status}");
+    // Every user can still log in from its own host.
+    for u in users {
+        assert_eq!(s.login(u, CU_PASSWORD).await.0, 200, "{u}");
+    }
+}

@@ -64,6 +64,7 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
 
 async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: InitBody = call.json()?;
+    let _hashing = hashing_slot(call).await?;
     blocking(call.engine(), move |e| {
         e.init(&body.admin_password, &body.init_token)
     })
@@ -73,6 +74,12 @@ async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
 
 async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: LoginBody = call.json()?;
+    // Per (source network, username): guessing one user from one network is
+    // slow, and every other user (and network) keeps its own budget.
+    call.limiters
+        .check_login_user(call.conn.peer, &body.username)
+        .map_err(ApiError::RateLimited)?;
+    let _hashing = hashing_slot(call).await?;
     let channel = call.conn.channel;
     let officer_allowed = call.is_admin_network;
     let success = blocking(call.engine(), move |e| {
@@ -109,6 +116,7 @@ fn status(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
 async fn create_user(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body: CreateUserBody = call.json()?;
+    let _hashing = hashing_slot(call).await?;
     let (username, role) = (body.username.clone(), body.role);
     blocking(call.engine(), move |e| {
         e.create_user(&by, &body.username, &body.password, body.role)
@@ -120,12 +128,22 @@ async fn create_user(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError>
 async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body: PasswordBody = call.json()?;
+    let _hashing = hashing_slot(call).await?;
     let username = name.to_string();
     blocking(call.engine(), move |e| {
         e.reset_password(&by, &username, &body.password)
     })
     .await?;
     call.ok(json!({ "username": name, "locked": false, "consecutive_failures": 0 }))
+}
+
+/// One of the few slots for argon2 work, held until the response: logins
+/// can never take every core, whatever their rate.
+async fn hashing_slot(call: &Call<'_>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    call.limiters
+        .hashing_permit()
+        .await
+        .map_err(ApiError::RateLimited)
 }
 
 async fn zeroize(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {

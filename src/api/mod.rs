@@ -2,6 +2,7 @@
 //! administration), [`sys`] (health, token lookup). Handlers parse, call the
 //! engine, and shape Vault-style envelopes; errors go back as
 //! [`ApiError`] for the gateway's rescue to render.
+pub mod auth;
 pub mod hsm;
 pub mod sys;
 pub mod transit;
@@ -31,6 +32,10 @@ pub struct Call<'a> {
     /// Whether the TCP peer is on one of the listener's admin networks.
     pub is_admin_network: bool,
     pub request_id: &'a str,
+    /// This request's rate limiters (phase 7 runs in [`Call::principal`]).
+    pub limiters: Arc<crate::ratelimit::Limiters>,
+    /// The snapshot's JWT issuers.
+    pub jwt: &'a crate::auth::JwtIssuers,
 }
 
 impl Call<'_> {
@@ -57,11 +62,46 @@ impl Call<'_> {
             .map(str::trim)
     }
 
-    /// Who is calling. A missing, unknown or expired token is a plain 403,
-    /// as in Vault.
+    /// Who is calling (phase 6), then whether they may go on now (phase 7:
+    /// per principal, and per key for Transit key routes). The token is an
+    /// HSM session token (one hash lookup) or an app JWT from a configured
+    /// issuer. A missing, unknown, expired or invalid token is a plain 403,
+    /// as in Vault; why a JWT was refused goes to the log only.
     pub fn principal(&self) -> Result<Principal, ApiError> {
         let token = self.token().ok_or(ApiError::PermissionDenied)?;
-        Ok(self.engine().authenticate(token)?)
+        let principal = if !self.jwt.is_empty() && crate::auth::looks_like_jwt(token) {
+            match self.jwt.verify(token, None) {
+                Ok(identity) => {
+                    // Keys are the engine's; an app gets none while it is not active.
+                    let state = self.engine().state();
+                    if state != crate::engine::EngineState::Active {
+                        return Err(ApiError::Unavailable(state));
+                    }
+                    identity.principal()
+                }
+                Err(reason) => {
+                    tracing::info!(
+                        target: "hsmgate::auth",
+                        request_id = self.request_id,
+                        peer = %self.conn.peer,
+                        %reason,
+                        "JWT refused"
+                    );
+                    return Err(ApiError::PermissionDenied);
+                }
+            }
+        } else {
+            self.engine().authenticate(token)?
+        };
+        self.limiters
+            .check_principal(&principal.username)
+            .map_err(ApiError::RateLimited)?;
+        if let Some(key) = transit_key_name(self.path) {
+            self.limiters
+                .check_key(key)
+                .map_err(ApiError::RateLimited)?;
+        }
+        Ok(principal)
     }
 
     /// The JSON body; an empty body reads as `{}`.
@@ -109,6 +149,19 @@ impl Call<'_> {
     }
 }
 
+/// The key a Transit path operates on, for the per-key limit.
+pub fn transit_key_name(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/transit/")?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let name = match segments.as_slice() {
+        ["keys", name, ..]
+        | ["encrypt" | "decrypt" | "rewrap" | "hmac" | "sign" | "verify" | "backup" | "restore", name, ..]
+        | ["datakey" | "export", _, name, ..] => *name,
+        _ => return None,
+    };
+    (!name.is_empty()).then_some(name)
+}
+
 /// Runs blocking engine work (argon2, key generation, fsync) off the
 /// async workers.
 pub async fn blocking<T: Send + 'static>(
@@ -148,6 +201,18 @@ pub fn rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_names_of_transit_paths() {
+        assert_eq!(transit_key_name("/v1/transit/encrypt/k1"), Some("k1"));
+        assert_eq!(transit_key_name("/v1/transit/keys/k1/rotate"), Some("k1"));
+        assert_eq!(
+            transit_key_name("/v1/transit/datakey/plaintext/k2"),
+            Some("k2")
+        );
+        assert_eq!(transit_key_name("/v1/transit/keys"), None);
+        assert_eq!(transit_key_name("/v1/transit/random/32"), None);
+    }
 
     #[test]
     fn rfc3339_known_dates() {

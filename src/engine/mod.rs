@@ -120,18 +120,35 @@ pub enum EngineError {
     Internal(String),
 }
 
-/// Who is calling, as established by a session token.
+/// Who is calling, as established by a session token or an app JWT.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub username: String,
     pub role: Role,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
+    /// Policies an app JWT's role maps to (empty for HSM users), carried for
+    /// the access-policy phase.
+    pub app_policies: Vec<String>,
 }
 
 impl Principal {
+    /// An app authenticated by a JWT: it uses keys like a crypto user and
+    /// can never administer (`crate::auth` builds it).
+    pub fn app(name: String, policies: Vec<String>, expires_at: SystemTime) -> Principal {
+        Principal {
+            username: name,
+            role: Role::CryptoUser,
+            issued_at: SystemTime::now(),
+            expires_at,
+            app_policies: policies,
+        }
+    }
+
     pub fn policies(&self) -> Vec<String> {
-        vec![self.role.as_str().to_string()]
+        let mut p = vec![self.role.as_str().to_string()];
+        p.extend(self.app_policies.iter().cloned());
+        p
     }
 }
 
@@ -545,6 +562,7 @@ impl Engine {
             role: record.role,
             issued_at: now,
             expires_at: now + self.config.session_ttl,
+            app_policies: Vec::new(),
         };
         if raw.len() == 32 {
             let mut sessions = lock(&self.sessions);
@@ -555,6 +573,31 @@ impl Engine {
             );
         }
         LoginSuccess { token, principal }
+    }
+
+    /// A session token for an app principal (from `auth/jwt/login`): the
+    /// same cheap lookup as an HSM session, revoked by zeroize like them.
+    /// It never outlives the JWT it was exchanged for, nor the session TTL.
+    pub fn open_app_session(&self, mut principal: Principal) -> Result<SecretString, EngineError> {
+        let state = read(&self.inner).state;
+        if state != EngineState::Active {
+            return Err(EngineError::NotActive(state));
+        }
+        let raw = crypto::random_bytes(32)?;
+        let token = SecretString::new(format!("hsm.{}", URL_SAFE_NO_PAD.encode(&*raw)));
+        let now = SystemTime::now();
+        principal.role = Role::CryptoUser;
+        principal.issued_at = now;
+        principal.expires_at = principal.expires_at.min(now + self.config.session_ttl);
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|_, p| p.expires_at > now);
+        sessions.insert(crypto::sha256(token.expose_secret().as_bytes()), principal);
+        Ok(token)
+    }
+
+    /// Revokes one session token (logout). Unknown tokens are ignored.
+    pub fn revoke_session(&self, token: &str) {
+        lock(&self.sessions).remove(&crypto::sha256(token.as_bytes()));
     }
 
     fn revoke_user_sessions(&self, username: &str) {

@@ -1,11 +1,18 @@
 //! Phases 1–3 for one listener: accept, network check, TLS, HTTP.
 //!
 //! A peer outside the listener's security groups is dropped right after
-//! `accept`: no TLS byte is read or written, no HTTP is parsed.
+//! `accept`: no TLS byte is read or written, no HTTP is parsed. So is a peer
+//! over the connection caps (per source network and in all; see
+//! [`crate::ratelimit`]). An admitted connection is closed when no request
+//! has been in flight for the idle timeout (HTTP/2 would otherwise hold an
+//! idle connection, and its slot under the caps, forever).
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,6 +40,55 @@ pub struct ConnInfo {
     /// bind when the config says port 0).
     pub port: u16,
     pub channel: Channel,
+}
+
+/// Requests in flight on one connection and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+/// Marks one request in flight until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    fn last(&self) -> Instant {
+        // Poisoning cannot leave an Instant half-written.
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When to look again: a busy connection cannot go idle before its
+    /// requests end, so it is looked at one full period later.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            Instant::now() + idle
+        } else {
+            self.last() + idle
+        }
+    }
+
+    fn is_idle(&self, idle: Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && self.last().elapsed() >= idle
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub async fn serve(
@@ -68,6 +124,17 @@ pub async fn serve(
             tracing::trace!(%peer, listener = index, %reason, "connection denied");
             continue;
         }
+        let slot = match state
+            .fence
+            .open_connection(peer, &snapshot.config.limits.rate)
+        {
+            Ok(slot) => slot,
+            Err(cap) => {
+                drop(stream);
+                tracing::debug!(%peer, listener = index, cap, "connection refused: connection cap");
+                continue;
+            }
+        };
         let limits = snapshot.config.limits.clone();
         let channel = snapshot.config.listeners[index].channel;
         drop(snapshot);
@@ -96,9 +163,16 @@ pub async fn serve(
                         return;
                     }
                 };
+            let activity = Arc::new(Activity::new());
+            let service_activity = activity.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(router::handle(state, conn_info, req).await) }
+                let busy = service_activity.begin();
+                async move {
+                    let response = router::handle(state, conn_info, req).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(response)
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
@@ -112,9 +186,27 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.max_header_bytes as u32);
             let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let conn = watcher.watch(conn);
+            tokio::pin!(conn);
+            let idle = limits.rate.connections.idle_timeout;
+            loop {
+                let deadline = activity.idle_deadline(idle);
+                tokio::select! {
+                    result = &mut conn => {
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        if activity.is_idle(idle) {
+                            tracing::debug!(%peer, "idle connection closed");
+                            break;
+                        }
+                    }
+                }
             }
+            drop(slot);
         });
     }
     if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())

@@ -42,6 +42,8 @@ impl Snapshot {
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub engine: Arc<Engine>,
+    /// Rate-limit counters and open connections: they outlive snapshots.
+    pub fence: Arc<crate::ratelimit::Fence>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +88,10 @@ impl Server {
                 })?;
             listeners.push((i, socket));
         }
+        let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
         Ok(Server {
             state: Arc::new(AppState {
+                fence,
                 snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
                 engine: Arc::new(engine),
             }),
@@ -121,6 +125,13 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
+        let sweeper = {
+            let state = self.state.clone();
+            tokio::spawn(crate::ratelimit::sweep_forever(
+                state.fence.clone(),
+                move || state.snapshot.load().config.limits.rate.sweep_interval,
+            ))
+        };
         for (index, socket) in self.listeners {
             let state = self.state.clone();
             let acceptor = tokio_rustls::TlsAcceptor::from(self.cert.server_config());
@@ -131,5 +142,6 @@ impl Server {
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        sweeper.abort();
     }
 }

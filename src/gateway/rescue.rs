@@ -17,6 +17,13 @@ pub enum ApiError {
     PermissionDenied,
     #[error("invalid username or password")]
     LoginFailed,
+    /// A JWT login failed; the same body whatever the reason (the reason is
+    /// logged by `crate::auth`'s caller).
+    #[error("authentication failed")]
+    AuthenticationFailed,
+    /// Over a rate limit: 429 with `Retry-After` and `RateLimit-*` headers.
+    #[error("rate limit quota exceeded ({}); retry after {} s", .0.scope, .0.retry_after_secs)]
+    RateLimited(crate::ratelimit::Limited),
     /// The login guard refused a front-door officer login (423 Locked).
     #[error("{0}")]
     GuardRefused(String),
@@ -64,7 +71,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PermissionDenied => StatusCode::FORBIDDEN,
-            ApiError::LoginFailed => StatusCode::UNAUTHORIZED,
+            ApiError::LoginFailed | ApiError::AuthenticationFailed => StatusCode::UNAUTHORIZED,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::GuardRefused(_) => StatusCode::LOCKED,
             ApiError::NotFound | ApiError::ObjectNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -89,10 +97,19 @@ pub fn respond(err: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
     if let ApiError::Internal(detail) = err {
         tracing::error!(request_id, detail = %detail, "internal error");
     }
-    json_response(
+    let mut resp = json_response(
         err.status(),
         &serde_json::json!({ "errors": err.messages() }),
-    )
+    );
+    if let ApiError::RateLimited(limited) = err {
+        let h = resp.headers_mut();
+        let secs = header::HeaderValue::from(limited.retry_after_secs);
+        h.insert(header::RETRY_AFTER, secs.clone());
+        h.insert("ratelimit-limit", header::HeaderValue::from(limited.limit));
+        h.insert("ratelimit-remaining", header::HeaderValue::from(0u32));
+        h.insert("ratelimit-reset", secs);
+    }
+    resp
 }
 
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -130,6 +147,23 @@ mod tests {
         assert_eq!(resp.status(), 500);
         let body = format!("{:?}", resp.body());
         assert!(!body.contains("secret/path"));
+    }
+
+    #[test]
+    fn rate_limited_is_429_with_retry_after_and_ratelimit_headers() {
+        let resp = respond(
+            &ApiError::RateLimited(crate::ratelimit::Limited {
+                scope: "source",
+                limit: 10,
+                retry_after_secs: 3,
+            }),
+            "r",
+        );
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "3");
+        assert_eq!(resp.headers()["ratelimit-limit"], "10");
+        assert_eq!(resp.headers()["ratelimit-remaining"], "0");
+        assert_eq!(resp.headers()["ratelimit-reset"], "3");
     }
 
     #[test]

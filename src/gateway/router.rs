@@ -14,6 +14,7 @@ use super::{AppState, Snapshot};
 use crate::api::{self, Call};
 use crate::engine::{crypto, Channel};
 use crate::netfilter::NetClass;
+use crate::ratelimit;
 
 /// Which part of the API a path belongs to; each class may demand its own
 /// networks.
@@ -36,12 +37,18 @@ pub fn classify(path: &str) -> RouteClass {
         RouteClass::Transit
     } else if path == "/v1/hsm/login" {
         RouteClass::Login
-    } else if path.starts_with("/v1/hsm/") {
+    } else if path.starts_with("/v1/hsm/") && path != "/v1/hsm/logout" {
         RouteClass::Admin
     } else if path == "/v1/sys/health" {
         RouteClass::Health
-    } else if path == "/v1/auth/token/lookup-self" {
+    } else if path == "/v1/auth/token/lookup-self"
+        || path == "/v1/auth/token/revoke-self"
+        || path == "/v1/hsm/logout"
+    {
+        // Token housekeeping: whoever holds a token, from wherever.
         RouteClass::Transit
+    } else if path == "/v1/auth/jwt/login" {
+        RouteClass::Login
     } else {
         RouteClass::Unknown
     }
@@ -132,6 +139,19 @@ async fn phases(
         return Err(ApiError::PermissionDenied);
     }
     let is_admin_network = filter.is_admin(conn.peer, conn.port);
+    // Phase 5: rate limits before identity, per source network and class.
+    // (Phase 7, per principal and key, runs where identity is established:
+    // `api::Call::principal`.)
+    let limiters = state.fence.limiters(&snapshot.config.limits.rate);
+    let limit_class = match class {
+        RouteClass::Transit => ratelimit::Class::Transit,
+        RouteClass::Login => ratelimit::Class::Login,
+        RouteClass::Admin => ratelimit::Class::Admin,
+        RouteClass::Health | RouteClass::Unknown => ratelimit::Class::Health,
+    };
+    limiters
+        .check_source(conn.peer, limit_class)
+        .map_err(ApiError::RateLimited)?;
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, snapshot.config.limits.max_body_bytes).await?;
     let call = Call {
@@ -144,8 +164,11 @@ async fn phases(
         conn,
         is_admin_network,
         request_id,
+        limiters,
+        jwt: &snapshot.config.jwt,
     };
     match class {
+        _ if api::auth::owns(call.path) => api::auth::handle(&call).await,
         RouteClass::Transit if call.path.starts_with("/v1/transit/") => {
             api::transit::handle(&call).await
         }
@@ -211,6 +234,9 @@ mod tests {
         assert_eq!(classify("/v1/hsm/zeroize"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/health"), RouteClass::Health);
         assert_eq!(classify("/v1/transitx"), RouteClass::Unknown);
+        assert_eq!(classify("/v1/auth/jwt/login"), RouteClass::Login);
+        assert_eq!(classify("/v1/hsm/logout"), RouteClass::Transit);
+        assert_eq!(classify("/v1/auth/token/revoke-self"), RouteClass::Transit);
         assert_eq!(classify("/"), RouteClass::Unknown);
     }
 }

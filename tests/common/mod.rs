@@ -24,7 +24,23 @@ pub struct Opts {
     /// The login guard's reserve (0 turns it off).
     pub login_guard_reserve: u32,
     pub max_body_bytes: usize,
+    /// `policies/rate-limits.toml`; `None` writes [`LOOSE_RATE_LIMITS`], so
+    /// tests of other decisions are not cut short by the (strict) defaults.
+    pub rate_limits: Option<String>,
+    /// Appended to the main config file (e.g. `[[jwt_issuer]]` tables).
+    pub extra_config: String,
 }
+
+/// Limits no other test reaches; tests/ratelimit.rs sets its own.
+pub const LOOSE_RATE_LIMITS: &str = r#"[rate_limits]
+source.transit = { rate = 100000, per = "second", burst = 100000 }
+source.login = { rate = 100000, per = "second", burst = 100000 }
+source.admin = { rate = 100000, per = "second", burst = 100000 }
+source.health = { rate = 100000, per = "second", burst = 100000 }
+login_user = { rate = 100000, per = "second", burst = 100000 }
+principal = { rate = 100000, per = "second", burst = 100000 }
+key = { rate = 100000, per = "second", burst = 100000 }
+"#;
 
 impl Default for Opts {
     fn default() -> Self {
@@ -35,6 +51,8 @@ impl Default for Opts {
             lock_user_after_failures: 5,
             login_guard_reserve: 1,
             max_body_bytes: 1024 * 1024,
+            rate_limits: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -72,6 +90,11 @@ impl TestServer {
             ),
         )
         .unwrap();
+        std::fs::write(
+            policies.join("rate-limits.toml"),
+            opts.rate_limits.as_deref().unwrap_or(LOOSE_RATE_LIMITS),
+        )
+        .unwrap();
         let config_path = dir.path().join("hsmgate.toml");
         std::fs::write(
             &config_path,
@@ -96,12 +119,14 @@ address = "127.0.0.1:0"
 security_groups = ["break-glass"]
 admin_groups = ["break-glass"]
 channel = "break-glass"
+{extra}
 "#,
                 data = data_dir.display(),
                 z = opts.zeroize_after_failures,
                 l = opts.lock_user_after_failures,
                 g = opts.login_guard_reserve,
                 b = opts.max_body_bytes,
+                extra = opts.extra_config,
             ),
         )
         .unwrap();
