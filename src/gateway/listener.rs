@@ -40,6 +40,8 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    // Resolved once: the accept loop only bumps atomics.
+    let counters = state.metrics.listener(index).clone();
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
@@ -59,12 +61,14 @@ pub async fn serve(
         if !snapshot.netfilter.listener(index).may_connect(peer) {
             // Phase 1 deny: close before any byte either way.
             drop(stream);
+            counters.denied.inc();
             tracing::debug!(%peer, listener = index, "connection denied by security groups");
             continue;
         }
         let limits = snapshot.config.limits.clone();
         let channel = snapshot.config.listeners[index].channel;
         drop(snapshot);
+        counters.accepted.inc();
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let state = state.clone();
@@ -74,6 +78,7 @@ pub async fn serve(
             channel,
         };
         let watcher = graceful.watcher();
+        let counters = counters.clone();
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream))
@@ -81,10 +86,12 @@ pub async fn serve(
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
+                        counters.tls_failed.inc();
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
+                        counters.tls_timeout.inc();
                         tracing::debug!(%peer, "TLS handshake timed out");
                         return;
                     }
