@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -125,8 +125,9 @@ pub struct ListenerCounters {
 
 struct ClassHandles {
     duration: Histogram,
-    /// [method][status index]
-    requests: Vec<Vec<IntCounter>>,
+    /// [method][status index], resolved on first use (creating every
+    /// combination up front would export hundreds of zero series).
+    requests: Vec<Vec<OnceLock<IntCounter>>>,
 }
 
 pub struct Metrics {
@@ -221,27 +222,14 @@ impl Metrics {
         r.register(Box::new(durations.clone()))?;
         let mut classes = Vec::new();
         for class in CLASSES {
-            let label = class_label(class);
-            let mut by_method = Vec::new();
-            for method in METHODS {
-                let mut by_status = Vec::new();
-                for status in STATUSES {
-                    by_status.push(requests.with_label_values(&[
-                        label,
-                        method,
-                        &status.to_string(),
-                    ]));
-                }
-                by_method.push(by_status);
-            }
             classes.push(ClassHandles {
-                duration: durations.with_label_values(&[label]),
-                requests: by_method,
+                duration: durations.with_label_values(&[class_label(class)]),
+                requests: METHODS
+                    .iter()
+                    .map(|_| STATUSES.iter().map(|_| OnceLock::new()).collect())
+                    .collect(),
             });
         }
-        // Resolving a handle creates its series at 0; drop the request
-        // counters we do not expect to see, so a scrape lists what happened.
-        requests.reset();
         let listener_counters = |name: &str| ListenerCounters {
             accepted: connections.with_label_values(&[name, "accepted", "allowed"]),
             denied: connections.with_label_values(&[name, "denied", "security_group"]),
@@ -359,7 +347,15 @@ impl Metrics {
         handles.duration.observe(elapsed.as_secs_f64());
         let mi = method_index(method);
         match STATUSES.iter().position(|s| *s == status) {
-            Some(si) => handles.requests[mi][si].inc(),
+            Some(si) => handles.requests[mi][si]
+                .get_or_init(|| {
+                    self.requests.with_label_values(&[
+                        class_label(class),
+                        METHODS[mi],
+                        &STATUSES[si].to_string(),
+                    ])
+                })
+                .inc(),
             None => self
                 .requests
                 .with_label_values(&[class_label(class), METHODS[mi], &status.to_string()])
