@@ -233,7 +233,7 @@ fn promtool() -> Option<PathBuf> {
 }
 
 /// Drives traffic of every kind the dashboards show.
-pub async fn traffic(server: &Server) -> (String, String) {
+async fn traffic(server: &Server) -> (String, String) {
     let (co, app) = server.init().await;
     let (s, _) = server
         .call(
@@ -407,4 +407,184 @@ fn shipped_alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every metric name (`hsmgate_...`, histogram suffixes folded) in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("hsmgate_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &text[start..end];
+        let name = name
+            .strip_suffix("_bucket")
+            .or_else(|| name.strip_suffix("_count"))
+            .or_else(|| name.strip_suffix("_sum"))
+            .unwrap_or(name);
+        names.insert(name.to_string());
+        i = end;
+    }
+    names
+}
+
+/// The PromQL of every dashboard panel and every alert rule.
+fn shipped_queries() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("hsmgate.json")).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            out.push((
+                format!("panel {:?}", panel["title"].as_str().unwrap()),
+                t["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    let rules = std::fs::read_to_string(root.join("alerts.yml")).unwrap();
+    let mut alert = String::new();
+    for line in rules.lines() {
+        let line = line.trim();
+        if let Some(a) = line.strip_prefix("- alert: ") {
+            alert = a.to_string();
+        } else if let Some(e) = line.strip_prefix("expr: ") {
+            out.push((format!("alert {alert}"), e.to_string()));
+        }
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus on loopback scrapes a real hsmgate that served real
+/// traffic; every panel query and alert expression must evaluate, and every
+/// metric it names must have been seen.
+#[tokio::test]
+async fn a_real_prometheus_evaluates_every_panel_and_alert() {
+    let prometheus = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("prometheus"))
+            .find(|p| p.is_file())
+    });
+    let Some(prometheus) = prometheus else {
+        if std::env::var("HSMGATE_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("prometheus is required (HSMGATE_REQUIRE_ALL=1): apt-get install prometheus");
+        }
+        eprintln!("SKIPPED: prometheus not found (apt-get install prometheus)");
+        return;
+    };
+    let server = start();
+    traffic(&server).await;
+    let dir = server.dir.path();
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/alerts.yml");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: hsmgate\n    static_configs:\n      - targets: ['{}']\n",
+            rules.display(),
+            server.metrics
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let prom_log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let child = Command::new(prometheus)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(prom_log)
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(child);
+    let http = reqwest::Client::new();
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let query = |q: String| {
+        let http = http.clone();
+        let api = api.clone();
+        async move {
+            let resp = http
+                .get(format!("{api}/query?query={}", urlencode(&q)))
+                .send()
+                .await
+                .ok()?;
+            resp.json::<Value>().await.ok()
+        }
+    };
+    // Wait (polling Prometheus, not sleeping blind) until two scrapes landed,
+    // so rate() has two points.
+    let mut ready = false;
+    for _ in 0..120 {
+        if let Some(v) = query("count_over_time(up{job=\"hsmgate\"}[1m])".into()).await {
+            if v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|n| n.parse::<f64>().ok())
+                .is_some_and(|n| n >= 3.0)
+            {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        ready,
+        "Prometheus never scraped hsmgate; log:\n{}",
+        std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+    );
+    let queries = shipped_queries();
+    assert!(queries.len() >= 20, "{} queries", queries.len());
+    let mut with_data = Vec::new();
+    for (what, expr) in &queries {
+        let v = query(expr.clone()).await.expect("query answer");
+        assert_eq!(v["status"], "success", "{what}: {expr} is invalid: {v}");
+        for name in metric_names(expr) {
+            let seen = query(format!("count({{__name__=~\"{name}(_bucket)?\"}})"))
+                .await
+                .expect("series answer");
+            assert!(
+                !seen["data"]["result"].as_array().unwrap().is_empty(),
+                "{what}: series {name} never appeared in a scrape"
+            );
+        }
+        if !v["data"]["result"].as_array().unwrap().is_empty() {
+            with_data.push(what.clone());
+        }
+    }
+    eprintln!("queries with data after test traffic: {with_data:#?}");
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
