@@ -604,6 +604,25 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_marks_the_log_unhealthy_until_one_succeeds() {
+        let (_dir, path) = log_with(2);
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        assert!(log.healthy());
+        // Swap in a read-only handle: the next write fails as a full disk would.
+        let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
+        assert!(log.append(Event::new("x", Outcome::Success)).is_err());
+        assert!(!log.healthy());
+        assert_eq!(log.head().seq, 2, "a failed record must not advance the head");
+        log.writer().file = good;
+        assert_eq!(log.append(Event::new("y", Outcome::Success)).unwrap(), 3);
+        assert!(log.healthy());
+        assert!(verify_file(&path, Some(&head_path(&path)))
+            .unwrap()
+            .broken
+            .is_none());
+    }
+
+    #[test]
     fn time_has_milliseconds() {
         let t = now_rfc3339();
         assert_eq!(t.len(), "2026-01-01T00:00:00.000Z".len(), "{t}");
