@@ -612,7 +612,11 @@ mod tests {
         let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
         assert!(log.append(Event::new("x", Outcome::Success)).is_err());
         assert!(!log.healthy());
-        assert_eq!(log.head().seq, 2, "a failed record must not advance the head");
+        assert_eq!(
+            log.head().seq,
+            2,
+            "a failed record must not advance the head"
+        );
         log.writer().file = good;
         assert_eq!(log.append(Event::new("y", Outcome::Success)).unwrap(), 3);
         assert!(log.healthy());

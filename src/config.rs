@@ -1454,6 +1454,42 @@ admin_groups = ["admins"]
     }
 
     #[test]
+    fn audit_and_metrics_sections_are_parsed_and_validated() {
+        use crate::audit::{FsyncPolicy, KeyUseLevel};
+        let config = load_ok(MAIN, GROUPS);
+        assert_eq!(config.audit, crate::audit::AuditConfig::default());
+        assert!(!config.metrics.enabled, "no [metrics] section: no listener");
+        let main = format!(
+            "{MAIN}\n[audit]\nfsync = \"batched\"\nbatch_interval_ms = 250\nkey_use = \"off\"\n\
+             [metrics]\naddress = \"127.0.0.1:0\"\nsecurity_groups = [\"admins\"]\n"
+        );
+        let config = load_ok(&main, GROUPS);
+        assert_eq!(
+            config.audit.fsync,
+            FsyncPolicy::Batched {
+                interval: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(config.audit.key_use, KeyUseLevel::Off);
+        assert!(config.metrics.enabled);
+        assert_eq!(config.metrics.security_groups, ["admins"]);
+        let bad = format!(
+            "{MAIN}\n[audit]\nfsync = \"sometimes\"\n[metrics]\nsecurity_groups = [\"nope\"]\n"
+        );
+        let found = errors(&bad, &[("sg.toml", GROUPS)]);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[0].2.contains("audit.fsync must be"), "{found:#?}");
+        assert!(found[0].1.is_some() && found[1].1.is_some(), "{found:#?}");
+        assert!(
+            found[1].2.contains("metrics.security_groups names group"),
+            "{found:#?}"
+        );
+        // The default group must exist when metrics are on.
+        let found = errors(&format!("{MAIN}\n[metrics]\n"), &[("sg.toml", GROUPS)]);
+        assert!(found[0].2.contains("`monitoring`"), "{found:#?}");
+    }
+
+    #[test]
     fn listener_channel_is_front_door_by_default_and_validated() {
         let config = load_ok(MAIN, GROUPS);
         assert!(config
