@@ -1,10 +1,11 @@
-//! The command line: `serve`, `check`, `version`. Parsing lives here; the
+//! The command line: `serve`, `check`, `audit verify`, `version`. Parsing lives here; the
 //! work lives in the library.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::audit;
 use crate::config::{self, Config};
 use crate::gateway::Server;
 use crate::netfilter::Netfilter;
@@ -36,8 +37,30 @@ pub enum Command {
         #[arg(long, default_value = "config/hsmgate.toml")]
         config: PathBuf,
     },
+    /// Work with the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the hash chain of an audit log and compare it with its stored
+    /// head (`<log>.head`). Exit 0 when whole, 1 when broken, 2 on errors.
+    Verify {
+        /// The log; default: the configured one (`[audit] path`, or
+        /// `<data dir>/audit.log`).
+        path: Option<PathBuf>,
+        /// Used to find the log when PATH is not given.
+        #[arg(long, default_value = "config/hsmgate.toml")]
+        config: PathBuf,
+        /// The head file to compare with; default `<log>.head`.
+        #[arg(long)]
+        head: Option<PathBuf>,
+    },
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -46,6 +69,9 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("hsmgate {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Command::Audit {
+            command: AuditCommand::Verify { path, config, head },
+        } => audit_verify(path, &config, head),
         Command::Check { config } => match load(&config) {
             Some(cfg) => {
                 let filter = Netfilter::build(&cfg);
@@ -75,6 +101,62 @@ pub fn run(cli: Cli) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> ExitCode {
+    let path = match path {
+        Some(p) => p,
+        None => match load(config) {
+            Some(cfg) => cfg.audit.log_path(&cfg.data_dir),
+            None => return ExitCode::from(2),
+        },
+    };
+    let head = head.unwrap_or_else(|| audit::head_path(&path));
+    let head_present = head.exists();
+    let report = match audit::verify_file(&path, head_present.then_some(head.as_path())) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hsmgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match &report.broken {
+        None => {
+            let (seq, hash) = report
+                .head
+                .as_ref()
+                .map_or((0, audit::GENESIS), |h| (h.seq, h.hash.as_str()));
+            println!(
+                "audit log OK: {} ({} records; head seq {seq} sha256 {hash}; {})",
+                path.display(),
+                report.records,
+                if report.head_checked {
+                    format!("matches the stored head {}", head.display())
+                } else {
+                    format!(
+                        "no stored head at {}: truncation at the end cannot be detected",
+                        head.display()
+                    )
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Some(b) => {
+            println!(
+                "audit log BROKEN: {} at record {} (line {}): {}",
+                path.display(),
+                b.seq,
+                b.line,
+                b.detail
+            );
+            println!(
+                "records before it verify: {} (head seq {})",
+                report.records,
+                report.head.as_ref().map_or(0, |h| h.seq)
+            );
+            ExitCode::from(1)
         }
     }
 }
@@ -134,6 +216,10 @@ fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         for (name, addr) in server.local_addrs() {
             // A stable line on stdout that scripts and tests can wait for.
             println!("hsmgate: listening {name} https://{addr}");
+        }
+        if let Some(addr) = server.metrics_addr() {
+            // Plain HTTP on purpose: see docs/OPERATIONS.md.
+            println!("hsmgate: listening metrics http://{addr}");
         }
         server.run(shutdown_signal()).await;
         Ok::<(), Box<dyn std::error::Error>>(())

@@ -63,6 +63,10 @@ pub struct Config {
     pub global_deny_lists: Vec<String>,
     /// App JWT issuers (`[[jwt_issuer]]`), their keys loaded; see [`crate::auth`].
     pub jwt: crate::auth::JwtIssuers,
+    /// `[audit]`: where the audit log lives, how it syncs, what it records.
+    pub audit: crate::audit::AuditConfig,
+    /// `[metrics]`: the Prometheus listener.
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// Login-failure thresholds and session lifetime for the engine.
@@ -375,6 +379,27 @@ struct RawConfig {
     deny_lists: Vec<Spanned<String>>,
     #[serde(default)]
     jwt_issuer: Vec<Spanned<crate::auth::RawIssuer>>,
+    #[serde(default)]
+    audit: RawAudit,
+    /// Absent: no metrics listener (the shipped config has the section).
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<Spanned<String>>,
+    fsync: Option<Spanned<String>>,
+    batch_interval_ms: Option<Spanned<i64>>,
+    key_use: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    address: Option<Spanned<String>>,
+    security_groups: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -764,6 +789,11 @@ fn assemble(
             groups_complete,
             &mut errors,
         );
+        let audit = audit_section(main, &raw.audit, &mut errors);
+        let metrics = match &raw.metrics {
+            Some(m) => metrics_section(main, m, &fence.groups, groups_complete, &mut errors),
+            None => crate::metrics::MetricsConfig::default(),
+        };
         Config {
             source_path: main.path.to_path_buf(),
             data_dir,
@@ -776,6 +806,8 @@ fn assemble(
             deny_lists: BTreeMap::new(),
             global_deny_lists,
             jwt,
+            audit,
+            metrics,
         }
     });
 
@@ -1074,6 +1106,140 @@ fn deny_list_refs(
         }
     }
     dedup(refs)
+}
+
+const AUDIT_BATCH_INTERVAL_MS: RangeInclusive<i64> = 10..=60_000;
+
+/// `[audit]`: relative paths are relative to the data dir's parent working
+/// directory, as `engine.data_dir` is; absent means `<data dir>/audit.log`.
+fn audit_section(
+    main: &Source<'_>,
+    raw: &RawAudit,
+    errors: &mut Vec<ConfigError>,
+) -> crate::audit::AuditConfig {
+    use crate::audit::{AuditConfig, FsyncPolicy, KeyUseLevel};
+    let path = match &raw.path {
+        Some(p) if p.get_ref().trim().is_empty() => {
+            errors.push(main.error_at(p.span(), "audit.path must not be empty"));
+            None
+        }
+        Some(p) => Some(PathBuf::from(p.get_ref())),
+        None => None,
+    };
+    let interval = bounded::<u64>(
+        main,
+        errors,
+        "audit.batch_interval_ms",
+        &raw.batch_interval_ms,
+        AUDIT_BATCH_INTERVAL_MS,
+    )
+    .map_or(Duration::from_secs(1), Duration::from_millis);
+    let fsync = match raw.fsync.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+        None | Some(("every", _)) => FsyncPolicy::Every,
+        Some(("batched", _)) => FsyncPolicy::Batched { interval },
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "audit.fsync must be \"every\" or \"batched\", not {}",
+                    quoted(other)
+                ),
+            ));
+            FsyncPolicy::Every
+        }
+    };
+    let key_use = match raw
+        .key_use
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
+        None | Some(("all", _)) => KeyUseLevel::All,
+        Some(("off", _)) => KeyUseLevel::Off,
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "audit.key_use must be \"all\" or \"off\", not {}",
+                    quoted(other)
+                ),
+            ));
+            KeyUseLevel::All
+        }
+    };
+    AuditConfig {
+        path,
+        fsync,
+        key_use,
+    }
+}
+
+/// `[metrics]`: present means enabled unless `enabled = false`; the
+/// listener must name defined groups, like any listener.
+fn metrics_section(
+    main: &Source<'_>,
+    raw: &RawMetrics,
+    groups: &BTreeMap<String, DefinedGroup>,
+    groups_complete: bool,
+    errors: &mut Vec<ConfigError>,
+) -> crate::metrics::MetricsConfig {
+    let defaults = crate::metrics::MetricsConfig::default();
+    let address = match &raw.address {
+        None => defaults.address,
+        Some(a) => match a.get_ref().parse::<SocketAddr>() {
+            Ok(address) => address,
+            Err(_) => {
+                errors.push(main.error_at(
+                    a.span(),
+                    format!(
+                        "metrics.address {} is not an IP address and port (e.g. 127.0.0.1:9464)",
+                        quoted(a.get_ref())
+                    ),
+                ));
+                defaults.address
+            }
+        },
+    };
+    let enabled = raw.enabled.unwrap_or(true);
+    let security_groups = match &raw.security_groups {
+        None => {
+            let name = crate::metrics::DEFAULT_GROUP;
+            if enabled && groups_complete && !groups.contains_key(name) {
+                errors.push(main.error(format!(
+                    "[metrics] is enabled with the default security group {}, which no policy \
+                     file defines: define it, or set metrics.security_groups{}",
+                    quoted(name),
+                    defined_list(groups)
+                )));
+            }
+            vec![name.to_string()]
+        }
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                errors.push(main.error_at(
+                    list.span(),
+                    "metrics.security_groups needs at least one group: the default is deny",
+                ));
+            }
+            for group in list.get_ref() {
+                if groups_complete && !groups.contains_key(group.get_ref()) {
+                    errors.push(main.error_at(
+                        group.span(),
+                        format!(
+                            "metrics.security_groups names group {}, which no policy file defines{}",
+                            quoted(group.get_ref()),
+                            defined_list(groups)
+                        ),
+                    ));
+                }
+            }
+            dedup(list.get_ref())
+        }
+    };
+    crate::metrics::MetricsConfig {
+        enabled,
+        address,
+        security_groups,
+    }
 }
 
 /// Group names in file order, repeats dropped (a repeat adds nothing).
@@ -1623,6 +1789,12 @@ admin_groups = ["admins"]
         assert_eq!(config.tls, TlsConfig::default());
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert_eq!(config.listeners.len(), 2, "api and break-glass");
+        assert_eq!(config.listeners.len(), 2);
+        assert_eq!(config.listeners[1].channel, Channel::BreakGlass);
+        assert!(config.metrics.enabled);
+        assert_eq!(config.metrics.address, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(config.metrics.security_groups, ["monitoring"]);
+        assert_eq!(config.audit, crate::audit::AuditConfig::default());
         let api = &config.listeners[0];
         assert_eq!(api.name, "api");
         assert_eq!(api.address, "127.0.0.1:8200".parse().unwrap());
@@ -1636,7 +1808,7 @@ admin_groups = ["admins"]
         assert_eq!(bg.security_groups, ["break-glass"]);
         assert_eq!(
             config.groups.keys().collect::<Vec<_>>(),
-            ["admins", "apps", "break-glass"]
+            ["admins", "apps", "break-glass", "monitoring"]
         );
         for group in config.groups.values() {
             let sources: Vec<String> = group.rules.iter().map(|r| r.source.to_string()).collect();
@@ -1770,6 +1942,42 @@ admin_groups = ["admins"]
         assert_eq!(load_ok(&main, GROUPS).engine.login_guard_reserve, 0);
         let main = format!("[engine]\nzeroize_after_failures = 5\nlogin_guard_reserve = 2\n{MAIN}");
         assert_eq!(load_ok(&main, GROUPS).engine.login_guard_reserve, 2);
+    }
+
+    #[test]
+    fn audit_and_metrics_sections_are_parsed_and_validated() {
+        use crate::audit::{FsyncPolicy, KeyUseLevel};
+        let config = load_ok(MAIN, GROUPS);
+        assert_eq!(config.audit, crate::audit::AuditConfig::default());
+        assert!(!config.metrics.enabled, "no [metrics] section: no listener");
+        let main = format!(
+            "{MAIN}\n[audit]\nfsync = \"batched\"\nbatch_interval_ms = 250\nkey_use = \"off\"\n\
+             [metrics]\naddress = \"127.0.0.1:0\"\nsecurity_groups = [\"admins\"]\n"
+        );
+        let config = load_ok(&main, GROUPS);
+        assert_eq!(
+            config.audit.fsync,
+            FsyncPolicy::Batched {
+                interval: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(config.audit.key_use, KeyUseLevel::Off);
+        assert!(config.metrics.enabled);
+        assert_eq!(config.metrics.security_groups, ["admins"]);
+        let bad = format!(
+            "{MAIN}\n[audit]\nfsync = \"sometimes\"\n[metrics]\nsecurity_groups = [\"nope\"]\n"
+        );
+        let found = errors(&bad, &[("sg.toml", GROUPS)]);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[0].2.contains("audit.fsync must be"), "{found:#?}");
+        assert!(found[0].1.is_some() && found[1].1.is_some(), "{found:#?}");
+        assert!(
+            found[1].2.contains("metrics.security_groups names group"),
+            "{found:#?}"
+        );
+        // The default group must exist when metrics are on.
+        let found = errors(&format!("{MAIN}\n[metrics]\n"), &[("sg.toml", GROUPS)]);
+        assert!(found[0].2.contains("`monitoring`"), "{found:#?}");
     }
 
     #[test]

@@ -17,15 +17,19 @@
 //!   HSM administration API [`api::hsm`].
 //! - [`engine`]: the software HSM: state machine, users and the login counters,
 //!   the sealed crash-safe store, the cryptography, zeroization.
+//! - [`audit`]: the hash-chained audit log (append, sync, offline verify).
+//! - [`metrics`]: Prometheus metrics and the metrics listener.
 //!
 //! See `docs/ARCHITECTURE.md` for the request phases and where each decision lives.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod gateway;
+pub mod metrics;
 pub mod netfilter;
 pub mod ratelimit;

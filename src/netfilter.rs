@@ -679,6 +679,8 @@ mod tests {
             engine: EngineConfig::default(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
+            audit: Default::default(),
+            metrics: Default::default(),
             listeners: listeners
                 .iter()
                 .enumerate()

@@ -524,3 +524,41 @@ async fn login_flood_from_one_network_cannot_lock_out_other_users() {
         assert_eq!(s.login(u, CU_PASSWORD).await.0, 200, "{u}");
     }
 }
+
+/// Guards against a password (right or wrong) reaching the audit log, and
+/// against a failed or refused officer login going unrecorded: the audit
+/// log is how an operator proves afterwards who burned the attempts.
+#[tokio::test]
+async fn logins_are_audited_without_their_passwords() {
+    let s = TestServer::start(Opts::default());
+    s.init().await;
+    for _ in 0..3 {
+        s.login("admin", "guessed-password-123").await;
+    }
+    assert_eq!(s.login_break_glass("admin", ADMIN_PASSWORD).await.0, 200);
+    let log = std::fs::read_to_string(s.path("audit.log")).unwrap();
+    assert!(!log.contains("guessed-password-123"));
+    assert!(!log.contains(ADMIN_PASSWORD));
+    let outcomes: Vec<(String, String)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["action"] == "hsm.login")
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap().to_string(),
+                r["detail"]["channel"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("failure", "front-door"),
+        ("failure", "front-door"),
+        ("refused", "front-door"),
+        ("success", "break-glass"),
+    ];
+    assert_eq!(
+        outcomes,
+        expected.map(|(o, c)| (o.to_string(), c.to_string())),
+        "{log}"
+    );
+}

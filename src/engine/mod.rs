@@ -656,6 +656,21 @@ impl Engine {
         })
     }
 
+    /// The type of every stored key ring (for the keys-by-type metric);
+    /// empty unless active. Names stay inside the engine.
+    pub fn key_types(&self) -> Vec<crypto::KeyType> {
+        self.with_active(|a| Ok(read(&a.keys).values().map(|r| r.key_type).collect()))
+            .unwrap_or_default()
+    }
+
+    /// The type of key `name`, if it exists (for metric labels; no role check
+    /// because nothing but the type leaves the engine).
+    pub fn key_type_of(&self, name: &str) -> Option<crypto::KeyType> {
+        self.with_active(|a| Ok(read(&a.keys).get(name).map(|r| r.key_type)))
+            .ok()
+            .flatten()
+    }
+
     fn require(principal: &Principal, role: Role) -> Result<(), EngineError> {
         if principal.role == role {
             Ok(())

@@ -100,6 +100,8 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let port = socket.local_addr().map_or(0, |a| a.port());
+    // Resolved once: the accept loop only bumps atomics.
+    let counters = state.metrics.listener(index).clone();
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
@@ -121,6 +123,7 @@ pub async fn serve(
         if let Err(reason) = snapshot.netfilter.listener(index).check_connect(peer, port) {
             // Close before any byte either way.
             drop(stream);
+            counters.denied.inc();
             tracing::trace!(%peer, listener = index, %reason, "connection denied");
             continue;
         }
@@ -138,6 +141,7 @@ pub async fn serve(
         let limits = snapshot.config.limits.clone();
         let channel = snapshot.config.listeners[index].channel;
         drop(snapshot);
+        counters.accepted.inc();
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let state = state.clone();
@@ -148,6 +152,7 @@ pub async fn serve(
             channel,
         };
         let watcher = graceful.watcher();
+        let counters = counters.clone();
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream))
@@ -155,10 +160,12 @@ pub async fn serve(
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
+                        counters.tls_failed.inc();
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
+                        counters.tls_timeout.inc();
                         tracing::debug!(%peer, "TLS handshake timed out");
                         return;
                     }

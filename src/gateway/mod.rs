@@ -3,9 +3,11 @@
 //! - [`listener`]: accept → network check (phase 1) → TLS (2) → HTTP (3).
 //! - [`router`]: per request, phases 4–10 (route class, class networks,
 //!   limits, identity, dispatch, access log).
+//! - [`observe`]: phase 10's audit record and metrics for each request.
 //! - [`rescue`]: errors → HTTP responses, in one place.
 //! - [`tls`]: the certificate and rustls config.
 pub mod listener;
+pub mod observe;
 pub mod rescue;
 pub mod router;
 pub mod tls;
@@ -17,23 +19,29 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
+use crate::audit::{AuditError, AuditLog, Event, Outcome};
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
-use crate::netfilter::Netfilter;
+use crate::metrics::{Metrics, MetricsError};
+use crate::netfilter::{CidrSet, Netfilter};
 
 /// One immutable view of the configuration. A request loads it once, so a
 /// reload never changes the rules under a request in flight.
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub netfilter: Netfilter,
+    /// Who may connect to the metrics listener.
+    pub metrics_filter: CidrSet,
 }
 
 impl Snapshot {
     pub fn new(config: Config) -> Snapshot {
         let netfilter = Netfilter::build(&config);
+        let metrics_filter = crate::metrics::admitted(&config);
         Snapshot {
             config: Arc::new(config),
             netfilter,
+            metrics_filter,
         }
     }
 }
@@ -44,6 +52,9 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Rate-limit counters and open connections: they outlive snapshots.
     pub fence: Arc<crate::ratelimit::Fence>,
+    /// The hash-chained audit log (phase 10).
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +63,10 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] MetricsError),
     #[error("binding listener {name} on {address}: {source}")]
     Bind {
         name: String,
@@ -65,6 +80,7 @@ pub struct Server {
     state: Arc<AppState>,
     cert: tls::ServerCert,
     listeners: Vec<(usize, TcpListener)>,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -76,7 +92,14 @@ impl Server {
         let engine = tokio::task::spawn_blocking(move || Engine::open(&data_dir, engine_config))
             .await
             .map_err(|e| EngineError::Internal(format!("engine open task: {e}")))??;
+        let audit_path = config.audit.log_path(&config.data_dir);
+        let audit_config = config.audit.clone();
+        let audit = tokio::task::spawn_blocking(move || AuditLog::open(&audit_path, &audit_config))
+            .await
+            .map_err(|e| EngineError::Internal(format!("audit open task: {e}")))??;
+        let metrics = Metrics::new(&config)?;
         let cert = tls::load_or_generate(&config)?;
+        let metrics_listener = crate::metrics::bind(&config).await?;
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
             let socket = TcpListener::bind(l.address)
@@ -94,9 +117,12 @@ impl Server {
                 fence,
                 snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
                 engine: Arc::new(engine),
+                audit: Arc::new(audit),
+                metrics: Arc::new(metrics),
             }),
             cert,
             listeners,
+            metrics_listener,
         })
     }
 
@@ -110,6 +136,13 @@ impl Server {
                 l.local_addr().ok().map(|a| (name, a))
             })
             .collect()
+    }
+
+    /// The metrics listener's bound address (plain HTTP), when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn engine(&self) -> Arc<Engine> {
@@ -132,6 +165,37 @@ impl Server {
                 move || state.snapshot.load().config.limits.rate.sweep_interval,
             ))
         };
+        let start = Event::new("server.start", Outcome::Success)
+            .detail("engine_state", self.state.engine.state().as_str())
+            .detail("version", env!("CARGO_PKG_VERSION"));
+        audit_local(&self.state, start).await;
+        if let Some(socket) = self.metrics_listener {
+            tasks.spawn(crate::metrics::serve(
+                socket,
+                self.state.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        if let Some(interval) = self.state.audit.flush_interval() {
+            let audit = self.state.audit.clone();
+            let metrics = self.state.metrics.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let audit = audit.clone();
+                    let flushed = tokio::task::spawn_blocking(move || audit.flush()).await;
+                    if !matches!(flushed, Ok(Ok(()))) {
+                        metrics.audit_write_failures.inc();
+                        tracing::error!("audit log: batched sync failed");
+                    }
+                }
+            });
+        }
         for (index, socket) in self.listeners {
             let state = self.state.clone();
             let acceptor = tokio_rustls::TlsAcceptor::from(self.cert.server_config());
@@ -143,5 +207,22 @@ impl Server {
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         sweeper.abort();
+        // After the drain: every request's record is written; sync them all.
+        let state = self.state.clone();
+        audit_local(&state, Event::new("server.stop", Outcome::Success)).await;
+        let flushed = tokio::task::spawn_blocking(move || state.audit.flush()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::error!("audit log: final sync failed");
+        }
+    }
+}
+
+/// Records a server-side event (no peer, no actor).
+async fn audit_local(state: &AppState, event: Event) {
+    let audit = state.audit.clone();
+    let written = tokio::task::spawn_blocking(move || audit.append(event)).await;
+    if !matches!(written, Ok(Ok(_))) {
+        state.metrics.audit_write_failures.inc();
+        tracing::error!("audit log: could not record a server event");
     }
 }

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::{header, Request, Response};
 
 use super::listener::ConnInfo;
+use super::observe;
 use super::rescue::{self, ApiError};
 use super::{AppState, Snapshot};
 use crate::api::{self, Call};
@@ -29,6 +30,8 @@ pub enum RouteClass {
     Admin,
     /// `/v1/sys/health`.
     Health,
+    /// `/v1/sys/metrics`: Prometheus text, with a valid token.
+    Metrics,
     Unknown,
 }
 
@@ -41,6 +44,8 @@ pub fn classify(path: &str) -> RouteClass {
         RouteClass::Admin
     } else if path == "/v1/sys/health" {
         RouteClass::Health
+    } else if path == "/v1/sys/metrics" {
+        RouteClass::Metrics
     } else if path == "/v1/auth/token/lookup-self"
         || path == "/v1/auth/token/revoke-self"
         || path == "/v1/hsm/logout"
@@ -65,7 +70,9 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let snapshot = state.snapshot.load_full();
     let class = classify(&path);
-    let outcome = phases(&state, &snapshot, conn, class, &request_id, req).await;
+    let mut facts = observe::Facts::new(state.engine.state());
+    let outcome = phases(&state, &snapshot, conn, class, &request_id, req, &mut facts).await;
+    let guard_refused = matches!(outcome, Err(ApiError::GuardRefused(_)));
     let mut response = match outcome {
         Ok(r) => r,
         Err(e) => {
@@ -85,10 +92,31 @@ pub async fn handle(
             r
         }
     };
+    // Phase 10, whatever happened above: audit (which may still fail an
+    // admin request), metrics, access log.
+    if let Err(e) = observe::record(
+        &state,
+        conn,
+        class,
+        &method,
+        &path,
+        &request_id,
+        &facts,
+        response.status().as_u16(),
+        guard_refused,
+    )
+    .await
+    {
+        response = rescue::respond(&e, &request_id);
+    }
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .request(class, &method, response.status().as_u16(), elapsed);
+    observe::observe(&state, class, &facts, response.status().as_u16(), elapsed);
     if let Ok(v) = header::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    // Phase 10, whatever happened above.
     tracing::info!(
         target: "hsmgate::access",
         request_id,
@@ -110,6 +138,7 @@ async fn phases(
     class: RouteClass,
     request_id: &str,
     req: Request<Incoming>,
+    facts: &mut observe::Facts,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     // The connection was admitted at accept time; a reload may have revoked
     // the peer since. Re-check against this request's snapshot.
@@ -121,6 +150,8 @@ async fn phases(
         RouteClass::Login => Some(NetClass::Login),
         RouteClass::Admin => Some(NetClass::Admin),
         RouteClass::Health => Some(NetClass::Health),
+        // Vault's token-protected metrics path: the app networks, plus a token.
+        RouteClass::Metrics => Some(NetClass::Transit),
         RouteClass::Unknown => None,
     };
     match net_class {
@@ -135,7 +166,9 @@ async fn phases(
         }
     }
     // Break-glass is a door for administrators, not a second app endpoint.
-    if conn.channel == Channel::BreakGlass && class == RouteClass::Transit {
+    if conn.channel == Channel::BreakGlass
+        && matches!(class, RouteClass::Transit | RouteClass::Metrics)
+    {
         return Err(ApiError::PermissionDenied);
     }
     let is_admin_network = filter.is_admin(conn.peer, conn.port);
@@ -147,13 +180,21 @@ async fn phases(
         RouteClass::Transit => ratelimit::Class::Transit,
         RouteClass::Login => ratelimit::Class::Login,
         RouteClass::Admin => ratelimit::Class::Admin,
-        RouteClass::Health | RouteClass::Unknown => ratelimit::Class::Health,
+        RouteClass::Health | RouteClass::Metrics | RouteClass::Unknown => ratelimit::Class::Health,
     };
     limiters
         .check_source(conn.peer, limit_class)
         .map_err(ApiError::RateLimited)?;
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, snapshot.config.limits.max_body_bytes).await?;
+    facts.learn(state, class, &parts, &body);
+    // No unaudited admin action: while the audit log cannot be written,
+    // admin requests and logins are refused before they act.
+    if matches!(class, RouteClass::Login | RouteClass::Admin) && !state.audit.healthy() {
+        return Err(ApiError::Internal(
+            "the audit log is failing; refusing admin requests until it recovers".into(),
+        ));
+    }
     let call = Call {
         state,
         method: &parts.method,
@@ -175,6 +216,7 @@ async fn phases(
         RouteClass::Transit => api::sys::lookup_self(&call),
         RouteClass::Login | RouteClass::Admin => api::hsm::handle(&call).await,
         RouteClass::Health => api::sys::health(&call),
+        RouteClass::Metrics => crate::metrics::sys_metrics(&call),
         RouteClass::Unknown => Err(ApiError::NotFound),
     }
 }
@@ -233,6 +275,7 @@ mod tests {
         assert_eq!(classify("/v1/hsm/init"), RouteClass::Admin);
         assert_eq!(classify("/v1/hsm/zeroize"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/health"), RouteClass::Health);
+        assert_eq!(classify("/v1/sys/metrics"), RouteClass::Metrics);
         assert_eq!(classify("/v1/transitx"), RouteClass::Unknown);
         assert_eq!(classify("/v1/auth/jwt/login"), RouteClass::Login);
         assert_eq!(classify("/v1/hsm/logout"), RouteClass::Transit);

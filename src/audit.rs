@@ -1,0 +1,634 @@
+//! The audit log: append-only JSON lines, each record hash-chained to the
+//! one before it, verifiable offline (`hsmgate audit verify`).
+//!
+//! Every line is one [`Record`]. Its `prev` field is the hex SHA-256 of the
+//! previous line's exact bytes (without the newline); the first record's is
+//! 64 zeros. Changing a byte breaks the next record's `prev`, deleting or
+//! swapping records breaks the `seq` run, and only truncation at the end
+//! leaves a valid chain, so the *head* (last sequence number and its hash)
+//! is also written, after each sync, to a sidecar file `<log>.head`, and
+//! exported as a metric so an off-host Prometheus keeps a witness too.
+//! The log and its head live in the data dir by default and survive
+//! zeroization, which removes only `store.redb` and `master.key`.
+//!
+//! Durability: a record is written with one `write` before the request that
+//! caused it is answered, so `kill -9` never loses an acknowledged record.
+//! With `fsync = "every"` each record is also synced (power loss); with
+//! `fsync = "batched"` security and admin records are still synced at once
+//! and key-use records are synced by [`AuditLog::flush`] on a timer.
+//!
+//! A write failure marks the log failed: admin requests are refused until a
+//! write succeeds again (`healthy`), so no admin action goes unaudited.
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::crypto;
+use crate::engine::store;
+
+/// The `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// When records reach the disk platter, not only the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every record is synced before the request is answered.
+    Every,
+    /// Security and admin records are synced at once; key-use records at
+    /// the next timer flush (at most `interval` later).
+    Batched { interval: Duration },
+}
+
+/// Which Transit operations leave a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUseLevel {
+    /// One record per Transit operation: principal, key, operation, outcome.
+    All,
+    /// No key-use records (HSM API calls, logins and denials are still recorded).
+    Off,
+}
+
+/// The `[audit]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The log file; `None` means `<data dir>/audit.log`.
+    pub path: Option<PathBuf>,
+    pub fsync: FsyncPolicy,
+    pub key_use: KeyUseLevel,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: None,
+            fsync: FsyncPolicy::Every,
+            key_use: KeyUseLevel::All,
+        }
+    }
+}
+
+impl AuditConfig {
+    pub fn log_path(&self, data_dir: &Path) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| data_dir.join("audit.log"))
+    }
+}
+
+/// The head sidecar of a log: `<log>.head`.
+pub fn head_path(log: &Path) -> PathBuf {
+    let mut name = log
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".head");
+    log.with_file_name(name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("audit head {path}: {detail}")]
+    Head { path: PathBuf, detail: String },
+    #[error(
+        "audit log {path} does not match its stored head ({detail}); it was truncated or \
+         replaced. Keep both files as evidence, move them aside, and start again to begin a new log"
+    )]
+    HeadMismatch { path: PathBuf, detail: String },
+    #[error("audit log {path} is broken at record {seq}: {detail}; run `hsmgate audit verify`")]
+    Broken {
+        path: PathBuf,
+        seq: u64,
+        detail: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How an audited action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    /// Wrong credentials, bad input, or an engine error.
+    Failure,
+    /// Refused by policy: network, role, missing token.
+    Denied,
+    /// Refused by the login guard (the crypto officer's reserve).
+    Refused,
+    /// The server failed (5xx).
+    Error,
+}
+
+/// One line of the log. Field order is the serialization order; the chain
+/// hashes the line's bytes as written, so no canonical form is needed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub seq: u64,
+    /// RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// The user (or login name) acting; `null` when nobody is identified.
+    pub actor: Option<String>,
+    /// The TCP peer, or `local` for the server itself.
+    pub source: String,
+    /// e.g. `hsm.login`, `hsm.zeroize`, `transit.encrypt`, `engine.zeroized`.
+    pub action: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Action-specific facts (key name, HTTP status, attempts left, cause).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub detail: serde_json::Map<String, serde_json::Value>,
+    /// Hex SHA-256 of the previous line.
+    pub prev: String,
+}
+
+/// What a caller hands to [`AuditLog::append`]; the log adds seq, time, prev.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub actor: Option<String>,
+    pub source: Option<IpAddr>,
+    pub action: String,
+    pub outcome: Outcome,
+    pub request_id: Option<String>,
+    pub detail: serde_json::Map<String, serde_json::Value>,
+    /// Security and admin events are synced at once under any policy.
+    pub urgent: bool,
+}
+
+impl Event {
+    pub fn new(action: impl Into<String>, outcome: Outcome) -> Event {
+        Event {
+            actor: None,
+            source: None,
+            action: action.into(),
+            outcome,
+            request_id: None,
+            detail: serde_json::Map::new(),
+            urgent: true,
+        }
+    }
+
+    pub fn detail(mut self, key: &str, value: impl Into<serde_json::Value>) -> Event {
+        self.detail.insert(key.to_string(), value.into());
+        self
+    }
+}
+
+/// The last record: its sequence number and the hex SHA-256 of its line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+}
+
+struct Writer {
+    file: File,
+    head: Head,
+    /// Records written but not yet synced.
+    unsynced: bool,
+    /// The last write failed; admin requests are refused until one succeeds.
+    failed: bool,
+}
+
+pub struct AuditLog {
+    path: PathBuf,
+    head_path: PathBuf,
+    fsync: FsyncPolicy,
+    key_use: KeyUseLevel,
+    writer: Mutex<Writer>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_rfc3339() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let base = crate::api::rfc3339(d.as_secs());
+    // base is "YYYY-MM-DDTHH:MM:SSZ"; insert the milliseconds before the Z.
+    format!("{}.{:03}Z", base.trim_end_matches('Z'), d.subsec_millis())
+}
+
+fn sha256_hex(line: &[u8]) -> String {
+    hex::encode(crypto::sha256(line))
+}
+
+pub fn read_head(path: &Path) -> Result<Option<Head>, AuditError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| AuditError::Head {
+                path: path.to_path_buf(),
+                detail: format!("not a valid head file: {e}"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log, checks its whole chain and compares it
+    /// with the stored head. A broken or truncated log is refused: writing
+    /// on would overwrite the head, the evidence of the truncation.
+    pub fn open(path: &Path, config: &AuditConfig) -> Result<AuditLog, AuditError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir))?;
+        }
+        let head_path = head_path(path);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err(path))?;
+        // A crash mid-write can leave a partial last line, never
+        // acknowledged to anyone: cut it off before appending.
+        let mut text = Vec::new();
+        file.read_to_end(&mut text).map_err(io_err(path))?;
+        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let partial = text.len() - complete;
+        if partial > 0 {
+            tracing::warn!(path = %path.display(), bytes = partial, "audit log ends in a partial record (crash mid-write); removing it");
+            file.set_len(complete as u64).map_err(io_err(path))?;
+            file.seek(SeekFrom::End(0)).map_err(io_err(path))?;
+            file.sync_all().map_err(io_err(path))?;
+        }
+        let report = verify_bytes(&text[..complete], read_head(&head_path)?.as_ref());
+        if let Some(broken) = report.broken {
+            return Err(match broken.kind {
+                BreakKind::Head => AuditError::HeadMismatch {
+                    path: path.to_path_buf(),
+                    detail: broken.detail,
+                },
+                BreakKind::Chain => AuditError::Broken {
+                    path: path.to_path_buf(),
+                    seq: broken.seq,
+                    detail: broken.detail,
+                },
+            });
+        }
+        let log = AuditLog {
+            path: path.to_path_buf(),
+            head_path,
+            fsync: config.fsync,
+            key_use: config.key_use,
+            writer: Mutex::new(Writer {
+                file,
+                head: report.head.unwrap_or(Head {
+                    seq: 0,
+                    hash: GENESIS.into(),
+                }),
+                unsynced: partial > 0,
+                failed: false,
+            }),
+        };
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn key_use(&self) -> KeyUseLevel {
+        self.key_use
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        // A panic while holding the lock cannot leave a half-updated head:
+        // the head is replaced only after its line is written.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the last write succeeded. Admin requests check this before
+    /// acting, so a full disk stops admin actions instead of hiding them.
+    pub fn healthy(&self) -> bool {
+        !self.writer().failed
+    }
+
+    pub fn head(&self) -> Head {
+        self.writer().head.clone()
+    }
+
+    /// Appends one record; returns its sequence number once it is written
+    /// (and synced, as the policy and `event.urgent` demand). Blocking.
+    pub fn append(&self, event: Event) -> Result<u64, AuditError> {
+        let mut w = self.writer();
+        let record = Record {
+            seq: w.head.seq + 1,
+            time: now_rfc3339(),
+            actor: event.actor,
+            source: event
+                .source
+                .map_or_else(|| "local".to_string(), |ip| ip.to_string()),
+            action: event.action,
+            outcome: event.outcome,
+            request_id: event.request_id,
+            detail: event.detail,
+            prev: w.head.hash.clone(),
+        };
+        // Serializing a struct of strings and a JSON map cannot fail.
+        let mut line = serde_json::to_vec(&record).unwrap_or_default();
+        let hash = sha256_hex(&line);
+        line.push(b'\n');
+        let sync_now = event.urgent || self.fsync == FsyncPolicy::Every;
+        let before = w.file.metadata().map(|m| m.len()).ok();
+        if let Err(e) = w.file.write_all(&line) {
+            w.failed = true;
+            // A partial line would break the chain for every later record:
+            // cut back to the last whole record (the next open would too).
+            if let Some(len) = before {
+                let _ = w.file.set_len(len);
+            }
+            return Err(io_err(&self.path)(e));
+        }
+        w.head = Head {
+            seq: record.seq,
+            hash,
+        };
+        w.unsynced = true;
+        if sync_now {
+            if let Err(e) = self.sync_locked(&mut w) {
+                w.failed = true;
+                return Err(e);
+            }
+        }
+        w.failed = false;
+        Ok(record.seq)
+    }
+
+    fn sync_locked(&self, w: &mut Writer) -> Result<(), AuditError> {
+        if !w.unsynced {
+            return Ok(());
+        }
+        w.file.sync_data().map_err(io_err(&self.path))?;
+        let head = serde_json::to_vec(&w.head).unwrap_or_default();
+        store::write_atomic(&self.head_path, &head, 0o600).map_err(|e| AuditError::Head {
+            path: self.head_path.clone(),
+            detail: e.to_string(),
+        })?;
+        w.unsynced = false;
+        Ok(())
+    }
+
+    /// Syncs batched records and the head. Called on a timer and at shutdown.
+    pub fn flush(&self) -> Result<(), AuditError> {
+        let mut w = self.writer();
+        let r = self.sync_locked(&mut w);
+        if r.is_err() {
+            w.failed = true;
+        }
+        r
+    }
+
+    pub fn flush_interval(&self) -> Option<Duration> {
+        match self.fsync {
+            FsyncPolicy::Every => None,
+            FsyncPolicy::Batched { interval } => Some(interval),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Verification (offline, and at every open).
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakKind {
+    /// A record does not follow from the one before it.
+    Chain,
+    /// The chain is whole but disagrees with the stored head (truncation).
+    Head,
+}
+
+#[derive(Debug, Clone)]
+pub struct Broken {
+    pub kind: BreakKind,
+    /// The sequence number expected at the break (the record's position).
+    pub seq: u64,
+    /// 1-based line in the file.
+    pub line: usize,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub records: u64,
+    /// The last good record.
+    pub head: Option<Head>,
+    /// Whether a stored head was available and compared.
+    pub head_checked: bool,
+    pub broken: Option<Broken>,
+}
+
+/// Checks the chain of complete lines in `bytes`, then compares the result
+/// with `stored` (when given). Reports the first break only.
+pub fn verify_bytes(bytes: &[u8], stored: Option<&Head>) -> VerifyReport {
+    let mut report = VerifyReport::default();
+    let mut prev = GENESIS.to_string();
+    let mut hashes_by_seq: Option<String> = None;
+    let mut line_no = 0usize;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        line_no += 1;
+        let expected = report.records + 1;
+        let (line, tail, terminated) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..], true),
+            None => (rest, &rest[rest.len()..], false),
+        };
+        rest = tail;
+        let fail = |detail: String| Broken {
+            kind: BreakKind::Chain,
+            seq: expected,
+            line: line_no,
+            detail,
+        };
+        if !terminated {
+            report.broken = Some(fail("the last record is incomplete (no newline)".into()));
+            return report;
+        }
+        let record: Record = match serde_json::from_slice(line) {
+            Ok(r) => r,
+            Err(e) => {
+                report.broken = Some(fail(format!("not a valid audit record: {e}")));
+                return report;
+            }
+        };
+        if record.seq != expected {
+            report.broken = Some(fail(format!(
+                "sequence number {} where {expected} was expected (a record was removed, \
+                 inserted or moved)",
+                record.seq
+            )));
+            return report;
+        }
+        if record.prev != prev {
+            report.broken = Some(fail(
+                "its prev hash does not match the record before it (that record was altered, \
+                 or records were removed or reordered)"
+                    .into(),
+            ));
+            return report;
+        }
+        prev = sha256_hex(line);
+        if stored.is_some_and(|h| h.seq == record.seq) {
+            hashes_by_seq = Some(prev.clone());
+        }
+        report.records = record.seq;
+        report.head = Some(Head {
+            seq: record.seq,
+            hash: prev.clone(),
+        });
+    }
+    if let Some(stored) = stored {
+        report.head_checked = true;
+        let last = report.records;
+        let detail = if stored.seq > last {
+            Some(format!(
+                "the stored head is record {} but the log ends at record {last}: \
+                 records {}..={} are missing (cut off)",
+                stored.seq,
+                last + 1,
+                stored.seq
+            ))
+        } else if stored.seq > 0 && hashes_by_seq.as_deref() != Some(stored.hash.as_str()) {
+            Some(format!(
+                "record {} differs from the stored head's hash (the log was rewritten)",
+                stored.seq
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = detail {
+            report.broken = Some(Broken {
+                kind: BreakKind::Head,
+                seq: stored.seq.min(last + 1),
+                line: line_no,
+                detail,
+            });
+        }
+    }
+    report
+}
+
+/// Verifies the log at `path` against `head` (a head file, when given and
+/// present). Used by `hsmgate audit verify`.
+pub fn verify_file(path: &Path, head: Option<&Path>) -> Result<VerifyReport, AuditError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|f| BufReader::new(f).read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    let stored = match head {
+        Some(h) => read_head(h)?,
+        None => None,
+    };
+    Ok(verify_bytes(&bytes, stored.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(n: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        for i in 0..n {
+            log.append(Event::new("test.event", Outcome::Success).detail("i", i as u64))
+                .unwrap();
+        }
+        (dir, path)
+    }
+
+    #[test]
+    fn a_fresh_chain_verifies_and_reopens() {
+        let (_dir, path) = log_with(5);
+        let report = verify_file(&path, Some(&head_path(&path))).unwrap();
+        assert!(report.broken.is_none(), "{:?}", report.broken);
+        assert_eq!(report.records, 5);
+        assert!(report.head_checked);
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        assert_eq!(log.append(Event::new("x", Outcome::Success)).unwrap(), 6);
+        let report = verify_file(&path, Some(&head_path(&path))).unwrap();
+        assert!(report.broken.is_none());
+    }
+
+    #[test]
+    fn truncation_is_refused_at_open() {
+        let (_dir, path) = log_with(3);
+        let text = fs::read_to_string(&path).unwrap();
+        let first: String = text.lines().next().unwrap().to_string() + "\n";
+        fs::write(&path, first).unwrap();
+        let err = AuditLog::open(&path, &AuditConfig::default()).unwrap_err();
+        assert!(matches!(err, AuditError::HeadMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_partial_last_line_is_cut_at_open() {
+        let (_dir, path) = log_with(2);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":3,\"ti").unwrap();
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        assert_eq!(log.append(Event::new("x", Outcome::Success)).unwrap(), 3);
+        assert!(verify_file(&path, Some(&head_path(&path)))
+            .unwrap()
+            .broken
+            .is_none());
+    }
+
+    #[test]
+    fn a_failed_write_marks_the_log_unhealthy_until_one_succeeds() {
+        let (_dir, path) = log_with(2);
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        assert!(log.healthy());
+        // Swap in a read-only handle: the next write fails as a full disk would.
+        let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
+        assert!(log.append(Event::new("x", Outcome::Success)).is_err());
+        assert!(!log.healthy());
+        assert_eq!(
+            log.head().seq,
+            2,
+            "a failed record must not advance the head"
+        );
+        log.writer().file = good;
+        assert_eq!(log.append(Event::new("y", Outcome::Success)).unwrap(), 3);
+        assert!(log.healthy());
+        assert!(verify_file(&path, Some(&head_path(&path)))
+            .unwrap()
+            .broken
+            .is_none());
+    }
+
+    #[test]
+    fn time_has_milliseconds() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), "2026-01-01T00:00:00.000Z".len(), "{t}");
+    }
+}
