@@ -3,14 +3,23 @@
 //!
 //! This is the first decision on every connection, taken before TLS or HTTP:
 //! a peer it refuses never reaches code that could spend a login attempt.
-//! It is allow-only and default deny (AWS security-group semantics): a
-//! listener admits the union of the rules of the groups attached to it, and
-//! nothing else.
+//! It is default deny (AWS security-group semantics): a listener admits the
+//! union of the rules of the groups attached to it, and nothing else. Deny
+//! lists (like network ACLs) are checked first: a deny beats any allow.
+//! Rules may carry a port range: they then apply only on listeners bound to
+//! a port in it. Route classes (transit, login, admin, health) may narrow
+//! further per listener ([`ListenerFilter::check_class`]).
 //!
 //! The rules of each listener are compiled once per config snapshot into
 //! prefix tries (one for IPv4, one for IPv6), so a lookup walks at most 32 or
 //! 128 levels however many rules there are: imported lists of a million
-//! networks are a normal size.
+//! networks are a normal size. A prefix list is compiled once per snapshot
+//! and shared by every listener and rule that names it.
+//!
+//! Every denial is counted per listener and reason ([`deny_counts`], for the
+//! metrics exporter) and folded into bounded per-source summaries that are
+//! logged once per interval ([`DenySummary`]): a flood never becomes a log
+//! flood.
 //!
 //! ## IPv4-mapped IPv6
 //!
