@@ -2,8 +2,8 @@
 //! networks. No harness: `cargo bench --bench cidr` prints one line per
 //! measurement (results recorded in docs/BENCHMARKS.md).
 //!
-//! Networks are pseudo-random IPv4 prefixes of length 8–32 (weighted toward
-//! /24–/32, like imported threat and partner lists) plus 1/8 as many IPv6
+//! Networks are pseudo-random IPv4 prefixes of length 16–32 (mostly /24–/32,
+//! like imported threat and partner lists) plus 1/8 as many IPv6
 //! /32–/64; lookups are random addresses, about half of them covered.
 
 use std::hint::black_box;
@@ -34,7 +34,13 @@ fn networks(n: usize, rng: &mut Rng) -> Vec<IpNet> {
                 let addr = Ipv6Addr::from((0x2001_0db8u128 << 96) | ((r as u128) << 40));
                 IpNet::V6(Ipv6Net::new(addr, len).unwrap().trunc())
             } else {
-                let len = [8, 16, 20, 24, 24, 28, 32, 32][(r >> 40) as usize % 8];
+                // Mostly hosts and small networks, like real feeds; a few
+                // /16s, so that not every address is covered.
+                let len = if r % 64 == 0 {
+                    16
+                } else {
+                    [20, 24, 24, 28, 32, 32, 32, 32][(r >> 40) as usize % 8]
+                };
                 let addr = Ipv4Addr::from((r >> 8) as u32);
                 IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc())
             }

@@ -18,9 +18,12 @@
 //! line of the file, only the offending value when it is a short, public
 //! thing such as an address.
 //!
-//! Security groups are allow-only and default deny: a peer may connect to a
-//! listener only if some rule of some group attached to it covers the peer.
-//! [`crate::netfilter`] compiles them into lookup tables.
+//! Security groups are default deny: a peer may connect to a listener only
+//! if some rule of some group attached to it covers the peer (and the rule's
+//! port range, if any, holds the listener's port), and no attached deny list
+//! covers it. Prefix lists name reusable network sets, inline or in text
+//! files of one CIDR per line. [`crate::netfilter`] compiles all of it into
+//! lookup tables. docs/CONFIGURATION.md is the reference.
 
 use std::collections::BTreeMap;
 use std::fmt;

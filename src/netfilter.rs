@@ -3,14 +3,23 @@
 //!
 //! This is the first decision on every connection, taken before TLS or HTTP:
 //! a peer it refuses never reaches code that could spend a login attempt.
-//! It is allow-only and default deny (AWS security-group semantics): a
-//! listener admits the union of the rules of the groups attached to it, and
-//! nothing else.
+//! It is default deny (AWS security-group semantics): a listener admits the
+//! union of the rules of the groups attached to it, and nothing else. Deny
+//! lists (like network ACLs) are checked first: a deny beats any allow.
+//! Rules may carry a port range: they then apply only on listeners bound to
+//! a port in it. Route classes (transit, login, admin, health) may narrow
+//! further per listener ([`ListenerFilter::check_class`]).
 //!
 //! The rules of each listener are compiled once per config snapshot into
 //! prefix tries (one for IPv4, one for IPv6), so a lookup walks at most 32 or
 //! 128 levels however many rules there are: imported lists of a million
-//! networks are a normal size.
+//! networks are a normal size. A prefix list is compiled once per snapshot
+//! and shared by every listener and rule that names it.
+//!
+//! Every denial is counted per listener and reason ([`deny_counts`], for the
+//! metrics exporter) and folded into bounded per-source summaries that are
+//! logged once per interval ([`DenySummary`]): a flood never becomes a log
+//! flood.
 //!
 //! ## IPv4-mapped IPv6
 //!
@@ -55,6 +64,66 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 pub struct CidrSet {
     v4: PrefixSet<Ipv4Net>,
     v6: PrefixSet<Ipv6Net>,
+    /// A flat, cache-friendly copy of `v4` for membership tests, built by
+    /// [`CidrSet::from_nets`]; `None` after [`CidrSet::insert`] (the trie
+    /// then answers).
+    v4_index: Option<Arc<V4Index>>,
+}
+
+/// IPv4 networks as merged, sorted, disjoint ranges, with a 65,536-entry
+/// table indexed by an address's top 16 bits pointing at the ranges that
+/// start inside that /16: a lookup is one table read and a binary search
+/// over a handful of ranges, instead of a walk through a trie too large for
+/// the cache (see docs/BENCHMARKS.md).
+struct V4Index {
+    starts: Vec<u32>,
+    ends: Vec<u32>,
+    /// `buckets[b]`: the first range whose start is at or after `b << 16`.
+    buckets: Vec<u32>,
+}
+
+impl V4Index {
+    fn build(trie: &PrefixSet<Ipv4Net>) -> V4Index {
+        let mut ranges: Vec<(u32, u32)> = trie
+            .iter()
+            .map(|net| (u32::from(net.network()), u32::from(net.broadcast())))
+            .collect();
+        ranges.sort_unstable();
+        let mut starts: Vec<u32> = Vec::with_capacity(ranges.len());
+        let mut ends: Vec<u32> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match ends.last_mut() {
+                // Overlapping or adjacent: extend the previous range.
+                Some(last) if start <= last.saturating_add(1) => *last = (*last).max(end),
+                _ => {
+                    starts.push(start);
+                    ends.push(end);
+                }
+            }
+        }
+        let mut buckets = Vec::with_capacity(65_537);
+        let mut i = 0usize;
+        for b in 0..=65_536u64 {
+            while i < starts.len() && u64::from(starts[i]) < (b << 16) {
+                i += 1;
+            }
+            buckets.push(i as u32);
+        }
+        V4Index {
+            starts,
+            ends,
+            buckets,
+        }
+    }
+
+    fn contains(&self, ip: u32) -> bool {
+        let b = (ip >> 16) as usize;
+        let (lo, hi) = (self.buckets[b] as usize, self.buckets[b + 1] as usize);
+        // The last range starting at or before `ip`: inside this bucket, or
+        // else the last one starting before it (it may span into it).
+        let found = lo + self.starts[lo..hi].partition_point(|s| *s <= ip);
+        found > 0 && ip <= self.ends[found - 1]
+    }
 }
 
 impl CidrSet {
@@ -70,11 +139,18 @@ impl CidrSet {
         for net in nets {
             set.insert(net);
         }
+        set.seal();
         set
+    }
+
+    /// Builds the flat IPv4 index; call after the last `insert`.
+    pub fn seal(&mut self) {
+        self.v4_index = Some(Arc::new(V4Index::build(&self.v4)));
     }
 
     /// Adds one network (host bits ignored, mapped form folded to IPv4).
     pub fn insert(&mut self, net: IpNet) {
+        self.v4_index = None;
         match canonical_net(net) {
             IpNet::V4(net) => self.v4.insert(net),
             IpNet::V6(net) => self.v6.insert(net),
@@ -84,7 +160,10 @@ impl CidrSet {
     /// Whether some network in the set covers `ip` (after [`canonical`]).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match canonical(ip) {
-            IpAddr::V4(v4) => self.v4.is_covered(&Ipv4Net::from(v4)),
+            IpAddr::V4(v4) => match &self.v4_index {
+                Some(index) => index.contains(u32::from(v4)),
+                None => self.v4.is_covered(&Ipv4Net::from(v4)),
+            },
             IpAddr::V6(v6) => self.v6.is_covered(&Ipv6Net::from(v6)),
         }
     }
@@ -262,7 +341,13 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
-        let mut all: Vec<_> = inline.into_iter().map(|(p, s)| (p, Arc::new(s))).collect();
+        let mut all: Vec<_> = inline
+            .into_iter()
+            .map(|(p, mut s)| {
+                s.seal();
+                (p, Arc::new(s))
+            })
+            .collect();
         all.extend(parts);
         Matcher { parts: all }
     }
@@ -1153,5 +1238,48 @@ security_groups = ["apps"]
         let next = log.flush();
         assert_eq!(next.total, 1);
         assert_eq!(next.top[0].reason, DenyReason::DenyList);
+    }
+
+    #[test]
+    fn flat_index_agrees_with_the_trie() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let nets: Vec<IpNet> = (0..20_000)
+            .map(|_| {
+                let r = next();
+                let len = [0, 8, 15, 16, 17, 24, 31, 32][(r >> 50) as usize % 8];
+                let len = if (r >> 40) % 500 == 0 {
+                    len
+                } else {
+                    len.max(20)
+                };
+                IpNet::V4(Ipv4Net::new((r as u32).into(), len).unwrap().trunc())
+            })
+            .filter(|n| n.prefix_len() > 0)
+            .collect();
+        let sealed = CidrSet::from_nets(nets.iter().copied());
+        let mut unsealed = CidrSet::from_nets(nets.iter().copied());
+        unsealed.insert(net("255.255.255.255/32"));
+        let trie_only = |ip: IpAddr| {
+            // The reference: the trie itself (the extra entry invalidated the index).
+            unsealed.contains(ip) && ip != IpAddr::from([255, 255, 255, 255])
+        };
+        for _ in 0..50_000 {
+            let ip = IpAddr::V4((next() as u32).into());
+            assert_eq!(sealed.contains(ip), trie_only(ip), "{ip}");
+        }
+        for n in &nets {
+            for ip in [n.network(), n.broadcast()] {
+                assert!(sealed.contains(ip), "{ip}");
+            }
+        }
+        for edge in ["0.0.0.0", "255.255.255.255"] {
+            assert_eq!(sealed.contains(ip(edge)), trie_only(ip(edge)), "{edge}");
+        }
     }
 }
