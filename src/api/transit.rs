@@ -23,8 +23,8 @@ const MAX_RANDOM_BYTES: usize = 128 * 1024;
 pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = &call.path["/v1/transit/".len()..];
     let segments: Vec<&str> = route.split('/').collect();
-    let list =
-        call.method.as_str() == "LIST" || (call.method == Method::GET && call.query_flag("list"));
+    let list = call.method.as_str() == "LIST"
+        || (call.method == Method::GET && call.query_param("list").is_some_and(go_parse_bool));
     let m = call.method.clone();
     match segments.as_slice() {
         ["keys"] | ["keys", ""] if list => list_keys(call),
@@ -60,6 +60,12 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         ["random", _source, b] => post(call, |c| async move { random(c, Some(b)) }).await,
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// Vault reads `?list=` with Go's `strconv.ParseBool`; hvac's `client.list()`
+/// sends a Python bool, `list=True`.
+fn go_parse_bool(v: &str) -> bool {
+    matches!(v, "" | "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
 async fn post<'c, F, Fut>(call: &'c Call<'c>, f: F) -> Result<Response<Full<Bytes>>, ApiError>
@@ -411,7 +417,10 @@ fn datakey(call: &Call<'_>, kind: &str, name: &str) -> Result<Response<Full<Byte
     };
     let body = Body::parse(call)?;
     let bits = body.u32("bits").map_err(bad)?.unwrap_or(256);
-    let aad = body.b64("associated_data").map_err(bad)?.unwrap_or_default();
+    let aad = body
+        .b64("associated_data")
+        .map_err(bad)?
+        .unwrap_or_default();
     let context = body.b64("context").map_err(bad)?;
     let version = body.u32("key_version").map_err(bad)?;
     let (key, ciphertext, v) =
@@ -566,7 +575,15 @@ fn sign(
         let context = b.b64("context")?;
         let (signature, v) = call
             .engine()
-            .sign(&by, name, &input, p.opts, context.as_deref(), version, p.jws)
+            .sign(
+                &by,
+                name,
+                &input,
+                p.opts,
+                context.as_deref(),
+                version,
+                p.jws,
+            )
             .map_err(item_error)?;
         Ok(json!({ "signature": signature, "key_version": v }))
     })

@@ -449,8 +449,7 @@ impl KeyMaterial {
             SecretBytes::from_slice(doc.as_ref())
         } else if let Some(size) = key_type.rsa_size() {
             let pair = RsaKeyPair::generate(size).map_err(|_| CryptoError::KeyGeneration)?;
-            let doc: Pkcs8V1Der<'static> =
-                pair.as_der().map_err(|_| CryptoError::KeyGeneration)?;
+            let doc: Pkcs8V1Der<'static> = pair.as_der().map_err(|_| CryptoError::KeyGeneration)?;
             SecretBytes::from_slice(doc.as_ref())
         } else {
             // Ed25519 and HMAC: any 32 bytes are a valid RFC 8032 seed or
@@ -488,8 +487,8 @@ impl KeyMaterial {
                 return Err(CryptoError::InvalidKeyMaterial);
             }
             let dec = PrivateDecryptingKey::from_pkcs8(secret.expose_secret()).map_err(bad)?;
-            let dec = OaepPrivateDecryptingKey::new(dec)
-                .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+            let dec =
+                OaepPrivateDecryptingKey::new(dec).map_err(|_| CryptoError::InvalidKeyMaterial)?;
             Parsed::Rsa(Box::new((pair, dec)))
         } else if key_type == KeyType::Ed25519 {
             if secret.len() != KEY_LEN {
@@ -644,11 +643,7 @@ impl KeyMaterial {
     /// ed25519 signs the raw input and ignores the hash, as Vault does.
     /// ECDSA signs the digest in ASN.1 DER; RSA uses PSS (salt length = hash
     /// length) or PKCS#1 v1.5.
-    pub fn sign(
-        &self,
-        input: &[u8],
-        opts: impl Into<SignOptions>,
-    ) -> Result<Vec<u8>, CryptoError> {
+    pub fn sign(&self, input: &[u8], opts: impl Into<SignOptions>) -> Result<Vec<u8>, CryptoError> {
         let opts = opts.into();
         match &self.parsed {
             Parsed::Ed25519(pair) => {
@@ -926,7 +921,9 @@ fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         (len, &rest[n..])
     };
     if rest.len() < len {
@@ -1123,7 +1120,9 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// Vault's `transit/hash`.
 pub fn hash(alg: HashAlgorithm, data: &[u8]) -> Vec<u8> {
-    digest::digest(alg.digest_algorithm(), data).as_ref().to_vec()
+    digest::digest(alg.digest_algorithm(), data)
+        .as_ref()
+        .to_vec()
 }
 
 #[cfg(test)]
@@ -1404,8 +1403,14 @@ mod tests {
         // Other hashes are fitted to the curve (FIPS 186-4 §6.4) and checked
         // against aws-lc-rs's own verifier for that (curve, hash) pair.
         for (hash, alg) in [
-            (HashAlgorithm::Sha2_384, &aws_lc_rs::signature::ECDSA_P256_SHA384_ASN1),
-            (HashAlgorithm::Sha2_512, &aws_lc_rs::signature::ECDSA_P256_SHA512_ASN1),
+            (
+                HashAlgorithm::Sha2_384,
+                &aws_lc_rs::signature::ECDSA_P256_SHA384_ASN1,
+            ),
+            (
+                HashAlgorithm::Sha2_512,
+                &aws_lc_rs::signature::ECDSA_P256_SHA512_ASN1,
+            ),
         ] {
             let sig = key.sign(b"x", hash).unwrap();
             assert!(key.verify(b"x", &sig, hash).unwrap());
@@ -1581,6 +1586,128 @@ mod tests {
             HashAlgorithm::parse("md5"),
             Err(CryptoError::UnsupportedHash(_))
         ));
+    }
+
+    #[test]
+    fn hkdf_rfc5869_case3_empty_salt_and_info() {
+        let okm = hkdf_sha256(&[0x0b; 22], b"", 42).unwrap();
+        assert_eq!(
+            hex::encode(okm.expose_secret()),
+            "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
+        );
+    }
+
+    #[test]
+    fn derivation_is_per_context_and_deterministic() {
+        for t in [
+            KeyType::Aes128Gcm96,
+            KeyType::Chacha20Poly1305,
+            KeyType::Ed25519,
+        ] {
+            let k = KeyMaterial::generate(t).unwrap();
+            let a = k.derive(b"ctx-a").unwrap();
+            assert!(a
+                .secret
+                .ct_eq(k.derive(b"ctx-a").unwrap().secret.expose_secret()));
+            assert!(!a
+                .secret
+                .ct_eq(k.derive(b"ctx-b").unwrap().secret.expose_secret()));
+            assert!(!a.secret.ct_eq(k.secret.expose_secret()));
+            assert!(matches!(k.derive(b""), Err(CryptoError::InvalidInput(_))));
+        }
+        let ec = KeyMaterial::generate(KeyType::EcdsaP256).unwrap();
+        assert!(ec.derive(b"x").is_err());
+
+        let k = KeyMaterial::generate(KeyType::Aes256Gcm96).unwrap();
+        let c1 = k.encrypt_convergent(b"pt", b"", b"ctx").unwrap();
+        assert_eq!(c1, k.encrypt_convergent(b"pt", b"", b"ctx").unwrap());
+        assert_ne!(c1, k.encrypt_convergent(b"pt", b"", b"other").unwrap());
+        assert_ne!(c1, k.encrypt_convergent(b"pt", b"aad", b"ctx").unwrap());
+        assert_eq!(*k.decrypt(&c1, b"").unwrap(), b"pt");
+    }
+
+    #[test]
+    fn rsa_oaep_pss_pkcs1_and_exports() {
+        let k = KeyMaterial::generate(KeyType::Rsa2048).unwrap();
+        let ct = k.encrypt(b"secret", b"").unwrap();
+        assert_eq!(ct.len(), 256);
+        assert_eq!(*k.decrypt(&ct, b"").unwrap(), b"secret");
+        assert!(matches!(
+            k.decrypt(&ct[1..], b""),
+            Err(CryptoError::DecryptionFailed)
+        ));
+        assert!(k.encrypt(b"x", b"aad").is_err(), "RSA takes no AAD");
+        assert!(k.encrypt(&[0u8; 191], b"").is_err(), "OAEP-SHA256 limit");
+        for padding in [RsaPadding::Pss, RsaPadding::Pkcs1v15] {
+            for hash in [
+                HashAlgorithm::Sha2_256,
+                HashAlgorithm::Sha2_384,
+                HashAlgorithm::Sha2_512,
+            ] {
+                let opts = SignOptions {
+                    hash,
+                    prehashed: false,
+                    rsa_padding: padding,
+                };
+                let sig = k.sign(b"m", opts).unwrap();
+                assert!(k.verify(b"m", &sig, opts).unwrap());
+                assert!(!k.verify(b"n", &sig, opts).unwrap());
+                let pre = SignOptions {
+                    prehashed: true,
+                    ..opts
+                };
+                let d = hash_bytes(hash, b"m");
+                assert!(k.verify(&d, &k.sign(&d, pre).unwrap(), pre).unwrap());
+            }
+        }
+        assert!(k.sign(b"m", HashAlgorithm::Sha3_256).is_err());
+        let pem = k.export(ExportKind::SigningKey).unwrap();
+        assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
+        let der = pem_to_der(&pem);
+        assert_eq!(der[0], 0x30, "PKCS#1 RSAPrivateKey is a SEQUENCE");
+        assert!(k
+            .public_key()
+            .unwrap()
+            .unwrap()
+            .public_key
+            .contains("PUBLIC KEY"));
+    }
+
+    fn hash_bytes(h: HashAlgorithm, m: &[u8]) -> Vec<u8> {
+        hash(h, m)
+    }
+
+    #[test]
+    fn jws_ecdsa_round_trips_and_exports() {
+        for (t, n) in [
+            (KeyType::EcdsaP256, 64),
+            (KeyType::EcdsaP384, 96),
+            (KeyType::EcdsaP521, 132),
+        ] {
+            let k = KeyMaterial::generate(t).unwrap();
+            for _ in 0..8 {
+                let der = k.sign(b"m", HashAlgorithm::Sha2_256).unwrap();
+                let jws = k.signature_to_jws(&der).unwrap();
+                assert_eq!(jws.len(), n);
+                assert_eq!(k.signature_from_jws(&jws).unwrap(), der, "{t}");
+            }
+            assert!(k.signature_from_jws(&[0; 10]).is_none());
+            let pem = k.export(ExportKind::SigningKey).unwrap();
+            assert!(pem.starts_with("-----BEGIN EC PRIVATE KEY-----\n"));
+            assert!(k.export(ExportKind::EncryptionKey).is_err());
+        }
+        let ed = KeyMaterial::generate(KeyType::Ed25519).unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(ed.export(ExportKind::SigningKey).unwrap().as_bytes())
+            .unwrap();
+        assert_eq!(&raw[..32], ed.secret.expose_secret());
+        assert_eq!(
+            b64(&raw[32..]),
+            ed.public_key().unwrap().unwrap().public_key
+        );
+        let aes = KeyMaterial::generate(KeyType::Aes128Gcm96).unwrap();
+        assert_eq!(aes.secret.len(), 16);
+        assert!(aes.export(ExportKind::SigningKey).is_err());
     }
 
     #[test]

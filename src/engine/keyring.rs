@@ -185,14 +185,10 @@ impl KeyRing {
             );
         }
         if min_available > self.min_encryption_version {
-            return bad(
-                "cannot set min_available_version above min_encryption_version".into(),
-            );
+            return bad("cannot set min_available_version above min_encryption_version".into());
         }
         if min_available > self.min_decryption_version {
-            return bad(
-                "cannot set min_available_version above min_decryption_version".into(),
-            );
+            return bad("cannot set min_available_version above min_decryption_version".into());
         }
         if min_available < self.min_available_version {
             return bad(

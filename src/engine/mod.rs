@@ -1020,7 +1020,7 @@ impl Engine {
         name: &str,
         kind: ExportKind,
         version: Option<u32>,
-    ) -> Result<(KeyType, Vec<(u32, Zeroizing<String>)>), EngineError> {
+    ) -> Result<(KeyType, ExportedVersions), EngineError> {
         let ring = self.ring(by, name)?;
         if kind != ExportKind::PublicKey && !ring.exportable {
             return Err(EngineError::InvalidRequest(format!(
@@ -1071,6 +1071,9 @@ impl Engine {
         self.with_active(|_| Ok(crypto::random_bytes(n)?))
     }
 }
+
+/// Exported key versions: (version, key in Vault's export format), wiped on drop.
+pub type ExportedVersions = Vec<(u32, Zeroizing<String>)>;
 
 fn encrypt_with(
     ring: &KeyRing,
