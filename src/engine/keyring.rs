@@ -585,6 +585,86 @@ mod tests {
     }
 
     #[test]
+    fn format_1_records_stay_readable() {
+        let ring = KeyRing::new("k", &KeyOptions::new(KeyType::Aes256Gcm96), 1).unwrap();
+        let bytes = ring.to_record().unwrap();
+        // A record as the first layout wrote it: no format, no new fields.
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let m = v.as_object_mut().unwrap();
+        for k in [
+            "format",
+            "derived",
+            "convergent_encryption",
+            "min_available_version",
+        ] {
+            assert!(m.remove(k).is_some(), "{k} is written");
+        }
+        let old = serde_json::to_vec(&v).unwrap();
+        let back = KeyRing::from_record("k", &old).unwrap();
+        assert!(!back.derived && !back.convergent_encryption);
+        assert_eq!(back.min_available_version, 0);
+        let ct = ring.versions[&1].material.encrypt(b"x", b"").unwrap();
+        assert_eq!(*back.versions[&1].material.decrypt(&ct, b"").unwrap(), b"x");
+
+        // A newer layout than this build is refused, not misread.
+        v["format"] = serde_json::json!(RECORD_FORMAT + 1);
+        assert!(KeyRing::from_record("k", &serde_json::to_vec(&v).unwrap()).is_err());
+    }
+
+    #[test]
+    fn trim_follows_vaults_rules() {
+        let ring = KeyRing::new("k", &KeyOptions::new(KeyType::Aes256Gcm96), 1)
+            .unwrap()
+            .rotated(2)
+            .unwrap()
+            .rotated(3)
+            .unwrap();
+        // min_encryption_version 0: trim refused.
+        assert!(ring.trimmed(2).is_err());
+        let ring = ring
+            .reconfigured(&KeyConfigChange {
+                min_decryption_version: Some(2),
+                min_encryption_version: Some(3),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(ring.trimmed(3).is_err(), "above min_decryption_version");
+        let trimmed = ring.trimmed(2).unwrap();
+        assert_eq!(trimmed.versions.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        assert!(trimmed.decryption_version(1).is_err());
+        assert!(trimmed.trimmed(1).is_err(), "cannot go back");
+        let back = KeyRing::from_record("k", &trimmed.to_record().unwrap()).unwrap();
+        assert_eq!(back.min_available_version, 2);
+    }
+
+    #[test]
+    fn derived_options_follow_vaults_rules() {
+        let ok = KeyOptions {
+            derived: true,
+            convergent_encryption: true,
+            ..KeyOptions::new(KeyType::Chacha20Poly1305)
+        };
+        assert!(ok.validate().is_ok());
+        for bad in [
+            KeyOptions {
+                convergent_encryption: true,
+                ..KeyOptions::new(KeyType::Aes256Gcm96)
+            },
+            KeyOptions {
+                derived: true,
+                ..KeyOptions::new(KeyType::EcdsaP384)
+            },
+            KeyOptions {
+                derived: true,
+                convergent_encryption: true,
+                ..KeyOptions::new(KeyType::Ed25519)
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn config_changes_are_validated() {
         let opts = KeyOptions {
             exportable: true,
