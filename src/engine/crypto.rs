@@ -296,7 +296,7 @@ impl HashAlgorithm {
     fn rsa(
         self,
         padding: RsaPadding,
-    ) -> Result<(&'static dyn RsaEncoding, [&'static RsaParameters; 2]), CryptoError> {
+    ) -> Result<(&'static dyn RsaEncoding, &'static [&'static RsaParameters]), CryptoError> {
         const PSS256_MAX: RsaParameters =
             RSA_PSS_2048_8192_SHA256.with_pss_salt_length(RsaPssSaltLength::Max);
         const PSS384_MAX: RsaParameters =
@@ -305,26 +305,23 @@ impl HashAlgorithm {
             RSA_PSS_2048_8192_SHA512.with_pss_salt_length(RsaPssSaltLength::Max);
         Ok(match (padding, self) {
             (RsaPadding::Pss, HashAlgorithm::Sha2_256) => {
-                (&RSA_PSS_SHA256, [&RSA_PSS_2048_8192_SHA256, &PSS256_MAX])
+                (&RSA_PSS_SHA256, &[&RSA_PSS_2048_8192_SHA256, &PSS256_MAX])
             }
             (RsaPadding::Pss, HashAlgorithm::Sha2_384) => {
-                (&RSA_PSS_SHA384, [&RSA_PSS_2048_8192_SHA384, &PSS384_MAX])
+                (&RSA_PSS_SHA384, &[&RSA_PSS_2048_8192_SHA384, &PSS384_MAX])
             }
             (RsaPadding::Pss, HashAlgorithm::Sha2_512) => {
-                (&RSA_PSS_SHA512, [&RSA_PSS_2048_8192_SHA512, &PSS512_MAX])
+                (&RSA_PSS_SHA512, &[&RSA_PSS_2048_8192_SHA512, &PSS512_MAX])
             }
-            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_256) => (
-                &RSA_PKCS1_SHA256,
-                [&RSA_PKCS1_2048_8192_SHA256, &RSA_PKCS1_2048_8192_SHA256],
-            ),
-            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_384) => (
-                &RSA_PKCS1_SHA384,
-                [&RSA_PKCS1_2048_8192_SHA384, &RSA_PKCS1_2048_8192_SHA384],
-            ),
-            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_512) => (
-                &RSA_PKCS1_SHA512,
-                [&RSA_PKCS1_2048_8192_SHA512, &RSA_PKCS1_2048_8192_SHA512],
-            ),
+            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_256) => {
+                (&RSA_PKCS1_SHA256, &[&RSA_PKCS1_2048_8192_SHA256])
+            }
+            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_384) => {
+                (&RSA_PKCS1_SHA384, &[&RSA_PKCS1_2048_8192_SHA384])
+            }
+            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_512) => {
+                (&RSA_PKCS1_SHA512, &[&RSA_PKCS1_2048_8192_SHA512])
+            }
             (_, other) => {
                 return Err(CryptoError::UnsupportedHash(format!(
                     "{} (RSA signatures take sha2-256, sha2-384 or sha2-512)",
