@@ -175,3 +175,25 @@ async fn hvac_walkthrough() {
         "no summary line:\n{stdout}"
     );
 }
+
+#[tokio::test]
+async fn hvac_engine_depth() {
+    let Some(python) = python_or_skip("hvac_engine_depth") else {
+        return;
+    };
+    let server = TestServer::start(Opts::default());
+    let (_officer, app) = server.init_with_app_user().await;
+    let out = run_script(python, &server, &app, "test_engine_depth.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "hvac engine-depth script failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- server log\n{}",
+        out.status,
+        server.log()
+    );
+    assert!(
+        stdout.contains("checks passed"),
+        "no summary line:\n{stdout}"
+    );
+}

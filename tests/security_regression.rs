@@ -562,3 +562,51 @@ async fn logins_are_audited_without_their_passwords() {
         "{log}"
     );
 }
+
+/// Guards against key exfiltration through the Transit export API: a key
+/// created without `exportable` never leaves, under any export type or
+/// version, and export of an exportable key (the twin) works.
+#[tokio::test]
+async fn a_non_exportable_key_never_leaves_through_export() {
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    for ty in ["aes256-gcm96", "ed25519", "rsa-2048"] {
+        let (st, _) = s
+            .post(
+                &c,
+                &format!("/v1/transit/keys/{ty}"),
+                Some(&app),
+                json!({"type": ty}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        for kind in ["encryption-key", "signing-key", "hmac-key"] {
+            for suffix in ["", "/1", "/latest"] {
+                let (st, body) = s
+                    .get(
+                        &c,
+                        &format!("/v1/transit/export/{kind}/{ty}{suffix}"),
+                        Some(&app),
+                    )
+                    .await;
+                assert_eq!(st, 400, "{ty} {kind}{suffix}: {body}");
+                assert!(body.get("data").is_none(), "{body}");
+            }
+        }
+    }
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/open",
+            Some(&app),
+            json!({"exportable": true}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, body) = s
+        .get(&c, "/v1/transit/export/encryption-key/open", Some(&app))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body["data"]["keys"]["1"].is_string());
+}

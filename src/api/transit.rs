@@ -12,7 +12,7 @@ use hyper::{Method, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::{blocking, rfc3339, Call};
-use crate::engine::crypto::{HashAlgorithm, KeyType};
+use crate::engine::crypto::{ExportKind, HashAlgorithm, KeyType, RsaPadding, SignOptions};
 use crate::engine::keyring::{KeyConfigChange, KeyOptions, KeyRing};
 use crate::engine::{EngineError, Principal};
 use crate::gateway::rescue::{self, ApiError};
@@ -23,8 +23,8 @@ const MAX_RANDOM_BYTES: usize = 128 * 1024;
 pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = &call.path["/v1/transit/".len()..];
     let segments: Vec<&str> = route.split('/').collect();
-    let list =
-        call.method.as_str() == "LIST" || (call.method == Method::GET && call.query_flag("list"));
+    let list = call.method.as_str() == "LIST"
+        || (call.method == Method::GET && call.query_param("list").is_some_and(go_parse_bool));
     let m = call.method.clone();
     match segments.as_slice() {
         ["keys"] | ["keys", ""] if list => list_keys(call),
@@ -36,8 +36,18 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         },
         ["keys", name, "config"] => post(call, |c| configure_key(c, name)).await,
         ["keys", name, "rotate"] => post(call, |c| rotate_key(c, name)).await,
+        ["keys", name, "trim"] => post(call, |c| trim_key(c, name)).await,
         ["encrypt", name] => post(call, |c| async move { encrypt(c, name) }).await,
         ["decrypt", name] => post(call, |c| async move { decrypt(c, name) }).await,
+        ["rewrap", name] => post(call, |c| async move { rewrap(c, name) }).await,
+        ["datakey", kind, name] => post(call, |c| async move { datakey(c, kind, name) }).await,
+        ["hash"] => post(call, |c| async move { hash(c, None) }).await,
+        ["hash", alg] => post(call, |c| async move { hash(c, Some(alg)) }).await,
+        ["export", kind, name] if call.method == Method::GET => export(call, kind, name, None),
+        ["export", kind, name, version] if call.method == Method::GET => {
+            export(call, kind, name, Some(version))
+        }
+        ["export", ..] => Err(ApiError::MethodNotAllowed),
         ["sign", name] => post(call, |c| async move { sign(c, name, None) }).await,
         ["sign", name, alg] => post(call, |c| async move { sign(c, name, Some(alg)) }).await,
         ["verify", name] => post(call, |c| async move { verify(c, name, None) }).await,
@@ -50,6 +60,12 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         ["random", _source, b] => post(call, |c| async move { random(c, Some(b)) }).await,
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// Vault reads `?list=` with Go's `strconv.ParseBool`; hvac's `client.list()`
+/// sends a Python bool, `list=True`.
+fn go_parse_bool(v: &str) -> bool {
+    matches!(v, "" | "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
 async fn post<'c, F, Fut>(call: &'c Call<'c>, f: F) -> Result<Response<Full<Bytes>>, ApiError>
@@ -160,16 +176,16 @@ fn key_info(ring: &KeyRing) -> Result<Value, ApiError> {
         keys.insert(v.to_string(), entry);
     }
     let t = ring.key_type;
-    Ok(json!({
+    let mut info = json!({
         "name": ring.name,
         "type": t.as_str(),
         "keys": keys,
         "latest_version": ring.latest_version,
-        "min_available_version": 0,
+        "min_available_version": ring.min_available_version,
         "min_decryption_version": ring.min_decryption_version,
         "min_encryption_version": ring.min_encryption_version,
         "deletion_allowed": ring.deletion_allowed,
-        "derived": false,
+        "derived": ring.derived,
         "exportable": ring.exportable,
         "allow_plaintext_backup": ring.allow_plaintext_backup,
         "imported_key": false,
@@ -178,7 +194,15 @@ fn key_info(ring: &KeyRing) -> Result<Value, ApiError> {
         "supports_decryption": t.supports_encryption(),
         "supports_derivation": t.supports_derivation(),
         "supports_signing": t.supports_signing(),
-    }))
+    });
+    if ring.derived {
+        info["kdf"] = json!("hkdf_sha256");
+        info["convergent_encryption"] = json!(ring.convergent_encryption);
+        if ring.convergent_encryption {
+            info["convergent_encryption_version"] = json!(3);
+        }
+    }
+    Ok(info)
 }
 
 fn list_keys(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -196,16 +220,6 @@ async fn create_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>
     let body = Body::parse(call)?;
     let key_type = KeyType::parse(body.str("type").map_err(bad)?.unwrap_or("aes256-gcm96"))
         .map_err(EngineError::from)?;
-    if body.bool("derived").map_err(bad)?.unwrap_or(false)
-        || body
-            .bool("convergent_encryption")
-            .map_err(bad)?
-            .unwrap_or(false)
-    {
-        return Err(bad(
-            "derived keys and convergent encryption are not supported yet".into(),
-        ));
-    }
     let opts = KeyOptions {
         key_type,
         exportable: body.bool("exportable").map_err(bad)?.unwrap_or(false),
@@ -213,7 +227,14 @@ async fn create_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>
             .bool("allow_plaintext_backup")
             .map_err(bad)?
             .unwrap_or(false),
+        derived: body.bool("derived").map_err(bad)?.unwrap_or(false),
+        convergent_encryption: body
+            .bool("convergent_encryption")
+            .map_err(bad)?
+            .unwrap_or(false),
     };
+    // Checked before the blocking pool: a refusal costs no key generation.
+    opts.validate()?;
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| e.create_key(&by, &name, &opts)).await?;
     call.ok(key_info(&ring)?)
@@ -251,6 +272,18 @@ async fn rotate_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>
     let by = call.principal()?;
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| e.rotate_key(&by, &name)).await?;
+    call.ok(key_info(&ring)?)
+}
+
+async fn trim_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    let min = body
+        .u32("min_available_version")
+        .map_err(bad)?
+        .ok_or_else(|| bad("missing min_available_version".into()))?;
+    let name = name.to_string();
+    let ring = blocking(call.engine(), move |e| e.trim_key(&by, &name, min)).await?;
     call.ok(key_info(&ring)?)
 }
 
@@ -326,10 +359,11 @@ fn encrypt(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiErro
     single_or_batch(call, &body, |b| {
         let plaintext = b.b64("plaintext")?.ok_or("missing plaintext to encrypt")?;
         let aad = b.b64("associated_data")?.unwrap_or_default();
+        let context = b.b64("context")?;
         let version = b.u32("key_version")?;
         let (ciphertext, v) = call
             .engine()
-            .encrypt(&by, name, &plaintext, &aad, version)
+            .encrypt(&by, name, &plaintext, &aad, context.as_deref(), version)
             .map_err(item_error)?;
         Ok(json!({ "ciphertext": ciphertext, "key_version": v }))
     })
@@ -344,12 +378,111 @@ fn decrypt(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiErro
             .str("ciphertext")?
             .ok_or("missing ciphertext to decrypt")?;
         let aad = b.b64("associated_data")?.unwrap_or_default();
+        let context = b.b64("context")?;
         let plaintext = call
             .engine()
-            .decrypt(&by, name, ciphertext, &aad)
+            .decrypt(&by, name, ciphertext, &aad, context.as_deref())
             .map_err(item_error)?;
         Ok(json!({ "plaintext": STANDARD.encode(&*plaintext) }))
     })
+}
+
+fn rewrap(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    check_key(call, &by, name)?;
+    single_or_batch(call, &body, |b| {
+        let ciphertext = b.str("ciphertext")?.ok_or("missing ciphertext to rewrap")?;
+        let aad = b.b64("associated_data")?.unwrap_or_default();
+        let context = b.b64("context")?;
+        let version = b.u32("key_version")?;
+        let (ciphertext, v) = call
+            .engine()
+            .rewrap(&by, name, ciphertext, &aad, context.as_deref(), version)
+            .map_err(item_error)?;
+        Ok(json!({ "ciphertext": ciphertext, "key_version": v }))
+    })
+}
+
+fn datakey(call: &Call<'_>, kind: &str, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let with_plaintext = match kind {
+        "plaintext" => true,
+        "wrapped" => false,
+        other => {
+            return Err(bad(format!(
+                "invalid datakey type {other:?}: use plaintext or wrapped"
+            )))
+        }
+    };
+    let body = Body::parse(call)?;
+    let bits = body.u32("bits").map_err(bad)?.unwrap_or(256);
+    let aad = body
+        .b64("associated_data")
+        .map_err(bad)?
+        .unwrap_or_default();
+    let context = body.b64("context").map_err(bad)?;
+    let version = body.u32("key_version").map_err(bad)?;
+    let (key, ciphertext, v) =
+        call.engine()
+            .data_key(&by, name, bits, &aad, context.as_deref(), version)?;
+    let mut data = json!({ "ciphertext": ciphertext, "key_version": v });
+    if with_plaintext {
+        data["plaintext"] = json!(STANDARD.encode(&*key));
+    }
+    call.ok(data)
+}
+
+fn hash(call: &Call<'_>, path_alg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    // Stateless, but still a crypto-user operation like random.
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    let alg = hash_param(&body, "algorithm", path_alg).map_err(bad)?;
+    let input = body
+        .b64("input")
+        .map_err(bad)?
+        .ok_or_else(|| bad("missing input to hash".into()))?;
+    let sum = call.engine().hash(&by, alg, &input)?;
+    let sum = match body.str("format").map_err(bad)?.unwrap_or("hex") {
+        "hex" => hex::encode(sum),
+        "base64" => STANDARD.encode(sum),
+        other => {
+            return Err(bad(format!(
+                "unsupported encoding format {other:?}; use hex or base64"
+            )))
+        }
+    };
+    call.ok(json!({ "sum": sum }))
+}
+
+fn export(
+    call: &Call<'_>,
+    kind: &str,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let kind = ExportKind::parse(kind).ok_or_else(|| {
+        bad(format!(
+            "invalid export type {kind:?}: use encryption-key, signing-key, hmac-key or public-key"
+        ))
+    })?;
+    let version = match version {
+        None | Some("") => None,
+        Some("latest") => Some(call.engine().read_key(&by, name)?.latest_version),
+        Some(v) => Some(
+            v.parse::<u32>()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| bad("version must be a positive integer or \"latest\"".into()))?,
+        ),
+    };
+    let (key_type, keys) = call.engine().export_key(&by, name, kind, version)?;
+    let mut map = Map::new();
+    for (v, k) in &keys {
+        map.insert(v.to_string(), Value::String(k.as_str().to_owned()));
+    }
+    call.ok(json!({ "name": name, "type": key_type.as_str(), "keys": map }))
 }
 
 /// Resolves the key once before a batch, so a missing key or a dead engine
@@ -369,16 +502,60 @@ fn hash_param(body: &Body, key: &str, path_alg: Option<&str>) -> Result<HashAlgo
     HashAlgorithm::parse(name.unwrap_or("sha2-256")).map_err(|e| e.to_string())
 }
 
-fn refuse_unsupported_sign_options(body: &Body) -> Result<(), String> {
-    if body.bool("prehashed")?.unwrap_or(false) {
-        return Err("prehashed input is not supported yet".into());
+/// Vault's signing knobs, read from the request (or one batch item, which
+/// may override them). `hash_algorithm` in the path wins over the body.
+struct SignParams {
+    opts: SignOptions,
+    jws: bool,
+}
+
+fn sign_params(body: &Body, item: &Body, path_alg: Option<&str>) -> Result<SignParams, String> {
+    let pick = |k: &str| -> Result<Option<String>, String> {
+        Ok(match item.str(k)? {
+            Some(v) => Some(v.to_owned()),
+            None => body.str(k)?.map(str::to_owned),
+        })
+    };
+    let hash = match path_alg {
+        Some(a) => a.to_owned(),
+        None => pick("hash_algorithm")?.unwrap_or_else(|| "sha2-256".into()),
+    };
+    let hash = HashAlgorithm::parse(&hash).map_err(|e| e.to_string())?;
+    let rsa_padding = match pick("signature_algorithm")? {
+        None => RsaPadding::Pss,
+        Some(a) => RsaPadding::parse(&a).map_err(|e| e.to_string())?,
+    };
+    // Signing always uses a salt of the hash length; verification accepts
+    // that and the maximum (see docs/TRANSIT.md).
+    match pick("salt_length")?.as_deref() {
+        None | Some("auto") | Some("hash") => {}
+        Some(other) => {
+            return Err(format!(
+                "unsupported salt_length {other:?}: hsmgate supports \"auto\" and \"hash\""
+            ))
+        }
     }
-    match body.str("marshaling_algorithm")? {
-        None | Some("asn1") => Ok(()),
-        Some(other) => Err(format!(
-            "marshaling_algorithm {other:?} is not supported yet (only asn1)"
-        )),
-    }
+    let prehashed = match item.bool("prehashed")? {
+        Some(p) => p,
+        None => body.bool("prehashed")?.unwrap_or(false),
+    };
+    let jws = match pick("marshaling_algorithm")?.as_deref() {
+        None | Some("asn1") => false,
+        Some("jws") => true,
+        Some(other) => {
+            return Err(format!(
+                "unsupported marshaling_algorithm {other:?}: use asn1 or jws"
+            ))
+        }
+    };
+    Ok(SignParams {
+        opts: SignOptions {
+            hash,
+            prehashed,
+            rsa_padding,
+        },
+        jws,
+    })
 }
 
 fn sign(
@@ -389,18 +566,27 @@ fn sign(
     let by = call.principal()?;
     let body = Body::parse(call)?;
     check_key(call, &by, name)?;
-    if body.batch().map_err(bad)?.is_some() {
-        return Err(bad("batch_input is not supported on sign yet".into()));
-    }
-    refuse_unsupported_sign_options(&body).map_err(bad)?;
-    let hash = hash_param(&body, "hash_algorithm", path_alg).map_err(bad)?;
-    let input = body
-        .b64("input")
-        .map_err(bad)?
-        .ok_or_else(|| bad("missing input to sign".into()))?;
+    // Options that are wrong for the whole request fail it as a whole.
+    sign_params(&body, &Body(Map::new()), path_alg).map_err(bad)?;
     let version = body.u32("key_version").map_err(bad)?;
-    let (signature, v) = call.engine().sign(&by, name, &input, hash, version)?;
-    call.ok(json!({ "signature": signature, "key_version": v }))
+    single_or_batch(call, &body, |b| {
+        let p = sign_params(&body, b, path_alg)?;
+        let input = b.b64("input")?.ok_or("missing input to sign")?;
+        let context = b.b64("context")?;
+        let (signature, v) = call
+            .engine()
+            .sign(
+                &by,
+                name,
+                &input,
+                p.opts,
+                context.as_deref(),
+                version,
+                p.jws,
+            )
+            .map_err(item_error)?;
+        Ok(json!({ "signature": signature, "key_version": v }))
+    })
 }
 
 fn verify(
@@ -411,37 +597,44 @@ fn verify(
     let by = call.principal()?;
     let body = Body::parse(call)?;
     check_key(call, &by, name)?;
-    if body.batch().map_err(bad)?.is_some() {
-        return Err(bad("batch_input is not supported on verify yet".into()));
-    }
-    refuse_unsupported_sign_options(&body).map_err(bad)?;
-    let input = body
-        .b64("input")
-        .map_err(bad)?
-        .ok_or_else(|| bad("missing input to verify".into()))?;
-    let valid = match (
-        body.str("signature").map_err(bad)?,
-        body.str("hmac").map_err(bad)?,
-    ) {
-        (Some(sig), None) => {
-            let hash = hash_param(&body, "hash_algorithm", path_alg).map_err(bad)?;
-            call.engine().verify(&by, name, &input, sig, hash)?
-        }
-        (None, Some(mac)) => {
-            // As Vault's HMAC verify: the path, then hash_algorithm, then
-            // the deprecated algorithm.
-            let hash = if body.get("hash_algorithm").is_some() {
-                hash_param(&body, "hash_algorithm", path_alg)
-            } else {
-                hash_param(&body, "algorithm", path_alg)
+    sign_params(&body, &Body(Map::new()), path_alg).map_err(bad)?;
+    single_or_batch(call, &body, |b| {
+        let input = b.b64("input")?.ok_or("missing input to verify")?;
+        let valid = match (b.str("signature")?, b.str("hmac")?) {
+            (Some(sig), None) => {
+                let p = sign_params(&body, b, path_alg)?;
+                let context = b.b64("context")?;
+                call.engine()
+                    .verify(&by, name, &input, sig, p.opts, context.as_deref(), p.jws)
+                    .map_err(item_error)?
             }
-            .map_err(bad)?;
-            call.engine().verify_hmac(&by, name, &input, mac, hash)?
+            (None, Some(mac)) => {
+                let hash = hmac_hash(&body, b, path_alg)?;
+                call.engine()
+                    .verify_hmac(&by, name, &input, mac, hash)
+                    .map_err(item_error)?
+            }
+            (Some(_), Some(_)) => return Err("provide either signature or hmac, not both".into()),
+            (None, None) => return Err("missing signature or hmac to verify".into()),
+        };
+        Ok(json!({ "valid": valid }))
+    })
+}
+
+/// HMAC verify reads `hash_algorithm` first, then the older `algorithm`,
+/// as Vault does; a batch item may override the request.
+fn hmac_hash(body: &Body, item: &Body, path_alg: Option<&str>) -> Result<HashAlgorithm, String> {
+    if path_alg.is_some() {
+        return hash_param(item, "hash_algorithm", path_alg);
+    }
+    for b in [item, body] {
+        for k in ["hash_algorithm", "algorithm"] {
+            if let Some(name) = b.str(k)? {
+                return HashAlgorithm::parse(name).map_err(|e| e.to_string());
+            }
         }
-        (Some(_), Some(_)) => return Err(bad("provide either signature or hmac, not both".into())),
-        (None, None) => return Err(bad("missing signature or hmac to verify".into())),
-    };
-    call.ok(json!({ "valid": valid }))
+    }
+    Ok(HashAlgorithm::Sha2_256)
 }
 
 fn hmac(
@@ -452,17 +645,17 @@ fn hmac(
     let by = call.principal()?;
     let body = Body::parse(call)?;
     check_key(call, &by, name)?;
-    if body.batch().map_err(bad)?.is_some() {
-        return Err(bad("batch_input is not supported on hmac yet".into()));
-    }
-    let hash = hash_param(&body, "algorithm", path_alg).map_err(bad)?;
-    let input = body
-        .b64("input")
-        .map_err(bad)?
-        .ok_or_else(|| bad("missing input to HMAC".into()))?;
+    hmac_hash(&body, &Body(Map::new()), path_alg).map_err(bad)?;
     let version = body.u32("key_version").map_err(bad)?;
-    let (mac, v) = call.engine().hmac(&by, name, &input, hash, version)?;
-    call.ok(json!({ "hmac": mac, "key_version": v }))
+    single_or_batch(call, &body, |b| {
+        let hash = hmac_hash(&body, b, path_alg)?;
+        let input = b.b64("input")?.ok_or("missing input to HMAC")?;
+        let (mac, v) = call
+            .engine()
+            .hmac(&by, name, &input, hash, version)
+            .map_err(item_error)?;
+        Ok(json!({ "hmac": mac, "key_version": v }))
+    })
 }
 
 fn random(call: &Call<'_>, path_arg: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {

@@ -2,19 +2,37 @@
 //!
 //! This module knows nothing of storage or HTTP: it turns key material into
 //! ciphertexts, signatures and MACs and back. Every primitive comes from
-//! aws-lc-rs; AES-GCM sealing happens in exactly one function,
-//! [`aes_gcm_seal_with_nonce`], so the known-answer tests cover the path the
-//! engine and the store really use.
+//! aws-lc-rs; AEAD sealing happens in exactly one function, [`aead_seal`],
+//! so the known-answer and Wycheproof tests cover the path the engine and the
+//! store really use.
+//!
+//! Asymmetric keys are parsed once, when a version is loaded or generated,
+//! and kept parsed beside their stored bytes: parsing an RSA key costs more
+//! than signing with it. aws-lc frees (and clears) those structures on drop.
 use std::fmt;
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use aws_lc_rs::signature::{
-    EcdsaKeyPair, Ed25519KeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
-    ECDSA_P256_SHA256_ASN1_SIGNING, ED25519,
+use aws_lc_rs::aead::{
+    Aad, Algorithm as AeadAlgorithm, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM,
+    CHACHA20_POLY1305, NONCE_LEN,
 };
-use aws_lc_rs::{digest, hmac};
+use aws_lc_rs::digest::{self, Digest};
+use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::rsa::{
+    KeySize, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, PrivateDecryptingKey,
+    PublicEncryptingKey, OAEP_SHA256_MGF1SHA256,
+};
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, EcdsaSigningAlgorithm, EcdsaVerificationAlgorithm, Ed25519KeyPair, KeyPair,
+    RsaEncoding, RsaKeyPair, RsaParameters, RsaPssSaltLength, UnparsedPublicKey,
+    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1,
+    ECDSA_P384_SHA384_ASN1_SIGNING, ECDSA_P521_SHA512_ASN1, ECDSA_P521_SHA512_ASN1_SIGNING,
+    ED25519, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384, RSA_PKCS1_2048_8192_SHA512,
+    RSA_PKCS1_SHA256, RSA_PKCS1_SHA384, RSA_PKCS1_SHA512, RSA_PSS_2048_8192_SHA256,
+    RSA_PSS_2048_8192_SHA384, RSA_PSS_2048_8192_SHA512, RSA_PSS_SHA256, RSA_PSS_SHA384,
+    RSA_PSS_SHA512,
+};
+use aws_lc_rs::{hkdf, hmac};
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
@@ -26,12 +44,17 @@ const TAG_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
-    #[error("unknown key type \"{0}\" (supported: aes256-gcm96, ed25519, ecdsa-p256, hmac)")]
+    #[error(
+        "unknown key type \"{0}\" (supported: aes128-gcm96, aes256-gcm96, chacha20-poly1305, \
+         hmac, ed25519, ecdsa-p256, ecdsa-p384, ecdsa-p521, rsa-2048, rsa-3072, rsa-4096)"
+    )]
     UnsupportedKeyType(String),
     #[error("unsupported hash algorithm \"{0}\"")]
     UnsupportedHash(String),
     #[error("key type {key_type} does not support {op}")]
     OperationNotSupported { op: &'static str, key_type: KeyType },
+    #[error("{0}")]
+    InvalidInput(String),
     #[error("key material is malformed or has the wrong length for its key type")]
     InvalidKeyMaterial,
     /// Deliberately one variant without detail: telling a caller whether the
@@ -46,31 +69,94 @@ pub enum CryptoError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum KeyType {
+    #[serde(rename = "aes128-gcm96")]
+    Aes128Gcm96,
     #[serde(rename = "aes256-gcm96")]
     Aes256Gcm96,
+    #[serde(rename = "chacha20-poly1305")]
+    Chacha20Poly1305,
+    #[serde(rename = "hmac")]
+    Hmac,
     #[serde(rename = "ed25519")]
     Ed25519,
     #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
-    #[serde(rename = "hmac")]
-    Hmac,
+    #[serde(rename = "ecdsa-p384")]
+    EcdsaP384,
+    #[serde(rename = "ecdsa-p521")]
+    EcdsaP521,
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
+    #[serde(rename = "rsa-3072")]
+    Rsa3072,
+    #[serde(rename = "rsa-4096")]
+    Rsa4096,
 }
 
+/// The three ECDSA curves: signing key algorithm, verification algorithm,
+/// the byte length of the group order (for digest fitting and JWS `r‖s`).
+#[derive(Clone, Copy)]
+struct Curve {
+    name: &'static str,
+    signing: &'static EcdsaSigningAlgorithm,
+    verifying: &'static EcdsaVerificationAlgorithm,
+    /// The digest the aws-lc-rs algorithm is bound to; every other hash is
+    /// fitted to it (see [`fit_digest`]).
+    native: &'static digest::Algorithm,
+    scalar_len: usize,
+}
+
+const P256: Curve = Curve {
+    name: "P-256",
+    signing: &ECDSA_P256_SHA256_ASN1_SIGNING,
+    verifying: &ECDSA_P256_SHA256_ASN1,
+    native: &digest::SHA256,
+    scalar_len: 32,
+};
+const P384: Curve = Curve {
+    name: "P-384",
+    signing: &ECDSA_P384_SHA384_ASN1_SIGNING,
+    verifying: &ECDSA_P384_SHA384_ASN1,
+    native: &digest::SHA384,
+    scalar_len: 48,
+};
+const P521: Curve = Curve {
+    name: "P-521",
+    signing: &ECDSA_P521_SHA512_ASN1_SIGNING,
+    verifying: &ECDSA_P521_SHA512_ASN1,
+    native: &digest::SHA512,
+    scalar_len: 66,
+};
+
 impl KeyType {
-    pub const ALL: [KeyType; 4] = [
+    pub const ALL: [KeyType; 11] = [
+        KeyType::Aes128Gcm96,
         KeyType::Aes256Gcm96,
+        KeyType::Chacha20Poly1305,
+        KeyType::Hmac,
         KeyType::Ed25519,
         KeyType::EcdsaP256,
-        KeyType::Hmac,
+        KeyType::EcdsaP384,
+        KeyType::EcdsaP521,
+        KeyType::Rsa2048,
+        KeyType::Rsa3072,
+        KeyType::Rsa4096,
     ];
 
     /// The name Vault uses on the wire and in key listings.
     pub fn as_str(&self) -> &'static str {
         match self {
+            KeyType::Aes128Gcm96 => "aes128-gcm96",
             KeyType::Aes256Gcm96 => "aes256-gcm96",
+            KeyType::Chacha20Poly1305 => "chacha20-poly1305",
+            KeyType::Hmac => "hmac",
             KeyType::Ed25519 => "ed25519",
             KeyType::EcdsaP256 => "ecdsa-p256",
-            KeyType::Hmac => "hmac",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::EcdsaP521 => "ecdsa-p521",
+            KeyType::Rsa2048 => "rsa-2048",
+            KeyType::Rsa3072 => "rsa-3072",
+            KeyType::Rsa4096 => "rsa-4096",
         }
     }
 
@@ -81,18 +167,55 @@ impl KeyType {
             .ok_or_else(|| CryptoError::UnsupportedKeyType(s.to_owned()))
     }
 
+    /// The AEAD for symmetric encryption types.
+    fn aead(&self) -> Option<&'static AeadAlgorithm> {
+        match self {
+            KeyType::Aes128Gcm96 => Some(&AES_128_GCM),
+            KeyType::Aes256Gcm96 => Some(&AES_256_GCM),
+            KeyType::Chacha20Poly1305 => Some(&CHACHA20_POLY1305),
+            _ => None,
+        }
+    }
+
+    fn curve(&self) -> Option<Curve> {
+        match self {
+            KeyType::EcdsaP256 => Some(P256),
+            KeyType::EcdsaP384 => Some(P384),
+            KeyType::EcdsaP521 => Some(P521),
+            _ => None,
+        }
+    }
+
+    fn rsa_size(&self) -> Option<KeySize> {
+        match self {
+            KeyType::Rsa2048 => Some(KeySize::Rsa2048),
+            KeyType::Rsa3072 => Some(KeySize::Rsa3072),
+            KeyType::Rsa4096 => Some(KeySize::Rsa4096),
+            _ => None,
+        }
+    }
+
+    pub fn is_rsa(&self) -> bool {
+        self.rsa_size().is_some()
+    }
+
+    /// Symmetric AEAD types: the ones with derivation, convergent encryption
+    /// and a raw `encryption-key` export.
+    pub fn is_aead(&self) -> bool {
+        self.aead().is_some()
+    }
+
     pub fn supports_encryption(&self) -> bool {
-        matches!(self, KeyType::Aes256Gcm96)
+        self.is_aead() || self.is_rsa()
     }
 
     pub fn supports_signing(&self) -> bool {
-        matches!(self, KeyType::Ed25519 | KeyType::EcdsaP256)
+        matches!(self, KeyType::Ed25519) || self.curve().is_some() || self.is_rsa()
     }
 
-    /// Reported in key metadata the way Vault reports it; derivation itself
-    /// is not implemented here.
+    /// As in Vault: the AEAD types and ed25519 may be derived.
     pub fn supports_derivation(&self) -> bool {
-        matches!(self, KeyType::Aes256Gcm96 | KeyType::Ed25519)
+        self.is_aead() || matches!(self, KeyType::Ed25519)
     }
 }
 
@@ -104,35 +227,167 @@ impl fmt::Display for KeyType {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashAlgorithm {
+    Sha2_224,
     Sha2_256,
     Sha2_384,
     Sha2_512,
+    Sha3_256,
+    Sha3_384,
+    Sha3_512,
 }
 
 impl HashAlgorithm {
     /// Vault's names, plus the short forms its `hmac` path also accepts.
     pub fn parse(s: &str) -> Result<HashAlgorithm, CryptoError> {
         match s {
+            "sha2-224" | "sha224" => Ok(HashAlgorithm::Sha2_224),
             "sha2-256" | "sha256" => Ok(HashAlgorithm::Sha2_256),
             "sha2-384" | "sha384" => Ok(HashAlgorithm::Sha2_384),
             "sha2-512" | "sha512" => Ok(HashAlgorithm::Sha2_512),
+            "sha3-256" => Ok(HashAlgorithm::Sha3_256),
+            "sha3-384" => Ok(HashAlgorithm::Sha3_384),
+            "sha3-512" => Ok(HashAlgorithm::Sha3_512),
             other => Err(CryptoError::UnsupportedHash(other.to_owned())),
         }
     }
 
     pub fn as_str(&self) -> &'static str {
         match self {
+            HashAlgorithm::Sha2_224 => "sha2-224",
             HashAlgorithm::Sha2_256 => "sha2-256",
             HashAlgorithm::Sha2_384 => "sha2-384",
             HashAlgorithm::Sha2_512 => "sha2-512",
+            HashAlgorithm::Sha3_256 => "sha3-256",
+            HashAlgorithm::Sha3_384 => "sha3-384",
+            HashAlgorithm::Sha3_512 => "sha3-512",
         }
     }
 
-    fn hmac_algorithm(self) -> hmac::Algorithm {
+    fn digest_algorithm(self) -> &'static digest::Algorithm {
         match self {
-            HashAlgorithm::Sha2_256 => hmac::HMAC_SHA256,
-            HashAlgorithm::Sha2_384 => hmac::HMAC_SHA384,
-            HashAlgorithm::Sha2_512 => hmac::HMAC_SHA512,
+            HashAlgorithm::Sha2_224 => &digest::SHA224,
+            HashAlgorithm::Sha2_256 => &digest::SHA256,
+            HashAlgorithm::Sha2_384 => &digest::SHA384,
+            HashAlgorithm::Sha2_512 => &digest::SHA512,
+            HashAlgorithm::Sha3_256 => &digest::SHA3_256,
+            HashAlgorithm::Sha3_384 => &digest::SHA3_384,
+            HashAlgorithm::Sha3_512 => &digest::SHA3_512,
+        }
+    }
+
+    pub fn output_len(self) -> usize {
+        self.digest_algorithm().output_len()
+    }
+
+    fn hmac_algorithm(self) -> Result<hmac::Algorithm, CryptoError> {
+        match self {
+            HashAlgorithm::Sha2_224 => Ok(hmac::HMAC_SHA224),
+            HashAlgorithm::Sha2_256 => Ok(hmac::HMAC_SHA256),
+            HashAlgorithm::Sha2_384 => Ok(hmac::HMAC_SHA384),
+            HashAlgorithm::Sha2_512 => Ok(hmac::HMAC_SHA512),
+            other => Err(CryptoError::UnsupportedHash(format!(
+                "{} (HMAC takes sha2-224, sha2-256, sha2-384 or sha2-512)",
+                other.as_str()
+            ))),
+        }
+    }
+
+    /// RSA signing encodings exist for SHA-2 256/384/512 only.
+    fn rsa(
+        self,
+        padding: RsaPadding,
+    ) -> Result<(&'static dyn RsaEncoding, &'static [&'static RsaParameters]), CryptoError> {
+        const PSS256_MAX: RsaParameters =
+            RSA_PSS_2048_8192_SHA256.with_pss_salt_length(RsaPssSaltLength::Max);
+        const PSS384_MAX: RsaParameters =
+            RSA_PSS_2048_8192_SHA384.with_pss_salt_length(RsaPssSaltLength::Max);
+        const PSS512_MAX: RsaParameters =
+            RSA_PSS_2048_8192_SHA512.with_pss_salt_length(RsaPssSaltLength::Max);
+        Ok(match (padding, self) {
+            (RsaPadding::Pss, HashAlgorithm::Sha2_256) => {
+                (&RSA_PSS_SHA256, &[&RSA_PSS_2048_8192_SHA256, &PSS256_MAX])
+            }
+            (RsaPadding::Pss, HashAlgorithm::Sha2_384) => {
+                (&RSA_PSS_SHA384, &[&RSA_PSS_2048_8192_SHA384, &PSS384_MAX])
+            }
+            (RsaPadding::Pss, HashAlgorithm::Sha2_512) => {
+                (&RSA_PSS_SHA512, &[&RSA_PSS_2048_8192_SHA512, &PSS512_MAX])
+            }
+            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_256) => {
+                (&RSA_PKCS1_SHA256, &[&RSA_PKCS1_2048_8192_SHA256])
+            }
+            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_384) => {
+                (&RSA_PKCS1_SHA384, &[&RSA_PKCS1_2048_8192_SHA384])
+            }
+            (RsaPadding::Pkcs1v15, HashAlgorithm::Sha2_512) => {
+                (&RSA_PKCS1_SHA512, &[&RSA_PKCS1_2048_8192_SHA512])
+            }
+            (_, other) => {
+                return Err(CryptoError::UnsupportedHash(format!(
+                    "{} (RSA signatures take sha2-256, sha2-384 or sha2-512)",
+                    other.as_str()
+                )))
+            }
+        })
+    }
+}
+
+/// Vault's `signature_algorithm` for RSA keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RsaPadding {
+    #[default]
+    Pss,
+    Pkcs1v15,
+}
+
+impl RsaPadding {
+    pub fn parse(s: &str) -> Result<RsaPadding, CryptoError> {
+        match s {
+            "pss" => Ok(RsaPadding::Pss),
+            "pkcs1v15" => Ok(RsaPadding::Pkcs1v15),
+            other => Err(CryptoError::InvalidInput(format!(
+                "unsupported signature_algorithm {other:?} (use pss or pkcs1v15)"
+            ))),
+        }
+    }
+}
+
+/// How a signature is made or checked, beyond the key itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignOptions {
+    pub hash: HashAlgorithm,
+    /// The input already is the digest (Vault's `prehashed`).
+    pub prehashed: bool,
+    pub rsa_padding: RsaPadding,
+}
+
+impl From<HashAlgorithm> for SignOptions {
+    fn from(hash: HashAlgorithm) -> Self {
+        SignOptions {
+            hash,
+            prehashed: false,
+            rsa_padding: RsaPadding::Pss,
+        }
+    }
+}
+
+/// What `export/:type/:name` hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    EncryptionKey,
+    SigningKey,
+    HmacKey,
+    PublicKey,
+}
+
+impl ExportKind {
+    pub fn parse(s: &str) -> Option<ExportKind> {
+        match s {
+            "encryption-key" => Some(ExportKind::EncryptionKey),
+            "signing-key" => Some(ExportKind::SigningKey),
+            "hmac-key" => Some(ExportKind::HmacKey),
+            "public-key" => Some(ExportKind::PublicKey),
+            _ => None,
         }
     }
 }
@@ -140,20 +395,29 @@ impl HashAlgorithm {
 /// A public key as Vault's `keys/:name` response shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublicKey {
-    /// Vault's `name` field: "ed25519" or "P-256".
+    /// Vault's `name` field: "ed25519", "P-256", "rsa-2048", ...
     pub name: &'static str,
     pub public_key: String,
+}
+
+/// The parsed form of an asymmetric key, built once per version.
+enum Parsed {
+    Symmetric,
+    Ed25519(Ed25519KeyPair),
+    Ecdsa(EcdsaKeyPair, Curve),
+    Rsa(Box<(RsaKeyPair, OaepPrivateDecryptingKey)>),
 }
 
 /// Material for one key version.
 pub struct KeyMaterial {
     pub key_type: KeyType,
-    /// aes256-gcm96: 32-byte key; ed25519: the 32-byte RFC 8032 seed;
-    /// ecdsa-p256: PKCS#8 v1 DER document; hmac: the HMAC key.
+    /// AEAD types: the raw key; ed25519: the 32-byte RFC 8032 seed;
+    /// ecdsa and rsa: a PKCS#8 v1 DER document; hmac: the HMAC key.
     pub secret: SecretBytes,
     /// Every version carries its own HMAC key, as Vault does, so `hmac/:name`
     /// works on any key type. For the `hmac` type it equals `secret`.
     pub hmac_key: SecretBytes,
+    parsed: Parsed,
 }
 
 impl fmt::Debug for KeyMaterial {
@@ -164,34 +428,36 @@ impl fmt::Debug for KeyMaterial {
     }
 }
 
+fn aead_key_len(alg: &'static AeadAlgorithm) -> usize {
+    alg.key_len()
+}
+
 impl KeyMaterial {
+    /// Generates a version. RSA-4096 takes seconds: callers run this on a
+    /// blocking thread.
     pub fn generate(key_type: KeyType) -> Result<KeyMaterial, CryptoError> {
-        let secret = match key_type {
-            // Any 32 bytes are a valid AES key, HMAC key or RFC 8032 seed.
-            // Storing the Ed25519 seed rather than PKCS#8 keeps it in the
-            // form RFC 8032 vectors and Vault's raw export use.
-            KeyType::Aes256Gcm96 | KeyType::Ed25519 | KeyType::Hmac => random_secret()?,
-            KeyType::EcdsaP256 => {
-                // The rng argument is ignored by aws-lc-rs (it uses its own
-                // DRBG), but the signature wants one.
-                let doc = EcdsaKeyPair::generate_pkcs8(
-                    &ECDSA_P256_SHA256_ASN1_SIGNING,
-                    &SystemRandom::new(),
-                )
+        let secret = if let Some(alg) = key_type.aead() {
+            SecretBytes::new(std::mem::take(&mut *random_bytes(aead_key_len(alg))?))
+        } else if let Some(curve) = key_type.curve() {
+            // The rng argument is ignored by aws-lc-rs (it uses its own DRBG).
+            let doc = EcdsaKeyPair::generate_pkcs8(curve.signing, &SystemRandom::new())
                 .map_err(|_| CryptoError::KeyGeneration)?;
-                // `doc` zeroizes its own buffer on drop.
-                SecretBytes::from_slice(doc.as_ref())
-            }
+            // `doc` zeroizes its own buffer on drop.
+            SecretBytes::from_slice(doc.as_ref())
+        } else if let Some(size) = key_type.rsa_size() {
+            let pair = RsaKeyPair::generate(size).map_err(|_| CryptoError::KeyGeneration)?;
+            let doc: Pkcs8V1Der<'static> = pair.as_der().map_err(|_| CryptoError::KeyGeneration)?;
+            SecretBytes::from_slice(doc.as_ref())
+        } else {
+            // Ed25519 and HMAC: any 32 bytes are a valid RFC 8032 seed or
+            // HMAC key. The seed is what RFC 8032 vectors use.
+            random_secret()?
         };
         let hmac_key = match key_type {
             KeyType::Hmac => secret.duplicate(),
             _ => random_secret()?,
         };
-        Ok(KeyMaterial {
-            key_type,
-            secret,
-            hmac_key,
-        })
+        Self::from_parts(key_type, secret, hmac_key)
     }
 
     /// Rebuilds a version from stored bytes, refusing anything that would not
@@ -201,139 +467,307 @@ impl KeyMaterial {
         secret: SecretBytes,
         hmac_key: SecretBytes,
     ) -> Result<KeyMaterial, CryptoError> {
-        let secret_ok = match key_type {
-            KeyType::Aes256Gcm96 => secret.len() == KEY_LEN,
-            KeyType::Ed25519 => {
-                secret.len() == KEY_LEN
-                    && Ed25519KeyPair::from_seed_unchecked(secret.expose_secret()).is_ok()
+        let bad = |_| CryptoError::InvalidKeyMaterial;
+        let parsed = if let Some(alg) = key_type.aead() {
+            if secret.len() != aead_key_len(alg) {
+                return Err(CryptoError::InvalidKeyMaterial);
             }
-            KeyType::EcdsaP256 => {
-                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, secret.expose_secret())
-                    .is_ok()
+            Parsed::Symmetric
+        } else if let Some(curve) = key_type.curve() {
+            Parsed::Ecdsa(
+                EcdsaKeyPair::from_pkcs8(curve.signing, secret.expose_secret()).map_err(bad)?,
+                curve,
+            )
+        } else if let Some(size) = key_type.rsa_size() {
+            let pair = RsaKeyPair::from_pkcs8(secret.expose_secret()).map_err(bad)?;
+            if pair.public_modulus_len() != size.len() {
+                return Err(CryptoError::InvalidKeyMaterial);
             }
+            let dec = PrivateDecryptingKey::from_pkcs8(secret.expose_secret()).map_err(bad)?;
+            let dec =
+                OaepPrivateDecryptingKey::new(dec).map_err(|_| CryptoError::InvalidKeyMaterial)?;
+            Parsed::Rsa(Box::new((pair, dec)))
+        } else if key_type == KeyType::Ed25519 {
+            if secret.len() != KEY_LEN {
+                return Err(CryptoError::InvalidKeyMaterial);
+            }
+            Parsed::Ed25519(
+                Ed25519KeyPair::from_seed_unchecked(secret.expose_secret()).map_err(bad)?,
+            )
+        } else {
             // HMAC takes keys of any length (RFC 2104); imported keys and the
             // RFC 4231 vectors are not 32 bytes. Empty means corruption.
-            KeyType::Hmac => !secret.is_empty(),
+            if secret.is_empty() {
+                return Err(CryptoError::InvalidKeyMaterial);
+            }
+            Parsed::Symmetric
         };
         let hmac_ok = match key_type {
             KeyType::Hmac => secret.ct_eq(hmac_key.expose_secret()),
             _ => hmac_key.len() == KEY_LEN,
         };
-        if !(secret_ok && hmac_ok) {
+        if !hmac_ok {
             return Err(CryptoError::InvalidKeyMaterial);
         }
         Ok(KeyMaterial {
             key_type,
             secret,
             hmac_key,
+            parsed,
         })
     }
 
+    /// A key derived for one `context` (Vault's derived keys, KDF
+    /// `hkdf_sha256`): HKDF-SHA256 with an empty salt, the version's key as
+    /// input keying material and the context as info. The HMAC key stays the
+    /// version's own.
+    pub fn derive(&self, context: &[u8]) -> Result<KeyMaterial, CryptoError> {
+        if !self.key_type.supports_derivation() {
+            return Err(self.unsupported("key derivation"));
+        }
+        if context.is_empty() {
+            return Err(CryptoError::InvalidInput(
+                "missing 'context' for key derivation; the key was created using a derived key, \
+                 which means additional, per-request information must be included in order to \
+                 perform operations with the key"
+                    .into(),
+            ));
+        }
+        let len = match self.key_type.aead() {
+            Some(alg) => aead_key_len(alg),
+            None => KEY_LEN,
+        };
+        let derived = hkdf_sha256(self.secret.expose_secret(), context, len)?;
+        Self::from_parts(self.key_type, derived, self.hmac_key.duplicate())
+    }
+
     /// For asymmetric types, the public key as Vault shows it: ed25519 as
-    /// base64 of the raw 32 bytes, ecdsa-p256 as a PEM SubjectPublicKeyInfo.
+    /// base64 of the raw 32 bytes, ECDSA and RSA as a PEM SubjectPublicKeyInfo.
     pub fn public_key(&self) -> Result<Option<PublicKey>, CryptoError> {
         let b64 = &base64::engine::general_purpose::STANDARD;
-        match self.key_type {
-            KeyType::Ed25519 => Ok(Some(PublicKey {
+        Ok(match &self.parsed {
+            Parsed::Symmetric => None,
+            Parsed::Ed25519(pair) => Some(PublicKey {
                 name: "ed25519",
-                public_key: b64.encode(self.ed25519()?.public_key().as_ref()),
-            })),
-            KeyType::EcdsaP256 => {
-                let der = self
-                    .ecdsa()?
+                public_key: b64.encode(pair.public_key().as_ref()),
+            }),
+            Parsed::Ecdsa(pair, curve) => {
+                let der = pair
                     .public_key()
                     .as_der()
                     .map_err(|_| CryptoError::InvalidKeyMaterial)?;
-                Ok(Some(PublicKey {
-                    name: "P-256",
-                    public_key: pem_public_key(der.as_ref()),
-                }))
+                Some(PublicKey {
+                    name: curve.name,
+                    public_key: pem("PUBLIC KEY", der.as_ref()),
+                })
             }
-            KeyType::Aes256Gcm96 | KeyType::Hmac => Ok(None),
-        }
+            Parsed::Rsa(rsa) => {
+                let der = rsa
+                    .0
+                    .public_key()
+                    .as_der()
+                    .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+                Some(PublicKey {
+                    name: self.key_type.as_str(),
+                    public_key: pem("PUBLIC KEY", der.as_ref()),
+                })
+            }
+        })
     }
 
-    /// AES-256-GCM under a fresh random 96-bit nonce; returns
-    /// nonce ‖ ciphertext ‖ tag, the layout Vault puts inside `vault:vN:`.
+    /// Encrypts with a fresh random nonce (AEAD types: nonce ‖ ct ‖ tag) or
+    /// RSA-OAEP-SHA256 (the raw RSA ciphertext; RSA takes no associated data).
     pub fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        self.require(self.key_type.supports_encryption(), "encryption")?;
+        if let Parsed::Rsa(rsa) = &self.parsed {
+            if !aad.is_empty() {
+                return Err(CryptoError::InvalidInput(
+                    "associated_data is not supported with RSA keys".into(),
+                ));
+            }
+            return rsa_oaep_encrypt(&rsa.0, plaintext);
+        }
+        let alg = self.require_aead("encryption")?;
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| CryptoError::RandomFailure)?;
-        aes_gcm_seal_with_nonce(self.secret.expose_secret(), nonce, plaintext, aad)
+        aead_seal(alg, self.secret.expose_secret(), nonce, plaintext, aad)
     }
 
+    /// Convergent encryption: the nonce is HMAC-SHA256 of the plaintext under
+    /// a key derived (HKDF-SHA256) from the version's HMAC key and the
+    /// context, so equal (plaintext, context) pairs give equal ciphertexts.
+    pub fn encrypt_convergent(
+        &self,
+        plaintext: &[u8],
+        aad: &[u8],
+        context: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let alg = self.require_aead("convergent encryption")?;
+        let nonce_key = hkdf_sha256(self.hmac_key.expose_secret(), context, KEY_LEN)?;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, nonce_key.expose_secret());
+        let mut ctx = hmac::Context::with_key(&key);
+        ctx.update(aad);
+        ctx.update(&(aad.len() as u64).to_be_bytes());
+        ctx.update(plaintext);
+        let tag = ctx.sign();
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&tag.as_ref()[..NONCE_LEN]);
+        aead_seal(alg, self.secret.expose_secret(), nonce, plaintext, aad)
+    }
+
+    /// One error for every failure (see [`CryptoError::DecryptionFailed`]).
     pub fn decrypt(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        self.require(self.key_type.supports_encryption(), "decryption")?;
-        aes_gcm_open(self.secret.expose_secret(), blob, aad)
+        if let Parsed::Rsa(rsa) = &self.parsed {
+            if !aad.is_empty() {
+                return Err(CryptoError::InvalidInput(
+                    "associated_data is not supported with RSA keys".into(),
+                ));
+            }
+            let dec = &rsa.1;
+            let mut out = Zeroizing::new(vec![0u8; dec.min_output_size()]);
+            let len = dec
+                .decrypt(&OAEP_SHA256_MGF1SHA256, blob, &mut out, None)
+                .map_err(|_| CryptoError::DecryptionFailed)?
+                .len();
+            out.truncate(len);
+            return Ok(out);
+        }
+        let alg = self.require_aead("decryption")?;
+        aead_open(alg, self.secret.expose_secret(), blob, aad)
     }
 
-    /// ed25519 signs the raw input and ignores `hash`, as Vault does.
-    /// ecdsa-p256 signs SHA-256(input) in ASN.1 DER; aws-lc-rs offers no
-    /// P-256 signing with another digest, so other hashes are refused.
-    pub fn sign(&self, input: &[u8], hash: HashAlgorithm) -> Result<Vec<u8>, CryptoError> {
-        match self.key_type {
-            KeyType::Ed25519 => Ok(self.ed25519()?.sign(input).as_ref().to_vec()),
-            KeyType::EcdsaP256 => {
-                ecdsa_hash_supported(hash)?;
-                // The rng argument is ignored by aws-lc-rs.
-                let sig = self
-                    .ecdsa()?
-                    .sign(&SystemRandom::new(), input)
+    /// ed25519 signs the raw input and ignores the hash, as Vault does.
+    /// ECDSA signs the digest in ASN.1 DER; RSA uses PSS (salt length = hash
+    /// length) or PKCS#1 v1.5.
+    pub fn sign(&self, input: &[u8], opts: impl Into<SignOptions>) -> Result<Vec<u8>, CryptoError> {
+        let opts = opts.into();
+        match &self.parsed {
+            Parsed::Ed25519(pair) => {
+                refuse_prehashed_ed25519(opts)?;
+                Ok(pair.sign(input).as_ref().to_vec())
+            }
+            Parsed::Ecdsa(pair, curve) => {
+                let digest = fit_digest(&message_digest(input, opts)?, curve)?;
+                let sig = pair
+                    .sign_digest(&digest)
                     .map_err(|_| CryptoError::InvalidKeyMaterial)?;
                 Ok(sig.as_ref().to_vec())
             }
-            KeyType::Aes256Gcm96 | KeyType::Hmac => Err(self.unsupported("signing")),
+            Parsed::Rsa(rsa) => {
+                let (encoding, _) = opts.hash.rsa(opts.rsa_padding)?;
+                let pair = &rsa.0;
+                let mut sig = vec![0u8; pair.public_modulus_len()];
+                if opts.prehashed {
+                    let digest = message_digest(input, opts)?;
+                    pair.sign_digest(encoding, &digest, &mut sig)
+                } else {
+                    pair.sign(encoding, &SystemRandom::new(), input, &mut sig)
+                }
+                .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+                Ok(sig)
+            }
+            Parsed::Symmetric => Err(self.unsupported("signing")),
         }
     }
 
     /// `Ok(false)` for any signature that does not verify, malformed ones
-    /// included; `Err` only when the type or hash cannot verify at all.
+    /// included; `Err` only when the type or options cannot verify at all.
+    /// RSA-PSS accepts a salt of the hash length or the maximum length
+    /// (Vault's "auto" signs with the maximum).
     pub fn verify(
         &self,
         input: &[u8],
         signature: &[u8],
-        hash: HashAlgorithm,
+        opts: impl Into<SignOptions>,
     ) -> Result<bool, CryptoError> {
-        let valid = match self.key_type {
-            KeyType::Ed25519 => {
-                let pair = self.ed25519()?;
-                UnparsedPublicKey::new(&ED25519, pair.public_key().as_ref())
-                    .verify(input, signature)
-                    .is_ok()
-            }
-            KeyType::EcdsaP256 => {
-                // Same hashes as `sign`, so a caller never gets a signature
-                // it could not also have produced here.
-                ecdsa_hash_supported(hash)?;
-                let pair = self.ecdsa()?;
-                UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, pair.public_key().as_ref())
-                    .verify(input, signature)
-                    .is_ok()
-            }
-            KeyType::Aes256Gcm96 | KeyType::Hmac => return Err(self.unsupported("verification")),
+        let public: &[u8] = match &self.parsed {
+            Parsed::Ed25519(pair) => pair.public_key().as_ref(),
+            Parsed::Ecdsa(pair, _) => pair.public_key().as_ref(),
+            Parsed::Rsa(rsa) => rsa.0.public_key().as_ref(),
+            Parsed::Symmetric => return Err(self.unsupported("verification")),
         };
-        Ok(valid)
+        verify_with_public_key(self.key_type, public, input, signature, opts)
     }
 
-    pub fn hmac(&self, input: &[u8], hash: HashAlgorithm) -> Vec<u8> {
-        let key = hmac::Key::new(hash.hmac_algorithm(), self.hmac_key.expose_secret());
-        hmac::sign(&key, input).as_ref().to_vec()
+    /// Vault's `marshaling_algorithm: jws` changes ECDSA signatures from
+    /// ASN.1 DER to the fixed-width `r ‖ s` of JWS (RFC 7518 §3.4); other
+    /// types' signatures are the same bytes either way.
+    pub fn signature_to_jws(&self, der: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        match &self.parsed {
+            Parsed::Ecdsa(_, curve) => ecdsa_der_to_fixed(der, curve.scalar_len),
+            _ => Ok(der.to_vec()),
+        }
+    }
+
+    /// The inverse of [`Self::signature_to_jws`]; `None` for a JWS signature
+    /// of the wrong length (which then simply does not verify).
+    pub fn signature_from_jws(&self, jws: &[u8]) -> Option<Vec<u8>> {
+        match &self.parsed {
+            Parsed::Ecdsa(_, curve) => ecdsa_fixed_to_der(jws, curve.scalar_len),
+            _ => Some(jws.to_vec()),
+        }
+    }
+
+    pub fn hmac(&self, input: &[u8], hash: HashAlgorithm) -> Result<Vec<u8>, CryptoError> {
+        let key = hmac::Key::new(hash.hmac_algorithm()?, self.hmac_key.expose_secret());
+        Ok(hmac::sign(&key, input).as_ref().to_vec())
     }
 
     /// Constant time: `hmac::verify` compares without early exit.
-    pub fn verify_hmac(&self, input: &[u8], mac: &[u8], hash: HashAlgorithm) -> bool {
-        let key = hmac::Key::new(hash.hmac_algorithm(), self.hmac_key.expose_secret());
-        hmac::verify(&key, input, mac).is_ok()
+    pub fn verify_hmac(
+        &self,
+        input: &[u8],
+        mac: &[u8],
+        hash: HashAlgorithm,
+    ) -> Result<bool, CryptoError> {
+        let key = hmac::Key::new(hash.hmac_algorithm()?, self.hmac_key.expose_secret());
+        Ok(hmac::verify(&key, input, mac).is_ok())
     }
 
-    fn require(&self, supported: bool, op: &'static str) -> Result<(), CryptoError> {
-        if supported {
-            Ok(())
-        } else {
-            Err(self.unsupported(op))
+    /// The key in Vault's export format. The returned string holds key
+    /// material and is wiped on drop.
+    pub fn export(&self, kind: ExportKind) -> Result<Zeroizing<String>, CryptoError> {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let refuse = || self.unsupported("this export type");
+        match kind {
+            ExportKind::HmacKey => Ok(Zeroizing::new(b64.encode(self.hmac_key.expose_secret()))),
+            ExportKind::PublicKey => match self.public_key()? {
+                Some(pk) => Ok(Zeroizing::new(pk.public_key)),
+                None => Err(refuse()),
+            },
+            ExportKind::EncryptionKey | ExportKind::SigningKey => match &self.parsed {
+                Parsed::Symmetric
+                    if kind == ExportKind::EncryptionKey && self.key_type.is_aead() =>
+                {
+                    Ok(Zeroizing::new(b64.encode(self.secret.expose_secret())))
+                }
+                // Vault exports ed25519 as Go's 64-byte private key: seed ‖ public.
+                Parsed::Ed25519(pair) if kind == ExportKind::SigningKey => {
+                    let mut raw = Zeroizing::new(self.secret.expose_secret().to_vec());
+                    raw.extend_from_slice(pair.public_key().as_ref());
+                    Ok(Zeroizing::new(b64.encode(&*raw)))
+                }
+                Parsed::Ecdsa(pair, _) if kind == ExportKind::SigningKey => {
+                    let der = pair
+                        .private_key()
+                        .as_der()
+                        .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+                    Ok(Zeroizing::new(pem("EC PRIVATE KEY", der.as_ref())))
+                }
+                // Vault exports RSA keys as PKCS#1 for both kinds.
+                Parsed::Rsa(_) => {
+                    let pkcs1 = pkcs8_private_key(self.secret.expose_secret())
+                        .ok_or(CryptoError::InvalidKeyMaterial)?;
+                    Ok(Zeroizing::new(pem("RSA PRIVATE KEY", pkcs1)))
+                }
+                _ => Err(refuse()),
+            },
         }
+    }
+
+    fn require_aead(&self, op: &'static str) -> Result<&'static AeadAlgorithm, CryptoError> {
+        self.key_type.aead().ok_or_else(|| self.unsupported(op))
     }
 
     fn unsupported(&self, op: &'static str) -> CryptoError {
@@ -342,61 +776,269 @@ impl KeyMaterial {
             key_type: self.key_type,
         }
     }
+}
 
-    // The fields are public, so material may not have passed `from_parts`:
-    // parsing failures are errors here, never panics.
-    fn ed25519(&self) -> Result<Ed25519KeyPair, CryptoError> {
-        if self.secret.len() != KEY_LEN {
-            return Err(CryptoError::InvalidKeyMaterial);
-        }
-        Ed25519KeyPair::from_seed_unchecked(self.secret.expose_secret())
-            .map_err(|_| CryptoError::InvalidKeyMaterial)
+/// The one verification path, for a version's own public key and for bare
+/// public keys (Wycheproof vectors come without private keys). `public` is
+/// the raw 32 bytes (ed25519), the uncompressed point (ECDSA) or a PKCS#1
+/// RSAPublicKey (RSA).
+pub fn verify_with_public_key(
+    key_type: KeyType,
+    public: &[u8],
+    input: &[u8],
+    signature: &[u8],
+    opts: impl Into<SignOptions>,
+) -> Result<bool, CryptoError> {
+    let opts = opts.into();
+    if key_type == KeyType::Ed25519 {
+        refuse_prehashed_ed25519(opts)?;
+        return Ok(UnparsedPublicKey::new(&ED25519, public)
+            .verify(input, signature)
+            .is_ok());
     }
+    if let Some(curve) = key_type.curve() {
+        let digest = fit_digest(&message_digest(input, opts)?, &curve)?;
+        return Ok(UnparsedPublicKey::new(curve.verifying, public)
+            .verify_digest(&digest, signature)
+            .is_ok());
+    }
+    if key_type.is_rsa() {
+        let (_, params) = opts.hash.rsa(opts.rsa_padding)?;
+        let digest = message_digest(input, opts)?;
+        return Ok(params.iter().any(|p| {
+            UnparsedPublicKey::new(*p, public)
+                .verify_digest(&digest, signature)
+                .is_ok()
+        }));
+    }
+    Err(CryptoError::OperationNotSupported {
+        op: "verification",
+        key_type,
+    })
+}
 
-    fn ecdsa(&self) -> Result<EcdsaKeyPair, CryptoError> {
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, self.secret.expose_secret())
-            .map_err(|_| CryptoError::InvalidKeyMaterial)
+fn refuse_prehashed_ed25519(opts: SignOptions) -> Result<(), CryptoError> {
+    if opts.prehashed {
+        return Err(CryptoError::InvalidInput(
+            "prehashed input is not supported with ed25519 keys".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The digest to sign: computed here, or (prehashed) the input itself,
+/// which must then have the hash's length.
+fn message_digest(input: &[u8], opts: SignOptions) -> Result<Digest, CryptoError> {
+    let alg = opts.hash.digest_algorithm();
+    if !opts.prehashed {
+        return Ok(digest::digest(alg, input));
+    }
+    Digest::import_less_safe(input, alg).map_err(|_| {
+        CryptoError::InvalidInput(format!(
+            "prehashed input must be a {}-byte {} digest",
+            alg.output_len(),
+            opts.hash.as_str()
+        ))
+    })
+}
+
+/// ECDSA signs the leftmost min(N, hashlen) bits of a digest as an integer
+/// (FIPS 186-4 §6.4). aws-lc-rs binds each curve's key to one digest, so any
+/// other digest is fitted to that length: truncated on the left-most bytes
+/// when longer, zero-padded on the left when shorter (the integer is the
+/// same). All three curves have byte-aligned native lengths that are at most
+/// the order's bit length, so this is exact; Wycheproof's cross-hash vectors
+/// check it.
+fn fit_digest(d: &Digest, curve: &Curve) -> Result<Digest, CryptoError> {
+    let n = curve.native.output_len();
+    let bytes = d.as_ref();
+    let fitted: Vec<u8> = if bytes.len() >= n {
+        bytes[..n].to_vec()
+    } else {
+        let mut v = vec![0u8; n - bytes.len()];
+        v.extend_from_slice(bytes);
+        v
+    };
+    Digest::import_less_safe(&fitted, curve.native).map_err(|_| CryptoError::InvalidKeyMaterial)
+}
+
+fn rsa_oaep_encrypt(pair: &RsaKeyPair, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let public = PublicEncryptingKey::from_der(
+        pair.public_key()
+            .as_der()
+            .map_err(|_| CryptoError::InvalidKeyMaterial)?
+            .as_ref(),
+    )
+    .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    let key = OaepPublicEncryptingKey::new(public).map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    let max = key.max_plaintext_size(&OAEP_SHA256_MGF1SHA256);
+    if plaintext.len() > max {
+        return Err(CryptoError::InvalidInput(format!(
+            "plaintext too long for this RSA key: at most {max} bytes with OAEP-SHA256"
+        )));
+    }
+    let mut out = vec![0u8; key.ciphertext_size()];
+    let len = key
+        .encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, None)
+        .map_err(|_| CryptoError::InvalidKeyMaterial)?
+        .len();
+    out.truncate(len);
+    Ok(out)
+}
+
+struct HkdfLen(usize);
+
+impl hkdf::KeyType for HkdfLen {
+    fn len(&self) -> usize {
+        self.0
     }
 }
 
-fn ecdsa_hash_supported(hash: HashAlgorithm) -> Result<(), CryptoError> {
-    match hash {
-        HashAlgorithm::Sha2_256 => Ok(()),
-        other => Err(CryptoError::UnsupportedHash(other.as_str().to_owned())),
+/// HKDF-SHA256 (RFC 5869) with an empty salt.
+pub fn hkdf_sha256(ikm: &[u8], info: &[u8], len: usize) -> Result<SecretBytes, CryptoError> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(ikm);
+    let info = [info];
+    let okm = prk
+        .expand(&info, HkdfLen(len))
+        .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    let mut out = vec![0u8; len];
+    okm.fill(&mut out)
+        .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    Ok(SecretBytes::new(out))
+}
+
+/// Reads one DER TLV: (tag, contents, rest). Definite lengths only.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The `privateKey` OCTET STRING of a PKCS#8 PrivateKeyInfo: for RSA, the
+/// PKCS#1 RSAPrivateKey.
+fn pkcs8_private_key(pkcs8: &[u8]) -> Option<&[u8]> {
+    let (0x30, body, _) = der_tlv(pkcs8)? else {
+        return None;
+    };
+    let (0x02, _, rest) = der_tlv(body)? else {
+        return None;
+    };
+    let (0x30, _, rest) = der_tlv(rest)? else {
+        return None;
+    };
+    let (0x04, key, _) = der_tlv(rest)? else {
+        return None;
+    };
+    Some(key)
+}
+
+fn ecdsa_der_to_fixed(der: &[u8], n: usize) -> Result<Vec<u8>, CryptoError> {
+    let bad = || CryptoError::InvalidKeyMaterial;
+    let (0x30, body, _) = der_tlv(der).ok_or_else(bad)? else {
+        return Err(bad());
+    };
+    let mut out = Vec::with_capacity(2 * n);
+    let mut rest = body;
+    for _ in 0..2 {
+        let (0x02, int, next) = der_tlv(rest).ok_or_else(bad)? else {
+            return Err(bad());
+        };
+        let int = match int.iter().position(|b| *b != 0) {
+            Some(i) => &int[i..],
+            None => &[],
+        };
+        if int.len() > n {
+            return Err(bad());
+        }
+        out.resize(out.len() + n - int.len(), 0);
+        out.extend_from_slice(int);
+        rest = next;
+    }
+    Ok(out)
+}
+
+fn ecdsa_fixed_to_der(fixed: &[u8], n: usize) -> Option<Vec<u8>> {
+    if fixed.len() != 2 * n {
+        return None;
+    }
+    let int = |v: &[u8]| {
+        let v = match v.iter().position(|b| *b != 0) {
+            Some(i) => &v[i..],
+            None => &[0u8][..],
+        };
+        let mut out = vec![0x02];
+        let pad = v[0] & 0x80 != 0;
+        der_len(&mut out, v.len() + pad as usize);
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(v);
+        out
+    };
+    let body = [int(&fixed[..n]), int(&fixed[n..])].concat();
+    let mut out = vec![0x30];
+    der_len(&mut out, body.len());
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
+fn der_len(out: &mut Vec<u8>, len: usize) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else if len < 0x100 {
+        out.extend_from_slice(&[0x81, len as u8]);
+    } else {
+        out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
     }
 }
 
 /// PEM the way Go's `pem.EncodeToMemory` writes it, which is what Vault returns.
-fn pem_public_key(der: &[u8]) -> String {
+fn pem(label: &str, der: &[u8]) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+    let mut pem = format!("-----BEGIN {label}-----\n");
     for (i, c) in body.chars().enumerate() {
         if i > 0 && i % 64 == 0 {
             pem.push('\n');
         }
         pem.push(c);
     }
-    pem.push_str("\n-----END PUBLIC KEY-----\n");
+    pem.push_str(&format!("\n-----END {label}-----\n"));
     pem
 }
 
-fn aes_key(key: &[u8]) -> Result<LessSafeKey, CryptoError> {
-    if key.len() != KEY_LEN {
+fn aead_key(alg: &'static AeadAlgorithm, key: &[u8]) -> Result<LessSafeKey, CryptoError> {
+    if key.len() != alg.key_len() {
         return Err(CryptoError::InvalidKeyMaterial);
     }
-    let key = UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    let key = UnboundKey::new(alg, key).map_err(|_| CryptoError::InvalidKeyMaterial)?;
     Ok(LessSafeKey::new(key))
 }
 
-/// The one place AES-256-GCM sealing happens. Returns nonce ‖ ct ‖ tag.
+/// The one place AEAD sealing happens. Returns nonce ‖ ct ‖ tag.
 /// The caller guarantees the nonce is never reused under `key`.
-pub(crate) fn aes_gcm_seal_with_nonce(
+pub(crate) fn aead_seal(
+    alg: &'static AeadAlgorithm,
     key: &[u8],
     nonce: [u8; NONCE_LEN],
     plaintext: &[u8],
     aad: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let key = aes_key(key)?;
+    let key = aead_key(alg, key)?;
     // Zeroizing: until sealing succeeds the buffer holds plaintext.
     let mut out = Zeroizing::new(Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN));
     out.extend_from_slice(&nonce);
@@ -407,18 +1049,19 @@ pub(crate) fn aes_gcm_seal_with_nonce(
             Aad::from(aad),
             &mut out[NONCE_LEN..],
         )
-        // Only possible for inputs beyond GCM's 64 GiB limit.
+        // Only possible for inputs beyond the AEAD's length limit.
         .map_err(|_| CryptoError::InvalidKeyMaterial)?;
     out.extend_from_slice(tag.as_ref());
     Ok(std::mem::take(&mut *out))
 }
 
-pub(crate) fn aes_gcm_open(
+pub(crate) fn aead_open(
+    alg: &'static AeadAlgorithm,
     key: &[u8],
     blob: &[u8],
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    let key = aes_key(key)?;
+    let key = aead_key(alg, key)?;
     if blob.len() < NONCE_LEN + TAG_LEN {
         return Err(CryptoError::DecryptionFailed);
     }
@@ -432,6 +1075,24 @@ pub(crate) fn aes_gcm_open(
         .len();
     buf.truncate(len);
     Ok(buf)
+}
+
+/// AES-256-GCM, as the store seals records.
+pub(crate) fn aes_gcm_seal_with_nonce(
+    key: &[u8],
+    nonce: [u8; NONCE_LEN],
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    aead_seal(&AES_256_GCM, key, nonce, plaintext, aad)
+}
+
+pub(crate) fn aes_gcm_open(
+    key: &[u8],
+    blob: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    aead_open(&AES_256_GCM, key, blob, aad)
 }
 
 pub fn random_bytes(n: usize) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
@@ -452,6 +1113,13 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     // SHA-256 output is always 32 bytes, so the lengths match.
     out.copy_from_slice(digest::digest(&digest::SHA256, data).as_ref());
     out
+}
+
+/// Vault's `transit/hash`.
+pub fn hash(alg: HashAlgorithm, data: &[u8]) -> Vec<u8> {
+    digest::digest(alg.digest_algorithm(), data)
+        .as_ref()
+        .to_vec()
 }
 
 #[cfg(test)]
@@ -707,13 +1375,15 @@ mod tests {
                 (HashAlgorithm::Sha2_384, s384),
                 (HashAlgorithm::Sha2_512, s512),
             ] {
-                let mac = material.hmac(&data, hash);
+                let mac = material.hmac(&data, hash).unwrap();
                 assert_eq!(hex::encode(&mac), want);
-                assert!(material.verify_hmac(&data, &mac, hash));
+                assert!(material.verify_hmac(&data, &mac, hash).unwrap());
                 let mut bad = mac.clone();
                 bad[0] ^= 0x01;
-                assert!(!material.verify_hmac(&data, &bad, hash));
-                assert!(!material.verify_hmac(&data, &mac[..mac.len() - 1], hash));
+                assert!(!material.verify_hmac(&data, &bad, hash).unwrap());
+                assert!(!material
+                    .verify_hmac(&data, &mac[..mac.len() - 1], hash)
+                    .unwrap());
             }
         }
     }
@@ -727,15 +1397,26 @@ mod tests {
         assert!(!key
             .verify(b"hello", b"not DER", HashAlgorithm::Sha2_256)
             .unwrap());
-        for hash in [HashAlgorithm::Sha2_384, HashAlgorithm::Sha2_512] {
-            assert!(matches!(
-                key.sign(b"x", hash),
-                Err(CryptoError::UnsupportedHash(_))
-            ));
-            assert!(matches!(
-                key.verify(b"x", &sig, hash),
-                Err(CryptoError::UnsupportedHash(_))
-            ));
+        // Other hashes are fitted to the curve (FIPS 186-4 §6.4) and checked
+        // against aws-lc-rs's own verifier for that (curve, hash) pair.
+        for (hash, alg) in [
+            (
+                HashAlgorithm::Sha2_384,
+                &aws_lc_rs::signature::ECDSA_P256_SHA384_ASN1,
+            ),
+            (
+                HashAlgorithm::Sha2_512,
+                &aws_lc_rs::signature::ECDSA_P256_SHA512_ASN1,
+            ),
+        ] {
+            let sig = key.sign(b"x", hash).unwrap();
+            assert!(key.verify(b"x", &sig, hash).unwrap());
+            assert!(!key.verify(b"x", &sig, HashAlgorithm::Sha2_256).unwrap());
+            let der = pem_to_der(&key.public_key().unwrap().unwrap().public_key);
+            let point = &der[der.len() - 65..];
+            UnparsedPublicKey::new(alg, point)
+                .verify(b"x", &sig)
+                .expect("fitted-digest signature verifies natively");
         }
 
         let pk = key.public_key().unwrap().expect("ecdsa has a public key");
@@ -880,7 +1561,7 @@ mod tests {
             assert_eq!(serde_json::from_str::<KeyType>(&json).unwrap(), t);
         }
         assert!(
-            matches!(KeyType::parse("rsa-2048"), Err(CryptoError::UnsupportedKeyType(s)) if s == "rsa-2048")
+            matches!(KeyType::parse("rsa-1024"), Err(CryptoError::UnsupportedKeyType(s)) if s == "rsa-1024")
         );
         assert!(KeyType::Aes256Gcm96.supports_encryption() && !KeyType::Hmac.supports_encryption());
         assert!(
@@ -902,6 +1583,128 @@ mod tests {
             HashAlgorithm::parse("md5"),
             Err(CryptoError::UnsupportedHash(_))
         ));
+    }
+
+    #[test]
+    fn hkdf_rfc5869_case3_empty_salt_and_info() {
+        let okm = hkdf_sha256(&[0x0b; 22], b"", 42).unwrap();
+        assert_eq!(
+            hex::encode(okm.expose_secret()),
+            "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
+        );
+    }
+
+    #[test]
+    fn derivation_is_per_context_and_deterministic() {
+        for t in [
+            KeyType::Aes128Gcm96,
+            KeyType::Chacha20Poly1305,
+            KeyType::Ed25519,
+        ] {
+            let k = KeyMaterial::generate(t).unwrap();
+            let a = k.derive(b"ctx-a").unwrap();
+            assert!(a
+                .secret
+                .ct_eq(k.derive(b"ctx-a").unwrap().secret.expose_secret()));
+            assert!(!a
+                .secret
+                .ct_eq(k.derive(b"ctx-b").unwrap().secret.expose_secret()));
+            assert!(!a.secret.ct_eq(k.secret.expose_secret()));
+            assert!(matches!(k.derive(b""), Err(CryptoError::InvalidInput(_))));
+        }
+        let ec = KeyMaterial::generate(KeyType::EcdsaP256).unwrap();
+        assert!(ec.derive(b"x").is_err());
+
+        let k = KeyMaterial::generate(KeyType::Aes256Gcm96).unwrap();
+        let c1 = k.encrypt_convergent(b"pt", b"", b"ctx").unwrap();
+        assert_eq!(c1, k.encrypt_convergent(b"pt", b"", b"ctx").unwrap());
+        assert_ne!(c1, k.encrypt_convergent(b"pt", b"", b"other").unwrap());
+        assert_ne!(c1, k.encrypt_convergent(b"pt", b"aad", b"ctx").unwrap());
+        assert_eq!(*k.decrypt(&c1, b"").unwrap(), b"pt");
+    }
+
+    #[test]
+    fn rsa_oaep_pss_pkcs1_and_exports() {
+        let k = KeyMaterial::generate(KeyType::Rsa2048).unwrap();
+        let ct = k.encrypt(b"secret", b"").unwrap();
+        assert_eq!(ct.len(), 256);
+        assert_eq!(*k.decrypt(&ct, b"").unwrap(), b"secret");
+        assert!(matches!(
+            k.decrypt(&ct[1..], b""),
+            Err(CryptoError::DecryptionFailed)
+        ));
+        assert!(k.encrypt(b"x", b"aad").is_err(), "RSA takes no AAD");
+        assert!(k.encrypt(&[0u8; 191], b"").is_err(), "OAEP-SHA256 limit");
+        for padding in [RsaPadding::Pss, RsaPadding::Pkcs1v15] {
+            for hash in [
+                HashAlgorithm::Sha2_256,
+                HashAlgorithm::Sha2_384,
+                HashAlgorithm::Sha2_512,
+            ] {
+                let opts = SignOptions {
+                    hash,
+                    prehashed: false,
+                    rsa_padding: padding,
+                };
+                let sig = k.sign(b"m", opts).unwrap();
+                assert!(k.verify(b"m", &sig, opts).unwrap());
+                assert!(!k.verify(b"n", &sig, opts).unwrap());
+                let pre = SignOptions {
+                    prehashed: true,
+                    ..opts
+                };
+                let d = hash_bytes(hash, b"m");
+                assert!(k.verify(&d, &k.sign(&d, pre).unwrap(), pre).unwrap());
+            }
+        }
+        assert!(k.sign(b"m", HashAlgorithm::Sha3_256).is_err());
+        let pem = k.export(ExportKind::SigningKey).unwrap();
+        assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
+        let der = pem_to_der(&pem);
+        assert_eq!(der[0], 0x30, "PKCS#1 RSAPrivateKey is a SEQUENCE");
+        assert!(k
+            .public_key()
+            .unwrap()
+            .unwrap()
+            .public_key
+            .contains("PUBLIC KEY"));
+    }
+
+    fn hash_bytes(h: HashAlgorithm, m: &[u8]) -> Vec<u8> {
+        hash(h, m)
+    }
+
+    #[test]
+    fn jws_ecdsa_round_trips_and_exports() {
+        for (t, n) in [
+            (KeyType::EcdsaP256, 64),
+            (KeyType::EcdsaP384, 96),
+            (KeyType::EcdsaP521, 132),
+        ] {
+            let k = KeyMaterial::generate(t).unwrap();
+            for _ in 0..8 {
+                let der = k.sign(b"m", HashAlgorithm::Sha2_256).unwrap();
+                let jws = k.signature_to_jws(&der).unwrap();
+                assert_eq!(jws.len(), n);
+                assert_eq!(k.signature_from_jws(&jws).unwrap(), der, "{t}");
+            }
+            assert!(k.signature_from_jws(&[0; 10]).is_none());
+            let pem = k.export(ExportKind::SigningKey).unwrap();
+            assert!(pem.starts_with("-----BEGIN EC PRIVATE KEY-----\n"));
+            assert!(k.export(ExportKind::EncryptionKey).is_err());
+        }
+        let ed = KeyMaterial::generate(KeyType::Ed25519).unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(ed.export(ExportKind::SigningKey).unwrap().as_bytes())
+            .unwrap();
+        assert_eq!(&raw[..32], ed.secret.expose_secret());
+        assert_eq!(
+            b64(&raw[32..]),
+            ed.public_key().unwrap().unwrap().public_key
+        );
+        let aes = KeyMaterial::generate(KeyType::Aes128Gcm96).unwrap();
+        assert_eq!(aes.secret.len(), 16);
+        assert!(aes.export(ExportKind::SigningKey).is_err());
     }
 
     #[test]

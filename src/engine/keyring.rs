@@ -35,6 +35,29 @@ pub struct KeyRing {
     pub deletion_allowed: bool,
     pub exportable: bool,
     pub allow_plaintext_backup: bool,
+    /// Every operation derives a per-`context` key (HKDF-SHA256).
+    pub derived: bool,
+    /// Deterministic encryption per (plaintext, context); needs `derived`.
+    pub convergent_encryption: bool,
+    /// Versions below this were trimmed away for good.
+    pub min_available_version: u32,
+}
+
+/// The material an operation uses: the version's own, or one derived from it
+/// for the request's context.
+pub enum Material<'a> {
+    Stored(&'a KeyMaterial),
+    Derived(KeyMaterial),
+}
+
+impl std::ops::Deref for Material<'_> {
+    type Target = KeyMaterial;
+    fn deref(&self) -> &KeyMaterial {
+        match self {
+            Material::Stored(m) => m,
+            Material::Derived(m) => m,
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -53,6 +76,42 @@ pub struct KeyOptions {
     pub key_type: KeyType,
     pub exportable: bool,
     pub allow_plaintext_backup: bool,
+    pub derived: bool,
+    pub convergent_encryption: bool,
+}
+
+impl KeyOptions {
+    pub fn new(key_type: KeyType) -> KeyOptions {
+        KeyOptions {
+            key_type,
+            exportable: false,
+            allow_plaintext_backup: false,
+            derived: false,
+            convergent_encryption: false,
+        }
+    }
+
+    /// Vault's rules for `derived` and `convergent_encryption`.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.convergent_encryption && !self.derived {
+            return Err(EngineError::InvalidRequest(
+                "convergent encryption requires derivation to be enabled".into(),
+            ));
+        }
+        if self.derived && !self.key_type.supports_derivation() {
+            return Err(EngineError::InvalidRequest(format!(
+                "key derivation is not supported for key type {}",
+                self.key_type
+            )));
+        }
+        if self.convergent_encryption && !self.key_type.is_aead() {
+            return Err(EngineError::InvalidRequest(format!(
+                "convergent encryption is not supported for key type {}",
+                self.key_type
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Changes accepted by `keys/:name/config`; `None` leaves a knob unchanged.
@@ -84,6 +143,7 @@ pub fn validate_name(name: &str) -> Result<(), EngineError> {
 
 impl KeyRing {
     pub fn new(name: &str, opts: &KeyOptions, now: u64) -> Result<KeyRing, EngineError> {
+        opts.validate()?;
         let material = KeyMaterial::generate(opts.key_type)?;
         let mut versions = BTreeMap::new();
         versions.insert(
@@ -103,7 +163,58 @@ impl KeyRing {
             deletion_allowed: false,
             exportable: opts.exportable,
             allow_plaintext_backup: opts.allow_plaintext_backup,
+            derived: opts.derived,
+            convergent_encryption: opts.convergent_encryption,
+            min_available_version: 0,
         })
+    }
+
+    /// Vault's `keys/:name/trim`: drops every version below
+    /// `min_available`, for good. Allowed only up to the lesser of
+    /// min_decryption_version and min_encryption_version, and not while
+    /// either is 0 ("latest"/unset).
+    pub fn trimmed(&self, min_available: u32) -> Result<KeyRing, EngineError> {
+        let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        if min_available == 0 {
+            return bad("min_available_version must be positive".into());
+        }
+        if self.min_encryption_version == 0 || self.min_decryption_version == 0 {
+            return bad(
+                "trim is not allowed while min_encryption_version or min_decryption_version is 0;                  set both in keys/:name/config first"
+                    .into(),
+            );
+        }
+        if min_available > self.min_encryption_version {
+            return bad("cannot set min_available_version above min_encryption_version".into());
+        }
+        if min_available > self.min_decryption_version {
+            return bad("cannot set min_available_version above min_decryption_version".into());
+        }
+        if min_available < self.min_available_version {
+            return bad(
+                "min_available_version cannot go below its current value: trimmed versions are gone"
+                    .into(),
+            );
+        }
+        let mut next = self.clone();
+        next.versions.retain(|v, _| *v >= min_available);
+        next.min_available_version = min_available;
+        Ok(next)
+    }
+
+    /// The material for a request: derived from `context` for derived keys
+    /// (where a context is required), the version's own otherwise.
+    pub fn material<'a>(
+        &self,
+        kv: &'a KeyVersion,
+        context: Option<&[u8]>,
+    ) -> Result<Material<'a>, EngineError> {
+        if !self.derived {
+            return Ok(Material::Stored(&kv.material));
+        }
+        Ok(Material::Derived(
+            kv.material.derive(context.unwrap_or_default())?,
+        ))
     }
 
     pub fn rotated(&self, now: u64) -> Result<KeyRing, EngineError> {
@@ -122,6 +233,12 @@ impl KeyRing {
     pub fn reconfigured(&self, change: &KeyConfigChange) -> Result<KeyRing, EngineError> {
         let mut next = self.clone();
         if let Some(v) = change.min_decryption_version {
+            if v != 0 && v < self.min_available_version {
+                return Err(EngineError::InvalidRequest(format!(
+                    "min_decryption_version cannot be below min_available_version ({}): those versions were trimmed",
+                    self.min_available_version
+                )));
+            }
             if v == 0 || v > self.latest_version {
                 return Err(EngineError::InvalidRequest(format!(
                     "min_decryption_version must be between 1 and the latest version ({})",
@@ -131,6 +248,12 @@ impl KeyRing {
             next.min_decryption_version = v;
         }
         if let Some(v) = change.min_encryption_version {
+            if v != 0 && v < self.min_available_version {
+                return Err(EngineError::InvalidRequest(format!(
+                    "min_encryption_version cannot be below min_available_version ({})",
+                    self.min_available_version
+                )));
+            }
             if v > self.latest_version {
                 return Err(EngineError::InvalidRequest(format!(
                     "min_encryption_version must be 0 or at most the latest version ({})",
@@ -212,13 +335,26 @@ impl KeyRing {
         self.versions
             .get(&v)
             .map(|kv| (v, kv.as_ref()))
-            .ok_or_else(|| EngineError::InvalidRequest(format!("key version {v} does not exist")))
+            .ok_or_else(|| {
+                if v < self.min_available_version {
+                    EngineError::InvalidRequest(format!(
+                        "key version {v} has been trimmed (min_available_version {})",
+                        self.min_available_version
+                    ))
+                } else {
+                    EngineError::InvalidRequest(format!("key version {v} does not exist"))
+                }
+            })
     }
 
     /// Serializes the ring for sealing. The buffer holds key material in the
     /// clear and is wiped on drop.
     pub fn to_record(&self) -> Result<Zeroizing<Vec<u8>>, EngineError> {
         let record = KeyRingRecord {
+            format: RECORD_FORMAT,
+            derived: self.derived,
+            convergent_encryption: self.convergent_encryption,
+            min_available_version: self.min_available_version,
             name: self.name.clone(),
             key_type: self.key_type,
             latest_version: self.latest_version,
@@ -251,6 +387,12 @@ impl KeyRing {
             serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
         if record.name != name {
             return Err(malformed("record name does not match its key".into()));
+        }
+        if record.format > RECORD_FORMAT {
+            return Err(malformed(format!(
+                "record format {} is newer than this build understands ({RECORD_FORMAT})",
+                record.format
+            )));
         }
         let mut versions = BTreeMap::new();
         for v in &record.versions {
@@ -290,12 +432,32 @@ impl KeyRing {
             deletion_allowed: record.deletion_allowed,
             exportable: record.exportable,
             allow_plaintext_backup: record.allow_plaintext_backup,
+            derived: record.derived,
+            convergent_encryption: record.convergent_encryption,
+            min_available_version: record.min_available_version,
         })
     }
 }
 
+/// The key ring record layout. 1: the first layout (no `format` field, read
+/// as 1). 2: adds `derived`, `convergent_encryption`, `min_available_version`
+/// (absent in format 1 records, read as false/false/0).
+const RECORD_FORMAT: u32 = 2;
+
+fn record_format_1() -> u32 {
+    1
+}
+
 #[derive(Serialize, Deserialize)]
 struct KeyRingRecord {
+    #[serde(default = "record_format_1")]
+    format: u32,
+    #[serde(default)]
+    derived: bool,
+    #[serde(default)]
+    convergent_encryption: bool,
+    #[serde(default)]
+    min_available_version: u32,
     name: String,
     key_type: KeyType,
     latest_version: u32,
@@ -319,6 +481,39 @@ struct VersionRecord {
 /// signatures and HMACs.
 pub fn format_vault(version: u32, bytes: &[u8]) -> String {
     format!("vault:v{version}:{}", STANDARD.encode(bytes))
+}
+
+/// Vault's `marshaling_algorithm: jws`: URL-safe base64 without padding.
+pub fn format_vault_jws(version: u32, bytes: &[u8]) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!("vault:v{version}:{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+pub fn parse_vault_jws(s: &str, what: &str) -> Result<(u32, Vec<u8>), EngineError> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (version, body) = split_vault(s, what)?;
+    let bytes = URL_SAFE_NO_PAD.decode(body.as_bytes()).map_err(|_| {
+        EngineError::InvalidRequest(format!(
+            "invalid {what}: the payload is not URL-safe base64 without padding (jws)"
+        ))
+    })?;
+    Ok((version, bytes))
+}
+
+fn split_vault<'s>(s: &'s str, what: &str) -> Result<(u32, &'s str), EngineError> {
+    let bad = |why: &str| EngineError::InvalidRequest(format!("invalid {what}: {why}"));
+    let rest = s
+        .strip_prefix("vault:v")
+        .ok_or_else(|| bad("it must start with \"vault:v\""))?;
+    let (version, body) = rest
+        .split_once(':')
+        .ok_or_else(|| bad("missing ':' after the version"))?;
+    let version: u32 = version
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| bad("the version is not a positive number"))?;
+    Ok((version, body))
 }
 
 /// Splits a `vault:v{N}:base64` string into its version and bytes.
@@ -373,11 +568,7 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let opts = KeyOptions {
-            key_type: KeyType::Ed25519,
-            exportable: false,
-            allow_plaintext_backup: false,
-        };
+        let opts = KeyOptions::new(KeyType::Ed25519);
         let ring = KeyRing::new("k", &opts, 1).unwrap().rotated(2).unwrap();
         let bytes = ring.to_record().unwrap();
         let back = KeyRing::from_record("k", &bytes).unwrap();
@@ -394,11 +585,90 @@ mod tests {
     }
 
     #[test]
+    fn format_1_records_stay_readable() {
+        let ring = KeyRing::new("k", &KeyOptions::new(KeyType::Aes256Gcm96), 1).unwrap();
+        let bytes = ring.to_record().unwrap();
+        // A record as the first layout wrote it: no format, no new fields.
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let m = v.as_object_mut().unwrap();
+        for k in [
+            "format",
+            "derived",
+            "convergent_encryption",
+            "min_available_version",
+        ] {
+            assert!(m.remove(k).is_some(), "{k} is written");
+        }
+        let old = serde_json::to_vec(&v).unwrap();
+        let back = KeyRing::from_record("k", &old).unwrap();
+        assert!(!back.derived && !back.convergent_encryption);
+        assert_eq!(back.min_available_version, 0);
+        let ct = ring.versions[&1].material.encrypt(b"x", b"").unwrap();
+        assert_eq!(*back.versions[&1].material.decrypt(&ct, b"").unwrap(), b"x");
+
+        // A newer layout than this build is refused, not misread.
+        v["format"] = serde_json::json!(RECORD_FORMAT + 1);
+        assert!(KeyRing::from_record("k", &serde_json::to_vec(&v).unwrap()).is_err());
+    }
+
+    #[test]
+    fn trim_follows_vaults_rules() {
+        let ring = KeyRing::new("k", &KeyOptions::new(KeyType::Aes256Gcm96), 1)
+            .unwrap()
+            .rotated(2)
+            .unwrap()
+            .rotated(3)
+            .unwrap();
+        // min_encryption_version 0: trim refused.
+        assert!(ring.trimmed(2).is_err());
+        let ring = ring
+            .reconfigured(&KeyConfigChange {
+                min_decryption_version: Some(2),
+                min_encryption_version: Some(3),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(ring.trimmed(3).is_err(), "above min_decryption_version");
+        let trimmed = ring.trimmed(2).unwrap();
+        assert_eq!(trimmed.versions.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        assert!(trimmed.decryption_version(1).is_err());
+        assert!(trimmed.trimmed(1).is_err(), "cannot go back");
+        let back = KeyRing::from_record("k", &trimmed.to_record().unwrap()).unwrap();
+        assert_eq!(back.min_available_version, 2);
+    }
+
+    #[test]
+    fn derived_options_follow_vaults_rules() {
+        let ok = KeyOptions {
+            derived: true,
+            convergent_encryption: true,
+            ..KeyOptions::new(KeyType::Chacha20Poly1305)
+        };
+        assert!(ok.validate().is_ok());
+        for bad in [
+            KeyOptions {
+                convergent_encryption: true,
+                ..KeyOptions::new(KeyType::Aes256Gcm96)
+            },
+            KeyOptions {
+                derived: true,
+                ..KeyOptions::new(KeyType::EcdsaP384)
+            },
+            KeyOptions {
+                derived: true,
+                convergent_encryption: true,
+                ..KeyOptions::new(KeyType::Ed25519)
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn config_changes_are_validated() {
         let opts = KeyOptions {
-            key_type: KeyType::Aes256Gcm96,
             exportable: true,
-            allow_plaintext_backup: false,
+            ..KeyOptions::new(KeyType::Aes256Gcm96)
         };
         let ring = KeyRing::new("k", &opts, 1).unwrap().rotated(2).unwrap();
         let ok = ring

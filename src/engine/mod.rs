@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::config::EngineConfig;
-use crypto::{CryptoError, HashAlgorithm};
+use crypto::{CryptoError, ExportKind, HashAlgorithm, KeyType, SignOptions};
 use keyring::{KeyConfigChange, KeyOptions, KeyRing};
 use secret::{SecretBytes, SecretString};
 use store::{MasterKey, Store, StoreError, UserRecord};
@@ -899,6 +899,19 @@ impl Engine {
         })
     }
 
+    /// Vault's `keys/:name/trim`.
+    pub fn trim_key(
+        &self,
+        by: &Principal,
+        name: &str,
+        min_available_version: u32,
+    ) -> Result<Arc<KeyRing>, EngineError> {
+        self.update_ring(by, name, |current| {
+            let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
+            ring.trimmed(min_available_version).map(Some)
+        })
+    }
+
     /// Encrypts with the latest (or requested) version: `vault:vN:...`.
     pub fn encrypt(
         &self,
@@ -906,12 +919,11 @@ impl Engine {
         name: &str,
         plaintext: &[u8],
         aad: &[u8],
+        context: Option<&[u8]>,
         version: Option<u32>,
     ) -> Result<(String, u32), EngineError> {
         let ring = self.ring(by, name)?;
-        let (v, kv) = ring.encryption_version(version)?;
-        let blob = kv.material.encrypt(plaintext, aad)?;
-        Ok((keyring::format_vault(v, &blob), v))
+        encrypt_with(&ring, plaintext, aad, context, version)
     }
 
     pub fn decrypt(
@@ -920,41 +932,90 @@ impl Engine {
         name: &str,
         ciphertext: &str,
         aad: &[u8],
+        context: Option<&[u8]>,
     ) -> Result<Zeroizing<Vec<u8>>, EngineError> {
         let ring = self.ring(by, name)?;
-        if !ring.key_type.supports_encryption() {
-            return Err(CryptoError::OperationNotSupported {
-                op: "decryption",
-                key_type: ring.key_type,
-            }
-            .into());
-        }
-        let (v, blob) = keyring::parse_vault(ciphertext, "ciphertext")?;
-        let kv = ring.decryption_version(v)?;
-        Ok(kv.material.decrypt(&blob, aad)?)
+        decrypt_with(&ring, ciphertext, aad, context)
     }
 
+    /// Vault's `rewrap`: decrypts and encrypts again under the latest (or
+    /// requested) version without the plaintext leaving the engine.
+    pub fn rewrap(
+        &self,
+        by: &Principal,
+        name: &str,
+        ciphertext: &str,
+        aad: &[u8],
+        context: Option<&[u8]>,
+        version: Option<u32>,
+    ) -> Result<(String, u32), EngineError> {
+        let ring = self.ring(by, name)?;
+        let plaintext = decrypt_with(&ring, ciphertext, aad, context)?;
+        encrypt_with(&ring, &plaintext, aad, context, version)
+    }
+
+    /// Vault's `datakey/{plaintext|wrapped}`: a fresh random key of `bits`
+    /// (128, 256 or 512), returned with its ciphertext under this key.
+    pub fn data_key(
+        &self,
+        by: &Principal,
+        name: &str,
+        bits: u32,
+        aad: &[u8],
+        context: Option<&[u8]>,
+        version: Option<u32>,
+    ) -> Result<(Zeroizing<Vec<u8>>, String, u32), EngineError> {
+        if !matches!(bits, 128 | 256 | 512) {
+            return Err(EngineError::InvalidRequest(
+                "invalid bit length: bits must be 128, 256 or 512".into(),
+            ));
+        }
+        let ring = self.ring(by, name)?;
+        let key = crypto::random_bytes(bits as usize / 8)?;
+        let (ciphertext, v) = encrypt_with(&ring, &key, aad, context, version)?;
+        Ok((key, ciphertext, v))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn sign(
         &self,
         by: &Principal,
         name: &str,
         input: &[u8],
-        hash: HashAlgorithm,
+        opts: SignOptions,
+        context: Option<&[u8]>,
         version: Option<u32>,
+        jws: bool,
     ) -> Result<(String, u32), EngineError> {
         let ring = self.ring(by, name)?;
+        if !ring.key_type.supports_signing() {
+            return Err(CryptoError::OperationNotSupported {
+                op: "signing",
+                key_type: ring.key_type,
+            }
+            .into());
+        }
         let (v, kv) = ring.encryption_version(version)?;
-        let sig = kv.material.sign(input, hash)?;
-        Ok((keyring::format_vault(v, &sig), v))
+        let material = ring.material(kv, context)?;
+        let sig = material.sign(input, opts)?;
+        if jws {
+            let sig = material.signature_to_jws(&sig)?;
+            Ok((keyring::format_vault_jws(v, &sig), v))
+        } else {
+            Ok((keyring::format_vault(v, &sig), v))
+        }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn verify(
         &self,
         by: &Principal,
         name: &str,
         input: &[u8],
         signature: &str,
-        hash: HashAlgorithm,
+        opts: SignOptions,
+        context: Option<&[u8]>,
+        jws: bool,
     ) -> Result<bool, EngineError> {
         let ring = self.ring(by, name)?;
         if !ring.key_type.supports_signing() {
@@ -964,9 +1025,22 @@ impl Engine {
             }
             .into());
         }
-        let (v, sig) = keyring::parse_vault(signature, "signature")?;
+        let (v, sig) = if jws {
+            keyring::parse_vault_jws(signature, "signature")?
+        } else {
+            keyring::parse_vault(signature, "signature")?
+        };
         let kv = ring.decryption_version(v)?;
-        Ok(kv.material.verify(input, &sig, hash)?)
+        let material = ring.material(kv, context)?;
+        let sig = if jws {
+            match material.signature_from_jws(&sig) {
+                Some(der) => der,
+                None => return Ok(false),
+            }
+        } else {
+            sig
+        };
+        Ok(material.verify(input, &sig, opts)?)
     }
 
     pub fn hmac(
@@ -979,7 +1053,7 @@ impl Engine {
     ) -> Result<(String, u32), EngineError> {
         let ring = self.ring(by, name)?;
         let (v, kv) = ring.encryption_version(version)?;
-        Ok((keyring::format_vault(v, &kv.material.hmac(input, hash)), v))
+        Ok((keyring::format_vault(v, &kv.material.hmac(input, hash)?), v))
     }
 
     pub fn verify_hmac(
@@ -993,7 +1067,60 @@ impl Engine {
         let ring = self.ring(by, name)?;
         let (v, mac) = keyring::parse_vault(mac, "hmac")?;
         let kv = ring.decryption_version(v)?;
-        Ok(kv.material.verify_hmac(input, &mac, hash))
+        Ok(kv.material.verify_hmac(input, &mac, hash)?)
+    }
+
+    /// Vault's `export/:type/:name(/:version)`: only for keys marked
+    /// `exportable` (public keys excepted), every available version or one.
+    pub fn export_key(
+        &self,
+        by: &Principal,
+        name: &str,
+        kind: ExportKind,
+        version: Option<u32>,
+    ) -> Result<(KeyType, ExportedVersions), EngineError> {
+        let ring = self.ring(by, name)?;
+        if kind != ExportKind::PublicKey && !ring.exportable {
+            return Err(EngineError::InvalidRequest(format!(
+                "key {name:?} is not exportable"
+            )));
+        }
+        let allowed = match kind {
+            ExportKind::EncryptionKey => ring.key_type.supports_encryption(),
+            ExportKind::SigningKey | ExportKind::PublicKey => ring.key_type.supports_signing(),
+            ExportKind::HmacKey => true,
+        };
+        if !allowed {
+            return Err(CryptoError::OperationNotSupported {
+                op: "this export type",
+                key_type: ring.key_type,
+            }
+            .into());
+        }
+        let versions: Vec<u32> = match version {
+            Some(v) => {
+                ring.decryption_version(v)?;
+                vec![v]
+            }
+            None => ring.versions.keys().copied().collect(),
+        };
+        let mut out = Vec::with_capacity(versions.len());
+        for v in versions {
+            let kv = ring.decryption_version(v)?;
+            out.push((v, kv.material.export(kind)?));
+        }
+        Ok((ring.key_type, out))
+    }
+
+    /// Vault's `transit/hash`: stateless, but a crypto-user operation.
+    pub fn hash(
+        &self,
+        by: &Principal,
+        alg: HashAlgorithm,
+        input: &[u8],
+    ) -> Result<Vec<u8>, EngineError> {
+        Self::require(by, Role::CryptoUser)?;
+        self.with_active(|_| Ok(crypto::hash(alg, input)))
     }
 
     /// Random bytes for a crypto user (Vault's `transit/random`).
@@ -1001,6 +1128,51 @@ impl Engine {
         Self::require(by, Role::CryptoUser)?;
         self.with_active(|_| Ok(crypto::random_bytes(n)?))
     }
+}
+
+/// Exported key versions: (version, key in Vault's export format), wiped on drop.
+pub type ExportedVersions = Vec<(u32, Zeroizing<String>)>;
+
+fn encrypt_with(
+    ring: &KeyRing,
+    plaintext: &[u8],
+    aad: &[u8],
+    context: Option<&[u8]>,
+    version: Option<u32>,
+) -> Result<(String, u32), EngineError> {
+    if !ring.key_type.supports_encryption() {
+        return Err(CryptoError::OperationNotSupported {
+            op: "encryption",
+            key_type: ring.key_type,
+        }
+        .into());
+    }
+    let (v, kv) = ring.encryption_version(version)?;
+    let material = ring.material(kv, context)?;
+    let blob = if ring.convergent_encryption {
+        material.encrypt_convergent(plaintext, aad, context.unwrap_or_default())?
+    } else {
+        material.encrypt(plaintext, aad)?
+    };
+    Ok((keyring::format_vault(v, &blob), v))
+}
+
+fn decrypt_with(
+    ring: &KeyRing,
+    ciphertext: &str,
+    aad: &[u8],
+    context: Option<&[u8]>,
+) -> Result<Zeroizing<Vec<u8>>, EngineError> {
+    if !ring.key_type.supports_encryption() {
+        return Err(CryptoError::OperationNotSupported {
+            op: "decryption",
+            key_type: ring.key_type,
+        }
+        .into());
+    }
+    let (v, blob) = keyring::parse_vault(ciphertext, "ciphertext")?;
+    let kv = ring.decryption_version(v)?;
+    Ok(ring.material(kv, context)?.decrypt(&blob, aad)?)
 }
 
 fn read_state_file(path: &Path) -> Result<Option<StateFile>, EngineError> {

