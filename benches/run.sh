@@ -91,26 +91,31 @@ wait_listening() {
 }
 
 # --- hsmgate ----------------------------------------------------------
-# The shipped config as is, unless one of its listener ports is taken
-# (another run, someone's test): then a copy with every listener moved to a
-# free port. policies_dir is relative to the config file, so the copy makes
-# it absolute.
-CONFIG=$REPO/config/hsmgate.toml
+# A copy of the shipped config and policies. Two changes, both about what is
+# measured, not how it is served: the rate limits are raised far above what
+# one loopback client can send (the bench measures the cost of the fence's
+# checks, not its refusals; the shipped transit limit is 500/s per source),
+# and if a listener port is taken (another run, someone's test) the listener
+# moves to a free port.
+CONFIG=$TMP/hsmgate.toml
+mkdir -p "$TMP/policies"
+cp "$REPO"/policies/*.toml "$TMP/policies/"
+sed -i -E \
+    -e 's/^(transit|principal|key) = \{ rate = [0-9]+, per = "second", burst = [0-9]+ \}/\1 = { rate = 1000000, per = "second", burst = 1000000 }/' \
+    "$TMP/policies/rate-limits.toml"
+grep -q 'transit = { rate = 1000000' "$TMP/policies/rate-limits.toml" \
+    || die "could not raise the transit rate limit in the bench copy of policies/rate-limits.toml"
+sed -e "s#^policies_dir = .*#policies_dir = \"$TMP/policies\"#" "$REPO/config/hsmgate.toml" >"$CONFIG"
 ports=$(sed -n 's/^address = "127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$CONFIG")
 [[ -n $ports ]] || die "no 127.0.0.1 listener address found in $CONFIG"
-busy=
-for p in $ports; do port_busy "$p" && busy=1; done
-if [[ -n $busy ]]; then
-    COPY=$TMP/hsmgate.toml
-    sed -e "s#^policies_dir = .*#policies_dir = \"$REPO/policies\"#" "$CONFIG" >"$COPY"
-    for p in $ports; do
+for p in $ports; do
+    if port_busy "$p"; then
         free_port $((p + 1000))
-        sed -i "s#^address = \"127.0.0.1:$p\"#address = \"127.0.0.1:$FREE_PORT\"#" "$COPY"
-    done
-    CONFIG=$COPY
-else
-    for p in $ports; do TAKEN+="$p "; done
-fi
+        sed -i "s#^address = \"127.0.0.1:$p\"#address = \"127.0.0.1:$FREE_PORT\"#" "$CONFIG"
+    else
+        TAKEN+="$p "
+    fi
+done
 DATA=$TMP/data
 say "hsmgate serve --config $CONFIG --data-dir $DATA"
 HSMGATE_LOG=${HSMGATE_LOG:-info} "$HSMGATE" serve --config "$CONFIG" --data-dir "$DATA" \
