@@ -514,7 +514,7 @@ impl Engine {
             record.consecutive_failures = 0;
             active.store.put_user(&record)?;
             drop(inner);
-            return Ok(self.new_session(&record));
+            return self.new_session(&record);
         }
         let threshold = self.threshold(record.role);
         tracing::warn!(user = req.username, attempt, threshold, "failed login");
@@ -550,12 +550,7 @@ impl Engine {
         Err(EngineError::InvalidCredentials)
     }
 
-    fn new_session(&self, record: &UserRecord) -> LoginSuccess {
-        // random_bytes only fails if the OS RNG fails; then no token is
-        // better than a weak one, so fall through to an error-shaped token
-        // that can never match (empty map entry is not inserted).
-        let raw = crypto::random_bytes(32).unwrap_or_else(|_| Zeroizing::new(Vec::new()));
-        let token = SecretString::new(format!("hsm.{}", URL_SAFE_NO_PAD.encode(&*raw)));
+    fn new_session(&self, record: &UserRecord) -> Result<LoginSuccess, EngineError> {
         let now = SystemTime::now();
         let principal = Principal {
             username: record.username.clone(),
@@ -564,15 +559,8 @@ impl Engine {
             expires_at: now + self.config.session_ttl,
             app_policies: Vec::new(),
         };
-        if raw.len() == 32 {
-            let mut sessions = lock(&self.sessions);
-            sessions.retain(|_, p| p.expires_at > now);
-            sessions.insert(
-                crypto::sha256(token.expose_secret().as_bytes()),
-                principal.clone(),
-            );
-        }
-        LoginSuccess { token, principal }
+        let token = self.issue_session(principal.clone())?;
+        Ok(LoginSuccess { token, principal })
     }
 
     /// A session token for an app principal (from `auth/jwt/login`): the
@@ -583,12 +571,19 @@ impl Engine {
         if state != EngineState::Active {
             return Err(EngineError::NotActive(state));
         }
-        let raw = crypto::random_bytes(32)?;
-        let token = SecretString::new(format!("hsm.{}", URL_SAFE_NO_PAD.encode(&*raw)));
         let now = SystemTime::now();
         principal.role = Role::CryptoUser;
         principal.issued_at = now;
         principal.expires_at = principal.expires_at.min(now + self.config.session_ttl);
+        self.issue_session(principal)
+    }
+
+    /// Registers a fresh random token for `principal`. Only the token's
+    /// SHA-256 is kept; expired sessions are dropped on the way.
+    fn issue_session(&self, principal: Principal) -> Result<SecretString, EngineError> {
+        let raw = crypto::random_bytes(32)?;
+        let token = SecretString::new(format!("hsm.{}", URL_SAFE_NO_PAD.encode(&*raw)));
+        let now = SystemTime::now();
         let mut sessions = lock(&self.sessions);
         sessions.retain(|_, p| p.expires_at > now);
         sessions.insert(crypto::sha256(token.expose_secret().as_bytes()), principal);
