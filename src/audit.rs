@@ -201,10 +201,16 @@ pub struct Head {
 struct Writer {
     file: File,
     head: Head,
-    /// Records written but not yet synced.
-    unsynced: bool,
     /// The last write failed; admin requests are refused until one succeeds.
     failed: bool,
+}
+
+/// Group commit: the highest sequence number known to be on disk, with its
+/// head file. One thread syncs at a time; records written meanwhile ride on
+/// the next sync, so concurrent requests share fsyncs instead of queueing
+/// one fsync each behind the writer lock.
+struct Synced {
+    seq: u64,
 }
 
 pub struct AuditLog {
@@ -213,6 +219,7 @@ pub struct AuditLog {
     fsync: FsyncPolicy,
     key_use: KeyUseLevel,
     writer: Mutex<Writer>,
+    synced: Mutex<Synced>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -307,9 +314,12 @@ impl AuditLog {
                     seq: 0,
                     hash: GENESIS.into(),
                 }),
-                unsynced: partial > 0,
                 failed: false,
             }),
+            // A cut partial line was synced above; everything before it was
+            // read back from the file. Anything not yet synced is re-synced
+            // by the first sync, which covers the whole file.
+            synced: Mutex::new(Synced { seq: 0 }),
         };
         Ok(log)
     }
@@ -374,39 +384,54 @@ impl AuditLog {
             seq: record.seq,
             hash,
         };
-        w.unsynced = true;
-        if sync_now {
-            if let Err(e) = self.sync_locked(&mut w) {
-                w.failed = true;
-                return Err(e);
-            }
-        }
         w.failed = false;
+        drop(w);
+        if sync_now {
+            self.sync_through(record.seq)?;
+        }
         Ok(record.seq)
     }
 
-    fn sync_locked(&self, w: &mut Writer) -> Result<(), AuditError> {
-        if !w.unsynced {
+    /// Makes every record up to `seq` durable, with the head file. Whoever
+    /// holds `synced` syncs everything written so far, so one fsync covers
+    /// all the records that queued behind it.
+    fn sync_through(&self, seq: u64) -> Result<(), AuditError> {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if synced.seq >= seq {
             return Ok(());
         }
-        w.file.sync_data().map_err(io_err(&self.path))?;
-        let head = serde_json::to_vec(&w.head).unwrap_or_default();
-        store::write_atomic(&self.head_path, &head, 0o600).map_err(|e| AuditError::Head {
-            path: self.head_path.clone(),
-            detail: e.to_string(),
-        })?;
-        w.unsynced = false;
-        Ok(())
+        // Every record up to this head is already written to the file (it
+        // was written under the writer lock before the head moved).
+        let (head, file) = {
+            let w = self.writer();
+            (w.head.clone(), w.file.try_clone())
+        };
+        let result = file
+            .and_then(|f| f.sync_data())
+            .map_err(io_err(&self.path))
+            .and_then(|()| {
+                let bytes = serde_json::to_vec(&head).unwrap_or_default();
+                store::write_atomic(&self.head_path, &bytes, 0o600).map_err(|e| AuditError::Head {
+                    path: self.head_path.clone(),
+                    detail: e.to_string(),
+                })
+            });
+        match result {
+            Ok(()) => {
+                synced.seq = head.seq;
+                Ok(())
+            }
+            Err(e) => {
+                self.writer().failed = true;
+                Err(e)
+            }
+        }
     }
 
     /// Syncs batched records and the head. Called on a timer and at shutdown.
     pub fn flush(&self) -> Result<(), AuditError> {
-        let mut w = self.writer();
-        let r = self.sync_locked(&mut w);
-        if r.is_err() {
-            w.failed = true;
-        }
-        r
+        let seq = self.writer().head.seq;
+        self.sync_through(seq)
     }
 
     pub fn flush_interval(&self) -> Option<Duration> {
