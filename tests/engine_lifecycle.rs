@@ -114,24 +114,8 @@ async fn concurrent_wrong_logins_are_all_counted_and_zeroize_exactly_once() {
         ..Opts::default()
     });
     s.init().await;
-    let burst = |n: usize| {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..n {
-            let c = s.client();
-            let url = s.url("/v1/hsm/login");
-            set.spawn(async move {
-                c.post(url)
-                    .json(&json!({"username": "admin", "password": "wrong password"}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            });
-        }
-        set
-    };
-    let statuses = burst(9).join_all().await;
+    let front = s.url("/v1/hsm/login");
+    let statuses = s.concurrent_wrong_logins(front.clone(), "admin", 9).await;
     assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
     assert_eq!(
         s.failures("admin").await,
@@ -141,25 +125,12 @@ async fn concurrent_wrong_logins_are_all_counted_and_zeroize_exactly_once() {
     assert_eq!(s.status().await["state"], "active");
 
     // The front door stops at the reserve; break-glass may spend the rest.
-    let statuses = burst(10).join_all().await;
+    let statuses = s.concurrent_wrong_logins(front, "admin", 10).await;
     assert!(statuses.iter().all(|s| *s == 423), "{statuses:?}");
     assert_eq!(s.failures("admin").await, 9, "refusals count nothing");
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..10 {
-        let c = s.client();
-        let url = s.break_glass_url("/v1/hsm/login");
-        set.spawn(async move {
-            let body = json!({"username": "admin", "password": "wrong password"});
-            c.post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        });
-    }
-    let statuses = set.join_all().await;
+    let statuses = s
+        .concurrent_wrong_logins(s.break_glass_url("/v1/hsm/login"), "admin", 10)
+        .await;
     assert!(
         statuses.iter().all(|s| *s == 401 || *s == 503),
         "{statuses:?}"
@@ -353,22 +324,9 @@ async fn the_login_guard_refuses_the_front_door_at_the_reserve_and_break_glass_r
 async fn twenty_concurrent_wrong_front_door_logins_never_get_past_the_reserve() {
     let s = TestServer::start(Opts::default());
     s.init().await;
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..20 {
-        let c = s.client();
-        let url = s.url("/v1/hsm/login");
-        set.spawn(async move {
-            let body = json!({"username": "admin", "password": "wrong password"});
-            c.post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        });
-    }
-    let statuses = set.join_all().await;
+    let statuses = s
+        .concurrent_wrong_logins(s.url("/v1/hsm/login"), "admin", 20)
+        .await;
     let refused = statuses.iter().filter(|s| **s == 423).count();
     let failed = statuses.iter().filter(|s| **s == 401).count();
     assert_eq!((failed, refused), (2, 18), "{statuses:?}");

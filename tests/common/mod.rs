@@ -215,6 +215,26 @@ channel = "break-glass"
         format!("https://{}{}", self.break_glass_addr, path)
     }
 
+    /// `n` wrong-password logins as `username`, all in flight at once,
+    /// through `url` (front door or break-glass); their status codes.
+    pub async fn concurrent_wrong_logins(&self, url: String, username: &str, n: usize) -> Vec<u16> {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (c, url) = (self.client(), url.clone());
+            let body = json!({"username": username, "password": "wrong password"});
+            set.spawn(async move {
+                c.post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+        }
+        set.join_all().await
+    }
+
     /// Logs in through the break-glass listener.
     pub async fn login_break_glass(&self, username: &str, password: &str) -> (u16, Value) {
         let resp = self
