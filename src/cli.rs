@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check`, `audit verify`, `version`. Parsing lives here; the
+//! The command line: `serve`, `check`, `audit verify`, `completions`, `man`,
+//! `version`. Parsing lives here; the
 //! work lives in the library.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,6 +43,13 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
     /// Print the version.
     Version,
 }
@@ -68,6 +76,21 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Version => {
             println!("hsmgate {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "hsmgate", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hsmgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Audit {
             command: AuditCommand::Verify { path, config, head },
@@ -177,13 +200,20 @@ fn load(path: &Path) -> Option<Config> {
     }
 }
 
+/// `HSMGATE_LOG` filters; `HSMGATE_LOG_FORMAT=json` writes one JSON object
+/// per line (for log shippers), anything else the human format. The access
+/// log's `request_id` is a field in both.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HSMGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("HSMGATE_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 /// No core dumps: a dump of this process would hold the master key and

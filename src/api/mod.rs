@@ -1,9 +1,11 @@
 //! The HTTP surface: [`transit`] (Vault Transit compatible), [`hsm`] (HSM
-//! administration), [`sys`] (health, token lookup). Handlers parse, call the
+//! administration), [`sys`] (health, token lookup), [`openapi`] (the API's
+//! description and route table). Handlers parse, call the
 //! engine, and shape Vault-style envelopes; errors go back as
 //! [`ApiError`] for the gateway's rescue to render.
 pub mod auth;
 pub mod hsm;
+pub mod openapi;
 pub mod sys;
 pub mod transit;
 

@@ -28,7 +28,7 @@ pub enum RouteClass {
     Login,
     /// The rest of `/v1/hsm/...`: admin networks only.
     Admin,
-    /// `/v1/sys/health`.
+    /// `/v1/sys/health` and `/v1/hsm/openapi.json`.
     Health,
     /// `/v1/sys/metrics`: Prometheus text, with a valid token.
     Metrics,
@@ -40,6 +40,10 @@ pub fn classify(path: &str) -> RouteClass {
         RouteClass::Transit
     } else if path == "/v1/hsm/login" {
         RouteClass::Login
+    } else if path == api::openapi::PATH {
+        // Describes the API, holds no secret; clients read it before they
+        // have credentials (src/api/openapi.rs).
+        RouteClass::Health
     } else if path.starts_with("/v1/hsm/") && path != "/v1/hsm/logout" {
         RouteClass::Admin
     } else if path == "/v1/sys/health" {
@@ -215,6 +219,7 @@ async fn phases(
         }
         RouteClass::Transit => api::sys::lookup_self(&call),
         RouteClass::Login | RouteClass::Admin => api::hsm::handle(&call).await,
+        RouteClass::Health if call.path == api::openapi::PATH => api::openapi::handle(&call),
         RouteClass::Health => api::sys::health(&call),
         RouteClass::Metrics => crate::metrics::sys_metrics(&call),
         RouteClass::Unknown => Err(ApiError::NotFound),
@@ -274,6 +279,8 @@ mod tests {
         assert_eq!(classify("/v1/hsm/login/"), RouteClass::Admin);
         assert_eq!(classify("/v1/hsm/init"), RouteClass::Admin);
         assert_eq!(classify("/v1/hsm/zeroize"), RouteClass::Admin);
+        assert_eq!(classify("/v1/hsm/openapi.json"), RouteClass::Health);
+        assert_eq!(classify("/v1/hsm/openapi.json/"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/health"), RouteClass::Health);
         assert_eq!(classify("/v1/sys/metrics"), RouteClass::Metrics);
         assert_eq!(classify("/v1/transitx"), RouteClass::Unknown);
