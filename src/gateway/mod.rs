@@ -176,7 +176,8 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
-        if let Some(interval) = self.state.audit.flush_interval() {
+        {
+            let interval = self.state.audit.flush_interval();
             let audit = self.state.audit.clone();
             let metrics = self.state.metrics.clone();
             let mut stop = stop_rx.clone();
@@ -191,7 +192,7 @@ impl Server {
                     let flushed = tokio::task::spawn_blocking(move || audit.flush()).await;
                     if !matches!(flushed, Ok(Ok(()))) {
                         metrics.audit_write_failures.inc();
-                        tracing::error!("audit log: batched sync failed");
+                        tracing::error!("audit log: timed flush (sync and head checkpoint) failed");
                     }
                 }
             });
