@@ -293,6 +293,19 @@ impl KeyRing {
         Ok(next)
     }
 
+    /// Refuses `op` on a key type that does not support it, naming both.
+    pub fn ensure(&self, supported: bool, op: &'static str) -> Result<(), EngineError> {
+        if supported {
+            Ok(())
+        } else {
+            Err(super::crypto::CryptoError::OperationNotSupported {
+                op,
+                key_type: self.key_type,
+            }
+            .into())
+        }
+    }
+
     /// The version new ciphertexts and signatures use.
     pub fn encryption_version(
         &self,
@@ -519,17 +532,7 @@ fn split_vault<'s>(s: &'s str, what: &str) -> Result<(u32, &'s str), EngineError
 /// Splits a `vault:v{N}:base64` string into its version and bytes.
 pub fn parse_vault(s: &str, what: &str) -> Result<(u32, Vec<u8>), EngineError> {
     let bad = |why: &str| EngineError::InvalidRequest(format!("invalid {what}: {why}"));
-    let rest = s
-        .strip_prefix("vault:v")
-        .ok_or_else(|| bad("it must start with \"vault:v\""))?;
-    let (version, body) = rest
-        .split_once(':')
-        .ok_or_else(|| bad("missing ':' after the version"))?;
-    let version: u32 = version
-        .parse()
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| bad("the version is not a positive number"))?;
+    let (version, body) = split_vault(s, what)?;
     let bytes = STANDARD
         .decode(body.as_bytes())
         .map_err(|_| bad("the payload is not valid base64"))?;

@@ -983,13 +983,7 @@ impl Engine {
         jws: bool,
     ) -> Result<(String, u32), EngineError> {
         let ring = self.ring(by, name)?;
-        if !ring.key_type.supports_signing() {
-            return Err(CryptoError::OperationNotSupported {
-                op: "signing",
-                key_type: ring.key_type,
-            }
-            .into());
-        }
+        ring.ensure(ring.key_type.supports_signing(), "signing")?;
         let (v, kv) = ring.encryption_version(version)?;
         let material = ring.material(kv, context)?;
         let sig = material.sign(input, opts)?;
@@ -1013,13 +1007,7 @@ impl Engine {
         jws: bool,
     ) -> Result<bool, EngineError> {
         let ring = self.ring(by, name)?;
-        if !ring.key_type.supports_signing() {
-            return Err(CryptoError::OperationNotSupported {
-                op: "verification",
-                key_type: ring.key_type,
-            }
-            .into());
-        }
+        ring.ensure(ring.key_type.supports_signing(), "verification")?;
         let (v, sig) = if jws {
             keyring::parse_vault_jws(signature, "signature")?
         } else {
@@ -1085,13 +1073,7 @@ impl Engine {
             ExportKind::SigningKey | ExportKind::PublicKey => ring.key_type.supports_signing(),
             ExportKind::HmacKey => true,
         };
-        if !allowed {
-            return Err(CryptoError::OperationNotSupported {
-                op: "this export type",
-                key_type: ring.key_type,
-            }
-            .into());
-        }
+        ring.ensure(allowed, "this export type")?;
         let versions: Vec<u32> = match version {
             Some(v) => {
                 ring.decryption_version(v)?;
@@ -1135,13 +1117,7 @@ fn encrypt_with(
     context: Option<&[u8]>,
     version: Option<u32>,
 ) -> Result<(String, u32), EngineError> {
-    if !ring.key_type.supports_encryption() {
-        return Err(CryptoError::OperationNotSupported {
-            op: "encryption",
-            key_type: ring.key_type,
-        }
-        .into());
-    }
+    ring.ensure(ring.key_type.supports_encryption(), "encryption")?;
     let (v, kv) = ring.encryption_version(version)?;
     let material = ring.material(kv, context)?;
     let blob = if ring.convergent_encryption {
@@ -1158,13 +1134,7 @@ fn decrypt_with(
     aad: &[u8],
     context: Option<&[u8]>,
 ) -> Result<Zeroizing<Vec<u8>>, EngineError> {
-    if !ring.key_type.supports_encryption() {
-        return Err(CryptoError::OperationNotSupported {
-            op: "decryption",
-            key_type: ring.key_type,
-        }
-        .into());
-    }
+    ring.ensure(ring.key_type.supports_encryption(), "decryption")?;
     let (v, blob) = keyring::parse_vault(ciphertext, "ciphertext")?;
     let kv = ring.decryption_version(v)?;
     Ok(ring.material(kv, context)?.decrypt(&blob, aad)?)
