@@ -252,7 +252,31 @@ struct RawRole {
     #[serde(default)]
     bound_claims: BTreeMap<String, Vec<String>>,
     #[serde(default)]
-    policies: Vec<String>,
+    policies: Vec<Spanned<String>>,
+}
+
+/// Every policy name a JWT role attaches, with its position, so the config
+/// can check that each names a declared policy ([`crate::acl`]).
+pub(crate) fn policy_refs(raw: &[Spanned<RawIssuer>]) -> Vec<crate::acl::PolicyRef<'_>> {
+    let mut refs = Vec::new();
+    for issuer in raw {
+        let issuer = issuer.get_ref();
+        for role in &issuer.role {
+            let role = role.get_ref();
+            for p in &role.policies {
+                refs.push(crate::acl::PolicyRef {
+                    name: p.get_ref(),
+                    span: p.span(),
+                    owner: format!(
+                        "jwt_issuer {:?} role {:?}",
+                        issuer.name.get_ref(),
+                        role.name.get_ref()
+                    ),
+                });
+            }
+        }
+    }
+    refs
 }
 
 /// Validates every `[[jwt_issuer]]` and loads its keys; problems go to
@@ -355,7 +379,11 @@ pub(crate) fn load_issuers(
                 name: role_name,
                 user_claim: role_ref.user_claim.clone().unwrap_or_else(|| "sub".into()),
                 bound_claims: role_ref.bound_claims.clone(),
-                policies: role_ref.policies.clone(),
+                policies: role_ref
+                    .policies
+                    .iter()
+                    .map(|p| p.get_ref().clone())
+                    .collect(),
             });
         }
         if roles.is_empty() {

@@ -104,6 +104,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     filter.listeners().len(),
                     cfg.groups.len()
                 );
+                println!("{}", crate::acl::describe(&cfg.acl));
                 ExitCode::SUCCESS
             }
             None => ExitCode::from(2),
@@ -117,6 +118,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 cfg.data_dir = dir;
             }
             harden_process();
+            tracing::info!("{}", crate::acl::describe(&cfg.acl));
             match serve(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -70,6 +70,9 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     /// `[metrics]`: the Prometheus listener.
     pub metrics: crate::metrics::MetricsConfig,
+    /// `[[policy]]` and `[[user_policy]]` from the policy files, compiled;
+    /// see [`crate::acl`]. Off (no policies) unless some file declares one.
+    pub acl: crate::acl::Acl,
 }
 
 /// Login-failure thresholds and session lifetime for the engine.
@@ -533,7 +536,7 @@ impl Source<'_> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-fn position(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn position(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;
@@ -677,6 +680,7 @@ fn assemble(
     // in a file that could not be read or parsed.
     let groups_complete = policies_complete && parsed_all;
     let rate = rate_limit_policy(policies, &mut errors);
+    let acl = crate::acl::load(policies, &mut errors);
 
     let config = raw.map(|raw| {
         let engine_defaults = EngineConfig::default();
@@ -781,6 +785,11 @@ fn assemble(
             rate: rate.clone(),
         };
         let jwt = crate::auth::load_issuers(main, &raw.jwt_issuer, &mut errors);
+        let acl = acl.resolve(
+            main,
+            &crate::auth::policy_refs(&raw.jwt_issuer),
+            &mut errors,
+        );
 
         let tls = tls(main, &raw.tls, fs_checks, &mut errors);
         let listeners = listeners(main, &raw.listener, &fence, groups_complete, &mut errors);
@@ -811,6 +820,7 @@ fn assemble(
             jwt,
             audit,
             metrics,
+            acl,
         }
     });
 

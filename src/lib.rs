@@ -11,6 +11,8 @@
 //! - [`ratelimit`]: decides whether a peer or principal may go on now (GCRA limits,
 //!   the password-hashing cap, connection caps).
 //! - [`auth`]: decides who an app is from its JWT (issuers, keys, roles).
+//! - [`acl`]: decides what an authenticated principal may do on Transit (Vault-style
+//!   path/capability policies from `policies/`).
 //! - [`gateway`]: listeners, TLS, HTTP, the request phases, and [`gateway::rescue`],
 //!   the one place where errors become HTTP responses.
 //! - [`api`]: the HTTP surface: Vault-Transit-compatible [`api::transit`] and the
@@ -23,6 +25,7 @@
 //! See `docs/ARCHITECTURE.md` for the request phases and where each decision lives.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod api;
 pub mod audit;
 pub mod auth;

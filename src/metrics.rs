@@ -148,6 +148,7 @@ pub struct Metrics {
     keys: IntGaugeVec,
     pub audit_write_failures: IntCounter,
     audit_head: IntGauge,
+    acl_denials: IntCounterVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +302,12 @@ impl Metrics {
             "Audit records that could not be written or synced.",
         )?;
         r.register(Box::new(audit_write_failures.clone()))?;
+        let acl_denials = counter_vec(
+            &r,
+            "hsmgate_acl_denials_total",
+            "Transit requests refused by an access policy, by the capability needed and why.",
+            &["capability", "reason"],
+        )?;
         let audit_head = IntGauge::new(
             "hsmgate_audit_head_sequence",
             "Sequence number of the last audit record: an off-host witness against truncation.",
@@ -333,6 +340,7 @@ impl Metrics {
             keys,
             audit_write_failures,
             audit_head,
+            acl_denials,
         })
     }
 
@@ -361,6 +369,14 @@ impl Metrics {
                 .with_label_values(&[class_label(class), METHODS[mi], &status.to_string()])
                 .inc(),
         }
+    }
+
+    /// An access-policy refusal. Both labels are closed sets
+    /// ([`crate::acl::Capability`] or `none`, [`crate::acl::DenyReason`]).
+    pub fn acl_denial(&self, capability: &'static str, reason: crate::acl::DenyReason) {
+        self.acl_denials
+            .with_label_values(&[capability, reason.as_str()])
+            .inc();
     }
 
     pub fn login(&self, role: Role, outcome: &str) {

@@ -766,6 +766,7 @@ mod tests {
             limits: Limits::default(),
             audit: Default::default(),
             metrics: Default::default(),
+            acl: Default::default(),
             listeners: listeners
                 .iter()
                 .enumerate()

@@ -132,6 +132,7 @@ fn every_broken_fixture_fails_with_file_and_line() {
         "bad-address.toml",
         "syntax-error.toml",
         "several-errors.toml",
+        "bad-acl.toml",
     ] {
         assert!(
             names.iter().any(|n| n == required),

@@ -610,3 +610,135 @@ async fn a_non_exportable_key_never_leaves_through_export() {
     assert_eq!(st, 200, "{body}");
     assert!(body["data"]["keys"]["1"].is_string());
 }
+
+/// Sends one HTTP/1.1 request over TLS byte for byte (no client-side URL
+/// normalisation, unlike reqwest) and returns the raw response.
+async fn raw_https(s: &TestServer, request_line: &str, token: &str, body: &str) -> String {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pem = std::fs::read(s.data_dir.join("tls/cert.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let request = format!(
+        "{request_line} HTTP/1.1\r\nHost: localhost\r\nX-Vault-Token: {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    // The server may close without close_notify; what arrived is enough.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Guards against path tricks around access policies: a JWT app whose only
+/// policy grants `update` on `transit/encrypt/a` cannot encrypt with key `b`
+/// (or `A`) through `..`/`.` segments, `%`-escapes, doubled or trailing
+/// slashes, or case — the policy is checked on the exact path the handler
+/// routes on, and any non-canonical path is refused before any rule is
+/// consulted. The twin: the granted path works.
+#[tokio::test]
+async fn a_jwt_app_for_key_a_cannot_encrypt_with_key_b_through_path_tricks() {
+    let issuer = jwt_issuer::Issuer::new();
+    let rsa = issuer.dir.path().join("rsa.pem").display().to_string();
+    let mut s = TestServer::start(Opts {
+        extra_config: format!(
+            "[[jwt_issuer]]\nname = \"ci\"\nissuer = \"{}\"\naudiences = [\"{}\"]\n\
+             algorithms = [\"RS256\"]\npublic_keys = [{{ kid = \"rsa1\", file = \"{rsa}\" }}]\n\
+             [[jwt_issuer.role]]\nname = \"a-only\"\npolicies = [\"key-a\"]\n",
+            jwt_issuer::ISS,
+            jwt_issuer::AUD
+        ),
+        ..Opts::default()
+    });
+    let (_co, app) = s.init_with_app_user().await;
+    for key in ["a", "b", "A"] {
+        let path = format!("/v1/transit/keys/{key}");
+        assert_eq!(
+            s.post(&s.client(), &path, Some(&app), json!({})).await.0,
+            200
+        );
+    }
+    std::fs::write(
+        s.dir.path().join("policies/acl.toml"),
+        "[[policy]]\nname = \"key-a\"\n[[policy.path]]\npath = \"transit/encrypt/a\"\n\
+         capabilities = [\"update\"]\n",
+    )
+    .unwrap();
+    s.restart();
+    let token = issuer.rs256(&issuer.claims());
+    let body = json!({"plaintext": b64(b"secret")});
+    // The allow.
+    let (st, resp) = s
+        .post(
+            &s.client(),
+            "/v1/transit/encrypt/a",
+            Some(&token),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(st, 200, "{resp}");
+    // Through a normal client. Paths the Transit router takes as an encrypt
+    // call reach the policy check and are refused there (403): another
+    // key, case, `%`-escapes of a name or of slashes.
+    for path in [
+        "/v1/transit/encrypt/b",
+        "/v1/transit/encrypt/A",
+        "/v1/transit/encrypt/%62",
+        "/v1/transit/encrypt/a%2F..%2Fb",
+        "/v1/transit/encrypt/a%2fb",
+    ] {
+        let (st, resp) = s.post(&s.client(), path, Some(&token), body.clone()).await;
+        assert_eq!(st, 403, "{path}: {resp}");
+        assert_eq!(
+            resp["errors"],
+            json!(["1 error occurred:\n\t* permission denied\n\n"])
+        );
+    }
+    // Extra segments are no route at all (404, before any key is touched).
+    for path in [
+        "/v1/transit/encrypt//b",
+        "/v1/transit//encrypt/b",
+        "/v1/transit/encrypt/a/",
+        "/v1/transit/encrypt/a/b",
+    ] {
+        let (st, resp) = s.post(&s.client(), path, Some(&token), body.clone()).await;
+        assert!(st == 403 || st == 404, "{path}: {st} {resp}");
+        assert!(resp.get("data").is_none(), "{path}: {resp}");
+    }
+    // Byte for byte: dot segments the client would otherwise normalise.
+    let raw_body = body.to_string();
+    for target in [
+        "/v1/transit/encrypt/a/../b",
+        "/v1/transit/encrypt/a/./../b",
+        "/v1/transit/encrypt/./b",
+        "/v1/transit/./encrypt/b",
+        "/v1/transit/encrypt/a/..%2Fb",
+        "/v1/transit/encrypt/a\\..\\b",
+    ] {
+        let resp = raw_https(&s, &format!("POST {target}"), &token, &raw_body).await;
+        let status = resp.lines().next().unwrap_or_default().to_string();
+        assert!(
+            ["HTTP/1.1 400", "HTTP/1.1 403", "HTTP/1.1 404"]
+                .iter()
+                .any(|s| status.starts_with(s)),
+            "{target}: {status}"
+        );
+        assert!(!resp.contains("vault:v1:"), "{target}: {resp}");
+    }
+    // And the raw path twin: the granted path byte for byte works.
+    let resp = raw_https(&s, "POST /v1/transit/encrypt/a", &token, &raw_body).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}

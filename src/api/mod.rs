@@ -38,6 +38,26 @@ pub struct Call<'a> {
     pub limiters: Arc<crate::ratelimit::Limiters>,
     /// The snapshot's JWT issuers.
     pub jwt: &'a crate::auth::JwtIssuers,
+    /// The snapshot's access policies (phase 8, in [`Call::principal`]).
+    pub acl: &'a crate::acl::Acl,
+    /// Set when an access policy refused this request; the router hands it
+    /// to phase 10 for the audit record.
+    pub acl_denial: std::sync::Mutex<Option<AclDenial>>,
+}
+
+/// An access-policy refusal, as phase 10 records it.
+#[derive(Debug, Clone)]
+pub struct AclDenial {
+    pub actor: String,
+    /// `None` when the method maps to no capability.
+    pub capability: Option<crate::acl::Capability>,
+    /// The path checked (`transit/...`), or the raw path when not canonical.
+    pub path: String,
+    pub reason: crate::acl::DenyReason,
+    /// The deciding rule's path, when one matched.
+    pub rule: Option<String>,
+    /// The principal's policy names.
+    pub policies: Vec<String>,
 }
 
 impl Call<'_> {
@@ -98,12 +118,73 @@ impl Call<'_> {
         self.limiters
             .check_principal(&principal.username)
             .map_err(ApiError::RateLimited)?;
+        // Phase 8 before the per-key limit: a request its policies refuse
+        // must not spend the budget of a key it may not use.
+        self.authorize(&principal)?;
         if let Some(key) = transit_key_name(self.path) {
             self.limiters
                 .check_key(key)
                 .map_err(ApiError::RateLimited)?;
         }
         Ok(principal)
+    }
+
+    /// Phase 8: may this principal do this to this Transit path? Only
+    /// while access policies are configured (`crate::acl::Acl::enabled`);
+    /// other routes are guarded by role and network alone. A refusal is a
+    /// 403 with Vault's body, counted, logged, and left in `acl_denial` for
+    /// the audit record.
+    fn authorize(&self, principal: &Principal) -> Result<(), ApiError> {
+        if !self.acl.enabled() || !self.path.starts_with("/v1/transit/") {
+            return Ok(());
+        }
+        let policies = self.acl.policies_of(principal);
+        let request =
+            crate::acl::transit_request(self.method, self.path, transit::lists(self), |name| {
+                self.engine().key_type_of(name).is_some()
+            });
+        let (decision, capability, checked) = match &request {
+            Ok(r) => (
+                self.acl.check(&policies, r),
+                Some(r.capability),
+                r.path.clone(),
+            ),
+            Err(reason) => (
+                crate::acl::Decision::Deny {
+                    reason: *reason,
+                    rule: None,
+                    policies: Vec::new(),
+                },
+                None,
+                self.path.chars().take(256).collect(),
+            ),
+        };
+        let crate::acl::Decision::Deny { reason, rule, .. } = decision else {
+            return Ok(());
+        };
+        self.state
+            .metrics
+            .acl_denial(capability.map_or("none", |c| c.as_str()), reason);
+        tracing::info!(
+            target: "hsmgate::acl",
+            request_id = self.request_id,
+            principal = %principal.username,
+            capability = capability.map_or("none", |c| c.as_str()),
+            path = %checked,
+            reason = reason.as_str(),
+            rule = rule.as_deref().unwrap_or(""),
+            "access policy denied the request"
+        );
+        let denial = AclDenial {
+            actor: principal.username.clone(),
+            capability,
+            path: checked,
+            reason,
+            rule,
+            policies,
+        };
+        *self.acl_denial.lock().unwrap_or_else(|e| e.into_inner()) = Some(denial);
+        Err(ApiError::AclDenied)
     }
 
     /// The JSON body; an empty body reads as `{}`.

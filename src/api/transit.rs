@@ -23,8 +23,7 @@ const MAX_RANDOM_BYTES: usize = 128 * 1024;
 pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = &call.path["/v1/transit/".len()..];
     let segments: Vec<&str> = route.split('/').collect();
-    let list = call.method.as_str() == "LIST"
-        || (call.method == Method::GET && call.query_param("list").is_some_and(go_parse_bool));
+    let list = lists(call);
     let m = call.method.clone();
     match segments.as_slice() {
         ["keys"] | ["keys", ""] if list => list_keys(call),
@@ -60,6 +59,13 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         ["random", _source, b] => post(call, |c| async move { random(c, Some(b)) }).await,
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// Whether the request is a list, as this handler reads it (also used by
+/// the access-policy phase, so both read it the same way).
+pub(crate) fn lists(call: &Call<'_>) -> bool {
+    call.method.as_str() == "LIST"
+        || (call.method == Method::GET && call.query_param("list").is_some_and(go_parse_bool))
 }
 
 /// Vault reads `?list=` with Go's `strconv.ParseBool`; hvac's `client.list()`

@@ -39,6 +39,8 @@ pub struct Facts {
     /// Transit: the operation (a closed set) and the key named in the path.
     op: Option<&'static str>,
     key: Option<String>,
+    /// Phase 8's refusal, if an access policy refused the request.
+    acl: Option<crate::api::AclDenial>,
 }
 
 fn clip(s: &str) -> String {
@@ -92,6 +94,15 @@ fn transit_op(method: &Method, path: &str) -> (Option<&'static str>, Option<Stri
 }
 
 impl Facts {
+    /// An access policy refused the request: who, what it needed, why.
+    pub fn acl_denied(&mut self, denial: crate::api::AclDenial) {
+        if self.actor.is_none() {
+            // JWT apps are not session users; the denial knows who it was.
+            self.actor = Some(clip(&denial.actor));
+        }
+        self.acl = Some(denial);
+    }
+
     pub fn new(state_before: EngineState) -> Facts {
         Facts {
             state_before: Some(state_before),
@@ -206,6 +217,23 @@ pub async fn record(
                 let mut e = base(action, outcome);
                 if let Some(k) = &facts.key {
                     e = e.detail("key", k.clone());
+                }
+                if let Some(d) = &facts.acl {
+                    e = e
+                        .detail("decision", "acl_denied")
+                        .detail("acl_reason", d.reason.as_str())
+                        .detail(
+                            "acl_capability",
+                            d.capability.map_or("none", |c| c.as_str()),
+                        )
+                        .detail("acl_path", clip(&d.path))
+                        .detail(
+                            "policies",
+                            d.policies.iter().map(|p| clip(p)).collect::<Vec<_>>(),
+                        );
+                    if let Some(rule) = &d.rule {
+                        e = e.detail("acl_rule", clip(rule));
+                    }
                 }
                 // Key use is the bulk of the log: synced by the policy's
                 // timer when batched; denials are synced at once.

@@ -15,6 +15,10 @@ pub enum ApiError {
     BadRequest(String),
     #[error("permission denied")]
     PermissionDenied,
+    /// An access policy refused the request (`crate::acl`): Vault's exact
+    /// body for a policy denial, a Go multierror.
+    #[error("1 error occurred:\n\t* permission denied\n\n")]
+    AclDenied,
     #[error("invalid username or password")]
     LoginFailed,
     /// A JWT login failed; the same body whatever the reason (the reason is
@@ -70,7 +74,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::PermissionDenied => StatusCode::FORBIDDEN,
+            ApiError::PermissionDenied | ApiError::AclDenied => StatusCode::FORBIDDEN,
             ApiError::LoginFailed | ApiError::AuthenticationFailed => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::GuardRefused(_) => StatusCode::LOCKED,
@@ -164,6 +168,16 @@ mod tests {
         assert_eq!(resp.headers()["ratelimit-limit"], "10");
         assert_eq!(resp.headers()["ratelimit-remaining"], "0");
         assert_eq!(resp.headers()["ratelimit-reset"], "3");
+    }
+
+    #[test]
+    fn acl_denials_carry_vaults_body() {
+        let resp = respond(&ApiError::AclDenied, "r");
+        assert_eq!(resp.status(), 403);
+        assert_eq!(
+            ApiError::AclDenied.messages(),
+            vec!["1 error occurred:\n\t* permission denied\n\n".to_string()]
+        );
     }
 
     #[test]

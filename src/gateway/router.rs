@@ -211,8 +211,10 @@ async fn phases(
         request_id,
         limiters,
         jwt: &snapshot.config.jwt,
+        acl: &snapshot.config.acl,
+        acl_denial: std::sync::Mutex::new(None),
     };
-    match class {
+    let result = match class {
         _ if api::auth::owns(call.path) => api::auth::handle(&call).await,
         RouteClass::Transit if call.path.starts_with("/v1/transit/") => {
             api::transit::handle(&call).await
@@ -223,7 +225,16 @@ async fn phases(
         RouteClass::Health => api::sys::health(&call),
         RouteClass::Metrics => crate::metrics::sys_metrics(&call),
         RouteClass::Unknown => Err(ApiError::NotFound),
+    };
+    let denial = call
+        .acl_denial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(denial) = denial {
+        facts.acl_denied(denial);
     }
+    result
 }
 
 async fn read_body(
