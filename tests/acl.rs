@@ -315,11 +315,21 @@ async fn crypto_users_get_policies_from_bindings_and_default_deny_otherwise() {
     assert_vault_denied(st, &body);
     let (st, body) = f.encrypt(&lister, "billing").await;
     assert_vault_denied(st, &body);
-    // Token housekeeping is not a Transit path: still open to any token.
-    let (st, _) = s
+    // Token housekeeping is not a Transit path: still open to any token,
+    // and it shows the policies the ACL phase uses.
+    let (st, body) = s
         .get(&s.client(), "/v1/auth/token/lookup-self", Some(&bob))
         .await;
     assert_eq!(st, 200);
+    assert_eq!(body["data"]["policies"], json!(["crypto-user"]));
+    let (st, body) = s
+        .get(&s.client(), "/v1/auth/token/lookup-self", Some(&alice))
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        body["data"]["policies"],
+        json!(["crypto-user", "billing-keys"])
+    );
     let reasons: Vec<Value> = f
         .audit_records()
         .into_iter()

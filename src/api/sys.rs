@@ -56,6 +56,14 @@ pub fn lookup_self(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
             .map(|d| d.as_secs())
             .unwrap_or(0)
     };
+    // The role, then every policy name the access-policy phase uses for
+    // this principal (a JWT role's, a crypto user's `[[user_policy]]`).
+    let mut policies = vec![p.role.as_str().to_string()];
+    for name in call.acl.policies_of(&p) {
+        if !policies.contains(&name) {
+            policies.push(name);
+        }
+    }
     let ttl = p
         .expires_at
         .duration_since(SystemTime::now())
@@ -71,7 +79,7 @@ pub fn lookup_self(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         "num_uses": 0,
         "orphan": true,
         "path": "hsm/login",
-        "policies": p.policies(),
+        "policies": policies,
         "renewable": false,
         "ttl": ttl,
         "type": "service",
