@@ -257,6 +257,11 @@ impl Pattern {
     }
 
     fn matches(&self, path: &str) -> bool {
+        // Quick reject on the literal text before the first wildcard.
+        let literal = &self.text[..self.first_wildcard.min(self.text.len())];
+        if !path.starts_with(literal) {
+            return false;
+        }
         let mut rest = Some(path);
         for seg in &self.segments {
             let Some(r) = rest else { return false };
@@ -343,7 +348,8 @@ struct Inner {
     policies: BTreeMap<String, Policy>,
     /// `[[user_policy]]`: HSM user name → policy names.
     users: HashMap<String, Vec<String>>,
-    cache: RwLock<HashMap<Vec<String>, Arc<Merged>>>,
+    /// Merged rule sets by their sorted policy names joined with `\n`.
+    cache: RwLock<HashMap<String, Arc<Merged>>>,
 }
 
 impl fmt::Debug for Acl {
@@ -457,29 +463,28 @@ impl Acl {
 
     /// Decides `request` for a principal carrying `policies`.
     pub fn check(&self, policies: &[String], request: &AclRequest) -> Decision {
-        let mut key: Vec<String> = policies
+        let mut known: Vec<&str> = policies
             .iter()
+            .map(String::as_str)
             .filter(|p| self.inner.policies.contains_key(*p))
-            .cloned()
             .collect();
-        key.sort();
-        key.dedup();
-        if key.is_empty() {
+        if known.is_empty() {
             return Decision::deny(DenyReason::NoPolicies);
         }
-        let merged = self.merged(key);
-        let mut candidates = vec![request.path.as_str()];
+        known.sort_unstable();
+        known.dedup();
+        // Policy names hold no newline (validated), so this is unambiguous.
+        let merged = self.merged(known.join("\n"), &known);
         // Vault checks a list on `path/`, and since 1.15 also accepts rules
         // written without the slash.
-        if request.capability == Capability::List {
-            if let Some(bare) = request.path.strip_suffix('/') {
-                candidates.push(bare);
-            }
-        }
+        let bare = (request.capability == Capability::List)
+            .then(|| request.path.strip_suffix('/'))
+            .flatten();
+        let candidates = std::iter::once(request.path.as_str()).chain(bare);
         // Explicit deny first: any matching deny rule, however general.
         for &i in &merged.denies {
             let rule = &merged.rules[i];
-            if candidates.iter().any(|p| rule.pattern.matches(p)) {
+            if candidates.clone().any(|p| rule.pattern.matches(p)) {
                 return Decision::Deny {
                     reason: DenyReason::DenyRule,
                     rule: Some(rule.pattern.text.clone()),
@@ -507,12 +512,12 @@ impl Acl {
         refusal.unwrap_or(Decision::deny(DenyReason::NoMatchingRule))
     }
 
-    fn merged(&self, key: Vec<String>) -> Arc<Merged> {
+    fn merged(&self, key: String, names: &[&str]) -> Arc<Merged> {
         let cache = &self.inner.cache;
         if let Some(m) = cache.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return m.clone();
         }
-        let merged = Arc::new(self.merge(&key));
+        let merged = Arc::new(self.merge(names));
         let mut cache = cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.len() < MAX_CACHED_SETS {
             cache.insert(key, merged.clone());
@@ -520,9 +525,9 @@ impl Acl {
         merged
     }
 
-    fn merge(&self, names: &[String]) -> Merged {
+    fn merge(&self, names: &[&str]) -> Merged {
         let mut by_path: BTreeMap<&str, (Pattern, Caps, Vec<String>)> = BTreeMap::new();
-        for name in names {
+        for &name in names {
             let Some(policy) = self.inner.policies.get(name) else {
                 continue;
             };
@@ -531,8 +536,8 @@ impl Acl {
                     .entry(rule.pattern.text.as_str())
                     .or_insert_with(|| (rule.pattern.clone(), Caps::default(), Vec::new()));
                 entry.1 = entry.1.union(rule.caps);
-                if !entry.2.contains(name) {
-                    entry.2.push(name.clone());
+                if !entry.2.iter().any(|n| n == name) {
+                    entry.2.push(name.to_string());
                 }
             }
         }
@@ -734,7 +739,9 @@ pub(crate) fn load(policies: &[(PathBuf, String)], errors: &mut Vec<ConfigError>
     for (source, raw) in &files {
         for p in &raw.policy {
             let name = p.name.get_ref();
-            let (line, _) = source_position(source, p.name.span().start);
+            // Byte offsets, turned into lines only for a message: computing
+            // a line scans the file, and doing it per rule is quadratic.
+            let at = p.name.span().start;
             if let Err(problem) = check_policy_name(name) {
                 errors.push(source.error_at(p.name.span(), format!("policy name {problem}")));
             }
@@ -753,11 +760,12 @@ pub(crate) fn load(policies: &[(PathBuf, String)], errors: &mut Vec<ConfigError>
                 };
                 if let Some(first) = seen.get(text.as_str()) {
                     errors.push(at(format!(
-                        "path `{}` is already listed in this policy at line {first}",
-                        clip(text)
+                        "path `{}` is already listed in this policy at line {}",
+                        clip(text),
+                        source_position(source, *first).0
                     )));
                 }
-                seen.insert(text, source_position(source, r.path.span().start).0);
+                seen.insert(text, r.path.span().start);
                 let mut caps = Caps::default();
                 for c in r.capabilities.get_ref() {
                     match Capability::parse(c.get_ref()) {
@@ -785,20 +793,21 @@ pub(crate) fn load(policies: &[(PathBuf, String)], errors: &mut Vec<ConfigError>
                     rules.push(Rule { pattern, caps });
                 }
             }
-            if let Some((_, first, first_line)) = loaded.policies.get(name) {
+            if let Some((_, first, first_at)) = loaded.policies.get(name) {
                 errors.push(source.error_at(
                     p.name.span(),
                     format!(
-                        "policy `{}` is already defined at {}:{first_line}",
+                        "policy `{}` is already defined at {}:{}",
                         clip(name),
-                        first.display()
+                        first.display(),
+                        line_in(&files, first, *first_at)
                     ),
                 ));
                 continue;
             }
             loaded.policies.insert(
                 name.clone(),
-                (Policy { rules }, source.path.to_path_buf(), line),
+                (Policy { rules }, source.path.to_path_buf(), at),
             );
         }
     }
@@ -807,7 +816,7 @@ pub(crate) fn load(policies: &[(PathBuf, String)], errors: &mut Vec<ConfigError>
     for (source, raw) in &files {
         for b in &raw.user_policy {
             let user = b.user.get_ref();
-            let line = source_position(source, b.user.span().start).0;
+            let at = b.user.span().start;
             if crate::engine::users::validate_username(user).is_err() {
                 errors.push(source.error_at(
                     b.user.span(),
@@ -822,15 +831,16 @@ pub(crate) fn load(policies: &[(PathBuf, String)], errors: &mut Vec<ConfigError>
                 errors.push(source.error_at(
                     b.user.span(),
                     format!(
-                        "user_policy: user `{}` is already bound at {}:{first}; list all of \
+                        "user_policy: user `{}` is already bound at {}:{}; list all of \
                          its policies in one binding",
                         clip(user),
-                        file.display()
+                        file.display(),
+                        line_in(&files, file, *first)
                     ),
                 ));
                 continue;
             }
-            bound_at.insert(user.clone(), (source.path.to_path_buf(), line));
+            bound_at.insert(user.clone(), (source.path.to_path_buf(), at));
             if b.policies.get_ref().is_empty() {
                 errors.push(source.error_at(
                     b.policies.span(),
@@ -899,6 +909,14 @@ impl Loaded {
 
 fn source_position(source: &Source<'_>, offset: usize) -> (usize, usize) {
     crate::config::position(source.text, offset)
+}
+
+/// The line of a byte offset in one of the ACL files.
+fn line_in(files: &[(Source<'_>, RawAclFile)], path: &Path, offset: usize) -> usize {
+    files
+        .iter()
+        .find(|(s, _)| s.path == path)
+        .map_or(1, |(s, _)| source_position(s, offset).0)
 }
 
 fn check_policy_name(name: &str) -> Result<(), String> {
