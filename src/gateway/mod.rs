@@ -153,6 +153,12 @@ impl Server {
         &self.cert
     }
 
+    /// The shared state every connection gets: lets an in-process driver
+    /// (the fuzz targets in `fuzz/`) call [`router::handle`] without sockets.
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting and gives
     /// in-flight requests a grace period to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
