@@ -139,9 +139,12 @@ async fn a_reload_that_adds_a_network_admits_it() {
         )])
         .await;
     assert_eq!(record["outcome"], "success", "{record}");
+    // The tree's hash moved from the one loaded at start (the file watcher
+    // may have applied the change just before the SIGHUP reload did).
+    let first = &server.audit_records("config.reload")[0];
     assert_ne!(
         record["detail"]["sha256"],
-        record["detail"]["previous_sha256"]
+        first["detail"]["previous_sha256"]
     );
     // Uninitialized: 501, Vault's answer. What matters is that it answered.
     assert_eq!(health_from(&server, NEWCOMER).await, Some(501));
@@ -207,7 +210,7 @@ async fn a_broken_reload_keeps_the_old_rules_and_counts_the_failure() {
             Some(&co),
         )
         .await;
-    let sha = record["detail"]["sha256"].as_str().unwrap();
+    let sha = record["detail"]["running_sha256"].as_str().unwrap();
     assert!(
         body.as_str().unwrap().contains(&format!(
             "hsmgate_config_info{{sha256=\"{}\"}} 1",
@@ -376,4 +379,25 @@ async fn a_replaced_certificate_serves_the_next_handshake() {
         http1_get(&mut first, "/v1/sys/health").await,
         Some((501, false))
     );
+}
+
+#[tokio::test]
+async fn a_reloaded_rate_limit_takes_effect() {
+    let server = TestServer::start(Opts::default());
+    for _ in 0..3 {
+        assert_eq!(health_from(&server, "127.0.0.1").await, Some(501));
+    }
+    let strict = LOOSE_RATE_LIMITS.replace(
+        "source.health = { rate = 100000, per = \"second\", burst = 100000 }",
+        "source.health = { rate = 1, per = \"minute\", burst = 2 }",
+    );
+    assert_ne!(strict, LOOSE_RATE_LIMITS);
+    let record = server
+        .reload_with(&[("policies/rate-limits.toml", &strict)])
+        .await;
+    assert_eq!(record["outcome"], "success", "{record}");
+    // Allow: the new burst of 2; deny: the third.
+    assert_eq!(health_from(&server, "127.0.0.1").await, Some(501));
+    assert_eq!(health_from(&server, "127.0.0.1").await, Some(501));
+    assert_eq!(health_from(&server, "127.0.0.1").await, Some(429));
 }

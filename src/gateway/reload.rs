@@ -698,7 +698,7 @@ impl Reloader {
                     .collect();
                 let event = Event::new("config.reload", Outcome::Failure)
                     .detail("trigger", trigger.as_str())
-                    .detail("sha256", current.digest.hex())
+                    .detail("running_sha256", current.digest.hex())
                     .detail("errors", errors.len() as u64)
                     .detail("at", at);
                 audit_local(state, event).await;
@@ -761,6 +761,34 @@ mod tests {
         let msgs = fixed_changes(&old, &engine);
         assert_eq!(msgs.len(), 1, "{msgs:?}");
         assert!(msgs[0].contains("[engine]"), "{msgs:?}");
+    }
+
+    #[test]
+    fn watch_plan_matches_tree_files_and_policy_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(base.join("policies")).unwrap();
+        let mut tree = Tree {
+            main: base.join("hsmgate.toml"),
+            policies_dir: Some(base.join("policies")),
+            ..Tree::default()
+        };
+        tree.files.insert(base.join("lists/threats.txt"));
+        let plan = tree.watch_plan();
+        let hit = |p: PathBuf| {
+            plan.get(p.parent().unwrap())
+                .is_some_and(|r| r.matches(&p, p.file_name().unwrap()))
+        };
+        assert!(hit(base.join("hsmgate.toml")));
+        assert!(hit(base.join("policies/new.toml")));
+        assert!(hit(base.join("lists/threats.txt")));
+        assert!(!hit(base.join("audit.log")), "not part of the tree");
+        assert!(
+            !hit(base.join("policies/.new.toml.swp")),
+            "editor swap file"
+        );
+        assert!(!hit(base.join("policies/notes.txt")));
+        assert!(!hit(base.join("lists/other.txt")));
     }
 
     #[test]
