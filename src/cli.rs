@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::audit;
 use crate::config::{self, Config};
-use crate::gateway::Server;
+use crate::gateway::{reload, Server};
 use crate::netfilter::Netfilter;
 
 #[derive(Parser, Debug)]
@@ -95,11 +95,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { path, config, head },
         } => audit_verify(path, &config, head),
-        Command::Check { config } => match load(&config) {
+        Command::Check { config } => match validate(&config) {
             Some(cfg) => {
                 let filter = Netfilter::build(&cfg);
+                let digest = reload::Tree::of(&cfg)
+                    .digest()
+                    .map_or_else(|e| format!("unavailable: {e}"), |d| d.short());
                 println!(
-                    "config OK: {} ({} listeners, {} security groups)",
+                    "config OK: {} ({} listeners, {} security groups; sha256 {digest})",
                     config.display(),
                     filter.listeners().len(),
                     cfg.groups.len()
@@ -110,14 +113,14 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Serve { config, data_dir } => {
             init_tracing();
-            let Some(mut cfg) = load(&config) else {
+            let Some(mut cfg) = validate(&config) else {
                 return ExitCode::from(2);
             };
-            if let Some(dir) = data_dir {
-                cfg.data_dir = dir;
+            if let Some(dir) = &data_dir {
+                cfg.data_dir = dir.clone();
             }
             harden_process();
-            match serve(cfg) {
+            match serve(cfg, data_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("hsmgate: {e}");
@@ -185,7 +188,16 @@ fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> 
 }
 
 fn load(path: &Path) -> Option<Config> {
-    match config::load(path) {
+    report(config::load(path))
+}
+
+/// What `check`, `serve` and every reload run (see [`reload::validate`]).
+fn validate(path: &Path) -> Option<Config> {
+    report(reload::validate(path).map(|v| v.config))
+}
+
+fn report(loaded: Result<Config, config::ConfigErrors>) -> Option<Config> {
+    match loaded {
         Ok(cfg) => Some(cfg),
         Err(errors) => {
             for e in &errors.0 {
@@ -228,12 +240,14 @@ fn harden_process() {
     }
 }
 
-fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
+fn serve(cfg: Config, data_dir: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = Server::bind(cfg).await?;
+        let mut server = Server::bind(cfg).await?;
+        server.set_data_dir_override(data_dir);
+        tracing::info!(sha256 = %server.config_digest(), "config loaded");
         let cert = server.certificate();
         tracing::info!(
             cert = %cert.cert_path.display(),

@@ -3,7 +3,7 @@
 //!
 //! Module map (each module is named for the decision it owns):
 //!
-//! - [`cli`]: the command line (`serve`, `check`, `version`); parses, then calls in here.
+//! - [`cli`]: the command line (`serve`, `check`, `audit verify`, ...); parses, then calls in here.
 //! - [`config`]: parses and validates `config/` and `policies/` into one immutable
 //!   [`config::Config`]; every error carries its file and line.
 //! - [`netfilter`]: decides whether a peer address may connect to a listener, or use
@@ -11,8 +11,9 @@
 //! - [`ratelimit`]: decides whether a peer or principal may go on now (GCRA limits,
 //!   the password-hashing cap, connection caps).
 //! - [`auth`]: decides who an app is from its JWT (issuers, keys, roles).
-//! - [`gateway`]: listeners, TLS, HTTP, the request phases, and [`gateway::rescue`],
-//!   the one place where errors become HTTP responses.
+//! - [`gateway`]: listeners, TLS, HTTP, the request phases, [`gateway::rescue`],
+//!   the one place where errors become HTTP responses, and [`gateway::reload`],
+//!   the config reload (SIGHUP, file changes) and its one snapshot swap.
 //! - [`api`]: the HTTP surface: Vault-Transit-compatible [`api::transit`] and the
 //!   HSM administration API [`api::hsm`].
 //! - [`engine`]: the software HSM: state machine, users and the login counters,

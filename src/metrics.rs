@@ -189,6 +189,11 @@ const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 impl Metrics {
+    /// The registry, for metrics owned by other modules (config reloads).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Registers every metric and resolves the hot-path handles for the
     /// configured listeners.
     pub fn new(config: &Config) -> Result<Metrics, MetricsError> {

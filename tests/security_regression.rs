@@ -610,3 +610,53 @@ async fn a_non_exportable_key_never_leaves_through_export() {
     assert_eq!(st, 200, "{body}");
     assert!(body["data"]["keys"]["1"].is_string());
 }
+
+/// Attack: slip a network into the fence through a reload of a policy file
+/// that is partly broken, hoping the valid part applies. A reload is all or
+/// nothing: the whole change is rejected and the old rules keep serving.
+#[tokio::test]
+async fn a_broken_policy_file_cannot_open_the_fence() {
+    let s = TestServer::start(Opts::default());
+    assert!(
+        s.client_from(ip(UNTRUSTED))
+            .get(s.url("/v1/sys/health"))
+            .send()
+            .await
+            .is_err(),
+        "untrusted source admitted before any reload"
+    );
+    // The apps group would admit the attacker; the admins group is broken.
+    let broken = format!(
+        "{}\n[group.admins]\nrules = [{{ source = \"127.0.0.1/32\", sorce = \"typo\" }}]\n",
+        groups_file(&["127.0.0.1/32", "127.0.0.2/32"], &[]).replace(
+            "[group.admins]\ndescription = \"admins\"\nrules = [\n]\n",
+            ""
+        )
+    );
+    let record = s
+        .reload_with(&[("policies/security-groups.toml", &broken)])
+        .await;
+    assert_eq!(record["outcome"], "failure", "{record}: {broken}");
+    assert!(
+        s.log().contains("sorce"),
+        "rejected for another reason:\n{}",
+        s.log()
+    );
+    // Deny: the attacker's network did not ride in with the broken file.
+    assert!(
+        s.client_from(ip(UNTRUSTED))
+            .get(s.url("/v1/sys/health"))
+            .send()
+            .await
+            .is_err(),
+        "a rejected reload opened the fence"
+    );
+    // Allow: the old rules still admit the trusted network.
+    let resp = s
+        .client()
+        .get(s.url("/v1/sys/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 501);
+}

@@ -95,7 +95,6 @@ pub async fn serve(
     index: usize,
     socket: TcpListener,
     state: Arc<AppState>,
-    acceptor: TlsAcceptor,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -140,10 +139,12 @@ pub async fn serve(
         };
         let limits = snapshot.config.limits.clone();
         let channel = snapshot.config.listeners[index].channel;
+        // The TLS config of the snapshot that admitted the peer: a reloaded
+        // certificate serves every handshake after the swap.
+        let acceptor = TlsAcceptor::from(snapshot.tls.clone());
         drop(snapshot);
         counters.accepted.inc();
         let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
         let state = state.clone();
         let conn_info = ConnInfo {
             peer,

@@ -6,14 +6,17 @@
 //! - [`observe`]: phase 10's audit record and metrics for each request.
 //! - [`rescue`]: errors → HTTP responses, in one place.
 //! - [`tls`]: the certificate and rustls config.
+//! - [`reload`]: the config lifecycle after start (SIGHUP, file changes).
 pub mod listener;
 pub mod observe;
+pub mod reload;
 pub mod rescue;
 pub mod router;
 pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -26,22 +29,36 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::netfilter::{CidrSet, Netfilter};
 
 /// One immutable view of the configuration. A request loads it once, so a
-/// reload never changes the rules under a request in flight.
+/// reload never changes the rules under a request in flight. Anything built
+/// from the config tree belongs here, so a reload swaps it with the rest
+/// (see [`reload`]).
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub netfilter: Netfilter,
     /// Who may connect to the metrics listener.
     pub metrics_filter: CidrSet,
+    /// The listeners' rustls config: each accepted connection takes the one
+    /// of the snapshot that admitted it, so a reloaded certificate serves
+    /// the next handshake.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// SHA-256 of the config tree this snapshot was built from.
+    pub digest: reload::ConfigDigest,
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Snapshot {
+    pub fn new(
+        config: Config,
+        tls: Arc<rustls::ServerConfig>,
+        digest: reload::ConfigDigest,
+    ) -> Snapshot {
         let netfilter = Netfilter::build(&config);
         let metrics_filter = crate::metrics::admitted(&config);
         Snapshot {
             config: Arc::new(config),
             netfilter,
             metrics_filter,
+            tls,
+            digest,
         }
     }
 }
@@ -67,6 +84,8 @@ pub enum ServeError {
     Audit(#[from] AuditError),
     #[error("metrics: {0}")]
     Metrics(#[from] MetricsError),
+    #[error("hashing the config tree: {0}")]
+    ConfigTree(std::io::Error),
     #[error("binding listener {name} on {address}: {source}")]
     Bind {
         name: String,
@@ -79,6 +98,7 @@ pub enum ServeError {
 pub struct Server {
     state: Arc<AppState>,
     cert: tls::ServerCert,
+    reloader: reload::Reloader,
     listeners: Vec<(usize, TcpListener)>,
     metrics_listener: Option<TcpListener>,
 }
@@ -98,7 +118,16 @@ impl Server {
             .await
             .map_err(|e| EngineError::Internal(format!("audit open task: {e}")))??;
         let metrics = Metrics::new(&config)?;
+        let reload_metrics =
+            reload::ReloadMetrics::register(metrics.registry()).map_err(MetricsError::from)?;
         let cert = tls::load_or_generate(&config)?;
+        let digest = reload::Tree::of(&config)
+            .digest()
+            .map_err(ServeError::ConfigTree)?;
+        let source = reload::ConfigSource {
+            path: config.source_path.clone(),
+            data_dir_override: None,
+        };
         let metrics_listener = crate::metrics::bind(&config).await?;
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
@@ -112,15 +141,18 @@ impl Server {
             listeners.push((i, socket));
         }
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
+        let snapshot = Snapshot::new(config, cert.server_config(), digest);
+        let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
         Ok(Server {
             state: Arc::new(AppState {
                 fence,
-                snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
+                snapshot: ArcSwap::from_pointee(snapshot),
                 engine: Arc::new(engine),
                 audit: Arc::new(audit),
                 metrics: Arc::new(metrics),
             }),
             cert,
+            reloader,
             listeners,
             metrics_listener,
         })
@@ -157,6 +189,17 @@ impl Server {
     /// (the fuzz targets in `fuzz/`) call [`router::handle`] without sockets.
     pub fn state(&self) -> Arc<AppState> {
         self.state.clone()
+    }
+
+    /// `serve --data-dir`: reloads apply it too (the config file's own
+    /// `data_dir` is not compared against the running one).
+    pub fn set_data_dir_override(&mut self, dir: Option<PathBuf>) {
+        self.reloader.set_data_dir_override(dir);
+    }
+
+    /// The SHA-256 of the running config tree (first 16 hex digits).
+    pub fn config_digest(&self) -> String {
+        self.state.snapshot.load().digest.short()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and gives
@@ -203,11 +246,11 @@ impl Server {
                 }
             });
         }
+        tasks.spawn(self.reloader.run(self.state.clone(), stop_rx.clone()));
         for (index, socket) in self.listeners {
             let state = self.state.clone();
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.cert.server_config());
             let stop = stop_rx.clone();
-            tasks.spawn(listener::serve(index, socket, state, acceptor, stop));
+            tasks.spawn(listener::serve(index, socket, state, stop));
         }
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");

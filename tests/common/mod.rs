@@ -29,6 +29,9 @@ pub struct Opts {
     pub rate_limits: Option<String>,
     /// Appended to the main config file (e.g. `[[jwt_issuer]]` tables).
     pub extra_config: String,
+    /// Extra files (path relative to the config dir, contents, mode) written
+    /// before the server starts, e.g. TLS files `extra_config` points at.
+    pub files: Vec<(String, String, u32)>,
 }
 
 /// Limits no other test reaches; tests/ratelimit.rs sets its own.
@@ -53,6 +56,7 @@ impl Default for Opts {
             max_body_bytes: 1024 * 1024,
             rate_limits: None,
             extra_config: String::new(),
+            files: Vec::new(),
         }
     }
 }
@@ -74,6 +78,16 @@ fn rules(nets: &[&str]) -> String {
         .collect()
 }
 
+/// The harness's `policies/security-groups.toml` for these networks.
+pub fn groups_file(apps: &[&str], admins: &[&str]) -> String {
+    format!(
+        "[group.apps]\ndescription = \"apps\"\nrules = [\n{}]\n\n[group.admins]\ndescription = \"admins\"\nrules = [\n{}]\n\n[group.break-glass]\nrules = [\n{}]\n",
+        rules(apps),
+        rules(admins),
+        rules(&["127.0.0.1/32"])
+    )
+}
+
 impl TestServer {
     pub fn start(opts: Opts) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -82,12 +96,7 @@ impl TestServer {
         std::fs::create_dir_all(&policies).unwrap();
         std::fs::write(
             policies.join("security-groups.toml"),
-            format!(
-                "[group.apps]\ndescription = \"apps\"\nrules = [\n{}]\n\n[group.admins]\ndescription = \"admins\"\nrules = [\n{}]\n\n[group.break-glass]\nrules = [\n{}]\n",
-                rules(&opts.apps),
-                rules(&opts.admins),
-                rules(&["127.0.0.1/32"])
-            ),
+            groups_file(&opts.apps, &opts.admins),
         )
         .unwrap();
         std::fs::write(
@@ -95,6 +104,13 @@ impl TestServer {
             opts.rate_limits.as_deref().unwrap_or(LOOSE_RATE_LIMITS),
         )
         .unwrap();
+        for (rel, text, mode) in &opts.files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
         let config_path = dir.path().join("hsmgate.toml");
         std::fs::write(
             &config_path,
@@ -362,6 +378,69 @@ channel = "break-glass"
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.data_dir.join(rel)
+    }
+
+    /// The config tree's directory (config file, `policies/`).
+    pub fn config_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Replaces `rel` (relative to the config dir) the way deploy tools do:
+    /// write a temporary file beside it, then rename it over the old one.
+    pub fn replace_file(&self, rel: &str, text: &str) {
+        let path = self.dir.path().join(rel);
+        let tmp = path.with_extension("tmp-new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    /// Sends SIGHUP: reload the config tree.
+    pub fn sighup(&self) {
+        let child = self.child.as_ref().expect("server running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
+    /// Every audit record with action `action`, in order.
+    pub fn audit_records(&self, action: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.data_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["action"] == action)
+            .collect()
+    }
+
+    /// Waits (polling the audit log, up to 30 s) for a `config.reload`
+    /// record after the first `after` ones, from `trigger` (`sighup`,
+    /// `file-change`) if given, and returns it.
+    pub async fn wait_reload(&self, after: usize, trigger: Option<&str>) -> Value {
+        for _ in 0..300 {
+            let found = self
+                .audit_records("config.reload")
+                .into_iter()
+                .skip(after)
+                .find(|r| trigger.is_none_or(|t| r["detail"]["trigger"] == t));
+            if let Some(r) = found {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "no config.reload record (trigger {trigger:?}) after #{after}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Rewrites the policy files, sends SIGHUP, and returns the record of
+    /// the reload that signal caused.
+    pub async fn reload_with(&self, files: &[(&str, &str)]) -> Value {
+        let before = self.audit_records("config.reload").len();
+        for (rel, text) in files {
+            self.replace_file(rel, text);
+        }
+        self.sighup();
+        self.wait_reload(before, Some("sighup")).await
     }
 }
 
