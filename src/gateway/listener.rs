@@ -134,6 +134,7 @@ pub async fn serve(
             Ok(slot) => slot,
             Err(cap) => {
                 drop(stream);
+                counters.capped.inc();
                 tracing::debug!(%peer, listener = index, cap, "connection refused: connection cap");
                 continue;
             }

@@ -189,11 +189,31 @@ impl Server {
                         _ = tick.tick() => {}
                     }
                     let audit = audit.clone();
-                    let flushed = tokio::task::spawn_blocking(move || audit.flush()).await;
+                    let flushed = tokio::task::spawn_blocking(move || {
+                        // Minutes of per-minute key use that have ended.
+                        audit.roll_key_use(false)?;
+                        audit.flush()
+                    })
+                    .await;
                     if !matches!(flushed, Ok(Ok(()))) {
                         metrics.audit_write_failures.inc();
                         tracing::error!("audit log: timed flush (sync and head checkpoint) failed");
                     }
+                }
+            });
+        }
+        {
+            let state = self.state.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(crate::netfilter::DENY_SUMMARY_INTERVAL);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {}
+                    }
+                    audit_deny_summaries(&state).await;
                 }
             });
         }
@@ -208,13 +228,74 @@ impl Server {
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         sweeper.abort();
-        // After the drain: every request's record is written; sync them all.
+        // After the drain: every request's record is written. The last
+        // denial summaries and key-use counts, then stop, then sync them all.
         let state = self.state.clone();
+        audit_deny_summaries(&state).await;
+        let audit = state.audit.clone();
+        if !matches!(
+            tokio::task::spawn_blocking(move || audit.roll_key_use(true)).await,
+            Ok(Ok(_))
+        ) {
+            state.metrics.audit_write_failures.inc();
+            tracing::error!("audit log: could not write the last key-use counts");
+        }
         audit_local(&state, Event::new("server.stop", Outcome::Success)).await;
         let flushed = tokio::task::spawn_blocking(move || state.audit.flush()).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::error!("audit log: final sync failed");
         }
+    }
+}
+
+/// Logs the denial summaries that ended and writes their audit records: one
+/// `connection.denied.summary` per source named (at most
+/// `netfilter::DENY_SUMMARY_TOP` per interval) and one with the interval's
+/// totals (source `local`), so a flood of denials is a bounded number of
+/// records, never one per connection.
+async fn audit_deny_summaries(state: &AppState) {
+    use crate::netfilter::{log_summary, take_deny_summaries, DENY_SUMMARY_INTERVAL};
+    let summaries = take_deny_summaries();
+    if summaries.is_empty() {
+        return;
+    }
+    let interval = DENY_SUMMARY_INTERVAL.as_secs();
+    let mut events = Vec::new();
+    for summary in &summaries {
+        log_summary(summary);
+        for s in &summary.top {
+            let mut e = Event::new("connection.denied.summary", Outcome::Denied)
+                .detail("listener", s.listener.clone())
+                .detail("reason", s.reason.to_string())
+                .detail("count", s.count)
+                .detail("interval_secs", interval);
+            e.source = Some(s.source);
+            events.push(e);
+        }
+        let named: u64 = summary.top.iter().map(|s| s.count).sum();
+        events.push(
+            Event::new("connection.denied.summary", Outcome::Denied)
+                .detail("total", summary.total)
+                .detail("sources_named", summary.top.len() as u64)
+                .detail(
+                    "sources_other",
+                    summary.tracked.saturating_sub(summary.top.len()) as u64,
+                )
+                .detail("denials_other", summary.total.saturating_sub(named))
+                .detail("denials_untracked", summary.untracked)
+                .detail("interval_secs", interval),
+        );
+    }
+    let audit = state.audit.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        events
+            .into_iter()
+            .try_for_each(|e| audit.append(e).map(|_| ()))
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        state.metrics.audit_write_failures.inc();
+        tracing::error!("audit log: could not record a denial summary");
     }
 }
 
