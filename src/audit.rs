@@ -906,12 +906,133 @@ mod tests {
             "a failed record must not advance the head"
         );
         log.writer().file = good;
-        assert_eq!(log.append(Event::new("y", Outcome::Success)).unwrap(), 3);
+        // Record 3 is `audit.resumed` (one record lost), then the new one.
+        assert_eq!(log.append(Event::new("y", Outcome::Success)).unwrap(), 4);
         assert!(log.healthy());
         assert!(verify_file(&path, Some(&head_path(&path)))
             .unwrap()
             .broken
             .is_none());
+    }
+
+    fn records(path: &Path) -> Vec<Record> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_lost_record_is_followed_by_audit_resumed() {
+        let (_dir, path) = log_with(1);
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
+        assert!(log.append(Event::new("lost.one", Outcome::Success)).is_err());
+        assert!(log.append(Event::new("lost.two", Outcome::Success)).is_err());
+        // Still failing: recovery fails too, and the log stays unhealthy.
+        assert!(!log.recover());
+        assert!(!log.healthy());
+        log.writer().file = good;
+        assert!(log.recover());
+        assert!(log.healthy());
+        assert_eq!(log.append(Event::new("after", Outcome::Success)).unwrap(), 3);
+        let recs = records(&path);
+        assert_eq!(recs[1].action, "audit.resumed");
+        assert_eq!(recs[1].detail["lost_records"], 2);
+        assert_eq!(recs[2].action, "after");
+        assert!(verify_file(&path, Some(&head_path(&path)))
+            .unwrap()
+            .broken
+            .is_none());
+    }
+
+    #[test]
+    fn the_resumed_record_precedes_the_next_append_too() {
+        let (_dir, path) = log_with(1);
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
+        assert!(log.append(Event::new("lost", Outcome::Success)).is_err());
+        log.writer().file = good;
+        assert_eq!(log.append(Event::new("next", Outcome::Success)).unwrap(), 3);
+        let recs = records(&path);
+        assert_eq!(recs[1].action, "audit.resumed");
+        assert_eq!(recs[1].detail["lost_records"], 1);
+        assert_eq!(recs[2].action, "next");
+    }
+
+    #[test]
+    fn per_minute_key_use_is_one_record_per_principal_key_and_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let config = AuditConfig {
+            key_use: KeyUseLevel::PerMinute,
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open(&path, &config).unwrap();
+        let minute = 29_000_000;
+        for _ in 0..500 {
+            log.count_key_use_at(minute, Some("app"), Some("k1"), "encrypt", true);
+        }
+        log.count_key_use_at(minute, Some("app"), Some("k1"), "encrypt", false);
+        log.count_key_use_at(minute, Some("app"), Some("k1"), "decrypt", true);
+        log.count_key_use_at(minute, Some("other"), Some("k1"), "encrypt", true);
+        // The minute is not over: nothing written yet.
+        assert_eq!(log.roll_key_use_at(minute, false).unwrap(), 0);
+        // The next minute's first use closes the window; the roll writes it.
+        log.count_key_use_at(minute + 1, Some("app"), Some("k2"), "sign", true);
+        assert_eq!(log.roll_key_use_at(minute + 1, false).unwrap(), 3);
+        let recs = records(&path);
+        assert_eq!(recs.len(), 3);
+        let enc = recs
+            .iter()
+            .find(|r| r.actor.as_deref() == Some("app") && r.detail["op"] == "encrypt")
+            .unwrap();
+        assert_eq!(enc.action, "transit.key_use");
+        assert_eq!(enc.detail["key"], "k1");
+        assert_eq!(enc.detail["count"], 501);
+        assert_eq!(enc.detail["success"], 500);
+        assert_eq!(enc.detail["failure"], 1);
+        assert_eq!(enc.detail["minute"], crate::api::rfc3339(minute * 60));
+        // At shutdown the current minute is written as well.
+        assert_eq!(log.roll_key_use_at(minute + 1, true).unwrap(), 1);
+        assert_eq!(records(&path)[3].detail["op"], "sign");
+        assert!(verify_file(&path, Some(&head_path(&path)))
+            .unwrap()
+            .broken
+            .is_none());
+    }
+
+    #[test]
+    fn per_minute_key_use_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // Batched: the ten thousand records are not synced one by one.
+        let config = AuditConfig {
+            fsync: FsyncPolicy::Batched {
+                interval: Duration::from_secs(1),
+            },
+            key_use: KeyUseLevel::PerMinute,
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open(&path, &config).unwrap();
+        let minute = 29_000_000;
+        for i in 0..KEY_USE_MAX_ENTRIES + 50 {
+            let key = format!("k{i}");
+            log.count_key_use_at(minute, Some("app"), Some(&key), "encrypt", true);
+        }
+        {
+            let windows = log.key_use_windows.lock().unwrap();
+            let w = windows.current.as_ref().unwrap();
+            assert_eq!(w.counts.len(), KEY_USE_MAX_ENTRIES);
+            assert_eq!(w.overflow.success, 50);
+        }
+        let written = log.roll_key_use_at(minute, true).unwrap();
+        assert_eq!(written, KEY_USE_MAX_ENTRIES + 1);
+        let recs = records(&path);
+        let last = recs.last().unwrap();
+        assert_eq!(last.action, "transit.key_use.overflow");
+        assert_eq!(last.detail["count"], 50);
     }
 
     #[test]
