@@ -587,10 +587,8 @@ impl AuditLog {
             let start = crate::api::rfc3339(window.minute * 60);
             let mut entries: Vec<_> = window.counts.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            let overflow = (window.overflow != UseCount::default()).then_some((
-                (None, None, "*"),
-                window.overflow,
-            ));
+            let overflow = (window.overflow != UseCount::default())
+                .then_some(((None, None, "*"), window.overflow));
             for ((actor, key, op), count) in entries.into_iter().chain(overflow) {
                 let action = if op == "*" {
                     "transit.key_use.overflow"
@@ -928,15 +926,22 @@ mod tests {
         let (_dir, path) = log_with(1);
         let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
         let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
-        assert!(log.append(Event::new("lost.one", Outcome::Success)).is_err());
-        assert!(log.append(Event::new("lost.two", Outcome::Success)).is_err());
+        assert!(log
+            .append(Event::new("lost.one", Outcome::Success))
+            .is_err());
+        assert!(log
+            .append(Event::new("lost.two", Outcome::Success))
+            .is_err());
         // Still failing: recovery fails too, and the log stays unhealthy.
         assert!(!log.recover());
         assert!(!log.healthy());
         log.writer().file = good;
         assert!(log.recover());
         assert!(log.healthy());
-        assert_eq!(log.append(Event::new("after", Outcome::Success)).unwrap(), 3);
+        assert_eq!(
+            log.append(Event::new("after", Outcome::Success)).unwrap(),
+            3
+        );
         let recs = records(&path);
         assert_eq!(recs[1].action, "audit.resumed");
         assert_eq!(recs[1].detail["lost_records"], 2);

@@ -208,7 +208,12 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // When stderr cannot be written (its file's disk is full) the
+        // subscriber would report that with `eprintln!`, which panics on
+        // the same error: in the request handler that logged. A log line
+        // is lost instead (the audit log has its own failure path).
+        .log_internal_errors(false);
     if std::env::var("HSMGATE_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -264,7 +269,9 @@ fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
 /// that action; the write then returns the error.
 fn ignore_file_size_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::from_raw(nix::sys::signal::Signal::SIGXFSZ as i32)) {
+    match signal(SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    )) {
         Ok(mut sig) => {
             tokio::spawn(async move {
                 // Logged once: the log may be the file over the limit, and
