@@ -610,3 +610,54 @@ async fn a_non_exportable_key_never_leaves_through_export() {
     assert_eq!(st, 200, "{body}");
     assert!(body["data"]["keys"]["1"].is_string());
 }
+
+/// Path variants outside `api::openapi::ROUTES` (extra segments, trailing
+/// slashes, other methods) are refused before any handler runs, even with
+/// the officer's token, so no handler arm can serve an undocumented route;
+/// the listed routes beside them still work.
+#[tokio::test]
+async fn routes_outside_the_route_table_are_never_dispatched() {
+    let s = TestServer::start(Opts::default());
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    for (method, path, token, expected) in [
+        ("POST", "/v1/hsm/zeroize/", &co, 404),
+        ("POST", "/v1/hsm/zeroize/now", &co, 404),
+        ("GET", "/v1/hsm/zeroize", &co, 405),
+        ("POST", "/v1/hsm/users/app/password/x", &co, 404),
+        ("POST", "/v1/transit/encrypt/k/extra", &app, 404),
+        ("POST", "/v1/transit/keys/k/rotate/now", &app, 404),
+        ("PATCH", "/v1/transit/keys/k", &app, 405),
+    ] {
+        let resp = c
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                s.url(path),
+            )
+            .header("X-Vault-Token", token.as_str())
+            .json(&json!({"plaintext": b64(b"x")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), expected, "{method} {path}");
+    }
+    // The engine is untouched and the listed routes work.
+    assert_eq!(s.status().await["state"], "active");
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k/rotate", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+}
