@@ -27,7 +27,7 @@ use crate::engine::Channel;
 use crate::netfilter;
 
 /// How long in-flight requests get after a shutdown signal.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What a request knows about the connection it came on.
 #[derive(Debug, Clone, Copy)]

@@ -55,6 +55,60 @@ pub struct AppState {
     /// The hash-chained audit log (phase 10).
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
+    /// Requests being handled (detached from their connections): shutdown
+    /// waits for them before the last audit records.
+    pub in_flight: InFlight,
+}
+
+/// Counts requests in flight; [`InFlight::idle`] waits until none is.
+#[derive(Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in flight, until dropped.
+pub struct InFlightGuard(Arc<AppState>);
+
+impl InFlight {
+    pub fn enter(state: &Arc<AppState>) -> InFlightGuard {
+        state
+            .in_flight
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlightGuard(state.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once no request is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a decrement in between wakes us.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let left = self
+            .0
+            .in_flight
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if left == 1 {
+            self.0.in_flight.idle.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +173,7 @@ impl Server {
                 engine: Arc::new(engine),
                 audit: Arc::new(audit),
                 metrics: Arc::new(metrics),
+                in_flight: InFlight::default(),
             }),
             cert,
             listeners,
@@ -228,6 +283,18 @@ impl Server {
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         sweeper.abort();
+        // Requests run detached from their connections (a client that hangs
+        // up cannot cut a request between its action and its audit record):
+        // wait for the last of them, past the connections' drain.
+        if tokio::time::timeout(listener::DRAIN_DEADLINE, self.state.in_flight.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.state.in_flight.count(),
+                "requests still running after the drain; stopping without them"
+            );
+        }
         // After the drain: every request's record is written. The last
         // denial summaries and key-use counts, then stop, then sync them all.
         let state = self.state.clone();

@@ -42,6 +42,8 @@ pub struct Facts {
     /// Transit: the operation (a closed set) and the key named in the path.
     op: Option<&'static str>,
     key: Option<String>,
+    /// The user an admin request creates (`POST /v1/hsm/users`).
+    target_user: Option<String>,
 }
 
 fn clip(s: &str) -> String {
@@ -122,6 +124,16 @@ impl Facts {
                 }
             }
             RouteClass::Admin | RouteClass::Transit | RouteClass::Metrics => {
+                if class == RouteClass::Admin && parts.uri.path() == "/v1/hsm/users" {
+                    #[derive(serde::Deserialize)]
+                    struct Name {
+                        username: Option<String>,
+                    }
+                    // Only the name: the new user's password stays in the body.
+                    if let Ok(Name { username: Some(u) }) = serde_json::from_slice::<Name>(body) {
+                        self.target_user = Some(clip(&u));
+                    }
+                }
                 if let Some(p) = token(parts).and_then(|t| state.engine.authenticate(t).ok()) {
                     self.role = Some(p.role);
                     self.actor = Some(p.username);
@@ -189,6 +201,7 @@ pub async fn record(
     match class {
         RouteClass::Login | RouteClass::Admin => {
             let (action, user) = hsm_action(path);
+            let user = user.or_else(|| facts.target_user.clone());
             let mut e = base(action, outcome);
             if let Some(u) = user {
                 e = e.detail("user", u);

@@ -63,7 +63,33 @@ pub fn classify(path: &str) -> RouteClass {
     }
 }
 
+/// Handles one request on a task of its own: if the client hangs up (hyper
+/// then drops this future), the request still runs to its end — the engine
+/// call *and* its audit record — so no action can be cut off from its
+/// record by a disconnect. Shutdown waits for these tasks
+/// ([`super::InFlight`]).
 pub async fn handle(
+    state: Arc<AppState>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let guard = super::InFlight::enter(&state);
+    let task = tokio::spawn(async move {
+        let response = handle_detached(state, conn, req).await;
+        drop(guard);
+        response
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            // A panic in a handler: the caller gets a plain 500.
+            tracing::error!(error = %e, "request task failed");
+            rescue::respond(&ApiError::Internal(e.to_string()), "")
+        }
+    }
+}
+
+async fn handle_detached(
     state: Arc<AppState>,
     conn: ConnInfo,
     req: Request<Incoming>,
