@@ -220,7 +220,12 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // When stderr cannot be written (its file's disk is full) the
+        // subscriber would report that with `eprintln!`, which panics on
+        // the same error: in the request handler that logged. A log line
+        // is lost instead (the audit log has its own failure path).
+        .log_internal_errors(false);
     if std::env::var("HSMGATE_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -265,9 +270,34 @@ fn serve(cfg: Config, data_dir: Option<PathBuf>) -> Result<(), Box<dyn std::erro
             // Plain HTTP on purpose: see docs/OPERATIONS.md.
             println!("hsmgate: listening metrics http://{addr}");
         }
+        ignore_file_size_signal();
         server.run(shutdown_signal()).await;
         Ok::<(), Box<dyn std::error::Error>>(())
     })
+}
+
+/// A file-size limit (`ulimit -f`, systemd `LimitFSIZE=`) reached while
+/// writing the audit log must fail that write (EFBIG: the audit-failure
+/// path refuses admin requests and raises the metric), not kill the whole
+/// server with SIGXFSZ's default action. Listening for the signal replaces
+/// that action; the write then returns the error.
+fn ignore_file_size_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    )) {
+        Ok(mut sig) => {
+            tokio::spawn(async move {
+                // Logged once: the log may be the file over the limit, and
+                // each failed log write would raise the signal again.
+                if sig.recv().await.is_some() {
+                    tracing::warn!("file size limit reached (SIGXFSZ): writes past it fail");
+                }
+                while sig.recv().await.is_some() {}
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ"),
+    }
 }
 
 async fn shutdown_signal() {

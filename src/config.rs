@@ -1157,12 +1157,13 @@ fn audit_section(
         .map(|v| (v.get_ref().as_str(), v.span()))
     {
         None | Some(("all", _)) => KeyUseLevel::All,
+        Some(("per_minute", _)) => KeyUseLevel::PerMinute,
         Some(("off", _)) => KeyUseLevel::Off,
         Some((other, span)) => {
             errors.push(main.error_at(
                 span,
                 format!(
-                    "audit.key_use must be \"all\" or \"off\", not {}",
+                    "audit.key_use must be \"all\", \"per_minute\" or \"off\", not {}",
                     quoted(other)
                 ),
             ));

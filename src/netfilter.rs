@@ -588,7 +588,14 @@ struct SummaryState {
     /// Denials whose source did not fit in `sources`.
     untracked: u64,
     total: u64,
+    /// Intervals that ended at a denial, waiting for the server's timer to
+    /// log and audit them ([`take_deny_summaries`]).
+    pending: Vec<Summary>,
 }
+
+/// Ended intervals kept for the timer; more (a stalled timer) are logged
+/// at once instead and do not reach the audit log.
+const DENY_SUMMARY_PENDING: usize = 6;
 
 /// One line of a summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -620,15 +627,35 @@ impl DenySummary {
                 sources: HashMap::new(),
                 untracked: 0,
                 total: 0,
+                pending: Vec::new(),
             }),
         }
     }
 
-    /// Counts a denial; logs the previous interval's summary when it is over.
+    /// Counts a denial. An interval that ends here waits for
+    /// [`DenySummary::take`] (the server's timer), which logs and audits it.
     pub fn record(&self, listener: &str, source: IpAddr, reason: DenyReason) {
         if let Some(summary) = self.record_at(Instant::now(), listener, source, reason) {
-            log_summary(&summary);
+            let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if state.pending.len() < DENY_SUMMARY_PENDING {
+                state.pending.push(summary);
+            } else {
+                drop(state);
+                log_summary(&summary);
+            }
         }
+    }
+
+    /// Every ended interval not yet taken, then the current one (ended now).
+    pub fn take(&self) -> Vec<Summary> {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = std::mem::take(&mut state.pending);
+        state.started = None;
+        let current = state.take();
+        if current.total > 0 {
+            out.push(current);
+        }
+        out
     }
 
     /// [`record`](Self::record) with an injected clock; returns the summary
@@ -705,7 +732,7 @@ impl SummaryState {
     }
 }
 
-fn log_summary(summary: &Summary) {
+pub fn log_summary(summary: &Summary) {
     for s in &summary.top {
         tracing::warn!(
             target: "hsmgate::netfilter",
@@ -726,14 +753,11 @@ fn log_summary(summary: &Summary) {
     );
 }
 
-/// Logs and resets the process-wide denial summary (call from a timer or at
-/// shutdown; otherwise a summary is logged at the first denial after each
-/// interval).
-pub fn flush_deny_summary() {
-    let summary = DENY_LOG.flush();
-    if summary.total > 0 {
-        log_summary(&summary);
-    }
+/// The process-wide denial summaries that ended, and the current one: the
+/// server's timer (every [`DENY_SUMMARY_INTERVAL`], and at shutdown) logs
+/// them and writes their `connection.denied.summary` audit records.
+pub fn take_deny_summaries() -> Vec<Summary> {
+    DENY_LOG.take()
 }
 
 #[cfg(test)]
@@ -1238,6 +1262,19 @@ security_groups = ["apps"]
         let next = log.flush();
         assert_eq!(next.total, 1);
         assert_eq!(next.top[0].reason, DenyReason::DenyList);
+    }
+
+    #[test]
+    fn ended_intervals_wait_for_the_timer() {
+        let log = DenySummary::new();
+        log.record("api", ip("11.0.0.1"), DenyReason::NotInGroups);
+        log.record("api", ip("11.0.0.1"), DenyReason::NotInGroups);
+        let taken = log.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].total, 2);
+        assert_eq!(taken[0].top[0].count, 2);
+        // Nothing denied since: nothing to write.
+        assert!(log.take().is_empty());
     }
 
     #[test]

@@ -288,6 +288,19 @@ async fn traffic(server: &Server) -> (String, String) {
         )
         .await;
     assert_eq!(s, 401);
+    // Guessing one user's password from one source: the shipped
+    // per-(source, username) budget (a burst of 5) answers the sixth with 429.
+    for expected in [401, 401, 401, 401, 401, 429] {
+        let (s, _) = server
+            .call(
+                "POST",
+                "/v1/hsm/login",
+                None,
+                json!({"username": "guessed", "password": "not-the-password"}),
+            )
+            .await;
+        assert_eq!(s, expected);
+    }
     let denied = server
         .client("127.0.0.2")
         .get(format!("https://{}/v1/sys/health", server.api))
@@ -345,6 +358,20 @@ async fn metrics_listener_counts_traffic_with_bounded_labels() {
         2.0
     );
     assert_eq!(sample(&text, "hsmgate_engine_state{state=\"active\"}"), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            "hsmgate_rate_limited_total{class=\"login\",scope=\"login_user\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "hsmgate_rate_limited_total{class=\"transit\",scope=\"source\"}"
+        ),
+        0.0
+    );
     assert_eq!(
         sample(&text, "hsmgate_keys{key_type=\"aes256-gcm96\"}"),
         1.0

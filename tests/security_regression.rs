@@ -660,3 +660,122 @@ async fn a_broken_policy_file_cannot_open_the_fence() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 501);
 }
+
+/// Path variants outside `api::openapi::ROUTES` (extra segments, trailing
+/// slashes, other methods) are refused before any handler runs, even with
+/// the officer's token, so no handler arm can serve an undocumented route;
+/// the listed routes beside them still work.
+#[tokio::test]
+async fn routes_outside_the_route_table_are_never_dispatched() {
+    let s = TestServer::start(Opts::default());
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    for (method, path, token, expected) in [
+        ("POST", "/v1/hsm/zeroize/", &co, 404),
+        ("POST", "/v1/hsm/zeroize/now", &co, 404),
+        ("GET", "/v1/hsm/zeroize", &co, 405),
+        ("POST", "/v1/hsm/users/app/password/x", &co, 404),
+        ("POST", "/v1/transit/encrypt/k/extra", &app, 404),
+        ("POST", "/v1/transit/keys/k/rotate/now", &app, 404),
+        ("PATCH", "/v1/transit/keys/k", &app, 405),
+    ] {
+        let resp = c
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                s.url(path),
+            )
+            .header("X-Vault-Token", token.as_str())
+            .json(&json!({"plaintext": b64(b"x")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), expected, "{method} {path}");
+    }
+    // The engine is untouched and the listed routes work.
+    assert_eq!(s.status().await["state"], "active");
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k/rotate", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+}
+
+/// A client that hangs up while its admin request runs cannot separate the
+/// action from its audit record: requests run to their end detached from
+/// the connection, so every user that exists afterwards has its `hsm.users`
+/// success record naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_up_mid_request_cannot_skip_the_audit_record() {
+    let mut s = TestServer::start(Opts::default());
+    let (co, _app) = s.init_with_app_user().await;
+    let pem = std::fs::read(s.path("tls/cert.pem")).unwrap();
+    // Twenty user creations at once: two hash while the rest queue for a
+    // password-hashing slot; every client gives up long before that queue
+    // drains, mid-hash or mid-wait.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let impatient = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let (url, co) = (s.url("/v1/hsm/users"), co.clone());
+        set.spawn(async move {
+            impatient
+                .post(url)
+                .header("X-Vault-Token", co)
+                .json(&json!({"username": format!("hangup-{i}"), "password": "hangup-password-1"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    let answered = set.join_all().await;
+    let hung_up = answered.iter().filter(|r| r.is_err()).count();
+    assert!(hung_up > 0, "every request finished in time: {answered:?}");
+    // Shutdown waits for the detached requests; then read what happened.
+    assert!(s.terminate().success());
+    s.start_again();
+    let created: Vec<String> = s.status().await["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["username"].as_str())
+        .filter(|u| u.starts_with("hangup-"))
+        .map(str::to_string)
+        .collect();
+    let records = s.all_audit_records();
+    for user in &created {
+        assert!(
+            records.iter().any(|r| r["action"] == "hsm.users"
+                && r["outcome"] == "success"
+                && r["detail"]["user"] == user.as_str()),
+            "user {user} exists without its audit record"
+        );
+    }
+    // Allow: the records are there because the users are (not the reverse).
+    for r in records
+        .iter()
+        .filter(|r| r["action"] == "hsm.users" && r["outcome"] == "success")
+    {
+        let user = r["detail"]["user"].as_str().unwrap();
+        assert!(user == "app" || created.iter().any(|c| c == user), "{r}");
+    }
+    eprintln!(
+        "{} of 20 clients hung up; {} users created",
+        hung_up,
+        created.len()
+    );
+}

@@ -27,7 +27,7 @@ use crate::engine::Channel;
 use crate::netfilter;
 
 /// How long in-flight requests get after a shutdown signal.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What a request knows about the connection it came on.
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +133,7 @@ pub async fn serve(
             Ok(slot) => slot,
             Err(cap) => {
                 drop(stream);
+                counters.capped.inc();
                 tracing::debug!(%peer, listener = index, cap, "connection refused: connection cap");
                 continue;
             }

@@ -72,6 +72,60 @@ pub struct AppState {
     /// The hash-chained audit log (phase 10).
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
+    /// Requests being handled (detached from their connections): shutdown
+    /// waits for them before the last audit records.
+    pub in_flight: InFlight,
+}
+
+/// Counts requests in flight; [`InFlight::idle`] waits until none is.
+#[derive(Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in flight, until dropped.
+pub struct InFlightGuard(Arc<AppState>);
+
+impl InFlight {
+    pub fn enter(state: &Arc<AppState>) -> InFlightGuard {
+        state
+            .in_flight
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlightGuard(state.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once no request is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a decrement in between wakes us.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let left = self
+            .0
+            .in_flight
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if left == 1 {
+            self.0.in_flight.idle.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +204,7 @@ impl Server {
                 engine: Arc::new(engine),
                 audit: Arc::new(audit),
                 metrics: Arc::new(metrics),
+                in_flight: InFlight::default(),
             }),
             cert,
             reloader,
@@ -238,7 +293,12 @@ impl Server {
                         _ = tick.tick() => {}
                     }
                     let audit = audit.clone();
-                    let flushed = tokio::task::spawn_blocking(move || audit.flush()).await;
+                    let flushed = tokio::task::spawn_blocking(move || {
+                        // Minutes of per-minute key use that have ended.
+                        audit.roll_key_use(false)?;
+                        audit.flush()
+                    })
+                    .await;
                     if !matches!(flushed, Ok(Ok(()))) {
                         metrics.audit_write_failures.inc();
                         tracing::error!("audit log: timed flush (sync and head checkpoint) failed");
@@ -247,6 +307,21 @@ impl Server {
             });
         }
         tasks.spawn(self.reloader.run(self.state.clone(), stop_rx.clone()));
+        {
+            let state = self.state.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(crate::netfilter::DENY_SUMMARY_INTERVAL);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {}
+                    }
+                    audit_deny_summaries(&state).await;
+                }
+            });
+        }
         for (index, socket) in self.listeners {
             let state = self.state.clone();
             let stop = stop_rx.clone();
@@ -257,13 +332,86 @@ impl Server {
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         sweeper.abort();
-        // After the drain: every request's record is written; sync them all.
+        // Requests run detached from their connections (a client that hangs
+        // up cannot cut a request between its action and its audit record):
+        // wait for the last of them, past the connections' drain.
+        if tokio::time::timeout(listener::DRAIN_DEADLINE, self.state.in_flight.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.state.in_flight.count(),
+                "requests still running after the drain; stopping without them"
+            );
+        }
+        // After the drain: every request's record is written. The last
+        // denial summaries and key-use counts, then stop, then sync them all.
         let state = self.state.clone();
+        audit_deny_summaries(&state).await;
+        let audit = state.audit.clone();
+        if !matches!(
+            tokio::task::spawn_blocking(move || audit.roll_key_use(true)).await,
+            Ok(Ok(_))
+        ) {
+            state.metrics.audit_write_failures.inc();
+            tracing::error!("audit log: could not write the last key-use counts");
+        }
         audit_local(&state, Event::new("server.stop", Outcome::Success)).await;
         let flushed = tokio::task::spawn_blocking(move || state.audit.flush()).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::error!("audit log: final sync failed");
         }
+    }
+}
+
+/// Logs the denial summaries that ended and writes their audit records: one
+/// `connection.denied.summary` per source named (at most
+/// `netfilter::DENY_SUMMARY_TOP` per interval) and one with the interval's
+/// totals (source `local`), so a flood of denials is a bounded number of
+/// records, never one per connection.
+async fn audit_deny_summaries(state: &AppState) {
+    use crate::netfilter::{log_summary, take_deny_summaries, DENY_SUMMARY_INTERVAL};
+    let summaries = take_deny_summaries();
+    if summaries.is_empty() {
+        return;
+    }
+    let interval = DENY_SUMMARY_INTERVAL.as_secs();
+    let mut events = Vec::new();
+    for summary in &summaries {
+        log_summary(summary);
+        for s in &summary.top {
+            let mut e = Event::new("connection.denied.summary", Outcome::Denied)
+                .detail("listener", s.listener.clone())
+                .detail("reason", s.reason.to_string())
+                .detail("count", s.count)
+                .detail("interval_secs", interval);
+            e.source = Some(s.source);
+            events.push(e);
+        }
+        let named: u64 = summary.top.iter().map(|s| s.count).sum();
+        events.push(
+            Event::new("connection.denied.summary", Outcome::Denied)
+                .detail("total", summary.total)
+                .detail("sources_named", summary.top.len() as u64)
+                .detail(
+                    "sources_other",
+                    summary.tracked.saturating_sub(summary.top.len()) as u64,
+                )
+                .detail("denials_other", summary.total.saturating_sub(named))
+                .detail("denials_untracked", summary.untracked)
+                .detail("interval_secs", interval),
+        );
+    }
+    let audit = state.audit.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        events
+            .into_iter()
+            .try_for_each(|e| audit.append(e).map(|_| ()))
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        state.metrics.audit_write_failures.inc();
+        tracing::error!("audit log: could not record a denial summary");
     }
 }
 

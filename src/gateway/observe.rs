@@ -4,13 +4,16 @@
 //! What is recorded: every HSM API call (login and admin classes), every
 //! policy denial (403) on the Transit and metrics routes, and, when
 //! `audit.key_use = "all"`, every Transit operation with its principal and
-//! key. A zeroization caused by the request gets a record of its own. The
+//! key (`"per_minute"`: counted here, one record per principal, key and
+//! operation per minute). A zeroization caused by the request gets a record of its own. The
 //! password of a login never reaches this module: only the user name is
 //! read from the body.
 //!
 //! An audit write failure fails admin-class requests (the caller sees a
-//! 500; the action may have happened, the record says what was attempted
-//! up to the failure) and raises `hsmgate_audit_write_failures_total`.
+//! 500 saying the record could not be written; the action may have
+//! happened) and raises `hsmgate_audit_write_failures_total`. Transit
+//! requests go on: their records are lost (counted by the metric, and by
+//! the `audit.resumed` record written when the log recovers).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +42,8 @@ pub struct Facts {
     /// Transit: the operation (a closed set) and the key named in the path.
     op: Option<&'static str>,
     key: Option<String>,
+    /// The user an admin request creates (`POST /v1/hsm/users`).
+    target_user: Option<String>,
 }
 
 fn clip(s: &str) -> String {
@@ -119,6 +124,16 @@ impl Facts {
                 }
             }
             RouteClass::Admin | RouteClass::Transit | RouteClass::Metrics => {
+                if class == RouteClass::Admin && parts.uri.path() == "/v1/hsm/users" {
+                    #[derive(serde::Deserialize)]
+                    struct Name {
+                        username: Option<String>,
+                    }
+                    // Only the name: the new user's password stays in the body.
+                    if let Ok(Name { username: Some(u) }) = serde_json::from_slice::<Name>(body) {
+                        self.target_user = Some(clip(&u));
+                    }
+                }
                 if let Some(p) = token(parts).and_then(|t| state.engine.authenticate(t).ok()) {
                     self.role = Some(p.role);
                     self.actor = Some(p.username);
@@ -186,6 +201,7 @@ pub async fn record(
     match class {
         RouteClass::Login | RouteClass::Admin => {
             let (action, user) = hsm_action(path);
+            let user = user.or_else(|| facts.target_user.clone());
             let mut e = base(action, outcome);
             if let Some(u) = user {
                 e = e.detail("user", u);
@@ -200,8 +216,20 @@ pub async fn record(
             events.push(e);
         }
         RouteClass::Transit => {
-            let key_use = state.audit.key_use() == KeyUseLevel::All && facts.op.is_some();
-            if key_use || outcome == Outcome::Denied {
+            let level = state.audit.key_use();
+            let key_use = level == KeyUseLevel::All && facts.op.is_some();
+            if let (KeyUseLevel::PerMinute, Some(op), false) =
+                (level, facts.op, outcome == Outcome::Denied)
+            {
+                // Counted now, written as one record per minute
+                // (`AuditLog::roll_key_use` on the flush timer).
+                state.audit.count_key_use(
+                    facts.actor.as_deref(),
+                    facts.key.as_deref(),
+                    op,
+                    outcome == Outcome::Success,
+                );
+            } else if key_use || outcome == Outcome::Denied {
                 let action = format!("transit.{}", facts.op.unwrap_or("request"));
                 let mut e = base(action, outcome);
                 if let Some(k) = &facts.key {
@@ -250,7 +278,7 @@ pub async fn record(
     state.metrics.audit_write_failures.inc();
     tracing::error!(request_id, error = %failure, "audit write failed");
     if admin_class {
-        Err(ApiError::Internal(format!("audit write failed: {failure}")))
+        Err(ApiError::AuditFailed)
     } else {
         Ok(())
     }

@@ -40,6 +40,16 @@ pub enum ApiError {
     Unavailable(EngineState),
     #[error("internal error")]
     Internal(String),
+    /// The audit log cannot be written: admin requests and logins are
+    /// refused before they act (503), so none goes unaudited.
+    #[error("the audit log cannot be written; admin requests are refused until it recovers")]
+    AuditUnavailable,
+    /// The request ran but its audit record could not be written (500).
+    #[error(
+        "the audit record of this request could not be written; the action may have taken \
+         effect — check the server log before retrying"
+    )]
+    AuditFailed,
 }
 
 impl From<EngineError> for ApiError {
@@ -78,7 +88,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::AuditFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -63,7 +63,33 @@ pub fn classify(path: &str) -> RouteClass {
     }
 }
 
+/// Handles one request on a task of its own: if the client hangs up (hyper
+/// then drops this future), the request still runs to its end — the engine
+/// call *and* its audit record — so no action can be cut off from its
+/// record by a disconnect. Shutdown waits for these tasks
+/// ([`super::InFlight`]).
 pub async fn handle(
+    state: Arc<AppState>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let guard = super::InFlight::enter(&state);
+    let task = tokio::spawn(async move {
+        let response = handle_detached(state, conn, req).await;
+        drop(guard);
+        response
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            // A panic in a handler: the caller gets a plain 500.
+            tracing::error!(error = %e, "request task failed");
+            rescue::respond(&ApiError::Internal(e.to_string()), "")
+        }
+    }
+}
+
+async fn handle_detached(
     state: Arc<AppState>,
     conn: ConnInfo,
     req: Request<Incoming>,
@@ -77,6 +103,10 @@ pub async fn handle(
     let mut facts = observe::Facts::new(state.engine.state());
     let outcome = phases(&state, &snapshot, conn, class, &request_id, req, &mut facts).await;
     let guard_refused = matches!(outcome, Err(ApiError::GuardRefused(_)));
+    let audit_refused = matches!(outcome, Err(ApiError::AuditUnavailable));
+    if let Err(ApiError::RateLimited(limited)) = &outcome {
+        state.metrics.rate_limited(class, limited.scope);
+    }
     let mut response = match outcome {
         Ok(r) => r,
         Err(e) => {
@@ -111,7 +141,10 @@ pub async fn handle(
     )
     .await
     {
-        response = rescue::respond(&e, &request_id);
+        // A request refused because the log is failing keeps its 503.
+        if !audit_refused {
+            response = rescue::respond(&e, &request_id);
+        }
     }
     let elapsed = started.elapsed();
     state
@@ -189,15 +222,29 @@ async fn phases(
     limiters
         .check_source(conn.peer, limit_class)
         .map_err(ApiError::RateLimited)?;
+    // Only what `api::openapi::ROUTES` lists is dispatched: a handler arm
+    // the table (and so the OpenAPI document) lacks is unreachable.
+    match api::openapi::lookup(req.method().as_str(), req.uri().path()) {
+        api::openapi::Lookup::Route(_) => {}
+        api::openapi::Lookup::WrongMethod => return Err(ApiError::MethodNotAllowed),
+        api::openapi::Lookup::Missing => return Err(ApiError::NotFound),
+    }
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, snapshot.config.limits.max_body_bytes).await?;
     facts.learn(state, class, &parts, &body);
     // No unaudited admin action: while the audit log cannot be written,
     // admin requests and logins are refused before they act.
     if matches!(class, RouteClass::Login | RouteClass::Admin) && !state.audit.healthy() {
-        return Err(ApiError::Internal(
-            "the audit log is failing; refusing admin requests until it recovers".into(),
-        ));
+        // Try once to write the `audit.resumed` record: if the fault has
+        // cleared, this request goes on and the gap is in the chain.
+        let audit = state.audit.clone();
+        let recovered = tokio::task::spawn_blocking(move || audit.recover())
+            .await
+            .unwrap_or(false);
+        if !recovered {
+            state.metrics.audit_write_failures.inc();
+            return Err(ApiError::AuditUnavailable);
+        }
     }
     let call = Call {
         state,

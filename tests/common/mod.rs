@@ -468,3 +468,28 @@ pub fn b64(data: &[u8]) -> String {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Lifecycle helpers (tests/lifecycle.rs, tests/audit.rs).
+impl TestServer {
+    /// The server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM and wait for the exit: the graceful shutdown path.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        child.wait().expect("wait for the server")
+    }
+
+    /// The audit records written so far, parsed (every line must be JSON).
+    pub fn all_audit_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.data_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect()
+    }
+}
