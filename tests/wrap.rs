@@ -691,3 +691,54 @@ async fn wrap_and_unwrap_denials() {
         .await;
     assert_eq!(st, 403);
 }
+
+/// Key material moving in or out is audited even with `key_use = "off"`,
+/// which drops ordinary key use (the twin: encrypt is not recorded).
+#[tokio::test]
+async fn wrap_unwrap_and_import_are_always_audited() {
+    let s = TestServer::start(Opts {
+        extra_config: "[audit]\nkey_use = \"off\"\n".into(),
+        ..Opts::default()
+    });
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    for (path, body) in [
+        (
+            "/v1/transit/keys/kek",
+            json!({"allow_wrap": true, "allow_unwrap": true}),
+        ),
+        ("/v1/transit/keys/out", json!({"exportable": true})),
+        ("/v1/transit/encrypt/out", json!({"plaintext": b64(b"x")})),
+    ] {
+        assert_eq!(s.post(&c, path, Some(&app), body).await.0, 200, "{path}");
+    }
+    let (st, w) = s
+        .post(
+            &c,
+            "/v1/transit/keys/out/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/in/unwrap",
+            Some(&app),
+            json!({"wrapping_key": "kek", "wrapped_key": w["data"]["wrapped_key"]}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let log = std::fs::read_to_string(s.data_dir.join("audit.log")).unwrap();
+    assert!(log.contains("\"transit.wrap\""), "{log}");
+    assert!(log.contains("\"transit.unwrap\""), "{log}");
+    assert!(
+        !log.contains("\"transit.encrypt\""),
+        "key_use = off drops key use"
+    );
+    assert!(
+        !log.contains(w["data"]["wrapped_key"].as_str().unwrap()),
+        "no key bytes"
+    );
+}

@@ -148,12 +148,16 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
     let rest = path.trim_start_matches("/v1/hsm/");
     let seg: Vec<&str> = rest.split('/').collect();
     let known = |s: &str| {
-        matches!(s, "init" | "login" | "status" | "users" | "zeroize")
-            .then(|| s.to_string())
-            .unwrap_or_else(|| "other".into())
+        matches!(
+            s,
+            "init" | "login" | "status" | "users" | "zeroize" | "password"
+        )
+        .then(|| s.to_string())
+        .unwrap_or_else(|| "other".into())
     };
     match seg.as_slice() {
         ["users", name, "password"] => ("hsm.users.password".into(), Some(clip(name))),
+        ["users", name] if !name.is_empty() => ("hsm.users.delete".into(), Some(clip(name))),
         [first, ..] => (format!("hsm.{}", known(first)), None),
         [] => ("hsm.other".into(), None),
     }
@@ -201,7 +205,13 @@ pub async fn record(
         }
         RouteClass::Transit => {
             let key_use = state.audit.key_use() == KeyUseLevel::All && facts.op.is_some();
-            if key_use || outcome == Outcome::Denied {
+            // Key material moving in or out (wrapped) is a key lifecycle
+            // event: recorded whatever `key_use` says.
+            let lifecycle = matches!(
+                facts.op,
+                Some("wrap" | "unwrap" | "import" | "import_version")
+            );
+            if key_use || lifecycle || outcome == Outcome::Denied {
                 let action = format!("transit.{}", facts.op.unwrap_or("request"));
                 let mut e = base(action, outcome);
                 if let Some(k) = &facts.key {
@@ -209,7 +219,7 @@ pub async fn record(
                 }
                 // Key use is the bulk of the log: synced by the policy's
                 // timer when batched; denials are synced at once.
-                e.urgent = outcome == Outcome::Denied;
+                e.urgent = outcome == Outcome::Denied || lifecycle;
                 events.push(e);
             }
         }
@@ -339,6 +349,11 @@ mod tests {
             ("hsm.users.password".into(), Some("bob".into()))
         );
         assert_eq!(hsm_action("/v1/hsm/<script>").0, "hsm.other");
+        assert_eq!(
+            hsm_action("/v1/hsm/users/bob"),
+            ("hsm.users.delete".into(), Some("bob".into()))
+        );
+        assert_eq!(hsm_action("/v1/hsm/password").0, "hsm.password");
     }
 
     #[test]
