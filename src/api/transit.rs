@@ -294,7 +294,14 @@ async fn import_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>
             "import cannot be used on keys with convergent encryption enabled".into(),
         ));
     }
-    if body.u32("auto_rotate_period").map_err(bad)?.unwrap_or(0) != 0 {
+    // Vault's duration: only "off" (0, "0", "0s") is supported here.
+    let rotate_off = match body.get("auto_rotate_period") {
+        None => true,
+        Some(Value::Number(n)) => n.as_u64() == Some(0),
+        Some(Value::String(v)) => matches!(v.as_str(), "" | "0" | "0s"),
+        Some(_) => false,
+    };
+    if !rotate_off {
         return Err(bad("auto_rotate_period is not supported".into()));
     }
     let opts = key_options(&body)?;
