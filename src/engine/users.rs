@@ -8,7 +8,6 @@ use argon2::Argon2;
 
 use super::crypto;
 use super::secret::SecretString;
-use super::store::UserRecord;
 use super::{lock, read, Engine, EngineError, LoginRequest, LoginSuccess, Principal, Role};
 use super::{Channel, UserStatus};
 
@@ -226,11 +225,7 @@ impl Engine {
         };
         self.revoke_user_sessions(&record.username);
         tracing::info!(user = %record.username, "password changed by its user");
-        self.issue_user_session(&record)
-    }
-
-    fn issue_user_session(&self, record: &UserRecord) -> Result<LoginSuccess, EngineError> {
-        self.new_session(record)
+        self.new_session(&record)
     }
 }
 
