@@ -87,6 +87,10 @@ pub struct EngineConfig {
     pub login_guard_reserve: u32,
     /// How long an HSM session token stays valid.
     pub session_ttl: Duration,
+    /// The password policy's minimum length (characters). Never below
+    /// [`crate::engine::users::MIN_PASSWORD_LEN`]: below that an offline
+    /// guess of a stolen hash is cheap even with argon2id.
+    pub min_password_length: usize,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +100,7 @@ impl Default for EngineConfig {
             lock_user_after_failures: 5,
             login_guard_reserve: 1,
             session_ttl: Duration::from_secs(3600),
+            min_password_length: crate::engine::users::MIN_PASSWORD_LEN,
         }
     }
 }
@@ -413,6 +418,7 @@ struct RawEngine {
     lock_user_after_failures: Option<Spanned<i64>>,
     login_guard_reserve: Option<Spanned<i64>>,
     session_ttl_seconds: Option<Spanned<i64>>,
+    min_password_length: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -657,6 +663,7 @@ const ZEROIZE_AFTER_FAILURES: RangeInclusive<i64> = 1..=10;
 const LOGIN_GUARD_RESERVE: RangeInclusive<i64> = 0..=9;
 const LOCK_USER_AFTER_FAILURES: RangeInclusive<i64> = 1..=100;
 const SESSION_TTL_SECONDS: RangeInclusive<i64> = 60..=86_400;
+const MIN_PASSWORD_LENGTH: RangeInclusive<i64> = 8..=128;
 const MAX_BODY_BYTES: RangeInclusive<i64> = 1..=67_108_864;
 const MAX_HEADER_BYTES: RangeInclusive<i64> = 1024..=1_048_576;
 const TIMEOUT_MS: RangeInclusive<i64> = 100..=600_000;
@@ -716,6 +723,14 @@ fn assemble(
             )
             .map(Duration::from_secs)
             .unwrap_or(engine_defaults.session_ttl),
+            min_password_length: bounded(
+                main,
+                &mut errors,
+                "engine.min_password_length",
+                &e.min_password_length,
+                MIN_PASSWORD_LENGTH,
+            )
+            .unwrap_or(engine_defaults.min_password_length),
         };
         if engine.login_guard_reserve >= engine.zeroize_after_failures {
             let span = e
@@ -1850,6 +1865,7 @@ admin_groups = ["admins"]
                 lock_user_after_failures: 1,
                 login_guard_reserve: 1,
                 session_ttl: Duration::from_secs(60),
+                min_password_length: 8,
             }
         );
         assert_eq!(

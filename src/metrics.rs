@@ -104,10 +104,31 @@ const STATUSES: [u16; 15] = [
 ];
 
 /// Transit operations that may appear as the `op` label.
-const OPS: [&str; 20] = [
-    "encrypt", "decrypt", "rewrap", "datakey", "random", "hash", "hmac", "sign", "verify",
-    "export", "backup", "restore", "create", "read", "delete", "list", "rotate", "config", "trim",
+const OPS: [&str; 24] = [
+    "encrypt",
+    "decrypt",
+    "rewrap",
+    "datakey",
+    "random",
+    "hash",
+    "hmac",
+    "sign",
+    "verify",
+    "export",
+    "backup",
+    "restore",
+    "create",
+    "read",
+    "delete",
+    "list",
+    "rotate",
+    "config",
+    "trim",
     "import",
+    "import_version",
+    "wrap",
+    "unwrap",
+    "wrapping_key",
 ];
 
 /// `hsmgate_rate_limited_total`'s `scope` label, from the limit that

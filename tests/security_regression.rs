@@ -779,3 +779,210 @@ async fn hanging_up_mid_request_cannot_skip_the_audit_record() {
         created.len()
     );
 }
+
+/// Guards against key exfiltration through key wrap: a key created without
+/// `exportable` is refused by `keys/:name/wrap` under every mechanism and
+/// version, even under a proper wrapping key; an exportable key (the twin)
+/// wraps.
+#[tokio::test]
+async fn a_non_exportable_key_cannot_be_extracted_via_wrap() {
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let create = |name: &'static str, body: serde_json::Value| {
+        let (s, c, app) = (&s, c.clone(), app.clone());
+        async move {
+            let (st, b) = s
+                .post(&c, &format!("/v1/transit/keys/{name}"), Some(&app), body)
+                .await;
+            assert_eq!(st, 200, "{b}");
+        }
+    };
+    create("kek", json!({"allow_wrap": true})).await;
+    create("secret", json!({"type": "ed25519"})).await;
+    create("shared", json!({"type": "ed25519", "exportable": true})).await;
+    for mechanism in ["aes-kw", "aes-kwp"] {
+        for version in [json!(null), json!(1), json!(0)] {
+            let (st, body) = s
+                .post(
+                    &c,
+                    "/v1/transit/keys/secret/wrap",
+                    Some(&app),
+                    json!({"wrapping_key": "kek", "mechanism": mechanism, "version": version}),
+                )
+                .await;
+            assert_eq!(st, 400, "{mechanism} {version}: {body}");
+            assert!(body.get("data").is_none(), "{body}");
+        }
+    }
+    // Wrapping a non-exportable key under itself or with itself as the KEK
+    // changes nothing either.
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/kek/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 400);
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/keys/shared/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body["data"]["wrapped_key"].is_string());
+}
+
+/// Guards against the PKCS#11 wrap-then-decrypt attack: a key-encryption key
+/// never works as a data key, so what it wraps cannot be decrypted (or
+/// forged by encrypting) through Transit's data routes.
+#[tokio::test]
+async fn a_key_encryption_key_never_decrypts_or_encrypts_data() {
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    for (name, body) in [
+        ("kek", json!({"allow_wrap": true, "allow_unwrap": true})),
+        ("data", json!({})),
+        ("shared", json!({"exportable": true})),
+    ] {
+        let (st, b) = s
+            .post(&c, &format!("/v1/transit/keys/{name}"), Some(&app), body)
+            .await;
+        assert_eq!(st, 200, "{b}");
+    }
+    let (st, w) = s
+        .post(
+            &c,
+            "/v1/transit/keys/shared/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    let wrapped = w["data"]["wrapped_key"].as_str().unwrap();
+    for (path, body) in [
+        (
+            "/v1/transit/decrypt/kek",
+            json!({"ciphertext": format!("vault:v1:{wrapped}")}),
+        ),
+        (
+            "/v1/transit/encrypt/kek",
+            json!({"plaintext": b64(b"forged")}),
+        ),
+        (
+            "/v1/transit/rewrap/kek",
+            json!({"ciphertext": format!("vault:v1:{wrapped}")}),
+        ),
+        ("/v1/transit/datakey/plaintext/kek", json!({})),
+    ] {
+        let (st, resp) = s.post(&c, path, Some(&app), body).await;
+        assert_eq!(st, 400, "{path}: {resp}");
+        assert!(resp.get("data").is_none(), "{path}: {resp}");
+    }
+    // The twin: a data key does its job.
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/encrypt/data",
+            Some(&app),
+            json!({"plaintext": b64(b"ok")}),
+        )
+        .await;
+    assert_eq!(st, 200);
+}
+
+/// Guards against a deleted user's token outliving the user: every session
+/// of a crypto user the officer deletes is dead at once, while the officer's
+/// and other users' sessions live on.
+#[tokio::test]
+async fn a_deleted_users_token_is_dead() {
+    let s = TestServer::start(Opts::default());
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/users",
+            Some(&co),
+            json!({"username": "leaver", "password": "leaver-password-1"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let leaver = s.token("leaver", "leaver-password-1").await;
+    let use_key = |token: String| {
+        let (s, c) = (&s, c.clone());
+        async move {
+            s.post(&c, "/v1/transit/keys/k", Some(&token), json!({}))
+                .await
+                .0
+        }
+    };
+    assert_eq!(use_key(leaver.clone()).await, 200, "the token worked");
+    let resp = c
+        .delete(s.url("/v1/hsm/users/leaver"))
+        .header("X-Vault-Token", &co)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    assert_eq!(use_key(leaver.clone()).await, 403, "dead after deletion");
+    let (st, _) = s.get(&c, "/v1/auth/token/lookup-self", Some(&leaver)).await;
+    assert_eq!(st, 403);
+    assert_eq!(use_key(app).await, 200, "another user's token lives");
+    assert_eq!(s.get(&c, "/v1/hsm/users", Some(&co)).await.0, 200);
+}
+
+/// Guards against change-password as a password-guessing oracle: a wrong
+/// old password for the crypto officer moves the same durable counter a
+/// failed login does, and the login guard stops the front door before the
+/// zeroizing attempt, exactly as on /v1/hsm/login. The right password (the
+/// twin) changes it.
+#[tokio::test]
+async fn change_password_cannot_guess_the_officer_password_without_moving_the_counter() {
+    let s = TestServer::start(Opts::default()); // zeroize at 3, guard reserve 1
+    s.init().await;
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let c = s.client();
+    let guess = |old: &'static str| {
+        let (s, c, co) = (&s, c.clone(), co.clone());
+        async move {
+            s.post(
+                &c,
+                "/v1/hsm/password",
+                Some(&co),
+                json!({"old_password": old, "new_password": "a-new-officer-password"}),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(guess("guess-number-one").await, 401);
+    assert_eq!(s.failures("admin").await, 1);
+    assert_eq!(guess("guess-number-two").await, 401);
+    assert_eq!(s.failures("admin").await, 2);
+    // One attempt left: the guard refuses unchecked, nothing counts, no zeroize.
+    assert_eq!(guess("guess-number-three").await, 423);
+    assert_eq!(guess(ADMIN_PASSWORD).await, 423, "not even the right one");
+    assert_eq!(s.failures("admin").await, 2);
+    assert_eq!(s.status().await["state"], "active");
+    // Break-glass resets the count; then the right old password works.
+    let (st, _) = s.login_break_glass("admin", ADMIN_PASSWORD).await;
+    assert_eq!(st, 200);
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/password",
+            Some(&co),
+            json!({"old_password": ADMIN_PASSWORD, "new_password": "a-new-officer-password"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(s.login("admin", "a-new-officer-password").await.0, 200);
+}

@@ -1,5 +1,6 @@
-//! The HSM administration API under `/v1/hsm/`: init, login, status, users,
-//! zeroize. Every route but login is admin-class (the router has already
+//! The HSM administration API under `/v1/hsm/`: init, login, status, users
+//! (create, list, delete, reset a password; every user's own password
+//! change), zeroize. Every route but login is admin-class (the router has already
 //! checked the admin networks); login tells the engine whether the peer is
 //! on one, so an officer login from an app network counts nothing.
 use bytes::Bytes;
@@ -10,7 +11,8 @@ use serde_json::json;
 
 use super::{blocking, Call};
 use crate::engine::secret::SecretString;
-use crate::engine::{LoginRequest, Role};
+use crate::engine::users::PasswordChange;
+use crate::engine::{LoginRequest, LoginSuccess, Role};
 use crate::gateway::rescue::{self, ApiError};
 
 #[derive(Deserialize)]
@@ -46,6 +48,13 @@ struct PasswordBody {
     password: SecretString,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangePasswordBody {
+    old_password: SecretString,
+    new_password: SecretString,
+}
+
 pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = call.path.trim_start_matches("/v1/hsm/");
     let segments: Vec<&str> = route.split('/').collect();
@@ -54,9 +63,14 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["login"]) => login(call).await,
         (Method::GET, ["status"]) => status(call),
         (Method::POST, ["users"]) => create_user(call).await,
+        (Method::GET, ["users"]) => list_users(call),
+        (m, ["users"]) if m.as_str() == "LIST" => list_users(call),
+        (Method::DELETE, ["users", name]) if !name.is_empty() => delete_user(call, name).await,
         (Method::POST, ["users", name, "password"]) => reset_password(call, name).await,
+        (Method::POST, ["password"]) => change_password(call).await,
         (Method::POST, ["zeroize"]) => zeroize(call).await,
-        (_, ["init" | "login" | "status" | "users" | "zeroize"])
+        (_, ["init" | "login" | "status" | "users" | "zeroize" | "password"])
+        | (_, ["users", _])
         | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
@@ -91,6 +105,11 @@ async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         })
     })
     .await?;
+    Ok(session_response(call, &success))
+}
+
+/// Vault's login shape: the token in `auth.client_token`.
+fn session_response(call: &Call<'_>, success: &LoginSuccess) -> Response<Full<Bytes>> {
     let ttl = call.engine().session_ttl().as_secs();
     let mut envelope = call.envelope(serde_json::Value::Null);
     envelope["auth"] = json!({
@@ -104,7 +123,7 @@ async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         "token_type": "service",
         "orphan": true,
     });
-    Ok(rescue::json_response(StatusCode::OK, &envelope))
+    rescue::json_response(StatusCode::OK, &envelope)
 }
 
 fn status(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -123,6 +142,51 @@ async fn create_user(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError>
     })
     .await?;
     call.ok(json!({ "username": username, "role": role.as_str() }))
+}
+
+/// The crypto officer's user list: names, roles, failure counts, locks.
+fn list_users(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let users = call.engine().list_users(&by)?;
+    let keys: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+    let info = serde_json::to_value(&users).map_err(|e| ApiError::Internal(e.to_string()))?;
+    call.ok(json!({ "keys": keys, "users": info }))
+}
+
+/// The crypto officer deletes a crypto user (204); its tokens die with it.
+async fn delete_user(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let username = name.to_string();
+    blocking(call.engine(), move |e| e.delete_user(&by, &username)).await?;
+    Ok(rescue::empty_response(StatusCode::NO_CONTENT))
+}
+
+/// Any HSM user changes its own password with the old one. The old
+/// password goes through the login path (same per-(source, user) limit,
+/// hashing slot, counter, guard); the answer carries a new session token,
+/// every older one of the user being revoked.
+async fn change_password(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body: ChangePasswordBody = call.json()?;
+    call.limiters
+        .check_login_user(call.conn.peer, &by.username)
+        .map_err(ApiError::RateLimited)?;
+    let _hashing = hashing_slot(call).await?;
+    let channel = call.conn.channel;
+    let officer_allowed = call.is_admin_network;
+    let success = blocking(call.engine(), move |e| {
+        e.change_password(
+            &by,
+            PasswordChange {
+                old_password: &body.old_password,
+                new_password: &body.new_password,
+                channel,
+                officer_allowed,
+            },
+        )
+    })
+    .await?;
+    Ok(session_response(call, &success))
 }
 
 async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {

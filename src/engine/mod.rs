@@ -15,6 +15,7 @@ pub mod keyring;
 pub mod secret;
 pub mod store;
 pub mod users;
+pub mod wrap;
 
 use std::collections::HashMap;
 use std::fs;
@@ -292,6 +293,11 @@ impl Engine {
             let store = Store::open(&engine.paths.store, master)?;
             let mut keys = HashMap::new();
             for (name, bytes) in store.keys()? {
+                // Reserved records (names no user key can take) are not key
+                // rings for Transit; their owners read them on demand.
+                if name.starts_with('.') {
+                    continue;
+                }
                 let ring = KeyRing::from_record(&name, &bytes)?;
                 keys.insert(name, Arc::new(ring));
             }
@@ -383,7 +389,11 @@ impl Engine {
         if !token_ok {
             return Err(EngineError::InvalidInitToken);
         }
-        users::validate_password(ADMIN_USERNAME, admin_password.expose_secret())?;
+        users::validate_password(
+            ADMIN_USERNAME,
+            admin_password.expose_secret(),
+            self.config.min_password_length,
+        )?;
         let hash = users::hash_password(admin_password.expose_secret())?;
         // Master key first: a crash before the store exists leaves a stray
         // key that the next start removes; a crash after the admin record is
@@ -689,7 +699,11 @@ impl Engine {
             ));
         }
         users::validate_username(username)?;
-        users::validate_password(username, password.expose_secret())?;
+        users::validate_password(
+            username,
+            password.expose_secret(),
+            self.config.min_password_length,
+        )?;
         let hash = users::hash_password(password.expose_secret())?;
         let inner = read(&self.inner);
         let active = inner
@@ -719,7 +733,11 @@ impl Engine {
         password: &SecretString,
     ) -> Result<(), EngineError> {
         Self::require(by, Role::CryptoOfficer)?;
-        users::validate_password(username, password.expose_secret())?;
+        users::validate_password(
+            username,
+            password.expose_secret(),
+            self.config.min_password_length,
+        )?;
         let hash = users::hash_password(password.expose_secret())?;
         let user_lock = self.user_lock(username);
         let _serial = lock(&user_lock);
@@ -736,6 +754,10 @@ impl Engine {
             return Err(EngineError::InvalidRequest(
                 "only crypto users' passwords can be reset this way".into(),
             ));
+        }
+        // The policy refuses the previous password (an argon2 check).
+        if users::verify_password(password.expose_secret(), &record.password_hash) {
+            return Err(users::same_password());
         }
         record.password_hash = hash;
         record.consecutive_failures = 0;
@@ -1118,6 +1140,7 @@ fn encrypt_with(
     version: Option<u32>,
 ) -> Result<(String, u32), EngineError> {
     ring.ensure(ring.key_type.supports_encryption(), "encryption")?;
+    ring.refuse_key_encryption_key()?;
     let (v, kv) = ring.encryption_version(version)?;
     let material = ring.material(kv, context)?;
     let blob = if ring.convergent_encryption {
@@ -1135,6 +1158,7 @@ fn decrypt_with(
     context: Option<&[u8]>,
 ) -> Result<Zeroizing<Vec<u8>>, EngineError> {
     ring.ensure(ring.key_type.supports_encryption(), "decryption")?;
+    ring.refuse_key_encryption_key()?;
     let (v, blob) = keyring::parse_vault(ciphertext, "ciphertext")?;
     let kv = ring.decryption_version(v)?;
     Ok(ring.material(kv, context)?.decrypt(&blob, aad)?)

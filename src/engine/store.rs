@@ -350,6 +350,16 @@ impl Store {
         self.delete(KEYS, name)
     }
 
+    /// One key record's opened plaintext (the engine's reserved records,
+    /// such as the transit wrapping key, are read this way on demand).
+    pub fn get_key(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get(KEYS, "keys", name)
+    }
+
+    pub fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+        self.delete(USERS, name)
+    }
+
     #[cfg(test)]
     fn raw_put(&self, table: TableDefinition<&str, &[u8]>, name: &str, bytes: &[u8]) {
         let txn = self.db.begin_write().unwrap();

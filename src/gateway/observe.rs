@@ -163,12 +163,16 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
     let rest = path.trim_start_matches("/v1/hsm/");
     let seg: Vec<&str> = rest.split('/').collect();
     let known = |s: &str| {
-        matches!(s, "init" | "login" | "status" | "users" | "zeroize")
-            .then(|| s.to_string())
-            .unwrap_or_else(|| "other".into())
+        matches!(
+            s,
+            "init" | "login" | "status" | "users" | "zeroize" | "password"
+        )
+        .then(|| s.to_string())
+        .unwrap_or_else(|| "other".into())
     };
     match seg.as_slice() {
         ["users", name, "password"] => ("hsm.users.password".into(), Some(clip(name))),
+        ["users", name] if !name.is_empty() => ("hsm.users.delete".into(), Some(clip(name))),
         [first, ..] => (format!("hsm.{}", known(first)), None),
         [] => ("hsm.other".into(), None),
     }
@@ -217,9 +221,15 @@ pub async fn record(
         }
         RouteClass::Transit => {
             let level = state.audit.key_use();
+            // Key material moving in or out (wrapped) is a key lifecycle
+            // event: recorded whatever `key_use` says.
+            let lifecycle = matches!(
+                facts.op,
+                Some("wrap" | "unwrap" | "import" | "import_version")
+            );
             let key_use = level == KeyUseLevel::All && facts.op.is_some();
-            if let (KeyUseLevel::PerMinute, Some(op), false) =
-                (level, facts.op, outcome == Outcome::Denied)
+            if let (KeyUseLevel::PerMinute, Some(op), false, false) =
+                (level, facts.op, outcome == Outcome::Denied, lifecycle)
             {
                 // Counted now, written as one record per minute
                 // (`AuditLog::roll_key_use` on the flush timer).
@@ -229,7 +239,7 @@ pub async fn record(
                     op,
                     outcome == Outcome::Success,
                 );
-            } else if key_use || outcome == Outcome::Denied {
+            } else if key_use || lifecycle || outcome == Outcome::Denied {
                 let action = format!("transit.{}", facts.op.unwrap_or("request"));
                 let mut e = base(action, outcome);
                 if let Some(k) = &facts.key {
@@ -237,7 +247,7 @@ pub async fn record(
                 }
                 // Key use is the bulk of the log: synced by the policy's
                 // timer when batched; denials are synced at once.
-                e.urgent = outcome == Outcome::Denied;
+                e.urgent = outcome == Outcome::Denied || lifecycle;
                 events.push(e);
             }
         }
@@ -367,6 +377,11 @@ mod tests {
             ("hsm.users.password".into(), Some("bob".into()))
         );
         assert_eq!(hsm_action("/v1/hsm/<script>").0, "hsm.other");
+        assert_eq!(
+            hsm_action("/v1/hsm/users/bob"),
+            ("hsm.users.delete".into(), Some("bob".into()))
+        );
+        assert_eq!(hsm_action("/v1/hsm/password").0, "hsm.password");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Opts {
     /// Extra files (path relative to the config dir, contents, mode) written
     /// before the server starts, e.g. TLS files `extra_config` points at.
     pub files: Vec<(String, String, u32)>,
+    /// Extra lines inside `[engine]` (e.g. `min_password_length = 16`).
+    pub engine_extra: String,
 }
 
 /// Limits no other test reaches; tests/ratelimit.rs sets its own.
@@ -57,6 +59,7 @@ impl Default for Opts {
             rate_limits: None,
             extra_config: String::new(),
             files: Vec::new(),
+            engine_extra: String::new(),
         }
     }
 }
@@ -122,6 +125,7 @@ zeroize_after_failures = {z}
 lock_user_after_failures = {l}
 login_guard_reserve = {g}
 session_ttl_seconds = 3600
+{engine_extra}
 [limits]
 max_body_bytes = {b}
 [[listener]]
@@ -141,6 +145,7 @@ channel = "break-glass"
                 z = opts.zeroize_after_failures,
                 l = opts.lock_user_after_failures,
                 g = opts.login_guard_reserve,
+                engine_extra = opts.engine_extra,
                 b = opts.max_body_bytes,
                 extra = opts.extra_config,
             ),
