@@ -66,6 +66,9 @@ pub struct Config {
     pub global_deny_lists: Vec<String>,
     /// App JWT issuers (`[[jwt_issuer]]`), their keys loaded; see [`crate::auth`].
     pub jwt: crate::auth::JwtIssuers,
+    /// Client-certificate subjects mapped to app principals
+    /// (`[[cert_principal]]`); see [`crate::auth::CertPrincipals`].
+    pub cert_principals: crate::auth::CertPrincipals,
     /// `[audit]`: where the audit log lives, how it syncs, what it records.
     pub audit: crate::audit::AuditConfig,
     /// `[metrics]`: the Prometheus listener.
@@ -165,6 +168,40 @@ pub struct ListenerConfig {
     /// Deny lists checked on this listener, after the global ones and before
     /// any allow rule: a listed peer is refused whatever the groups say.
     pub deny_lists: Vec<String>,
+    /// Groups naming the proxies whose word about the client address is
+    /// believed (`forwarded` says how they give it). Empty: nobody's.
+    pub trusted_proxy_groups: Vec<String>,
+    /// How a trusted proxy passes the client address on this listener.
+    pub forwarded: Forwarded,
+    /// Mutual TLS: the CA that signs client certificates and whether one is
+    /// required. `None`: no client certificate is asked for.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// How trusted proxies pass on the client's address. One mechanism per
+/// listener, so there is never a question which of two claims wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Forwarded {
+    /// Neither: the TCP peer is the client.
+    #[default]
+    None,
+    /// `X-Forwarded-For` from a trusted proxy: the client is the address
+    /// `hops` from the right (the last `hops - 1` entries were appended by
+    /// further trusted proxies in the chain).
+    XForwardedFor { hops: u8 },
+    /// A PROXY protocol v1/v2 header, read before the TLS handshake.
+    ProxyProtocol,
+}
+
+/// A listener's client-certificate requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificate(s) client certificates must chain to,
+    /// resolved against the config file's directory.
+    pub ca_file: PathBuf,
+    /// `true` (`client_auth = "required"`): no certificate, no handshake.
+    /// `false` (`"optional"`): a certificate, when sent, must still verify.
+    pub required: bool,
 }
 
 /// A named set of allow rules (AWS-style security group).
@@ -383,6 +420,8 @@ struct RawConfig {
     #[serde(default)]
     jwt_issuer: Vec<Spanned<crate::auth::RawIssuer>>,
     #[serde(default)]
+    cert_principal: Vec<Spanned<crate::auth::RawCertPrincipal>>,
+    #[serde(default)]
     audit: RawAudit,
     /// Absent: no metrics listener (the shipped config has the section).
     metrics: Option<RawMetrics>,
@@ -445,6 +484,12 @@ struct RawListener {
     health_groups: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     deny_lists: Vec<Spanned<String>>,
+    #[serde(default)]
+    trusted_proxy_groups: Vec<Spanned<String>>,
+    xff_hops: Option<Spanned<i64>>,
+    proxy_protocol: Option<Spanned<bool>>,
+    client_ca: Option<Spanned<String>>,
+    client_auth: Option<Spanned<String>>,
 }
 
 /// A policy file that defines groups, prefix lists or deny lists. Strict at
@@ -783,7 +828,23 @@ fn assemble(
         let jwt = crate::auth::load_issuers(main, &raw.jwt_issuer, &mut errors);
 
         let tls = tls(main, &raw.tls, fs_checks, &mut errors);
-        let listeners = listeners(main, &raw.listener, &fence, groups_complete, &mut errors);
+        let listeners = listeners(
+            main,
+            &raw.listener,
+            &fence,
+            groups_complete,
+            fs_checks,
+            &mut errors,
+        );
+        let cert_principals =
+            crate::auth::load_cert_principals(main, &raw.cert_principal, &mut errors);
+        if !cert_principals.is_empty() && listeners.iter().all(|l| l.client_auth.is_none()) {
+            errors.push(main.error_at(
+                raw.cert_principal[0].span(),
+                "cert_principal is defined but no listener sets client_ca: \
+                 no client certificate would ever be asked for",
+            ));
+        }
         let global_deny_lists = deny_list_refs(
             main,
             "deny_lists",
@@ -809,6 +870,7 @@ fn assemble(
             deny_lists: BTreeMap::new(),
             global_deny_lists,
             jwt,
+            cert_principals,
             audit,
             metrics,
         }
@@ -948,6 +1010,7 @@ fn listeners(
     raw: &[Spanned<RawListener>],
     fence: &Fence,
     groups_complete: bool,
+    fs_checks: FsChecks,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<ListenerConfig> {
     if raw.is_empty() {
@@ -1028,6 +1091,7 @@ fn listeners(
             ("transit_groups", class_refs(&l.transit_groups)),
             ("login_groups", class_refs(&l.login_groups)),
             ("health_groups", class_refs(&l.health_groups)),
+            ("trusted_proxy_groups", &l.trusted_proxy_groups[..]),
         ] {
             for group in refs {
                 // After a policy file failed to parse, its groups are unknown:
@@ -1068,6 +1132,8 @@ fn listeners(
             groups_complete,
             errors,
         );
+        let forwarded = forwarded(main, name, l, channel, errors);
+        let client_auth = client_auth(main, name, l, fs_checks, errors);
         listeners.push(ListenerConfig {
             name: name.to_string(),
             address,
@@ -1078,9 +1144,159 @@ fn listeners(
             login_groups: l.login_groups.as_deref().map(dedup),
             health_groups: l.health_groups.as_deref().map(dedup),
             deny_lists,
+            trusted_proxy_groups: dedup(&l.trusted_proxy_groups),
+            forwarded,
+            client_auth,
         });
     }
     listeners
+}
+
+/// Longest accepted `xff_hops`: a longer chain of proxies is not a
+/// deployment anyone reviews.
+const XFF_HOPS: RangeInclusive<i64> = 1..=10;
+
+/// The listener's `trusted_proxy_groups`, `xff_hops` and `proxy_protocol`,
+/// checked to name exactly one mechanism, and never on break-glass.
+fn forwarded(
+    main: &Source<'_>,
+    name: &str,
+    l: &RawListener,
+    channel: Channel,
+    errors: &mut Vec<ConfigError>,
+) -> Forwarded {
+    let proxy_protocol = l.proxy_protocol.as_ref().filter(|p| *p.get_ref());
+    let hops = bounded::<u8>(
+        main,
+        errors,
+        &format!("listener {}: xff_hops", quoted(name)),
+        &l.xff_hops,
+        XFF_HOPS,
+    );
+    let trusted = l.trusted_proxy_groups.first();
+    let mut fail = |span: Range<usize>, message: String| {
+        errors.push(main.error_at(span, format!("listener {}: {message}", quoted(name))));
+    };
+    if channel == Channel::BreakGlass {
+        // Break-glass judges the TCP peer alone: whoever holds the last
+        // login attempts must be on the wire, not named by a proxy.
+        let span = trusted
+            .map(|g| g.span())
+            .or(l.xff_hops.as_ref().map(|h| h.span()))
+            .or(proxy_protocol.map(|p| p.span()));
+        if let Some(span) = span {
+            fail(
+                span,
+                "a break-glass listener trusts no proxy: remove trusted_proxy_groups, \
+                 xff_hops and proxy_protocol (it judges the TCP peer alone)"
+                    .into(),
+            );
+        }
+        return Forwarded::None;
+    }
+    match (trusted, &l.xff_hops, proxy_protocol) {
+        (_, Some(_), Some(p)) => {
+            fail(
+                p.span(),
+                "set xff_hops or proxy_protocol, not both: one listener takes the client \
+                 address from one place"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (None, Some(h), None) => {
+            fail(
+                h.span(),
+                "xff_hops needs trusted_proxy_groups: X-Forwarded-For is believed only \
+                 from trusted proxies"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (None, None, Some(p)) => {
+            fail(
+                p.span(),
+                "proxy_protocol needs trusted_proxy_groups: a PROXY header is accepted \
+                 only from trusted proxies"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (Some(g), None, None) => {
+            fail(
+                g.span(),
+                "trusted_proxy_groups needs xff_hops (X-Forwarded-For) or \
+                 proxy_protocol = true: say how the proxies pass the client address"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (Some(_), Some(_), None) => {
+            hops.map_or(Forwarded::None, |hops| Forwarded::XForwardedFor { hops })
+        }
+        (Some(_), None, Some(_)) => Forwarded::ProxyProtocol,
+        (None, None, None) => Forwarded::None,
+    }
+}
+
+/// The listener's `client_ca` and `client_auth`. With `load`, the CA file
+/// must hold at least one PEM certificate.
+fn client_auth(
+    main: &Source<'_>,
+    name: &str,
+    l: &RawListener,
+    fs_checks: FsChecks,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ClientAuth> {
+    let required = match l
+        .client_auth
+        .as_ref()
+        .map(|c| (c.get_ref().as_str(), c.span()))
+    {
+        None | Some(("required", _)) => true,
+        Some(("optional", _)) => false,
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "listener {}: client_auth must be \"required\" or \"optional\", not {}",
+                    quoted(name),
+                    quoted(other)
+                ),
+            ));
+            true
+        }
+    };
+    let Some(ca) = &l.client_ca else {
+        if let Some(c) = &l.client_auth {
+            errors.push(main.error_at(
+                c.span(),
+                format!(
+                    "listener {}: client_auth needs client_ca, the CA file client \
+                     certificates are checked against",
+                    quoted(name)
+                ),
+            ));
+        }
+        return None;
+    };
+    if ca.get_ref().trim().is_empty() {
+        errors.push(main.error_at(
+            ca.span(),
+            format!("listener {}: client_ca must not be empty", quoted(name)),
+        ));
+        return None;
+    }
+    let ca_file = base_dir(main.path).join(ca.get_ref());
+    if fs_checks == FsChecks::Yes {
+        if let Err(problem) = crate::gateway::tls::read_client_ca(&ca_file) {
+            errors.push(main.error_at(
+                ca.span(),
+                format!("listener {}: client_ca: {problem}", quoted(name)),
+            ));
+        }
+    }
+    Some(ClientAuth { ca_file, required })
 }
 
 fn class_refs(groups: &Option<Vec<Spanned<String>>>) -> &[Spanned<String>] {

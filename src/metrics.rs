@@ -119,6 +119,9 @@ pub fn op_label(op: &str) -> &'static str {
 pub struct ListenerCounters {
     pub accepted: IntCounter,
     pub denied: IntCounter,
+    /// Refused over a PROXY header: untrusted sender, or a trusted proxy's
+    /// missing or malformed one, or a client it named that the groups deny.
+    pub proxy_denied: IntCounter,
     pub tls_failed: IntCounter,
     pub tls_timeout: IntCounter,
 }
@@ -233,6 +236,7 @@ impl Metrics {
         let listener_counters = |name: &str| ListenerCounters {
             accepted: connections.with_label_values(&[name, "accepted", "allowed"]),
             denied: connections.with_label_values(&[name, "denied", "security_group"]),
+            proxy_denied: connections.with_label_values(&[name, "denied", "proxy_protocol"]),
             tls_failed: tls_failures.with_label_values(&[name, "error"]),
             tls_timeout: tls_failures.with_label_values(&[name, "timeout"]),
         };

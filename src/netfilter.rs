@@ -231,16 +231,24 @@ pub enum DenyReason {
     NotInLoginGroups,
     NotInAdminGroups,
     NotInHealthGroups,
+    /// A PROXY protocol header from a peer outside the trusted-proxy groups:
+    /// an attempt to choose its own client address.
+    ProxyHeaderUntrusted,
+    /// A trusted proxy on a `proxy_protocol` listener sent no valid header
+    /// in time (garbage, none, too long, or a revoked proxy's connection).
+    ProxyHeaderInvalid,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 6] = [
+    pub const ALL: [DenyReason; 8] = [
         DenyReason::DenyList,
         DenyReason::NotInGroups,
         DenyReason::NotInTransitGroups,
         DenyReason::NotInLoginGroups,
         DenyReason::NotInAdminGroups,
         DenyReason::NotInHealthGroups,
+        DenyReason::ProxyHeaderUntrusted,
+        DenyReason::ProxyHeaderInvalid,
     ];
 
     /// Stable, metric-label friendly.
@@ -252,6 +260,8 @@ impl DenyReason {
             DenyReason::NotInLoginGroups => "not-in-login-groups",
             DenyReason::NotInAdminGroups => "not-in-admin-groups",
             DenyReason::NotInHealthGroups => "not-in-health-groups",
+            DenyReason::ProxyHeaderUntrusted => "proxy-header-untrusted",
+            DenyReason::ProxyHeaderInvalid => "proxy-header-invalid",
         }
     }
 
@@ -386,6 +396,9 @@ pub struct ListenerFilter {
     transit: Option<Matcher>,
     login: Option<Matcher>,
     health: Option<Matcher>,
+    /// Union of the listener's `trusted_proxy_groups`: peers whose
+    /// `X-Forwarded-For` or PROXY header is believed. Empty: nobody's.
+    proxies: Matcher,
     counters: Arc<ListenerCounters>,
 }
 
@@ -406,7 +419,39 @@ impl ListenerFilter {
             transit: None,
             login: None,
             health: None,
+            proxies: Matcher::default(),
         }
+    }
+
+    /// Trusts `proxies` (every port) to name the client (tests, benchmarks).
+    pub fn with_proxies(mut self, proxies: CidrSet) -> Self {
+        self.proxies = Matcher {
+            parts: vec![(None, Arc::new(proxies))],
+        };
+        self
+    }
+
+    /// Whether `peer` is one of the listener's trusted proxies (and on no
+    /// deny list): only then is its word about the client believed.
+    pub fn is_trusted_proxy(&self, peer: IpAddr, port: u16) -> bool {
+        let peer = canonical(peer);
+        !self.deny.matches(peer, port) && self.proxies.matches(peer, port)
+    }
+
+    /// The accept-time decision for the TCP peer: deny lists first; then a
+    /// trusted proxy is admitted to speak for its clients (each of whom is
+    /// judged by the groups once named); anyone else by the security groups.
+    pub fn check_accept(&self, peer: IpAddr, port: u16) -> Result<(), DenyReason> {
+        if self.is_trusted_proxy(peer, port) {
+            return Ok(());
+        }
+        self.check_connect(peer, port)
+    }
+
+    /// Counts and summarises a denial decided outside this module (the
+    /// PROXY header checks in `gateway::listener`).
+    pub fn count_denial(&self, peer: IpAddr, reason: DenyReason) {
+        self.denied(peer, reason);
     }
 
     /// The connection decision, with no side effect: deny lists first (a
@@ -504,6 +549,7 @@ impl Netfilter {
                 transit: l.transit_groups.as_deref().map(|g| compiler.groups(g)),
                 login: l.login_groups.as_deref().map(|g| compiler.groups(g)),
                 health: l.health_groups.as_deref().map(|g| compiler.groups(g)),
+                proxies: compiler.groups(&l.trusted_proxy_groups),
                 counters: counters_for(&l.name),
             })
             .collect();
@@ -779,6 +825,9 @@ mod tests {
                     login_groups: None,
                     health_groups: None,
                     deny_lists: vec![],
+                    trusted_proxy_groups: vec![],
+                    forwarded: Default::default(),
+                    client_auth: None,
                 })
                 .collect(),
             groups: groups
@@ -803,6 +852,7 @@ mod tests {
             deny_lists: BTreeMap::new(),
             global_deny_lists: vec![],
             jwt: Default::default(),
+            cert_principals: Default::default(),
         }
     }
 

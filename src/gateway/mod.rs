@@ -5,9 +5,13 @@
 //!   limits, identity, dispatch, access log).
 //! - [`observe`]: phase 10's audit record and metrics for each request.
 //! - [`rescue`]: errors → HTTP responses, in one place.
-//! - [`tls`]: the certificate and rustls config.
+//! - [`tls`]: the certificate and rustls config (per listener: mutual TLS).
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header parser.
+//! - [`forwarded`]: who the client is when a trusted proxy says so.
+pub mod forwarded;
 pub mod listener;
 pub mod observe;
+pub mod proxy_protocol;
 pub mod rescue;
 pub mod router;
 pub mod tls;
@@ -79,6 +83,9 @@ pub enum ServeError {
 pub struct Server {
     state: Arc<AppState>,
     cert: tls::ServerCert,
+    /// Per listener (same order as `config.listeners`): the server
+    /// certificate, plus a client verifier where `client_ca` is set.
+    acceptors: Vec<Arc<rustls::ServerConfig>>,
     listeners: Vec<(usize, TcpListener)>,
     metrics_listener: Option<TcpListener>,
 }
@@ -99,6 +106,11 @@ impl Server {
             .map_err(|e| EngineError::Internal(format!("audit open task: {e}")))??;
         let metrics = Metrics::new(&config)?;
         let cert = tls::load_or_generate(&config)?;
+        let acceptors = config
+            .listeners
+            .iter()
+            .map(|l| tls::listener_server_config(&cert.server_config(), l.client_auth.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
         let metrics_listener = crate::metrics::bind(&config).await?;
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
@@ -121,6 +133,7 @@ impl Server {
                 metrics: Arc::new(metrics),
             }),
             cert,
+            acceptors,
             listeners,
             metrics_listener,
         })
@@ -199,7 +212,7 @@ impl Server {
         }
         for (index, socket) in self.listeners {
             let state = self.state.clone();
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.cert.server_config());
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.acceptors[index].clone());
             let stop = stop_rx.clone();
             tasks.spawn(listener::serve(index, socket, state, acceptor, stop));
         }
