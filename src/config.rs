@@ -2224,6 +2224,81 @@ admin_groups = ["admins"]
     }
 
     #[test]
+    fn forwarding_is_one_mechanism_from_trusted_proxies_and_never_on_break_glass() {
+        let with = |keys: &str| {
+            MAIN.replace(
+                "admin_groups = [\"admins\"]",
+                &format!("admin_groups = [\"admins\"]\n{keys}"),
+            )
+        };
+        assert_eq!(
+            load_ok(MAIN, GROUPS).listeners[0].forwarded,
+            Forwarded::None
+        );
+        let ok = load_ok(
+            &with("trusted_proxy_groups = [\"apps\"]\nxff_hops = 2"),
+            GROUPS,
+        );
+        assert_eq!(
+            ok.listeners[0].forwarded,
+            Forwarded::XForwardedFor { hops: 2 }
+        );
+        assert_eq!(ok.listeners[0].trusted_proxy_groups, ["apps"]);
+        let ok = load_ok(
+            &with("trusted_proxy_groups = [\"apps\"]\nproxy_protocol = true"),
+            GROUPS,
+        );
+        assert_eq!(ok.listeners[0].forwarded, Forwarded::ProxyProtocol);
+        for (keys, message) in [
+            ("xff_hops = 1", "xff_hops needs trusted_proxy_groups"),
+            (
+                "proxy_protocol = true",
+                "proxy_protocol needs trusted_proxy_groups",
+            ),
+            ("trusted_proxy_groups = [\"apps\"]", "needs xff_hops"),
+            (
+                "trusted_proxy_groups = [\"apps\"]\nxff_hops = 1\nproxy_protocol = true",
+                "not both",
+            ),
+            (
+                "trusted_proxy_groups = [\"apps\"]\nxff_hops = 0",
+                "xff_hops must be between",
+            ),
+            (
+                "trusted_proxy_groups = [\"nope\"]\nxff_hops = 1",
+                "no policy file defines",
+            ),
+            (
+                "channel = \"break-glass\"\ntrusted_proxy_groups = [\"apps\"]\nxff_hops = 1",
+                "break-glass listener trusts no proxy",
+            ),
+            ("client_auth = \"required\"", "client_auth needs client_ca"),
+            (
+                "client_ca = \"ca.pem\"\nclient_auth = \"sometimes\"",
+                "must be \"required\" or \"optional\"",
+            ),
+        ] {
+            let found = errors(&with(keys), &[("sg.toml", GROUPS)]);
+            assert!(
+                found.iter().any(|f| f.2.contains(message) && f.1.is_some()),
+                "{keys}: {found:#?}"
+            );
+        }
+        let ok = load_ok(&with("client_ca = \"ca.pem\""), GROUPS);
+        let auth = ok.listeners[0].client_auth.as_ref().unwrap();
+        assert!(auth.required, "client_auth defaults to required");
+        // A mapping with no listener asking for certificates is an error.
+        let main = format!("{MAIN}\n[[cert_principal]]\nname = \"p\"\nsubject_cn = \"svc\"\n");
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert!(
+            found
+                .iter()
+                .any(|f| f.2.contains("no listener sets client_ca")),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
     fn out_of_range_values_are_reported_at_their_lines() {
         for (key, table, bad, good) in [
             ("zeroize_after_failures", "engine", "0", "2"),
