@@ -119,8 +119,9 @@ pub fn op_label(op: &str) -> &'static str {
 pub struct ListenerCounters {
     pub accepted: IntCounter,
     pub denied: IntCounter,
-    /// Refused over a PROXY header: untrusted sender, or a trusted proxy's
-    /// missing or malformed one, or a client it named that the groups deny.
+    /// Refused over a PROXY header: untrusted sender, a trusted proxy's
+    /// missing or malformed one, or a client it named that is refused (deny
+    /// lists, groups, connection cap).
     pub proxy_denied: IntCounter,
     pub tls_failed: IntCounter,
     pub tls_timeout: IntCounter,

@@ -77,6 +77,42 @@ async fn xff_from_a_trusted_proxy_is_honoured() {
     assert_eq!(health_with_xff(&s, PROXY, None).await, Ok(403));
     // A malformed entry from the trusted chain is refused, not guessed at.
     assert_eq!(health_with_xff(&s, PROXY, Some("junk")).await, Ok(400));
+    // The audit record of a (denied, so audited) Transit request names both
+    // the proxy (source) and the client it named.
+    let st = s
+        .client_from(ip(PROXY))
+        .get(s.url("/v1/transit/keys/k"))
+        .header("x-forwarded-for", APP2)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 403);
+    let log = std::fs::read_to_string(s.data_dir.join("audit.log")).unwrap();
+    let found = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .any(|r| r["source"] == PROXY && r["detail"]["client"] == APP2);
+    assert!(
+        found,
+        "no audit record with source {PROXY} and client {APP2}:\n{log}"
+    );
+    // A direct request's record has no separate client.
+    let st = s
+        .client_from(ip(APP2))
+        .get(s.url("/v1/transit/keys/k"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 403);
+    let log = std::fs::read_to_string(s.data_dir.join("audit.log")).unwrap();
+    let direct = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["source"] == APP2)
+        .expect("the direct request's record");
+    assert!(direct["detail"].get("client").is_none(), "{direct}");
 }
 
 #[tokio::test]
