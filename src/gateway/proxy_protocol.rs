@@ -496,6 +496,56 @@ mod tests {
         assert_eq!(parse(&huge), Err(ParseError::TooLong(V2_MAX)));
     }
 
+    /// A poor man's fuzz run: random bytes behind each signature, every
+    /// truncation and single-byte corruption of valid headers. `parse` must
+    /// never panic, never claim more bytes than it was given, and what it
+    /// accepts must re-parse identically from exactly the bytes it used.
+    #[test]
+    fn parse_survives_random_and_mutated_input() {
+        let mut x = 0x243f_6a88_85a3_08d3u64;
+        let mut next = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let check = |buf: &[u8]| {
+            if let Ok((header, used)) = parse(buf) {
+                assert!(used <= buf.len());
+                assert_eq!(parse(&buf[..used]), Ok((header, used)));
+            }
+        };
+        let seeds = [
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 51000 443\r\n".to_vec(),
+            b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n".to_vec(),
+            v2_tcp4([192, 0, 2, 7], [198, 51, 100, 1], 1, 2),
+            v2(1, 0x21, &[7u8; 40]),
+        ];
+        for seed in &seeds {
+            for cut in 0..=seed.len() {
+                check(&seed[..cut]);
+            }
+            for i in 0..seed.len() {
+                for _ in 0..16 {
+                    let mut m = seed.clone();
+                    m[i] = next() as u8;
+                    check(&m);
+                }
+            }
+        }
+        for _ in 0..20_000 {
+            let prefix: &[u8] = match next() % 3 {
+                0 => V1_PREFIX,
+                1 => &V2_SIGNATURE,
+                _ => b"",
+            };
+            let len = (next() % 200) as usize;
+            let mut buf = prefix.to_vec();
+            buf.extend((0..len).map(|_| next() as u8));
+            check(&buf);
+        }
+    }
+
     #[tokio::test]
     async fn read_header_stops_at_the_header() {
         for header in [
