@@ -66,6 +66,9 @@ pub struct Config {
     pub global_deny_lists: Vec<String>,
     /// App JWT issuers (`[[jwt_issuer]]`), their keys loaded; see [`crate::auth`].
     pub jwt: crate::auth::JwtIssuers,
+    /// Client-certificate subjects mapped to app principals
+    /// (`[[cert_principal]]`); see [`crate::auth::CertPrincipals`].
+    pub cert_principals: crate::auth::CertPrincipals,
     /// `[audit]`: where the audit log lives, how it syncs, what it records.
     pub audit: crate::audit::AuditConfig,
     /// `[metrics]`: the Prometheus listener.
@@ -170,6 +173,40 @@ pub struct ListenerConfig {
     /// Deny lists checked on this listener, after the global ones and before
     /// any allow rule: a listed peer is refused whatever the groups say.
     pub deny_lists: Vec<String>,
+    /// Groups naming the proxies whose word about the client address is
+    /// believed (`forwarded` says how they give it). Empty: nobody's.
+    pub trusted_proxy_groups: Vec<String>,
+    /// How a trusted proxy passes the client address on this listener.
+    pub forwarded: Forwarded,
+    /// Mutual TLS: the CA that signs client certificates and whether one is
+    /// required. `None`: no client certificate is asked for.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// How trusted proxies pass on the client's address. One mechanism per
+/// listener, so there is never a question which of two claims wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Forwarded {
+    /// Neither: the TCP peer is the client.
+    #[default]
+    None,
+    /// `X-Forwarded-For` from a trusted proxy: the client is the address
+    /// `hops` from the right (the last `hops - 1` entries were appended by
+    /// further trusted proxies in the chain).
+    XForwardedFor { hops: u8 },
+    /// A PROXY protocol v1/v2 header, read before the TLS handshake.
+    ProxyProtocol,
+}
+
+/// A listener's client-certificate requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificate(s) client certificates must chain to,
+    /// resolved against the config file's directory.
+    pub ca_file: PathBuf,
+    /// `true` (`client_auth = "required"`): no certificate, no handshake.
+    /// `false` (`"optional"`): a certificate, when sent, must still verify.
+    pub required: bool,
 }
 
 /// A named set of allow rules (AWS-style security group).
@@ -388,6 +425,8 @@ struct RawConfig {
     #[serde(default)]
     jwt_issuer: Vec<Spanned<crate::auth::RawIssuer>>,
     #[serde(default)]
+    cert_principal: Vec<Spanned<crate::auth::RawCertPrincipal>>,
+    #[serde(default)]
     audit: RawAudit,
     /// Absent: no metrics listener (the shipped config has the section).
     metrics: Option<RawMetrics>,
@@ -451,6 +490,12 @@ struct RawListener {
     health_groups: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     deny_lists: Vec<Spanned<String>>,
+    #[serde(default)]
+    trusted_proxy_groups: Vec<Spanned<String>>,
+    xff_hops: Option<Spanned<i64>>,
+    proxy_protocol: Option<Spanned<bool>>,
+    client_ca: Option<Spanned<String>>,
+    client_auth: Option<Spanned<String>>,
 }
 
 /// A policy file that defines groups, prefix lists or deny lists. Strict at
@@ -798,7 +843,23 @@ fn assemble(
         let jwt = crate::auth::load_issuers(main, &raw.jwt_issuer, &mut errors);
 
         let tls = tls(main, &raw.tls, fs_checks, &mut errors);
-        let listeners = listeners(main, &raw.listener, &fence, groups_complete, &mut errors);
+        let listeners = listeners(
+            main,
+            &raw.listener,
+            &fence,
+            groups_complete,
+            fs_checks,
+            &mut errors,
+        );
+        let cert_principals =
+            crate::auth::load_cert_principals(main, &raw.cert_principal, &mut errors);
+        if !cert_principals.is_empty() && listeners.iter().all(|l| l.client_auth.is_none()) {
+            errors.push(main.error_at(
+                raw.cert_principal[0].span(),
+                "cert_principal is defined but no listener sets client_ca: \
+                 no client certificate would ever be asked for",
+            ));
+        }
         let global_deny_lists = deny_list_refs(
             main,
             "deny_lists",
@@ -824,6 +885,7 @@ fn assemble(
             deny_lists: BTreeMap::new(),
             global_deny_lists,
             jwt,
+            cert_principals,
             audit,
             metrics,
         }
@@ -963,6 +1025,7 @@ fn listeners(
     raw: &[Spanned<RawListener>],
     fence: &Fence,
     groups_complete: bool,
+    fs_checks: FsChecks,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<ListenerConfig> {
     if raw.is_empty() {
@@ -1043,6 +1106,7 @@ fn listeners(
             ("transit_groups", class_refs(&l.transit_groups)),
             ("login_groups", class_refs(&l.login_groups)),
             ("health_groups", class_refs(&l.health_groups)),
+            ("trusted_proxy_groups", &l.trusted_proxy_groups[..]),
         ] {
             for group in refs {
                 // After a policy file failed to parse, its groups are unknown:
@@ -1083,6 +1147,8 @@ fn listeners(
             groups_complete,
             errors,
         );
+        let forwarded = forwarded(main, name, l, channel, errors);
+        let client_auth = client_auth(main, name, l, fs_checks, errors);
         listeners.push(ListenerConfig {
             name: name.to_string(),
             address,
@@ -1093,9 +1159,159 @@ fn listeners(
             login_groups: l.login_groups.as_deref().map(dedup),
             health_groups: l.health_groups.as_deref().map(dedup),
             deny_lists,
+            trusted_proxy_groups: dedup(&l.trusted_proxy_groups),
+            forwarded,
+            client_auth,
         });
     }
     listeners
+}
+
+/// Longest accepted `xff_hops`: a longer chain of proxies is not a
+/// deployment anyone reviews.
+const XFF_HOPS: RangeInclusive<i64> = 1..=10;
+
+/// The listener's `trusted_proxy_groups`, `xff_hops` and `proxy_protocol`,
+/// checked to name exactly one mechanism, and never on break-glass.
+fn forwarded(
+    main: &Source<'_>,
+    name: &str,
+    l: &RawListener,
+    channel: Channel,
+    errors: &mut Vec<ConfigError>,
+) -> Forwarded {
+    let proxy_protocol = l.proxy_protocol.as_ref().filter(|p| *p.get_ref());
+    let hops = bounded::<u8>(
+        main,
+        errors,
+        &format!("listener {}: xff_hops", quoted(name)),
+        &l.xff_hops,
+        XFF_HOPS,
+    );
+    let trusted = l.trusted_proxy_groups.first();
+    let mut fail = |span: Range<usize>, message: String| {
+        errors.push(main.error_at(span, format!("listener {}: {message}", quoted(name))));
+    };
+    if channel == Channel::BreakGlass {
+        // Break-glass judges the TCP peer alone: whoever holds the last
+        // login attempts must be on the wire, not named by a proxy.
+        let span = trusted
+            .map(|g| g.span())
+            .or(l.xff_hops.as_ref().map(|h| h.span()))
+            .or(proxy_protocol.map(|p| p.span()));
+        if let Some(span) = span {
+            fail(
+                span,
+                "a break-glass listener trusts no proxy: remove trusted_proxy_groups, \
+                 xff_hops and proxy_protocol (it judges the TCP peer alone)"
+                    .into(),
+            );
+        }
+        return Forwarded::None;
+    }
+    match (trusted, &l.xff_hops, proxy_protocol) {
+        (_, Some(_), Some(p)) => {
+            fail(
+                p.span(),
+                "set xff_hops or proxy_protocol, not both: one listener takes the client \
+                 address from one place"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (None, Some(h), None) => {
+            fail(
+                h.span(),
+                "xff_hops needs trusted_proxy_groups: X-Forwarded-For is believed only \
+                 from trusted proxies"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (None, None, Some(p)) => {
+            fail(
+                p.span(),
+                "proxy_protocol needs trusted_proxy_groups: a PROXY header is accepted \
+                 only from trusted proxies"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (Some(g), None, None) => {
+            fail(
+                g.span(),
+                "trusted_proxy_groups needs xff_hops (X-Forwarded-For) or \
+                 proxy_protocol = true: say how the proxies pass the client address"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (Some(_), Some(_), None) => {
+            hops.map_or(Forwarded::None, |hops| Forwarded::XForwardedFor { hops })
+        }
+        (Some(_), None, Some(_)) => Forwarded::ProxyProtocol,
+        (None, None, None) => Forwarded::None,
+    }
+}
+
+/// The listener's `client_ca` and `client_auth`. With `load`, the CA file
+/// must hold at least one PEM certificate.
+fn client_auth(
+    main: &Source<'_>,
+    name: &str,
+    l: &RawListener,
+    fs_checks: FsChecks,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ClientAuth> {
+    let required = match l
+        .client_auth
+        .as_ref()
+        .map(|c| (c.get_ref().as_str(), c.span()))
+    {
+        None | Some(("required", _)) => true,
+        Some(("optional", _)) => false,
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "listener {}: client_auth must be \"required\" or \"optional\", not {}",
+                    quoted(name),
+                    quoted(other)
+                ),
+            ));
+            true
+        }
+    };
+    let Some(ca) = &l.client_ca else {
+        if let Some(c) = &l.client_auth {
+            errors.push(main.error_at(
+                c.span(),
+                format!(
+                    "listener {}: client_auth needs client_ca, the CA file client \
+                     certificates are checked against",
+                    quoted(name)
+                ),
+            ));
+        }
+        return None;
+    };
+    if ca.get_ref().trim().is_empty() {
+        errors.push(main.error_at(
+            ca.span(),
+            format!("listener {}: client_ca must not be empty", quoted(name)),
+        ));
+        return None;
+    }
+    let ca_file = base_dir(main.path).join(ca.get_ref());
+    if fs_checks == FsChecks::Yes {
+        if let Err(problem) = crate::gateway::tls::read_client_ca(&ca_file) {
+            errors.push(main.error_at(
+                ca.span(),
+                format!("listener {}: client_ca: {problem}", quoted(name)),
+            ));
+        }
+    }
+    Some(ClientAuth { ca_file, required })
 }
 
 fn class_refs(groups: &Option<Vec<Spanned<String>>>) -> &[Spanned<String>] {
@@ -2022,6 +2238,81 @@ admin_groups = ["admins"]
         let found = errors(&main, &[("sg.toml", GROUPS)]);
         assert_eq!(found.len(), 1, "{found:#?}");
         assert!(found[0].2.contains("channel must be"), "{found:#?}");
+    }
+
+    #[test]
+    fn forwarding_is_one_mechanism_from_trusted_proxies_and_never_on_break_glass() {
+        let with = |keys: &str| {
+            MAIN.replace(
+                "admin_groups = [\"admins\"]",
+                &format!("admin_groups = [\"admins\"]\n{keys}"),
+            )
+        };
+        assert_eq!(
+            load_ok(MAIN, GROUPS).listeners[0].forwarded,
+            Forwarded::None
+        );
+        let ok = load_ok(
+            &with("trusted_proxy_groups = [\"apps\"]\nxff_hops = 2"),
+            GROUPS,
+        );
+        assert_eq!(
+            ok.listeners[0].forwarded,
+            Forwarded::XForwardedFor { hops: 2 }
+        );
+        assert_eq!(ok.listeners[0].trusted_proxy_groups, ["apps"]);
+        let ok = load_ok(
+            &with("trusted_proxy_groups = [\"apps\"]\nproxy_protocol = true"),
+            GROUPS,
+        );
+        assert_eq!(ok.listeners[0].forwarded, Forwarded::ProxyProtocol);
+        for (keys, message) in [
+            ("xff_hops = 1", "xff_hops needs trusted_proxy_groups"),
+            (
+                "proxy_protocol = true",
+                "proxy_protocol needs trusted_proxy_groups",
+            ),
+            ("trusted_proxy_groups = [\"apps\"]", "needs xff_hops"),
+            (
+                "trusted_proxy_groups = [\"apps\"]\nxff_hops = 1\nproxy_protocol = true",
+                "not both",
+            ),
+            (
+                "trusted_proxy_groups = [\"apps\"]\nxff_hops = 0",
+                "xff_hops must be between",
+            ),
+            (
+                "trusted_proxy_groups = [\"nope\"]\nxff_hops = 1",
+                "no policy file defines",
+            ),
+            (
+                "channel = \"break-glass\"\ntrusted_proxy_groups = [\"apps\"]\nxff_hops = 1",
+                "break-glass listener trusts no proxy",
+            ),
+            ("client_auth = \"required\"", "client_auth needs client_ca"),
+            (
+                "client_ca = \"ca.pem\"\nclient_auth = \"sometimes\"",
+                "must be \"required\" or \"optional\"",
+            ),
+        ] {
+            let found = errors(&with(keys), &[("sg.toml", GROUPS)]);
+            assert!(
+                found.iter().any(|f| f.2.contains(message) && f.1.is_some()),
+                "{keys}: {found:#?}"
+            );
+        }
+        let ok = load_ok(&with("client_ca = \"ca.pem\""), GROUPS);
+        let auth = ok.listeners[0].client_auth.as_ref().unwrap();
+        assert!(auth.required, "client_auth defaults to required");
+        // A mapping with no listener asking for certificates is an error.
+        let main = format!("{MAIN}\n[[cert_principal]]\nname = \"p\"\nsubject_cn = \"svc\"\n");
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert!(
+            found
+                .iter()
+                .any(|f| f.2.contains("no listener sets client_ca")),
+            "{found:#?}"
+        );
     }
 
     #[test]

@@ -10,10 +10,12 @@
 //!   an admin route (longest-prefix CIDR tables).
 //! - [`ratelimit`]: decides whether a peer or principal may go on now (GCRA limits,
 //!   the password-hashing cap, connection caps).
-//! - [`auth`]: decides who an app is from its JWT (issuers, keys, roles).
+//! - [`auth`]: decides who an app is from its JWT (issuers, keys, roles) or its
+//!   verified client certificate (`[[cert_principal]]`).
 //! - [`gateway`]: listeners, TLS, HTTP, the request phases, [`gateway::rescue`],
-//!   the one place where errors become HTTP responses, and [`gateway::reload`],
-//!   the config reload (SIGHUP, file changes) and its one snapshot swap.
+//!   the one place where errors become HTTP responses; [`gateway::forwarded`]
+//!   decides the effective client behind a trusted proxy; [`gateway::reload`]
+//!   is the config reload (SIGHUP, file changes) and its one snapshot swap.
 //! - [`api`]: the HTTP surface: Vault-Transit-compatible [`api::transit`] and the
 //!   HSM administration API [`api::hsm`].
 //! - [`engine`]: the software HSM: state machine, users and the login counters,

@@ -163,6 +163,10 @@ pub struct ListenerCounters {
     pub denied: IntCounter,
     /// Refused at accept by the connection caps (per source network, total).
     pub capped: IntCounter,
+    /// Refused over a PROXY header: untrusted sender, a trusted proxy's
+    /// missing or malformed one, or a client it named that is refused (deny
+    /// lists, groups, connection cap).
+    pub proxy_denied: IntCounter,
     pub tls_failed: IntCounter,
     pub tls_timeout: IntCounter,
 }
@@ -301,6 +305,7 @@ impl Metrics {
             accepted: connections.with_label_values(&[name, "accepted", "allowed"]),
             denied: connections.with_label_values(&[name, "denied", "security_group"]),
             capped: connections.with_label_values(&[name, "denied", "connection_cap"]),
+            proxy_denied: connections.with_label_values(&[name, "denied", "proxy_protocol"]),
             tls_failed: tls_failures.with_label_values(&[name, "error"]),
             tls_timeout: tls_failures.with_label_values(&[name, "timeout"]),
         };

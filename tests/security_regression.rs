@@ -986,3 +986,108 @@ async fn change_password_cannot_guess_the_officer_password_without_moving_the_co
     assert_eq!(st, 200, "{body}");
     assert_eq!(s.login("admin", "a-new-officer-password").await.0, 200);
 }
+
+/// The trusted proxy of the trusted-proxy tests: in group `proxies` only.
+const TRUSTED_PROXY: &str = "127.0.0.5";
+
+fn behind_a_trusted_proxy(forwarded: &str) -> Opts {
+    Opts {
+        proxies: vec!["127.0.0.5/32"],
+        api_listener_extra: format!("trusted_proxy_groups = [\"proxies\"]\n{forwarded}\n"),
+        ..app_and_admin_nets()
+    }
+}
+
+/// Attack: an app behind a trusted proxy writes the admin host's address
+/// into X-Forwarded-For (which the proxy passes on as the rightmost entry
+/// when misconfigured, or the app is the proxy's own health path) to reach
+/// admin routes or burn crypto-officer login attempts. Admin routes and CO
+/// logins judge the TCP peer alone.
+#[tokio::test]
+async fn spoofed_xff_through_a_trusted_proxy_reaches_no_admin_route_nor_co_login() {
+    let s = TestServer::start(behind_a_trusted_proxy("xff_hops = 1"));
+    s.init().await;
+    let proxy = s.client_from(ip(TRUSTED_PROXY));
+    let st = proxy
+        .get(s.url("/v1/hsm/status"))
+        .header("x-forwarded-for", "127.0.0.1")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 403, "an admin route trusted a forwarded address");
+    for _ in 0..3 {
+        let (st, _) = into_parts(
+            proxy
+                .post(s.url("/v1/hsm/login"))
+                .header("x-forwarded-for", "127.0.0.1")
+                .json(&json!({"username": "admin", "password": "wrong password"}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_ne!(st, 200);
+    }
+    assert_eq!(
+        s.failures("admin").await,
+        0,
+        "a forwarded CO login moved the counter"
+    );
+    assert_eq!(s.status().await["state"], "active");
+    // The forwarded address is honoured where it may be: the app route.
+    let st = proxy
+        .get(s.url("/v1/sys/health"))
+        .header("x-forwarded-for", APP_NET)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 200);
+    // The allow: the admin host itself, directly.
+    let (st, _) = s.get(&s.client(), "/v1/hsm/status", None).await;
+    assert_eq!(st, 200);
+}
+
+/// Attack: a peer that is not a trusted proxy opens with a PROXY protocol
+/// header naming an allowed client, to be judged as that client. The
+/// connection is refused before TLS.
+#[tokio::test]
+async fn proxy_header_smuggled_by_an_untrusted_peer_is_refused() {
+    let s = TestServer::start(behind_a_trusted_proxy("proxy_protocol = true"));
+    let header = format!(
+        "PROXY TCP4 127.0.0.1 {} 40000 {}\r\n",
+        s.addr.ip(),
+        s.addr.port()
+    );
+    // 127.0.0.3 is an admitted app peer, but no proxy.
+    assert!(
+        s.raw_get(s.addr, ip(APP_NET), header.as_bytes(), "/v1/sys/health")
+            .await
+            .is_err(),
+        "an untrusted peer's PROXY header was accepted"
+    );
+    // The same header from the trusted proxy is honoured.
+    assert_eq!(
+        s.raw_get(
+            s.addr,
+            ip(TRUSTED_PROXY),
+            header.as_bytes(),
+            "/v1/sys/health"
+        )
+        .await
+        .unwrap(),
+        501
+    );
+    // And a PROXY header is refused on a listener that does not speak it.
+    let plain = TestServer::start(app_and_admin_nets());
+    assert!(plain
+        .raw_get(
+            plain.addr,
+            ip("127.0.0.1"),
+            header.as_bytes(),
+            "/v1/sys/health"
+        )
+        .await
+        .is_err());
+}

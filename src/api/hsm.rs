@@ -91,7 +91,7 @@ async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     // Per (source network, username): guessing one user from one network is
     // slow, and every other user (and network) keeps its own budget.
     call.limiters
-        .check_login_user(call.conn.peer, &body.username)
+        .check_login_user(call.conn.client, &body.username)
         .map_err(ApiError::RateLimited)?;
     let _hashing = hashing_slot(call).await?;
     let channel = call.conn.channel;

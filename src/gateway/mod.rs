@@ -5,10 +5,14 @@
 //!   limits, identity, dispatch, access log).
 //! - [`observe`]: phase 10's audit record and metrics for each request.
 //! - [`rescue`]: errors → HTTP responses, in one place.
-//! - [`tls`]: the certificate and rustls config.
+//! - [`tls`]: the certificate and rustls config (per listener: mutual TLS).
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header parser.
+//! - [`forwarded`]: who the client is when a trusted proxy says so.
 //! - [`reload`]: the config lifecycle after start (SIGHUP, file changes).
+pub mod forwarded;
 pub mod listener;
 pub mod observe;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod rescue;
 pub mod router;
@@ -37,29 +41,39 @@ pub struct Snapshot {
     pub netfilter: Netfilter,
     /// Who may connect to the metrics listener.
     pub metrics_filter: CidrSet,
-    /// The listeners' rustls config: each accepted connection takes the one
-    /// of the snapshot that admitted it, so a reloaded certificate serves
-    /// the next handshake.
-    pub tls: Arc<rustls::ServerConfig>,
+    /// Each listener's rustls config (same order as `config.listeners`):
+    /// the server certificate, plus a client verifier where `client_ca` is
+    /// set. Each accepted connection takes the one of the snapshot that
+    /// admitted it, so a reloaded certificate or client CA serves the next
+    /// handshake.
+    pub tls: Vec<Arc<rustls::ServerConfig>>,
     /// SHA-256 of the config tree this snapshot was built from.
     pub digest: reload::ConfigDigest,
 }
 
 impl Snapshot {
+    /// Builds the netfilter tries and each listener's TLS config (reading
+    /// its client CA file) from `config`, over the server certificate's
+    /// config `base_tls`.
     pub fn new(
         config: Config,
-        tls: Arc<rustls::ServerConfig>,
+        base_tls: Arc<rustls::ServerConfig>,
         digest: reload::ConfigDigest,
-    ) -> Snapshot {
+    ) -> Result<Snapshot, tls::TlsError> {
+        let tls = config
+            .listeners
+            .iter()
+            .map(|l| tls::listener_server_config(&base_tls, l.client_auth.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
         let netfilter = Netfilter::build(&config);
         let metrics_filter = crate::metrics::admitted(&config);
-        Snapshot {
+        Ok(Snapshot {
             config: Arc::new(config),
             netfilter,
             metrics_filter,
             tls,
             digest,
-        }
+        })
     }
 }
 
@@ -195,7 +209,7 @@ impl Server {
             listeners.push((i, socket));
         }
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
-        let snapshot = Snapshot::new(config, cert.server_config(), digest);
+        let snapshot = Snapshot::new(config, cert.server_config(), digest)?;
         let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
         Ok(Server {
             state: Arc::new(AppState {

@@ -183,7 +183,7 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
 #[allow(clippy::too_many_arguments)]
 pub async fn record(
     state: &Arc<AppState>,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     class: RouteClass,
     method: &Method,
     path: &str,
@@ -200,7 +200,13 @@ pub async fn record(
         e.actor = facts.actor.clone();
         e.source = Some(conn.peer);
         e.request_id = Some(request_id.to_string());
-        e.detail("status", status).detail("method", method.as_str())
+        let e = e.detail("status", status).detail("method", method.as_str());
+        // The client a trusted proxy named, beside the peer that named it.
+        if conn.client != conn.peer {
+            e.detail("client", conn.client.to_string())
+        } else {
+            e
+        }
     };
     match class {
         RouteClass::Login | RouteClass::Admin => {

@@ -235,6 +235,13 @@ impl Tree {
         if let Some(cert) = &config.tls.cert_file {
             tree.files.insert(cert.clone());
         }
+        for auth in config
+            .listeners
+            .iter()
+            .filter_map(|l| l.client_auth.as_ref())
+        {
+            tree.files.insert(auth.ca_file.clone());
+        }
         if let Some(key) = &config.tls.key_file {
             tree.files.insert(key.clone());
             tree.secret.insert(key.clone());
@@ -481,10 +488,19 @@ pub fn prepare(source: &ConfigSource, current: &Config) -> Result<Prepared, Vec<
             message: format!("hashing the config tree: {e}"),
         }]
     })?;
-    Ok(Prepared {
-        snapshot: Snapshot::new(config, cert.server_config(), digest),
-        tree,
-    })
+    let snapshot = Snapshot::new(config, cert.server_config(), digest).map_err(|e| {
+        let file = match &e {
+            tls::TlsError::ClientCa { path, .. } => path.clone(),
+            _ => source.path.clone(),
+        };
+        vec![ConfigError {
+            file,
+            line: None,
+            column: None,
+            message: format!("TLS: {e}"),
+        }]
+    })?;
+    Ok(Prepared { snapshot, tree })
 }
 
 /// File events that matter, as plain wake-ups (the reload reads the files).

@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{header, Request, Response};
 
+use super::forwarded::{self, ForwardedError};
 use super::listener::ConnInfo;
 use super::observe;
 use super::rescue::{self, ApiError};
@@ -101,7 +102,35 @@ async fn handle_detached(
     let snapshot = state.snapshot.load_full();
     let class = classify(&path);
     let mut facts = observe::Facts::new(state.engine.state());
-    let outcome = phases(&state, &snapshot, conn, class, &request_id, req, &mut facts).await;
+    let mut conn = conn;
+    // Phase 4a: the effective client (a trusted proxy's word, or the peer).
+    let outcome = match forwarded::effective_client(
+        &snapshot.config.listeners[conn.listener],
+        snapshot.netfilter.listener(conn.listener),
+        &conn,
+        req.headers(),
+    ) {
+        Ok(client) => {
+            conn.client = client;
+            phases(
+                &state,
+                &snapshot,
+                &conn,
+                class,
+                &request_id,
+                req,
+                &mut facts,
+            )
+            .await
+        }
+        Err(e) => {
+            tracing::info!(request_id, peer = %conn.peer, error = %e, "forwarded client refused");
+            Err(match e {
+                ForwardedError::ProxyRevoked => ApiError::PermissionDenied,
+                other => ApiError::BadRequest(other.to_string()),
+            })
+        }
+    };
     let guard_refused = matches!(outcome, Err(ApiError::GuardRefused(_)));
     let audit_refused = matches!(outcome, Err(ApiError::AuditUnavailable));
     if let Err(ApiError::RateLimited(limited)) = &outcome {
@@ -111,12 +140,7 @@ async fn handle_detached(
         Ok(r) => r,
         Err(e) => {
             let mut r = rescue::respond(&e, &request_id);
-            if matches!(e, ApiError::PermissionDenied)
-                && !snapshot
-                    .netfilter
-                    .listener(conn.listener)
-                    .may_connect(conn.peer, conn.port)
-            {
+            if matches!(e, ApiError::PermissionDenied) && !still_admitted(&snapshot, &conn) {
                 // The peer lost its network since it connected: end the connection too.
                 r.headers_mut().insert(
                     header::CONNECTION,
@@ -130,7 +154,7 @@ async fn handle_detached(
     // admin request), metrics, access log.
     if let Err(e) = observe::record(
         &state,
-        conn,
+        &conn,
         class,
         &method,
         &path,
@@ -158,6 +182,7 @@ async fn handle_detached(
         target: "hsmgate::access",
         request_id,
         peer = %conn.peer,
+        client = %conn.client,
         listener = conn.listener,
         %method,
         path,
@@ -168,10 +193,20 @@ async fn handle_detached(
     response
 }
 
+/// Whether the connection would still be admitted by this snapshot (else a
+/// denial also closes it): the peer as a trusted proxy or by the groups, and
+/// a client named by a PROXY header by the groups.
+fn still_admitted(snapshot: &Snapshot, conn: &ConnInfo) -> bool {
+    let filter = snapshot.netfilter.listener(conn.listener);
+    let peer_ok =
+        filter.is_trusted_proxy(conn.peer, conn.port) || filter.may_connect(conn.peer, conn.port);
+    peer_ok && (!conn.proxied || filter.may_connect(conn.client, conn.port))
+}
+
 async fn phases(
     state: &Arc<AppState>,
     snapshot: &Snapshot,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     class: RouteClass,
     request_id: &str,
     req: Request<Incoming>,
@@ -179,9 +214,15 @@ async fn phases(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     // The connection was admitted at accept time; a reload may have revoked
     // the peer since. Re-check against this request's snapshot.
-    // Then the route class's own groups. Always the TCP peer: admin routes
-    // and crypto-officer logins never trust a forwarded address.
+    // Then the route class's own groups: admin routes judge the TCP peer
+    // alone (never a forwarded address); the other classes the effective
+    // client (the peer unless a trusted proxy named another).
     let filter = snapshot.netfilter.listener(conn.listener);
+    let judged = if class == RouteClass::Admin {
+        conn.peer
+    } else {
+        conn.client
+    };
     let net_class = match class {
         RouteClass::Transit => Some(NetClass::Transit),
         RouteClass::Login => Some(NetClass::Login),
@@ -193,11 +234,11 @@ async fn phases(
     };
     match net_class {
         Some(net_class) => filter
-            .check_class(net_class, conn.peer, conn.port)
+            .check_class(net_class, judged, conn.port)
             .map_err(|_| ApiError::PermissionDenied)?,
         None => {
             filter
-                .check_connect(conn.peer, conn.port)
+                .check_connect(judged, conn.port)
                 .map_err(|_| ApiError::PermissionDenied)?;
             return Err(ApiError::NotFound);
         }
@@ -208,6 +249,7 @@ async fn phases(
     {
         return Err(ApiError::PermissionDenied);
     }
+    // Crypto-officer logins: the TCP peer alone, like admin routes.
     let is_admin_network = filter.is_admin(conn.peer, conn.port);
     // Phase 5: rate limits before identity, per source network and class.
     // (Phase 7, per principal and key, runs where identity is established:
@@ -220,7 +262,7 @@ async fn phases(
         RouteClass::Health | RouteClass::Metrics | RouteClass::Unknown => ratelimit::Class::Health,
     };
     limiters
-        .check_source(conn.peer, limit_class)
+        .check_source(judged, limit_class)
         .map_err(ApiError::RateLimited)?;
     // Only what `api::openapi::ROUTES` lists is dispatched: a handler arm
     // the table (and so the OpenAPI document) lacks is unreachable.
@@ -253,11 +295,12 @@ async fn phases(
         query: parts.uri.query(),
         headers: &parts.headers,
         body,
-        conn,
+        conn: conn.clone(),
         is_admin_network,
         request_id,
         limiters,
         jwt: &snapshot.config.jwt,
+        certs: &snapshot.config.cert_principals,
     };
     match class {
         _ if api::auth::owns(call.path) => api::auth::handle(&call).await,

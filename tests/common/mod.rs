@@ -34,6 +34,12 @@ pub struct Opts {
     pub files: Vec<(String, String, u32)>,
     /// Extra lines inside `[engine]` (e.g. `min_password_length = 16`).
     pub engine_extra: String,
+    /// The networks of group `proxies` (for `trusted_proxy_groups`).
+    pub proxies: Vec<&'static str>,
+    /// Extra keys for the `api` listener (e.g. `xff_hops = 1`).
+    pub api_listener_extra: String,
+    /// Extra keys for the `break-glass` listener (e.g. `client_ca`).
+    pub break_glass_extra: String,
 }
 
 /// Limits no other test reaches; tests/ratelimit.rs sets its own.
@@ -60,6 +66,9 @@ impl Default for Opts {
             extra_config: String::new(),
             files: Vec::new(),
             engine_extra: String::new(),
+            proxies: vec![],
+            api_listener_extra: String::new(),
+            break_glass_extra: String::new(),
         }
     }
 }
@@ -99,7 +108,11 @@ impl TestServer {
         std::fs::create_dir_all(&policies).unwrap();
         std::fs::write(
             policies.join("security-groups.toml"),
-            groups_file(&opts.apps, &opts.admins),
+            format!(
+                "{}\n[group.proxies]\nrules = [\n{}]\n",
+                groups_file(&opts.apps, &opts.admins),
+                rules(&opts.proxies)
+            ),
         )
         .unwrap();
         std::fs::write(
@@ -133,12 +146,14 @@ name = "api"
 address = "127.0.0.1:0"
 security_groups = ["apps", "admins"]
 admin_groups = ["admins"]
+{api_extra}
 [[listener]]
 name = "break-glass"
 address = "127.0.0.1:0"
 security_groups = ["break-glass"]
 admin_groups = ["break-glass"]
 channel = "break-glass"
+{break_glass_extra}
 {extra}
 "#,
                 data = data_dir.display(),
@@ -148,6 +163,8 @@ channel = "break-glass"
                 engine_extra = opts.engine_extra,
                 b = opts.max_body_bytes,
                 extra = opts.extra_config,
+                api_extra = opts.api_listener_extra,
+                break_glass_extra = opts.break_glass_extra,
             ),
         )
         .unwrap();
@@ -286,6 +303,67 @@ channel = "break-glass"
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap()
+    }
+
+    /// A client from `source` presenting a client certificate (`identity`:
+    /// PEM certificate followed by its PEM private key).
+    pub fn client_with_identity(&self, source: IpAddr, identity: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(self.cert())
+            .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
+            .local_address(source)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    /// A raw connection from `source` to `addr` that first writes `prefix`
+    /// (e.g. a PROXY protocol header), then does the TLS handshake.
+    pub async fn tls_connect(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+        prefix: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use std::sync::Arc;
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let mut tcp = socket.connect(addr).await?;
+        tcp.write_all(prefix).await?;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(self.data_dir.join("tls/cert.pem")).unwrap();
+        for cert in rustls_pemfile_certs(&pem) {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        tokio::time::timeout(Duration::from_secs(30), connector.connect(name, tcp))
+            .await
+            .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+    }
+
+    /// `GET path` over a raw connection (see [`Self::tls_connect`]): the
+    /// response status, or the error when the server closes the connection
+    /// instead.
+    pub async fn raw_get(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+        prefix: &[u8],
+        path: &str,
+    ) -> std::io::Result<u16> {
+        let mut tls = self.tls_connect(addr, source, prefix).await?;
+        tokio::time::timeout(Duration::from_secs(30), keepalive_get(&mut tls, path))
+            .await
+            .map_err(|_| std::io::Error::other("timed out"))?
     }
 
     pub fn init_token(&self) -> String {
@@ -496,5 +574,51 @@ impl TestServer {
             .lines()
             .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
             .collect()
+    }
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// One HTTP/1.1 `GET` on an open (keep-alive) connection; reads the whole
+/// response (by Content-Length) and returns its status.
+pub async fn keepalive_get<S>(stream: &mut S, path: &str) -> std::io::Result<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: hsmgate\r\n\r\n").as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return head
+                    .strip_prefix("http/1.1 ")
+                    .and_then(|rest| rest.get(..3))
+                    .and_then(|code| code.parse::<u16>().ok())
+                    .ok_or_else(|| std::io::Error::other(format!("no HTTP status: {head:?}")));
+            }
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
     }
 }
