@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(lookup("POST", "/v1/transit/encrypt/k/x"), Lookup::Missing);
         assert_eq!(lookup("POST", "/v1/transit/frobnicate/k"), Lookup::Missing);
         assert_eq!(lookup("POST", "/v1/hsm/login/"), Lookup::Missing);
-        assert_eq!(lookup("GET", "/v1/hsm/users"), Lookup::WrongMethod);
+        assert_eq!(lookup("PATCH", "/v1/hsm/users"), Lookup::WrongMethod);
         assert_eq!(lookup("GET", "/"), Lookup::Missing);
     }
 
