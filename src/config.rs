@@ -87,6 +87,9 @@ pub struct EngineConfig {
     pub login_guard_reserve: u32,
     /// How long an HSM session token stays valid.
     pub session_ttl: Duration,
+    /// Where the store's key-encryption key comes from (`seal`,
+    /// `shamir_threshold`, `shamir_shares`); see `crate::engine::seal`.
+    pub seal: crate::engine::seal::SealMode,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +99,7 @@ impl Default for EngineConfig {
             lock_user_after_failures: 5,
             login_guard_reserve: 1,
             session_ttl: Duration::from_secs(3600),
+            seal: crate::engine::seal::SealMode::Auto,
         }
     }
 }
@@ -413,6 +417,9 @@ struct RawEngine {
     lock_user_after_failures: Option<Spanned<i64>>,
     login_guard_reserve: Option<Spanned<i64>>,
     session_ttl_seconds: Option<Spanned<i64>>,
+    seal: Option<Spanned<String>>,
+    shamir_threshold: Option<Spanned<i64>>,
+    shamir_shares: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -716,6 +723,7 @@ fn assemble(
             )
             .map(Duration::from_secs)
             .unwrap_or(engine_defaults.session_ttl),
+            seal: seal_mode(main, &mut errors, e),
         };
         if engine.login_guard_reserve >= engine.zeroize_after_failures {
             let span = e
@@ -864,6 +872,68 @@ fn rate_limit_policy(
         }
     }
     policy
+}
+
+/// `[engine] seal`, `shamir_threshold`, `shamir_shares`.
+fn seal_mode(
+    main: &Source<'_>,
+    errors: &mut Vec<ConfigError>,
+    e: &RawEngine,
+) -> crate::engine::seal::SealMode {
+    use crate::engine::seal::SealMode;
+    let shares: u8 = bounded(
+        main,
+        errors,
+        "engine.shamir_shares",
+        &e.shamir_shares,
+        2..=16,
+    )
+    .unwrap_or(5);
+    let threshold: u8 = bounded(
+        main,
+        errors,
+        "engine.shamir_threshold",
+        &e.shamir_threshold,
+        2..=16,
+    )
+    .unwrap_or(3.min(shares));
+    let mode = match e.seal.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("auto", _)) => SealMode::Auto,
+        Some(("passphrase", _)) => SealMode::Passphrase,
+        Some(("shamir", span)) => {
+            if threshold > shares {
+                errors.push(main.error_at(
+                    span,
+                    format!(
+                        "engine.shamir_threshold ({threshold}) must not exceed \
+                         engine.shamir_shares ({shares})"
+                    ),
+                ));
+            }
+            SealMode::Shamir { threshold, shares }
+        }
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "engine.seal must be \"auto\", \"passphrase\" or \"shamir\", not {other:?}"
+                ),
+            ));
+            SealMode::Auto
+        }
+    };
+    if !matches!(mode, SealMode::Shamir { .. }) {
+        for v in [&e.shamir_threshold, &e.shamir_shares]
+            .into_iter()
+            .flatten()
+        {
+            errors.push(main.error_at(
+                v.span(),
+                "engine.shamir_threshold and engine.shamir_shares need seal = \"shamir\"",
+            ));
+        }
+    }
+    mode
 }
 
 /// The value of an integer key converted to the field's type: `None` when
@@ -1771,6 +1841,65 @@ admin_groups = ["admins"]
         }
     }
 
+    #[test]
+    fn engine_seal_modes_parse_and_bad_ones_are_refused() {
+        use crate::engine::seal::SealMode;
+        assert_eq!(load_ok(MAIN, GROUPS).engine.seal, SealMode::Auto);
+        let c = load_ok(&format!("[engine]\nseal = \"passphrase\"\n{MAIN}"), GROUPS);
+        assert_eq!(c.engine.seal, SealMode::Passphrase);
+        let c = load_ok(&format!("[engine]\nseal = \"shamir\"\n{MAIN}"), GROUPS);
+        assert_eq!(
+            c.engine.seal,
+            SealMode::Shamir {
+                threshold: 3,
+                shares: 5
+            }
+        );
+        let c = load_ok(
+            &format!(
+                "[engine]\nseal = \"shamir\"\nshamir_threshold = 2\nshamir_shares = 2\n{MAIN}"
+            ),
+            GROUPS,
+        );
+        assert_eq!(
+            c.engine.seal,
+            SealMode::Shamir {
+                threshold: 2,
+                shares: 2
+            }
+        );
+        assert_one_error(
+            &format!("[engine]\nseal = \"hsm\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "engine.seal must be",
+        );
+        assert_one_error(
+            &format!(
+                "[engine]\nseal = \"shamir\"\nshamir_threshold = 4\nshamir_shares = 3\n{MAIN}"
+            ),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "must not exceed",
+        );
+        assert_one_error(
+            &format!("[engine]\nshamir_shares = 3\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "need seal = \"shamir\"",
+        );
+        assert_one_error(
+            &format!("[engine]\nseal = \"shamir\"\nshamir_shares = 1\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            3,
+            "between 2 and 16",
+        );
+    }
+
     /// Asserts exactly one error, in `file` at `line`, whose message contains `needle`.
     fn assert_one_error(main: &str, groups: &str, file: &str, line: usize, needle: &str) {
         let found = errors(main, &[("sg.toml", groups)]);
@@ -1849,6 +1978,7 @@ admin_groups = ["admins"]
                 lock_user_after_failures: 1,
                 login_guard_reserve: 1,
                 session_ttl: Duration::from_secs(60),
+                seal: crate::engine::seal::SealMode::Auto,
             }
         );
         assert_eq!(

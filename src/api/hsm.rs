@@ -18,6 +18,9 @@ use crate::gateway::rescue::{self, ApiError};
 struct InitBody {
     admin_password: SecretString,
     init_token: SecretString,
+    /// Required exactly when `[engine] seal = "passphrase"`.
+    #[serde(default)]
+    unseal_passphrase: Option<SecretString>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +59,10 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["users"]) => create_user(call).await,
         (Method::POST, ["users", name, "password"]) => reset_password(call, name).await,
         (Method::POST, ["zeroize"]) => zeroize(call).await,
+        (Method::POST, ["unseal"]) => super::seal::hsm_unseal(call).await,
+        (Method::POST, ["seal"]) => super::seal::hsm_seal(call).await,
+        (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
+        (_, ["unseal" | "seal" | "rotate-master-key"]) => Err(ApiError::MethodNotAllowed),
         (_, ["init" | "login" | "status" | "users" | "zeroize"])
         | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
@@ -65,11 +72,20 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
 async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: InitBody = call.json()?;
     let _hashing = hashing_slot(call).await?;
-    blocking(call.engine(), move |e| {
-        e.init(&body.admin_password, &body.init_token)
+    let outcome = blocking(call.engine(), move |e| {
+        e.init_with(
+            &body.admin_password,
+            &body.init_token,
+            body.unseal_passphrase.as_ref(),
+        )
     })
     .await?;
-    call.ok(json!({ "state": "active" }))
+    let mut data = json!({ "state": "active", "seal_type": outcome.seal_type });
+    if !outcome.shares.is_empty() {
+        // Vault's sys/init names: returned once, never stored.
+        data["keys_base64"] = json!(outcome.shares);
+    }
+    call.ok(data)
 }
 
 async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -139,7 +155,9 @@ async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Byt
 
 /// One of the few slots for argon2 work, held until the response: logins
 /// can never take every core, whatever their rate.
-async fn hashing_slot(call: &Call<'_>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+pub(super) async fn hashing_slot(
+    call: &Call<'_>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     call.limiters
         .hashing_permit()
         .await

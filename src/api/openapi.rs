@@ -58,11 +58,17 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/hsm/users"),
     ("POST", "/v1/hsm/users/{username}/password"),
     ("POST", "/v1/hsm/zeroize"),
+    ("POST", "/v1/hsm/unseal"),
+    ("POST", "/v1/hsm/seal"),
+    ("POST", "/v1/hsm/rotate-master-key"),
     ("GET", PATH),
     ("POST", "/v1/auth/jwt/login"),
     ("GET", "/v1/auth/token/lookup-self"),
     ("POST", "/v1/auth/token/revoke-self"),
     ("GET", "/v1/sys/health"),
+    ("GET", "/v1/sys/seal-status"),
+    ("PUT", "/v1/sys/unseal"),
+    ("POST", "/v1/sys/unseal"),
     ("GET", "/v1/sys/metrics"),
 ];
 

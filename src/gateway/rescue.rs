@@ -58,6 +58,7 @@ impl From<EngineError> for ApiError {
             | EngineError::KeyTypeMismatch(_)
             | EngineError::DeletionNotAllowed(_)
             | EngineError::InvalidRequest(_)
+            | EngineError::UnsealFailed(_)
             | EngineError::Crypto(_)) => ApiError::BadRequest(e.to_string()),
             e @ (EngineError::Storage(_) | EngineError::Internal(_)) => {
                 ApiError::Internal(e.to_string())

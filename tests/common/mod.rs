@@ -29,6 +29,8 @@ pub struct Opts {
     pub rate_limits: Option<String>,
     /// Appended to the main config file (e.g. `[[jwt_issuer]]` tables).
     pub extra_config: String,
+    /// Extra lines inside `[engine]` (e.g. `seal = "shamir"`).
+    pub engine_extra: String,
 }
 
 /// Limits no other test reaches; tests/ratelimit.rs sets its own.
@@ -53,6 +55,7 @@ impl Default for Opts {
             max_body_bytes: 1024 * 1024,
             rate_limits: None,
             extra_config: String::new(),
+            engine_extra: String::new(),
         }
     }
 }
@@ -106,6 +109,7 @@ zeroize_after_failures = {z}
 lock_user_after_failures = {l}
 login_guard_reserve = {g}
 session_ttl_seconds = 3600
+{engine_extra}
 [limits]
 max_body_bytes = {b}
 [[listener]]
@@ -127,6 +131,7 @@ channel = "break-glass"
                 g = opts.login_guard_reserve,
                 b = opts.max_body_bytes,
                 extra = opts.extra_config,
+                engine_extra = opts.engine_extra,
             ),
         )
         .unwrap();
