@@ -90,6 +90,19 @@ pub struct EngineConfig {
     /// Where the store's key-encryption key comes from (`seal`,
     /// `shamir_threshold`, `shamir_shares`); see `crate::engine::seal`.
     pub seal: crate::engine::seal::SealMode,
+    /// `[backup]`: who backups are for and whose backups restore.
+    pub backup: BackupConfig,
+}
+
+/// `[backup]` (docs/BACKUP.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// The custodian's X25519 public key: backups are encrypted to it.
+    pub custodian_public_key: Option<[u8; 32]>,
+    /// Ed25519 PKCS#8 file (0600) this server signs backups with.
+    pub signing_key_file: Option<PathBuf>,
+    /// Ed25519 public keys whose backups this server restores (pinned).
+    pub trusted_signers: Vec<[u8; 32]>,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +113,7 @@ impl Default for EngineConfig {
             login_guard_reserve: 1,
             session_ttl: Duration::from_secs(3600),
             seal: crate::engine::seal::SealMode::Auto,
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -390,6 +404,17 @@ struct RawConfig {
     audit: RawAudit,
     /// Absent: no metrics listener (the shipped config has the section).
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    backup: RawBackup,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    custodian_public_key: Option<Spanned<String>>,
+    signing_key_file: Option<Spanned<String>>,
+    #[serde(default)]
+    trusted_signers: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -724,6 +749,7 @@ fn assemble(
             .map(Duration::from_secs)
             .unwrap_or(engine_defaults.session_ttl),
             seal: seal_mode(main, &mut errors, e),
+            backup: backup_config(main, &mut errors, &raw.backup),
         };
         if engine.login_guard_reserve >= engine.zeroize_after_failures {
             let span = e
@@ -872,6 +898,50 @@ fn rate_limit_policy(
         }
     }
     policy
+}
+
+/// `[backup]`: keys are base64 of the raw 32-byte public keys.
+fn backup_config(
+    main: &Source<'_>,
+    errors: &mut Vec<ConfigError>,
+    raw: &RawBackup,
+) -> BackupConfig {
+    use base64::Engine as _;
+    let mut key32 = |what: &str, v: &Spanned<String>| -> Option<[u8; 32]> {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(v.get_ref().trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+        if decoded.is_none() {
+            errors.push(main.error_at(
+                v.span(),
+                format!("backup.{what} must be base64 of a 32-byte public key (hsmgate backup-keygen prints it)"),
+            ));
+        }
+        decoded
+    };
+    let custodian_public_key = raw
+        .custodian_public_key
+        .as_ref()
+        .and_then(|v| key32("custodian_public_key", v));
+    let trusted_signers = raw
+        .trusted_signers
+        .iter()
+        .filter_map(|v| key32("trusted_signers", v))
+        .collect();
+    let signing_key_file = match &raw.signing_key_file {
+        Some(v) if v.get_ref().trim().is_empty() => {
+            errors.push(main.error_at(v.span(), "backup.signing_key_file must not be empty"));
+            None
+        }
+        Some(v) => Some(base_dir(main.path).join(v.get_ref())),
+        None => None,
+    };
+    BackupConfig {
+        custodian_public_key,
+        signing_key_file,
+        trusted_signers,
+    }
 }
 
 /// `[engine] seal`, `shamir_threshold`, `shamir_shares`.
@@ -1979,6 +2049,7 @@ admin_groups = ["admins"]
                 login_guard_reserve: 1,
                 session_ttl: Duration::from_secs(60),
                 seal: crate::engine::seal::SealMode::Auto,
+                backup: BackupConfig::default(),
             }
         );
         assert_eq!(

@@ -711,3 +711,60 @@ async fn zeroize_in_sealed_mode_leaves_no_wrapped_key_in_the_data_dir() {
         .await;
     assert_eq!(st, 503);
 }
+
+/// A backup with one byte changed is refused with a clear error, and the
+/// zeroized engine it was aimed at stays exactly as it was (same init
+/// token); the untouched file then restores.
+#[tokio::test]
+async fn a_tampered_backup_is_refused_and_changes_nothing() {
+    let keys = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+        .args(["backup-keygen", "--out-dir"])
+        .arg(keys.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let config = &text[text.find("[backup]").unwrap()..];
+    let s = TestServer::start(Opts {
+        extra_config: config.to_string(),
+        ..Opts::default()
+    });
+    let (co, _) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, body) = s.post(&c, "/v1/hsm/backup", Some(&co), json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    let (st, _) = s.post(&c, "/v1/hsm/zeroize", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    let token = s.init_token();
+    let custodian = b64(&std::fs::read(keys.path().join("custodian.key")).unwrap());
+    use base64::Engine as _;
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(&backup)
+        .unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 1;
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/restore",
+            None,
+            json!({"backup": b64(&bytes), "custodian_key": custodian, "init_token": token}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("backup refused"), "{body}");
+    assert_eq!(s.status().await["state"], "zeroized");
+    assert_eq!(s.init_token(), token);
+    assert!(!s.path("store.redb").exists());
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/restore",
+            None,
+            json!({"backup": backup, "custodian_key": custodian, "init_token": token}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+}

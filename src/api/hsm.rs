@@ -62,7 +62,11 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["unseal"]) => super::seal::hsm_unseal(call).await,
         (Method::POST, ["seal"]) => super::seal::hsm_seal(call).await,
         (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
-        (_, ["unseal" | "seal" | "rotate-master-key"]) => Err(ApiError::MethodNotAllowed),
+        (Method::POST, ["backup"]) => super::backup::backup(call).await,
+        (Method::POST, ["restore"]) => super::backup::restore(call).await,
+        (_, ["unseal" | "seal" | "rotate-master-key" | "backup" | "restore"]) => {
+            Err(ApiError::MethodNotAllowed)
+        }
         (_, ["init" | "login" | "status" | "users" | "zeroize"])
         | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),

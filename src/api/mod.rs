@@ -5,6 +5,7 @@
 //! engine, and shape Vault-style envelopes; errors go back as
 //! [`ApiError`] for the gateway's rescue to render.
 pub mod auth;
+pub mod backup;
 pub mod hsm;
 pub mod openapi;
 pub mod seal;

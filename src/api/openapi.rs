@@ -61,6 +61,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/hsm/unseal"),
     ("POST", "/v1/hsm/seal"),
     ("POST", "/v1/hsm/rotate-master-key"),
+    ("POST", "/v1/hsm/backup"),
+    ("POST", "/v1/hsm/restore"),
     ("GET", PATH),
     ("POST", "/v1/auth/jwt/login"),
     ("GET", "/v1/auth/token/lookup-self"),

@@ -10,6 +10,7 @@
 //!
 //! Blocking: `login`, `init`, `create_user` and key generation do real work
 //! (argon2, key generation, fsync); async callers run them on a blocking thread.
+pub mod backup;
 pub mod crypto;
 pub mod keyring;
 pub mod seal;
@@ -513,15 +514,38 @@ impl Engine {
             return Err(EngineError::InvalidInitToken);
         }
         users::validate_password(ADMIN_USERNAME, admin_password.expose_secret())?;
+        let (params, kek, shares) = self.new_seal(Some(admin_password), passphrase)?;
+        let hash = users::hash_password(admin_password.expose_secret())?;
+        let admin = UserRecord {
+            username: ADMIN_USERNAME.into(),
+            role: Role::CryptoOfficer,
+            password_hash: hash,
+            consecutive_failures: 0,
+            locked: false,
+        };
+        self.take_ownership(&mut inner, params, kek, &[admin], &[])?;
+        tracing::info!(seal = self.seal_type(&inner), "engine initialized");
+        Ok(InitOutcome {
+            seal_type: self.seal_type(&inner),
+            shares,
+        })
+    }
+
+    /// The seal for a new store, per config: (parameters, KEK, shares).
+    fn new_seal(
+        &self,
+        admin_password: Option<&SecretString>,
+        passphrase: Option<&SecretString>,
+    ) -> Result<(SealParams, SecretBytes, Vec<String>), EngineError> {
         let mode = self.config.seal;
-        let (params, kek, shares) = match (mode, passphrase) {
+        Ok(match (mode, passphrase) {
             (SealMode::Auto, None) => (
                 SealParams::Auto,
                 MasterKey::generate()?.into_secret(),
                 Vec::new(),
             ),
             (SealMode::Passphrase, Some(p)) => {
-                if p.expose_secret() == admin_password.expose_secret() {
+                if admin_password.is_some_and(|a| a.expose_secret() == p.expose_secret()) {
                     return Err(EngineError::InvalidRequest(
                         "the unseal passphrase must differ from the admin password".into(),
                     ));
@@ -531,7 +555,7 @@ impl Engine {
             }
             (SealMode::Passphrase, None) => {
                 return Err(EngineError::InvalidRequest(
-                    "seal = \"passphrase\": init needs unseal_passphrase".into(),
+                    "seal = \"passphrase\": init and restore need unseal_passphrase".into(),
                 ))
             }
             (SealMode::Shamir { threshold, shares }, None) => {
@@ -543,37 +567,38 @@ impl Engine {
                     mode.as_str()
                 )))
             }
-        };
-        let hash = users::hash_password(admin_password.expose_secret())?;
-        // Key file first (auto mode): a crash before the store exists leaves
-        // a stray key that the next start removes; a crash after the admin
-        // record is committed leaves a complete engine.
+        })
+    }
+
+    /// The durable steps of init and restore: key file (auto mode), the
+    /// store with its first records (one transaction, renamed into place),
+    /// the state file, the init token gone. A crash before the store is in
+    /// place leaves an unowned engine (the stray key file is removed at the
+    /// next start); after it, an owned one.
+    fn take_ownership(
+        &self,
+        inner: &mut Inner,
+        params: SealParams,
+        kek: SecretBytes,
+        users: &[UserRecord],
+        rings: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<(), EngineError> {
         if params == SealParams::Auto {
             store::write_atomic(&self.paths.master_key, kek.expose_secret(), 0o600)?;
         }
-        let store = Store::create(&self.paths.store, kek, params.clone())?;
-        store.put_user(&UserRecord {
-            username: ADMIN_USERNAME.into(),
-            role: Role::CryptoOfficer,
-            password_hash: hash,
-            consecutive_failures: 0,
-            locked: false,
-        })?;
+        let store = Store::create_with(&self.paths.store, kek, params.clone(), users, rings)?;
+        let keys = load_rings(&store)?;
         self.write_state(EngineState::Active, inner.zeroizations, None)?;
         remove_if_exists(&self.paths.init_token)?;
         inner.init_token = None;
         inner.active = Some(Active {
             store,
-            keys: RwLock::new(HashMap::new()),
+            keys: RwLock::new(keys),
         });
         inner.state = EngineState::Active;
-        inner.seal_params = Some(params.clone());
+        inner.seal_params = Some(params);
         lock(&self.user_locks).clear();
-        tracing::info!(seal = params.type_name(), "engine initialized");
-        Ok(InitOutcome {
-            seal_type: params.type_name(),
-            shares,
-        })
+        Ok(())
     }
 
     /// Auto mode: the key file opens the store. A rotation that committed

@@ -289,15 +289,53 @@ impl Store {
     /// Creates a fresh store, replacing any file at `path`: a new random
     /// master key, wrapped under `kek`, generation 1.
     pub fn create(path: &Path, kek: SecretBytes, params: SealParams) -> Result<Store, StoreError> {
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(path)(e)),
+        Store::create_with(path, kek, params, &[], &[])
+    }
+
+    /// Creates a fresh store holding `users` and `rings`. Built under a
+    /// temporary name and renamed into place once its one transaction has
+    /// committed: a crash leaves no store or a whole one (init's admin user
+    /// and a restore's records are never half there).
+    pub fn create_with(
+        path: &Path,
+        kek: SecretBytes,
+        params: SealParams,
+        users: &[UserRecord],
+        rings: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<Store, StoreError> {
+        let tmp = path.with_extension("redb.tmp");
+        for p in [path, tmp.as_path()] {
+            match fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(p)(e)),
+            }
         }
         let master = MasterKey::generate()?;
         let wrapped = wrap_master(&kek, &master, &params, 1)?;
         let seal_json = serde_json::to_vec(&params).map_err(|e| StoreError::Meta(e.to_string()))?;
-        let db = db_err!(Database::create(path))?;
+        let mut sealed = Vec::with_capacity(users.len() + rings.len());
+        for u in users {
+            let json =
+                Zeroizing::new(serde_json::to_vec(u).map_err(|e| StoreError::Malformed {
+                    table: "users",
+                    name: u.username.clone(),
+                    detail: e.to_string(),
+                })?);
+            sealed.push((
+                USERS,
+                u.username.clone(),
+                seal_record(&master, "users", &u.username, &json)?,
+            ));
+        }
+        for (name, plain) in rings {
+            sealed.push((
+                KEYS,
+                name.clone(),
+                seal_record(&master, "keys", name, plain)?,
+            ));
+        }
+        let db = db_err!(Database::create(&tmp))?;
         let txn = db_err!(db.begin_write())?;
         {
             let mut meta = db_err!(txn.open_table(META))?;
@@ -307,8 +345,14 @@ impl Store {
             db_err!(meta.insert(META_GENERATION, 1u64.to_be_bytes().as_slice()))?;
             db_err!(txn.open_table(USERS))?;
             db_err!(txn.open_table(KEYS))?;
+            for (def, name, value) in &sealed {
+                let mut t = db_err!(txn.open_table(*def))?;
+                db_err!(t.insert(name.as_str(), value.as_slice()))?;
+            }
         }
         db_err!(txn.commit())?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        sync_parent(path)?;
         Ok(Store {
             db,
             keys: RwLock::new(Keys {
@@ -429,45 +473,6 @@ impl Store {
             }
         }
         Ok((users, rings))
-    }
-
-    /// Replaces every user and key ring with the given ones in one write
-    /// transaction (restore): all of them or none.
-    pub fn replace_all(
-        &self,
-        users: &[UserRecord],
-        rings: &[(String, Zeroizing<Vec<u8>>)],
-    ) -> Result<(), StoreError> {
-        let keys = self.read_keys();
-        let mut sealed_users = Vec::new();
-        for u in users {
-            let json =
-                Zeroizing::new(serde_json::to_vec(u).map_err(|e| StoreError::Malformed {
-                    table: "users",
-                    name: u.username.clone(),
-                    detail: e.to_string(),
-                })?);
-            sealed_users.push((
-                u.username.clone(),
-                seal_record(&keys.master, "users", &u.username, &json)?,
-            ));
-        }
-        let mut sealed_rings = Vec::new();
-        for (name, plain) in rings {
-            sealed_rings.push((
-                name.clone(),
-                seal_record(&keys.master, "keys", name, plain)?,
-            ));
-        }
-        let txn = db_err!(self.db.begin_write())?;
-        for (def, rows) in [(USERS, &sealed_users), (KEYS, &sealed_rings)] {
-            let mut t = db_err!(txn.open_table(def))?;
-            db_err!(t.retain(|_, _| false))?;
-            for (name, sealed) in rows.iter() {
-                db_err!(t.insert(name.as_str(), sealed.as_slice()))?;
-            }
-        }
-        db_err!(txn.commit())
     }
 
     /// Seals one record's plaintext under the master key, bound to its identity.
