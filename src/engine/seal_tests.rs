@@ -295,3 +295,65 @@ fn an_auto_rotation_crash_at_either_step_leaves_a_data_dir_that_opens() {
     assert!(!dir.path().join("master.key.next").exists());
     assert_eq!(engine.status().unwrap().master_key_generation, 2);
 }
+
+/// A full disk: a write fails with a storage I/O error (503 at the API),
+/// nothing half-written is visible, keys already loaded keep serving, and
+/// after a restart on a disk with room the store opens with every
+/// acknowledged key. Needs root (mounts a 4 MiB tmpfs), so it is ignored by
+/// default: `cargo test --lib full_disk -- --ignored`.
+#[test]
+#[ignore = "needs root to mount a small tmpfs"]
+fn a_full_disk_refuses_writes_keeps_serving_and_loses_nothing_acknowledged() {
+    let mnt = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "mount tmpfs failed (run as root)");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.path());
+    let dir = mnt.path().join("data");
+    let engine = Engine::open(&dir, EngineConfig::default()).unwrap();
+    engine.init(&s(ADMIN_PW), &token(&dir)).unwrap();
+    let ct = key_and_ciphertext(&engine);
+    let cu = principal(Role::CryptoUser);
+    // Fill the rest of the file system, then create keys until one fails.
+    let filler = mnt.path().join("filler");
+    let _ = fs::write(&filler, vec![0u8; 4 << 20]);
+    let mut acknowledged = Vec::new();
+    let mut failure = None;
+    for i in 0..10_000 {
+        let name = format!("k{i}");
+        match engine.create_key(&cu, &name, &KeyOptions::new(KeyType::Rsa4096)) {
+            Ok(_) => acknowledged.push(name),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("the disk never filled");
+    assert!(
+        matches!(&failure, EngineError::Storage(e) if e.is_io()),
+        "{failure:?}"
+    );
+    // Keys in memory keep serving; the failed key does not exist.
+    assert!(decrypts(&engine, &ct));
+    let failed = format!("k{}", acknowledged.len());
+    assert!(engine.read_key(&cu, &failed).is_err());
+    drop(engine);
+    fs::remove_file(&filler).unwrap();
+    let engine = Engine::open(&dir, EngineConfig::default()).unwrap();
+    assert_eq!(engine.state(), EngineState::Active);
+    assert!(decrypts(&engine, &ct));
+    for name in &acknowledged {
+        engine.read_key(&cu, name).unwrap();
+    }
+}

@@ -79,6 +79,20 @@ pub enum StoreError {
     Interrupted,
 }
 
+impl StoreError {
+    /// An I/O failure of the data dir (disk full, read-only, device error),
+    /// or redb refusing writes after one (`PreviousIo`, until the process
+    /// restarts and redb repairs the file): the store is intact but cannot
+    /// be written now.
+    pub fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io { .. }
+                | StoreError::Database(redb::Error::Io(_) | redb::Error::PreviousIo)
+        )
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
