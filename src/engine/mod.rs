@@ -245,6 +245,9 @@ struct StateFile {
 
 struct Paths {
     store: PathBuf,
+    /// A store being created (init, restore) before its rename into place;
+    /// a crash can leave one behind, shredded at the next start.
+    store_tmp: PathBuf,
     master_key: PathBuf,
     /// Auto mode's next key file during a master-key rotation.
     master_key_next: PathBuf,
@@ -346,6 +349,7 @@ impl Engine {
             })?;
         let paths = Paths {
             store: data_dir.join("store.redb"),
+            store_tmp: data_dir.join("store.redb.tmp"),
             master_key: data_dir.join("master.key"),
             master_key_next: data_dir.join("master.key.next"),
             state: data_dir.join("engine-state.json"),
@@ -420,6 +424,7 @@ impl Engine {
             // Never initialized (or an init crashed before its store existed).
             MasterKey::destroy_file(&engine.paths.master_key)?;
             MasterKey::destroy_file(&engine.paths.master_key_next)?;
+            store::shred_file(&engine.paths.store_tmp)?;
             inner.state = EngineState::Uninitialized;
             engine.issue_init_token(&mut inner)?;
         }
@@ -433,6 +438,7 @@ impl Engine {
             MasterKey::destroy_file(&engine.paths.master_key)?;
             MasterKey::destroy_file(&engine.paths.master_key_next)?;
             store::shred_file(&engine.paths.store)?;
+            store::shred_file(&engine.paths.store_tmp)?;
             inner.state = EngineState::Zeroized;
             engine.issue_init_token(&mut inner)?;
         }
@@ -828,12 +834,14 @@ impl Engine {
     /// dir that opens. Returns the new generation.
     pub fn rotate_master_key(&self, by: &Principal) -> Result<u64, EngineError> {
         Self::require(by, Role::CryptoOfficer)?;
+        // key_writes before the state lock, the order update_ring uses: the
+        // other order can deadlock behind a queued writer (zeroize).
+        let _serial = lock(&self.key_writes);
         let inner = read(&self.inner);
         let active = inner
             .active
             .as_ref()
             .ok_or(EngineError::NotActive(inner.state))?;
-        let _serial = lock(&self.key_writes);
         let auto = *active.store.seal_params() == SealParams::Auto;
         let generation = if auto {
             let next = MasterKey::generate()?.into_secret();
@@ -1231,7 +1239,8 @@ impl Engine {
         lock(&self.user_locks).clear();
         // Overwritten, not just unlinked: in sealed mode the store holds the
         // wrapped master key, and the passphrase or shares still exist.
-        let store_gone = store::shred_file(&self.paths.store);
+        let store_gone =
+            store::shred_file(&self.paths.store).and(store::shred_file(&self.paths.store_tmp));
         tracing::error!(zeroizations, "engine zeroized");
         self.issue_init_token(inner)?;
         key_gone?;

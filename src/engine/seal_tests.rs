@@ -181,8 +181,19 @@ fn zeroize_in_sealed_mode_leaves_no_store_and_no_key_file() {
         .init_with(&s(ADMIN_PW), &token(dir.path()), Some(&s(PASSPHRASE)))
         .unwrap();
     key_and_ciphertext(&engine);
+    // What a crash in the middle of an init or restore could leave behind.
+    fs::copy(
+        dir.path().join("store.redb"),
+        dir.path().join("store.redb.tmp"),
+    )
+    .unwrap();
     engine.zeroize(&principal(Role::CryptoOfficer)).unwrap();
-    for f in ["store.redb", "master.key", "master.key.next"] {
+    for f in [
+        "store.redb",
+        "store.redb.tmp",
+        "master.key",
+        "master.key.next",
+    ] {
         assert!(!dir.path().join(f).exists(), "{f} survived zeroization");
     }
     drop(engine);
