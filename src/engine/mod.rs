@@ -746,17 +746,17 @@ impl Engine {
                 return Err(EngineError::Internal("auto seal is never sealed".into()))
             }
         };
-        let locked = inner
-            .locked
-            .take()
-            .ok_or_else(|| EngineError::Internal("sealed without a store".into()))?;
+        let locked = match inner.locked.take() {
+            Some(l) => l,
+            None => LockedStore::open(&self.paths.store)?,
+        };
         match locked.unlock(kek) {
             Ok(store) => {
                 // A record that does not open leaves the engine sealed, store kept.
                 let rings = match load_rings(&store) {
                     Ok(r) => r,
                     Err(e) => {
-                        inner.locked = Some(store.lock());
+                        inner.locked = store.lock().ok();
                         return Err(e);
                     }
                 };
@@ -818,8 +818,10 @@ impl Engine {
         // Dropping the key rings and the store's keys wipes them.
         let Active { store, keys } = active;
         drop(keys);
-        inner.locked = Some(store.lock());
+        // Sealed whatever happens next: keys are gone from memory. A store
+        // that cannot be reopened here is reopened by the next unseal.
         inner.state = EngineState::Sealed;
+        inner.locked = store.lock().ok();
         inner.unseal_shares.clear();
         inner.unseal_nonce = new_nonce()?;
         lock(&self.sessions).clear();

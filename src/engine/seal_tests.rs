@@ -308,9 +308,9 @@ fn an_auto_rotation_crash_at_either_step_leaves_a_data_dir_that_opens() {
 }
 
 /// A full disk: a write fails with a storage I/O error (503 at the API),
-/// nothing half-written is visible, keys already loaded keep serving, and
-/// after a restart on a disk with room the store opens with every
-/// acknowledged key. Needs root (mounts a 4 MiB tmpfs), so it is ignored by
+/// nothing half-written is visible, keys already loaded keep serving; once
+/// there is room the next write succeeds without a restart, and after a
+/// restart the store opens with every acknowledged key. Needs root (mounts a 4 MiB tmpfs), so it is ignored by
 /// default: `cargo test --lib full_disk -- --ignored`.
 #[test]
 #[ignore = "needs root to mount a small tmpfs"]
@@ -359,8 +359,14 @@ fn a_full_disk_refuses_writes_keeps_serving_and_loses_nothing_acknowledged() {
     assert!(decrypts(&engine, &ct));
     let failed = format!("k{}", acknowledged.len());
     assert!(engine.read_key(&cu, &failed).is_err());
-    drop(engine);
+    // Room again: the store reopens itself (redb's PreviousIo cleared) and
+    // the next write succeeds without a restart.
     fs::remove_file(&filler).unwrap();
+    engine
+        .create_key(&cu, "after", &KeyOptions::new(KeyType::Aes256Gcm96))
+        .unwrap();
+    acknowledged.push("after".into());
+    drop(engine);
     let engine = Engine::open(&dir, EngineConfig::default()).unwrap();
     assert_eq!(engine.state(), EngineState::Active);
     assert!(decrypts(&engine, &ct));

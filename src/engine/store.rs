@@ -73,6 +73,9 @@ pub enum StoreError {
     WrongKek,
     #[error("store metadata is malformed: {0}")]
     Meta(String),
+    /// The database was closed by an I/O failure and could not be reopened yet.
+    #[error("the store is closed after an I/O failure and could not be reopened yet")]
+    Closed,
     /// A test hook stopped a master-key rotation before its commit.
     #[cfg(test)]
     #[error("rotation interrupted by the test hook")]
@@ -88,6 +91,7 @@ impl StoreError {
         matches!(
             self,
             StoreError::Io { .. }
+                | StoreError::Closed
                 | StoreError::Database(redb::Error::Io(_) | redb::Error::PreviousIo)
         )
     }
@@ -258,7 +262,10 @@ struct Keys {
 }
 
 pub struct Store {
-    db: Database,
+    /// `None` only after an I/O failure closed it and reopening failed;
+    /// the next operation tries again ([`Store::recover`]).
+    db: RwLock<Option<Database>>,
+    path: PathBuf,
     /// Read-locked by every seal/unseal (and held across a write's commit),
     /// write-locked by a master-key rotation: no record is ever sealed under
     /// a key that is about to be replaced.
@@ -271,6 +278,7 @@ pub struct Store {
 /// the plaintext metadata.
 pub struct LockedStore {
     db: Database,
+    path: PathBuf,
 }
 
 const META_SEAL: &str = "seal";
@@ -368,7 +376,8 @@ impl Store {
         fs::rename(&tmp, path).map_err(io_err(path))?;
         sync_parent(path)?;
         Ok(Store {
-            db,
+            db: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
             keys: RwLock::new(Keys {
                 master,
                 kek,
@@ -384,8 +393,53 @@ impl Store {
     }
 
     /// Drops the keys (wiped on drop), keeping the database open.
-    pub fn lock(self) -> LockedStore {
-        LockedStore { db: self.db }
+    pub fn lock(self) -> Result<LockedStore, StoreError> {
+        let path = self.path;
+        match self.db.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(db) => Ok(LockedStore { db, path }),
+            None => LockedStore::open(&path),
+        }
+    }
+
+    /// Runs `f` on the open database; an I/O failure (or redb's
+    /// `PreviousIo` after one) closes and reopens the database, which is
+    /// how redb recovers: the next write can succeed once the disk has
+    /// room again, without a restart.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.db.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+            self.recover();
+        }
+        let result = {
+            let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(db) => f(db),
+                None => Err(StoreError::Closed),
+            }
+        };
+        if matches!(&result, Err(e) if e.is_io()) {
+            self.recover();
+        }
+        result
+    }
+
+    /// Closes and reopens the database (redb repairs it on open). Waits
+    /// for every operation in flight. On failure the store stays closed
+    /// and the next operation tries again.
+    fn recover(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
+        *guard = None;
+        match Database::open(&self.path) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "store reopened after an I/O failure");
+                *guard = Some(db);
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "store cannot be reopened; retrying at the next operation");
+            }
+        }
     }
 
     pub fn seal_params(&self) -> &SealParams {
@@ -423,36 +477,38 @@ impl Store {
         let new_master = MasterKey::generate()?;
         let kek = new_kek.unwrap_or_else(|| keys.kek.duplicate());
         let generation = keys.generation + 1;
-        let txn = db_err!(self.db.begin_write())?;
-        let mut done = 0usize;
-        for (def, table_name) in [(USERS, "users"), (KEYS, "keys")] {
-            let mut t = db_err!(txn.open_table(def))?;
-            let mut resealed = Vec::new();
-            for entry in db_err!(t.iter())? {
-                let (k, v) = db_err!(entry)?;
-                let name = k.value().to_string();
-                let plain = open_record(&keys.master, table_name, &name, v.value())?;
-                let sealed = seal_record(&new_master, table_name, &name, &plain)?;
-                resealed.push((name, sealed));
-            }
-            for (name, sealed) in resealed {
-                db_err!(t.insert(name.as_str(), sealed.as_slice()))?;
-                done += 1;
-                if interrupt_after.is_some_and(|n| done >= n) {
-                    // Dropping the transaction uncommitted is what a crash
-                    // here leaves behind.
-                    #[cfg(test)]
-                    return Err(StoreError::Interrupted);
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            let mut done = 0usize;
+            for (def, table_name) in [(USERS, "users"), (KEYS, "keys")] {
+                let mut t = db_err!(txn.open_table(def))?;
+                let mut resealed = Vec::new();
+                for entry in db_err!(t.iter())? {
+                    let (k, v) = db_err!(entry)?;
+                    let name = k.value().to_string();
+                    let plain = open_record(&keys.master, table_name, &name, v.value())?;
+                    let sealed = seal_record(&new_master, table_name, &name, &plain)?;
+                    resealed.push((name, sealed));
+                }
+                for (name, sealed) in resealed {
+                    db_err!(t.insert(name.as_str(), sealed.as_slice()))?;
+                    done += 1;
+                    if interrupt_after.is_some_and(|n| done >= n) {
+                        // Dropping the transaction uncommitted is what a crash
+                        // here leaves behind.
+                        #[cfg(test)]
+                        return Err(StoreError::Interrupted);
+                    }
                 }
             }
-        }
-        let wrapped = wrap_master(&kek, &new_master, &self.params, generation)?;
-        {
-            let mut meta = db_err!(txn.open_table(META))?;
-            db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
-            db_err!(meta.insert(META_GENERATION, generation.to_be_bytes().as_slice()))?;
-        }
-        db_err!(txn.commit())?;
+            let wrapped = wrap_master(&kek, &new_master, &self.params, generation)?;
+            {
+                let mut meta = db_err!(txn.open_table(META))?;
+                db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
+                db_err!(meta.insert(META_GENERATION, generation.to_be_bytes().as_slice()))?;
+            }
+            db_err!(txn.commit())
+        })?;
         *keys = Keys {
             master: new_master,
             kek,
@@ -465,28 +521,30 @@ impl Store {
     /// one read transaction, both tables.
     pub fn snapshot(&self) -> Result<(Vec<UserRecord>, Vec<Unsealed>), StoreError> {
         let keys = self.read_keys();
-        let txn = db_err!(self.db.begin_read())?;
-        let mut users = Vec::new();
-        let mut rings = Vec::new();
-        {
-            let t = db_err!(txn.open_table(USERS))?;
-            for entry in db_err!(t.iter())? {
-                let (k, v) = db_err!(entry)?;
-                let name = k.value().to_string();
-                let plain = open_record(&keys.master, "users", &name, v.value())?;
-                users.push(decode("users", &name, &plain)?);
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let mut users = Vec::new();
+            let mut rings = Vec::new();
+            {
+                let t = db_err!(txn.open_table(USERS))?;
+                for entry in db_err!(t.iter())? {
+                    let (k, v) = db_err!(entry)?;
+                    let name = k.value().to_string();
+                    let plain = open_record(&keys.master, "users", &name, v.value())?;
+                    users.push(decode("users", &name, &plain)?);
+                }
             }
-        }
-        {
-            let t = db_err!(txn.open_table(KEYS))?;
-            for entry in db_err!(t.iter())? {
-                let (k, v) = db_err!(entry)?;
-                let name = k.value().to_string();
-                let plain = open_record(&keys.master, "keys", &name, v.value())?;
-                rings.push((name, plain));
+            {
+                let t = db_err!(txn.open_table(KEYS))?;
+                for entry in db_err!(t.iter())? {
+                    let (k, v) = db_err!(entry)?;
+                    let name = k.value().to_string();
+                    let plain = open_record(&keys.master, "keys", &name, v.value())?;
+                    rings.push((name, plain));
+                }
             }
-        }
-        Ok((users, rings))
+            Ok((users, rings))
+        })
     }
 
     /// Seals one record's plaintext under the master key, bound to its identity.
@@ -512,12 +570,14 @@ impl Store {
         // Held through the commit: a rotation cannot slip in between.
         let keys = self.read_keys();
         let sealed = seal_record(&keys.master, table.name(), name, plaintext)?;
-        let txn = db_err!(self.db.begin_write())?;
-        {
-            let mut t = db_err!(txn.open_table(table))?;
-            db_err!(t.insert(name, sealed.as_slice()))?;
-        }
-        db_err!(txn.commit())
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            {
+                let mut t = db_err!(txn.open_table(table))?;
+                db_err!(t.insert(name, sealed.as_slice()))?;
+            }
+            db_err!(txn.commit())
+        })
     }
 
     fn get(
@@ -527,17 +587,19 @@ impl Store {
         name: &str,
     ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let keys = self.read_keys();
-        let txn = db_err!(self.db.begin_read())?;
-        let t = db_err!(txn.open_table(table))?;
-        match db_err!(t.get(name))? {
-            Some(v) => Ok(Some(open_record(
-                &keys.master,
-                table_name,
-                name,
-                v.value(),
-            )?)),
-            None => Ok(None),
-        }
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let t = db_err!(txn.open_table(table))?;
+            match db_err!(t.get(name))? {
+                Some(v) => Ok(Some(open_record(
+                    &keys.master,
+                    table_name,
+                    name,
+                    v.value(),
+                )?)),
+                None => Ok(None),
+            }
+        })
     }
     fn all(
         &self,
@@ -545,27 +607,31 @@ impl Store {
         table_name: &'static str,
     ) -> Result<Vec<Unsealed>, StoreError> {
         let keys = self.read_keys();
-        let txn = db_err!(self.db.begin_read())?;
-        let t = db_err!(txn.open_table(table))?;
-        let mut out = Vec::new();
-        for entry in db_err!(t.iter())? {
-            let (k, v) = db_err!(entry)?;
-            let name = k.value().to_string();
-            let plain = open_record(&keys.master, table_name, &name, v.value())?;
-            out.push((name, plain));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let t = db_err!(txn.open_table(table))?;
+            let mut out = Vec::new();
+            for entry in db_err!(t.iter())? {
+                let (k, v) = db_err!(entry)?;
+                let name = k.value().to_string();
+                let plain = open_record(&keys.master, table_name, &name, v.value())?;
+                out.push((name, plain));
+            }
+            Ok(out)
+        })
     }
 
     fn delete(&self, table: TableDefinition<&str, &[u8]>, name: &str) -> Result<bool, StoreError> {
-        let txn = db_err!(self.db.begin_write())?;
-        let existed = {
-            let mut t = db_err!(txn.open_table(table))?;
-            let removed = db_err!(t.remove(name))?;
-            removed.is_some()
-        };
-        db_err!(txn.commit())?;
-        Ok(existed)
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            let existed = {
+                let mut t = db_err!(txn.open_table(table))?;
+                let removed = db_err!(t.remove(name))?;
+                removed.is_some()
+            };
+            db_err!(txn.commit())?;
+            Ok(existed)
+        })
     }
 
     pub fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
@@ -606,17 +672,24 @@ impl Store {
 
     #[cfg(test)]
     fn raw_put(&self, table: TableDefinition<&str, &[u8]>, name: &str, bytes: &[u8]) {
-        let txn = self.db.begin_write().unwrap();
-        txn.open_table(table).unwrap().insert(name, bytes).unwrap();
-        txn.commit().unwrap();
+        self.with_db(|db| {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(table).unwrap().insert(name, bytes).unwrap();
+            txn.commit().unwrap();
+            Ok(())
+        })
+        .unwrap();
     }
 
     #[cfg(test)]
     fn raw_get(&self, table: TableDefinition<&str, &[u8]>, name: &str) -> Vec<u8> {
-        let txn = self.db.begin_read().unwrap();
-        let t = txn.open_table(table).unwrap();
-        let v = t.get(name).unwrap().unwrap().value().to_vec();
-        v
+        self.with_db(|db| {
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(table).unwrap();
+            let v = t.get(name).unwrap().unwrap().value().to_vec();
+            Ok(v)
+        })
+        .unwrap()
     }
 }
 
@@ -667,7 +740,10 @@ impl LockedStore {
         }
         drop(meta);
         drop(txn);
-        Ok(LockedStore { db })
+        Ok(LockedStore {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -689,6 +765,9 @@ impl LockedStore {
 
     /// Opens the wrapped master key with `kek`. On failure the locked store
     /// comes back, unchanged, with the error.
+    // The error hands the store back (a wrong unseal must not close it);
+    // it is rare and moved once, so its size does not matter.
+    #[allow(clippy::result_large_err)]
     pub fn unlock(self, kek: SecretBytes) -> Result<Store, (LockedStore, StoreError)> {
         let params = match self.seal_params() {
             Ok(p) => p,
@@ -720,7 +799,8 @@ impl LockedStore {
             }
         };
         Ok(Store {
-            db: self.db,
+            db: RwLock::new(Some(self.db)),
+            path: self.path,
             keys: RwLock::new(Keys {
                 master,
                 kek,
@@ -906,14 +986,19 @@ mod tests {
             let legacy = MasterKey(k.duplicate());
             let sealed = seal_record(&legacy, "keys", "old", b"legacy ring").unwrap();
             store.raw_put(KEYS, "old", &sealed);
-            let txn = store.db.begin_write().unwrap();
-            {
-                let mut meta = txn.open_table(META).unwrap();
-                meta.remove(META_MASTER).unwrap();
-                meta.remove(META_GENERATION).unwrap();
-                meta.remove(META_SEAL).unwrap();
-            }
-            txn.commit().unwrap();
+            store
+                .with_db(|db| {
+                    let txn = db.begin_write().unwrap();
+                    {
+                        let mut meta = txn.open_table(META).unwrap();
+                        meta.remove(META_MASTER).unwrap();
+                        meta.remove(META_GENERATION).unwrap();
+                        meta.remove(META_SEAL).unwrap();
+                    }
+                    txn.commit().unwrap();
+                    Ok(())
+                })
+                .unwrap();
         }
         drop(store);
         let store = Store::open(&path, k.duplicate()).unwrap();
