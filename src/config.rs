@@ -95,7 +95,7 @@ pub struct EngineConfig {
 }
 
 /// `[backup]` (docs/BACKUP.md).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupConfig {
     /// The custodian's X25519 public key: backups are encrypted to it.
     pub custodian_public_key: Option<[u8; 32]>,
@@ -103,6 +103,24 @@ pub struct BackupConfig {
     pub signing_key_file: Option<PathBuf>,
     /// Ed25519 public keys whose backups this server restores (pinned).
     pub trusted_signers: Vec<[u8; 32]>,
+    /// Scheduled backups: write one into this directory every `interval`.
+    pub schedule_dir: Option<PathBuf>,
+    pub schedule_interval: Duration,
+    /// How many scheduled backups to keep (oldest removed first).
+    pub schedule_keep: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            custodian_public_key: None,
+            signing_key_file: None,
+            trusted_signers: Vec::new(),
+            schedule_dir: None,
+            schedule_interval: Duration::from_secs(86_400),
+            schedule_keep: 7,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -415,6 +433,9 @@ struct RawBackup {
     signing_key_file: Option<Spanned<String>>,
     #[serde(default)]
     trusted_signers: Vec<Spanned<String>>,
+    schedule_dir: Option<Spanned<String>>,
+    schedule_interval_seconds: Option<Spanned<i64>>,
+    schedule_keep: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -937,10 +958,55 @@ fn backup_config(
         Some(v) => Some(base_dir(main.path).join(v.get_ref())),
         None => None,
     };
+    let defaults = BackupConfig::default();
+    let schedule_interval = bounded(
+        main,
+        errors,
+        "backup.schedule_interval_seconds",
+        &raw.schedule_interval_seconds,
+        1..=31_536_000,
+    )
+    .map(Duration::from_secs)
+    .unwrap_or(defaults.schedule_interval);
+    let schedule_keep = bounded(
+        main,
+        errors,
+        "backup.schedule_keep",
+        &raw.schedule_keep,
+        1..=10_000,
+    )
+    .unwrap_or(defaults.schedule_keep);
+    let schedule_dir = match &raw.schedule_dir {
+        Some(v) if v.get_ref().trim().is_empty() => {
+            errors.push(main.error_at(v.span(), "backup.schedule_dir must not be empty"));
+            None
+        }
+        Some(v) => {
+            if custodian_public_key.is_none() || signing_key_file.is_none() {
+                errors.push(main.error_at(
+                    v.span(),
+                    "backup.schedule_dir needs backup.custodian_public_key and backup.signing_key_file",
+                ));
+            }
+            Some(base_dir(main.path).join(v.get_ref()))
+        }
+        None => {
+            for v in [&raw.schedule_interval_seconds, &raw.schedule_keep]
+                .into_iter()
+                .flatten()
+            {
+                errors.push(main.error_at(v.span(), "backup.schedule_* needs backup.schedule_dir"));
+            }
+            None
+        }
+    };
     BackupConfig {
         custodian_public_key,
         signing_key_file,
         trusted_signers,
+        schedule_dir,
+        schedule_interval,
+        schedule_keep,
     }
 }
 
@@ -1967,6 +2033,46 @@ admin_groups = ["admins"]
             "hsmgate.toml",
             3,
             "between 2 and 16",
+        );
+    }
+
+    #[test]
+    fn backup_keys_and_schedule_are_validated() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = load_ok(
+            &format!(
+                "[backup]\ncustodian_public_key = \"{key}\"\nsigning_key_file = \"s.key\"\n\
+                 trusted_signers = [\"{key}\"]\nschedule_dir = \"b\"\nschedule_keep = 3\n{MAIN}"
+            ),
+            GROUPS,
+        );
+        assert_eq!(c.engine.backup.custodian_public_key.unwrap()[1], 1);
+        assert_eq!(c.engine.backup.trusted_signers.len(), 1);
+        assert_eq!(c.engine.backup.schedule_keep, 3);
+        assert_eq!(
+            c.engine.backup.schedule_interval,
+            Duration::from_secs(86_400)
+        );
+        assert_one_error(
+            &format!("[backup]\ncustodian_public_key = \"c2hvcnQ=\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "32-byte public key",
+        );
+        assert_one_error(
+            &format!("[backup]\nschedule_dir = \"b\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "needs backup.custodian_public_key",
+        );
+        assert_one_error(
+            &format!("[backup]\nschedule_keep = 3\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "needs backup.schedule_dir",
         );
     }
 

@@ -233,3 +233,53 @@ async fn cli_backup_and_restore_of_a_stopped_server() {
     s.start_again();
     assert!(decrypts(&s, &ct).await);
 }
+
+/// `[backup] schedule_dir`: a backup every interval, only the newest
+/// `schedule_keep` kept; each one restores.
+#[tokio::test]
+async fn scheduled_backups_rotate_and_restore() {
+    let keys = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}schedule_dir = \"{}\"\nschedule_interval_seconds = 1\nschedule_keep = 2\n",
+        keygen(keys.path()),
+        out.path().display()
+    );
+    let s = TestServer::start(with_backup(&config));
+    let (ct, _, _) = populate_and_back_up(&s).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        let names: Vec<String> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".hsmbak"))
+            .collect();
+        assert!(names.len() <= 2, "more than schedule_keep: {names:?}");
+        seen.extend(names);
+        if seen.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(seen.len() >= 4, "saw only {seen:?}");
+    let newest = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "hsmbak"))
+        .max()
+        .unwrap();
+    let file = std::fs::read(&newest).unwrap();
+    let other = TestServer::start(with_backup(&config.replace(
+        &out.path().display().to_string(),
+        &out.path().join("other").display().to_string(),
+    )));
+    let (st, body) = restore(
+        &other,
+        &b64(&file),
+        &custodian_key(keys.path()),
+        &other.init_token(),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(decrypts(&other, &ct).await);
+}

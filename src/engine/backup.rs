@@ -482,6 +482,55 @@ impl Engine {
         ))
     }
 
+    /// One scheduled backup into `[backup] schedule_dir` (file
+    /// `hsmgate-<unix seconds>.hsmbak`, 0600, written atomically), then
+    /// the oldest beyond `schedule_keep` are removed. Skipped (`Ok(None)`)
+    /// unless the engine is active. Blocking.
+    pub fn scheduled_backup(&self) -> Result<Option<std::path::PathBuf>, EngineError> {
+        let cfg = &self.config.backup;
+        let Some(dir) = cfg.schedule_dir.as_ref() else {
+            return Ok(None);
+        };
+        if self.state() != EngineState::Active {
+            return Ok(None);
+        }
+        let scheduler = Principal {
+            username: "backup-scheduler".into(),
+            role: Role::CryptoOfficer,
+            issued_at: std::time::SystemTime::now(),
+            expires_at: std::time::SystemTime::now(),
+            app_policies: Vec::new(),
+        };
+        let (summary, bytes) = self.backup(&scheduler)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
+        }
+        let path = dir.join(format!("hsmgate-{:012}.hsmbak", summary.created_at));
+        super::store::write_atomic(&path, &bytes, 0o600)?;
+        let mut ours: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("hsmgate-") && n.ends_with(".hsmbak"))
+            })
+            .collect();
+        ours.sort();
+        let excess = ours.len().saturating_sub(cfg.schedule_keep);
+        for old in &ours[..excess] {
+            if let Err(e) = std::fs::remove_file(old) {
+                tracing::warn!(path = %old.display(), error = %e, "could not remove an old scheduled backup");
+            }
+        }
+        Ok(Some(path))
+    }
+
     /// Restores a backup into a fresh or zeroized engine: needs the current
     /// init token, the custodian's private key, and a file signed by a
     /// pinned signer. Everything is checked (signature, custodian, every
