@@ -1,5 +1,5 @@
-//! The command line: `serve`, `check`, `audit verify`, `completions`, `man`,
-//! `version`. Parsing lives here; the
+//! The command line: `serve`, `check`, `audit verify`, `backup-keygen`,
+//! `backup`, `restore`, `completions`, `man`, `version`. Parsing lives here; the
 //! work lives in the library.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,6 +42,41 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Generate the backup custodian key (X25519) and backup signing key
+    /// (Ed25519) into a directory, and print the `[backup]` config lines.
+    /// Keep custodian.key offline; give signer.key to the server.
+    BackupKeygen {
+        /// Created if missing; existing key files are never overwritten.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Write an encrypted backup of a stopped server's engine (auto seal
+    /// mode; a running or sealed server: POST /v1/hsm/backup).
+    Backup {
+        #[arg(long, default_value = "config/hsmgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The backup file to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into a stopped server's fresh or zeroized engine
+    /// (reads the init token from the data dir).
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        #[arg(long, default_value = "config/hsmgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The custodian's private key file (from backup-keygen, mode 0600).
+        #[arg(long)]
+        custodian_key: PathBuf,
+        /// A file holding the new unseal passphrase (seal = "passphrase").
+        #[arg(long)]
+        unseal_passphrase_file: Option<PathBuf>,
     },
     /// Print a shell completion script to stdout.
     Completions {
@@ -95,6 +130,25 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { path, config, head },
         } => audit_verify(path, &config, head),
+        Command::BackupKeygen { out_dir } => exit(backup_keygen(&out_dir)),
+        Command::Backup {
+            config,
+            data_dir,
+            out,
+        } => exit(backup_offline(&config, data_dir, &out)),
+        Command::Restore {
+            file,
+            config,
+            data_dir,
+            custodian_key,
+            unseal_passphrase_file,
+        } => exit(restore_offline(
+            &file,
+            &config,
+            data_dir,
+            &custodian_key,
+            unseal_passphrase_file.as_deref(),
+        )),
         Command::Check { config } => match validate(&config) {
             Some(cfg) => {
                 let filter = Netfilter::build(&cfg);
@@ -129,6 +183,184 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+fn exit(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hsmgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backup_keygen(dir: &Path) -> Result<(), String> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let keys = crate::engine::backup::keygen().map_err(|e| e.to_string())?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (custodian_pub, signer_pub) = (
+        b64.encode(keys.custodian_public),
+        b64.encode(keys.signer_public),
+    );
+    let files: [(&str, &[u8], u32); 4] = [
+        ("custodian.key", &keys.custodian_private, 0o600),
+        ("signer.key", &keys.signer_pkcs8, 0o600),
+        ("custodian.pub", custodian_pub.as_bytes(), 0o644),
+        ("signer.pub", signer_pub.as_bytes(), 0o644),
+    ];
+    for (name, _, _) in &files {
+        if dir.join(name).exists() {
+            return Err(format!(
+                "{} exists; refusing to overwrite key files",
+                dir.join(name).display()
+            ));
+        }
+    }
+    for (name, bytes, mode) in files {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(bytes).and(f.sync_all()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!(
+        "wrote {}/custodian.key (keep OFFLINE: it reads every backup)",
+        dir.display()
+    );
+    println!(
+        "wrote {}/signer.key (give to the server, mode 0600)",
+        dir.display()
+    );
+    println!("[backup]");
+    println!(
+        "custodian_public_key = \"{}\"",
+        b64.encode(keys.custodian_public)
+    );
+    println!(
+        "signing_key_file = \"{}\"",
+        dir.join("signer.key").display()
+    );
+    println!("trusted_signers = [\"{}\"]", b64.encode(keys.signer_public));
+    Ok(())
+}
+
+fn open_engine(config: &Path, data_dir: Option<PathBuf>) -> Result<crate::engine::Engine, String> {
+    let mut cfg = load(config).ok_or("config errors; nothing was changed")?;
+    if let Some(dir) = data_dir {
+        cfg.data_dir = dir;
+    }
+    crate::engine::Engine::open(&cfg.data_dir, cfg.engine.clone()).map_err(|e| {
+        format!(
+            "opening the engine in {}: {e} (is the server still running? stop it first)",
+            cfg.data_dir.display()
+        )
+    })
+}
+
+fn backup_offline(config: &Path, data_dir: Option<PathBuf>, out: &Path) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let engine = open_engine(config, data_dir)?;
+    if engine.state() != crate::engine::EngineState::Active {
+        return Err(format!(
+            "the engine is {}; back up a sealed engine through POST /v1/hsm/backup after unsealing",
+            engine.state().as_str()
+        ));
+    }
+    // Whoever can open the data dir and its key file already holds every key.
+    let local = crate::engine::Principal {
+        username: "local-cli".into(),
+        role: crate::engine::Role::CryptoOfficer,
+        issued_at: std::time::SystemTime::now(),
+        expires_at: std::time::SystemTime::now(),
+        app_policies: Vec::new(),
+    };
+    eprintln!("hsmgate: reading the store ...");
+    let (summary, bytes) = engine.backup(&local).map_err(|e| e.to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    f.write_all(&bytes)
+        .and(f.sync_all())
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    println!(
+        "backup written: {} ({} bytes, {} users, {} keys, sha256 {})",
+        out.display(),
+        bytes.len(),
+        summary.users,
+        summary.keys,
+        hex::encode(crate::engine::crypto::sha256(&bytes))
+    );
+    Ok(())
+}
+
+fn restore_offline(
+    file: &Path,
+    config: &Path,
+    data_dir: Option<PathBuf>,
+    custodian_key: &Path,
+    passphrase_file: Option<&Path>,
+) -> Result<(), String> {
+    use crate::engine::secret::SecretString;
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let custodian =
+        crate::engine::backup::read_secret_file(custodian_key).map_err(|e| e.to_string())?;
+    let passphrase = match passphrase_file {
+        Some(p) => {
+            let raw = crate::engine::backup::read_secret_file(p).map_err(|e| e.to_string())?;
+            let text = String::from_utf8(raw.to_vec())
+                .map_err(|_| format!("{} is not UTF-8", p.display()))?;
+            Some(SecretString::new(
+                text.trim_end_matches(['\n', '\r']).to_string(),
+            ))
+        }
+        None => None,
+    };
+    let engine = open_engine(config, data_dir)?;
+    let token = std::fs::read_to_string(engine.init_token_path()).map_err(|e| {
+        format!(
+            "no init token at {} ({e}): restore needs a fresh or zeroized engine",
+            engine.init_token_path().display()
+        )
+    })?;
+    eprintln!(
+        "hsmgate: checking {} ({} bytes) ...",
+        file.display(),
+        bytes.len()
+    );
+    let (summary, outcome) = engine
+        .restore(
+            &bytes,
+            &custodian,
+            &SecretString::new(token),
+            passphrase.as_ref(),
+        )
+        .map_err(|e| format!("{e}; nothing was changed"))?;
+    println!(
+        "restored: {} users, {} keys (backup of {}); seal {}",
+        summary.users,
+        summary.keys,
+        crate::api::rfc3339(summary.created_at),
+        outcome.seal_type
+    );
+    for (i, share) in outcome.shares.iter().enumerate() {
+        println!("unseal share {}: {share}", i + 1);
+    }
+    Ok(())
 }
 
 fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> ExitCode {

@@ -94,6 +94,40 @@ pub struct EngineConfig {
     /// [`crate::engine::users::MIN_PASSWORD_LEN`]: below that an offline
     /// guess of a stolen hash is cheap even with argon2id.
     pub min_password_length: usize,
+    /// Where the store's key-encryption key comes from (`seal`,
+    /// `shamir_threshold`, `shamir_shares`); see `crate::engine::seal`.
+    pub seal: crate::engine::seal::SealMode,
+    /// `[backup]`: who backups are for and whose backups restore.
+    pub backup: BackupConfig,
+}
+
+/// `[backup]` (docs/BACKUP.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// The custodian's X25519 public key: backups are encrypted to it.
+    pub custodian_public_key: Option<[u8; 32]>,
+    /// Ed25519 PKCS#8 file (0600) this server signs backups with.
+    pub signing_key_file: Option<PathBuf>,
+    /// Ed25519 public keys whose backups this server restores (pinned).
+    pub trusted_signers: Vec<[u8; 32]>,
+    /// Scheduled backups: write one into this directory every `interval`.
+    pub schedule_dir: Option<PathBuf>,
+    pub schedule_interval: Duration,
+    /// How many scheduled backups to keep (oldest removed first).
+    pub schedule_keep: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            custodian_public_key: None,
+            signing_key_file: None,
+            trusted_signers: Vec::new(),
+            schedule_dir: None,
+            schedule_interval: Duration::from_secs(86_400),
+            schedule_keep: 7,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -104,6 +138,8 @@ impl Default for EngineConfig {
             login_guard_reserve: 1,
             session_ttl: Duration::from_secs(3600),
             min_password_length: crate::engine::users::MIN_PASSWORD_LEN,
+            seal: crate::engine::seal::SealMode::Auto,
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -430,6 +466,20 @@ struct RawConfig {
     audit: RawAudit,
     /// Absent: no metrics listener (the shipped config has the section).
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    backup: RawBackup,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    custodian_public_key: Option<Spanned<String>>,
+    signing_key_file: Option<Spanned<String>>,
+    #[serde(default)]
+    trusted_signers: Vec<Spanned<String>>,
+    schedule_dir: Option<Spanned<String>>,
+    schedule_interval_seconds: Option<Spanned<i64>>,
+    schedule_keep: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -458,6 +508,9 @@ struct RawEngine {
     login_guard_reserve: Option<Spanned<i64>>,
     session_ttl_seconds: Option<Spanned<i64>>,
     min_password_length: Option<Spanned<i64>>,
+    seal: Option<Spanned<String>>,
+    shamir_threshold: Option<Spanned<i64>>,
+    shamir_shares: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -776,6 +829,8 @@ fn assemble(
                 MIN_PASSWORD_LENGTH,
             )
             .unwrap_or(engine_defaults.min_password_length),
+            seal: seal_mode(main, &mut errors, e),
+            backup: backup_config(main, &mut errors, &raw.backup),
         };
         if engine.login_guard_reserve >= engine.zeroize_after_failures {
             let span = e
@@ -941,6 +996,157 @@ fn rate_limit_policy(
         }
     }
     policy
+}
+
+/// `[backup]`: keys are base64 of the raw 32-byte public keys.
+fn backup_config(
+    main: &Source<'_>,
+    errors: &mut Vec<ConfigError>,
+    raw: &RawBackup,
+) -> BackupConfig {
+    use base64::Engine as _;
+    let mut key32 = |what: &str, v: &Spanned<String>| -> Option<[u8; 32]> {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(v.get_ref().trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+        if decoded.is_none() {
+            errors.push(main.error_at(
+                v.span(),
+                format!("backup.{what} must be base64 of a 32-byte public key (hsmgate backup-keygen prints it)"),
+            ));
+        }
+        decoded
+    };
+    let custodian_public_key = raw
+        .custodian_public_key
+        .as_ref()
+        .and_then(|v| key32("custodian_public_key", v));
+    let trusted_signers = raw
+        .trusted_signers
+        .iter()
+        .filter_map(|v| key32("trusted_signers", v))
+        .collect();
+    let signing_key_file = match &raw.signing_key_file {
+        Some(v) if v.get_ref().trim().is_empty() => {
+            errors.push(main.error_at(v.span(), "backup.signing_key_file must not be empty"));
+            None
+        }
+        Some(v) => Some(base_dir(main.path).join(v.get_ref())),
+        None => None,
+    };
+    let defaults = BackupConfig::default();
+    let schedule_interval = bounded(
+        main,
+        errors,
+        "backup.schedule_interval_seconds",
+        &raw.schedule_interval_seconds,
+        1..=31_536_000,
+    )
+    .map(Duration::from_secs)
+    .unwrap_or(defaults.schedule_interval);
+    let schedule_keep = bounded(
+        main,
+        errors,
+        "backup.schedule_keep",
+        &raw.schedule_keep,
+        1..=10_000,
+    )
+    .unwrap_or(defaults.schedule_keep);
+    let schedule_dir = match &raw.schedule_dir {
+        Some(v) if v.get_ref().trim().is_empty() => {
+            errors.push(main.error_at(v.span(), "backup.schedule_dir must not be empty"));
+            None
+        }
+        Some(v) => {
+            if custodian_public_key.is_none() || signing_key_file.is_none() {
+                errors.push(main.error_at(
+                    v.span(),
+                    "backup.schedule_dir needs backup.custodian_public_key and backup.signing_key_file",
+                ));
+            }
+            Some(base_dir(main.path).join(v.get_ref()))
+        }
+        None => {
+            for v in [&raw.schedule_interval_seconds, &raw.schedule_keep]
+                .into_iter()
+                .flatten()
+            {
+                errors.push(main.error_at(v.span(), "backup.schedule_* needs backup.schedule_dir"));
+            }
+            None
+        }
+    };
+    BackupConfig {
+        custodian_public_key,
+        signing_key_file,
+        trusted_signers,
+        schedule_dir,
+        schedule_interval,
+        schedule_keep,
+    }
+}
+
+/// `[engine] seal`, `shamir_threshold`, `shamir_shares`.
+fn seal_mode(
+    main: &Source<'_>,
+    errors: &mut Vec<ConfigError>,
+    e: &RawEngine,
+) -> crate::engine::seal::SealMode {
+    use crate::engine::seal::SealMode;
+    let shares: u8 = bounded(
+        main,
+        errors,
+        "engine.shamir_shares",
+        &e.shamir_shares,
+        2..=16,
+    )
+    .unwrap_or(5);
+    let threshold: u8 = bounded(
+        main,
+        errors,
+        "engine.shamir_threshold",
+        &e.shamir_threshold,
+        2..=16,
+    )
+    .unwrap_or(3.min(shares));
+    let mode = match e.seal.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("auto", _)) => SealMode::Auto,
+        Some(("passphrase", _)) => SealMode::Passphrase,
+        Some(("shamir", span)) => {
+            if threshold > shares {
+                errors.push(main.error_at(
+                    span,
+                    format!(
+                        "engine.shamir_threshold ({threshold}) must not exceed \
+                         engine.shamir_shares ({shares})"
+                    ),
+                ));
+            }
+            SealMode::Shamir { threshold, shares }
+        }
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "engine.seal must be \"auto\", \"passphrase\" or \"shamir\", not {other:?}"
+                ),
+            ));
+            SealMode::Auto
+        }
+    };
+    if !matches!(mode, SealMode::Shamir { .. }) {
+        for v in [&e.shamir_threshold, &e.shamir_shares]
+            .into_iter()
+            .flatten()
+        {
+            errors.push(main.error_at(
+                v.span(),
+                "engine.shamir_threshold and engine.shamir_shares need seal = \"shamir\"",
+            ));
+        }
+    }
+    mode
 }
 
 /// The value of an integer key converted to the field's type: `None` when
@@ -2003,6 +2209,105 @@ admin_groups = ["admins"]
         }
     }
 
+    #[test]
+    fn engine_seal_modes_parse_and_bad_ones_are_refused() {
+        use crate::engine::seal::SealMode;
+        assert_eq!(load_ok(MAIN, GROUPS).engine.seal, SealMode::Auto);
+        let c = load_ok(&format!("[engine]\nseal = \"passphrase\"\n{MAIN}"), GROUPS);
+        assert_eq!(c.engine.seal, SealMode::Passphrase);
+        let c = load_ok(&format!("[engine]\nseal = \"shamir\"\n{MAIN}"), GROUPS);
+        assert_eq!(
+            c.engine.seal,
+            SealMode::Shamir {
+                threshold: 3,
+                shares: 5
+            }
+        );
+        let c = load_ok(
+            &format!(
+                "[engine]\nseal = \"shamir\"\nshamir_threshold = 2\nshamir_shares = 2\n{MAIN}"
+            ),
+            GROUPS,
+        );
+        assert_eq!(
+            c.engine.seal,
+            SealMode::Shamir {
+                threshold: 2,
+                shares: 2
+            }
+        );
+        assert_one_error(
+            &format!("[engine]\nseal = \"hsm\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "engine.seal must be",
+        );
+        assert_one_error(
+            &format!(
+                "[engine]\nseal = \"shamir\"\nshamir_threshold = 4\nshamir_shares = 3\n{MAIN}"
+            ),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "must not exceed",
+        );
+        assert_one_error(
+            &format!("[engine]\nshamir_shares = 3\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "need seal = \"shamir\"",
+        );
+        assert_one_error(
+            &format!("[engine]\nseal = \"shamir\"\nshamir_shares = 1\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            3,
+            "between 2 and 16",
+        );
+    }
+
+    #[test]
+    fn backup_keys_and_schedule_are_validated() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = load_ok(
+            &format!(
+                "[backup]\ncustodian_public_key = \"{key}\"\nsigning_key_file = \"s.key\"\n\
+                 trusted_signers = [\"{key}\"]\nschedule_dir = \"b\"\nschedule_keep = 3\n{MAIN}"
+            ),
+            GROUPS,
+        );
+        assert_eq!(c.engine.backup.custodian_public_key.unwrap()[1], 1);
+        assert_eq!(c.engine.backup.trusted_signers.len(), 1);
+        assert_eq!(c.engine.backup.schedule_keep, 3);
+        assert_eq!(
+            c.engine.backup.schedule_interval,
+            Duration::from_secs(86_400)
+        );
+        assert_one_error(
+            &format!("[backup]\ncustodian_public_key = \"c2hvcnQ=\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "32-byte public key",
+        );
+        assert_one_error(
+            &format!("[backup]\nschedule_dir = \"b\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "needs backup.custodian_public_key",
+        );
+        assert_one_error(
+            &format!("[backup]\nschedule_keep = 3\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "needs backup.schedule_dir",
+        );
+    }
+
     /// Asserts exactly one error, in `file` at `line`, whose message contains `needle`.
     fn assert_one_error(main: &str, groups: &str, file: &str, line: usize, needle: &str) {
         let found = errors(main, &[("sg.toml", groups)]);
@@ -2082,6 +2387,8 @@ admin_groups = ["admins"]
                 login_guard_reserve: 1,
                 session_ttl: Duration::from_secs(60),
                 min_password_length: 8,
+                seal: crate::engine::seal::SealMode::Auto,
+                backup: BackupConfig::default(),
             }
         );
         assert_eq!(

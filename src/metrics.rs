@@ -466,6 +466,7 @@ impl Metrics {
         let state = engine.state();
         for s in [
             EngineState::Uninitialized,
+            EngineState::Sealed,
             EngineState::Active,
             EngineState::Zeroized,
         ] {

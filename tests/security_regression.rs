@@ -1091,3 +1091,161 @@ async fn proxy_header_smuggled_by_an_untrusted_peer_is_refused() {
         .await
         .is_err());
 }
+
+/// A sealed engine serves no Transit and no login, and a peer outside the
+/// admin networks cannot even try the unseal secret; the admin network can.
+#[tokio::test]
+async fn sealed_engine_refuses_transit_and_unseal_from_non_admin_networks() {
+    let s = TestServer::start(Opts {
+        engine_extra: "seal = \"passphrase\"\n".into(),
+        ..app_and_admin_nets()
+    });
+    let c = s.client();
+    let pp = "an operator passphrase of some length";
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": pp}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/users",
+            Some(&co),
+            json!({"username": "app", "password": CU_PASSWORD}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s.post(&c, "/v1/hsm/seal", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    let appc = s.client_from(ip(APP_NET));
+    let (st, _) = s
+        .post(
+            &appc,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(st, 503);
+    let (st, _) = s.login("app", CU_PASSWORD).await;
+    assert_eq!(st, 503);
+    for path in ["/v1/hsm/unseal", "/v1/sys/unseal"] {
+        let (st, _) = s.post(&appc, path, None, json!({"key": pp})).await;
+        assert_eq!(st, 403, "{path}");
+    }
+    assert_eq!(s.status().await["state"], "sealed");
+    let (st, _) = s.post(&c, "/v1/sys/unseal", None, json!({"key": pp})).await;
+    assert_eq!(st, 200);
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, _) = s
+        .post(
+            &appc,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(st, 200);
+}
+
+/// Zeroization in sealed mode leaves neither the store (which holds the
+/// wrapped master key) nor any key file in the data dir.
+#[tokio::test]
+async fn zeroize_in_sealed_mode_leaves_no_wrapped_key_in_the_data_dir() {
+    let s = TestServer::start(Opts {
+        engine_extra: "seal = \"shamir\"\nshamir_threshold = 2\nshamir_shares = 2\n".into(),
+        ..Opts::default()
+    });
+    let c = s.client();
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token()}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(s.path("store.redb").exists());
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, _) = s.post(&c, "/v1/hsm/zeroize", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    for f in ["store.redb", "master.key", "master.key.next"] {
+        assert!(!s.path(f).exists(), "{f} survived zeroization");
+    }
+    // The old shares open nothing: there is nothing left to unseal.
+    let share = body["data"]["keys_base64"][0].as_str().unwrap();
+    let (st, _) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": share}))
+        .await;
+    assert_eq!(st, 503);
+}
+
+/// A backup with one byte changed is refused with a clear error, and the
+/// zeroized engine it was aimed at stays exactly as it was (same init
+/// token); the untouched file then restores.
+#[tokio::test]
+async fn a_tampered_backup_is_refused_and_changes_nothing() {
+    let keys = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+        .args(["backup-keygen", "--out-dir"])
+        .arg(keys.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let config = &text[text.find("[backup]").unwrap()..];
+    let s = TestServer::start(Opts {
+        extra_config: config.to_string(),
+        ..Opts::default()
+    });
+    let (co, _) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, body) = s.post(&c, "/v1/hsm/backup", Some(&co), json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    let (st, _) = s.post(&c, "/v1/hsm/zeroize", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    let token = s.init_token();
+    let custodian = b64(&std::fs::read(keys.path().join("custodian.key")).unwrap());
+    use base64::Engine as _;
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(&backup)
+        .unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 1;
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/restore",
+            None,
+            json!({"backup": b64(&bytes), "custodian_key": custodian, "init_token": token}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("backup refused"), "{body}");
+    assert_eq!(s.status().await["state"], "zeroized");
+    assert_eq!(s.init_token(), token);
+    assert!(!s.path("store.redb").exists());
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/restore",
+            None,
+            json!({"backup": backup, "custodian_key": custodian, "init_token": token}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+}

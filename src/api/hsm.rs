@@ -20,6 +20,9 @@ use crate::gateway::rescue::{self, ApiError};
 struct InitBody {
     admin_password: SecretString,
     init_token: SecretString,
+    /// Required exactly when `[engine] seal = "passphrase"`.
+    #[serde(default)]
+    unseal_passphrase: Option<SecretString>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +72,14 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["users", name, "password"]) => reset_password(call, name).await,
         (Method::POST, ["password"]) => change_password(call).await,
         (Method::POST, ["zeroize"]) => zeroize(call).await,
+        (Method::POST, ["unseal"]) => super::seal::hsm_unseal(call).await,
+        (Method::POST, ["seal"]) => super::seal::hsm_seal(call).await,
+        (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
+        (Method::POST, ["backup"]) => super::backup::backup(call).await,
+        (Method::POST, ["restore"]) => super::backup::restore(call).await,
+        (_, ["unseal" | "seal" | "rotate-master-key" | "backup" | "restore"]) => {
+            Err(ApiError::MethodNotAllowed)
+        }
         (_, ["init" | "login" | "status" | "users" | "zeroize" | "password"])
         | (_, ["users", _])
         | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),
@@ -79,11 +90,20 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
 async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: InitBody = call.json()?;
     let _hashing = hashing_slot(call).await?;
-    blocking(call.engine(), move |e| {
-        e.init(&body.admin_password, &body.init_token)
+    let outcome = blocking(call.engine(), move |e| {
+        e.init_with(
+            &body.admin_password,
+            &body.init_token,
+            body.unseal_passphrase.as_ref(),
+        )
     })
     .await?;
-    call.ok(json!({ "state": "active" }))
+    let mut data = json!({ "state": "active", "seal_type": outcome.seal_type });
+    if !outcome.shares.is_empty() {
+        // Vault's sys/init names: returned once, never stored.
+        data["keys_base64"] = json!(outcome.shares);
+    }
+    call.ok(data)
 }
 
 async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -203,7 +223,9 @@ async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Byt
 
 /// One of the few slots for argon2 work, held until the response: logins
 /// can never take every core, whatever their rate.
-async fn hashing_slot(call: &Call<'_>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+pub(super) async fn hashing_slot(
+    call: &Call<'_>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     call.limiters
         .hashing_permit()
         .await

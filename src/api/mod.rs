@@ -1,11 +1,14 @@
 //! The HTTP surface: [`transit`] (Vault Transit compatible), [`hsm`] (HSM
-//! administration), [`sys`] (health, token lookup), [`openapi`] (the API's
+//! administration), [`seal`] (unseal, seal, master-key rotation, seal
+//! status), [`sys`] (health, token lookup), [`openapi`] (the API's
 //! description and route table). Handlers parse, call the
 //! engine, and shape Vault-style envelopes; errors go back as
 //! [`ApiError`] for the gateway's rescue to render.
 pub mod auth;
+pub mod backup;
 pub mod hsm;
 pub mod openapi;
+pub mod seal;
 pub mod sys;
 pub mod transit;
 

@@ -336,6 +336,40 @@ impl Server {
                 }
             });
         }
+        if self.state.engine.config().backup.schedule_dir.is_some() {
+            let state = self.state.clone();
+            let interval = state.engine.config().backup.schedule_interval;
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                // The first tick fires at once: the first backup is one
+                // interval after start.
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let engine = state.engine.clone();
+                    let done = tokio::task::spawn_blocking(move || engine.scheduled_backup()).await;
+                    let event = match done {
+                        Ok(Ok(Some(path))) => Event::new("backup.scheduled", Outcome::Success)
+                            .detail("file", path.display().to_string()),
+                        Ok(Ok(None)) => continue,
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "scheduled backup failed");
+                            Event::new("backup.scheduled", Outcome::Error)
+                                .detail("error", e.to_string())
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "scheduled backup task failed");
+                            Event::new("backup.scheduled", Outcome::Error)
+                        }
+                    };
+                    audit_local(&state, event).await;
+                }
+            });
+        }
         for (index, socket) in self.listeners {
             let state = self.state.clone();
             let stop = stop_rx.clone();

@@ -160,12 +160,25 @@ fn outcome(status: u16, guard_refused: bool) -> Outcome {
 /// `hsm.login`, `hsm.users`, `hsm.users.password`, ...: the route, never
 /// free text (unknown segments become `other`).
 fn hsm_action(path: &str) -> (String, Option<String>) {
+    if path == "/v1/sys/unseal" {
+        return ("hsm.unseal".into(), None);
+    }
     let rest = path.trim_start_matches("/v1/hsm/");
     let seg: Vec<&str> = rest.split('/').collect();
     let known = |s: &str| {
         matches!(
             s,
-            "init" | "login" | "status" | "users" | "zeroize" | "password"
+            "init"
+                | "login"
+                | "status"
+                | "users"
+                | "zeroize"
+                | "password"
+                | "unseal"
+                | "seal"
+                | "rotate-master-key"
+                | "backup"
+                | "restore"
         )
         .then(|| s.to_string())
         .unwrap_or_else(|| "other".into())

@@ -47,8 +47,11 @@ pub fn classify(path: &str) -> RouteClass {
         RouteClass::Health
     } else if path.starts_with("/v1/hsm/") && path != "/v1/hsm/logout" {
         RouteClass::Admin
-    } else if path == "/v1/sys/health" {
+    } else if path == "/v1/sys/health" || path == "/v1/sys/seal-status" {
         RouteClass::Health
+    } else if path == "/v1/sys/unseal" {
+        // Vault's unseal: no token, admin networks only.
+        RouteClass::Admin
     } else if path == "/v1/sys/metrics" {
         RouteClass::Metrics
     } else if path == "/v1/auth/token/lookup-self"
@@ -308,8 +311,12 @@ async fn phases(
             api::transit::handle(&call).await
         }
         RouteClass::Transit => api::sys::lookup_self(&call),
+        RouteClass::Admin if call.path == "/v1/sys/unseal" => api::seal::sys_unseal(&call).await,
         RouteClass::Login | RouteClass::Admin => api::hsm::handle(&call).await,
         RouteClass::Health if call.path == api::openapi::PATH => api::openapi::handle(&call),
+        RouteClass::Health if call.path == "/v1/sys/seal-status" => {
+            api::seal::sys_seal_status(&call)
+        }
         RouteClass::Health => api::sys::health(&call),
         RouteClass::Metrics => crate::metrics::sys_metrics(&call),
         RouteClass::Unknown => Err(ApiError::NotFound),
@@ -372,6 +379,9 @@ mod tests {
         assert_eq!(classify("/v1/hsm/openapi.json"), RouteClass::Health);
         assert_eq!(classify("/v1/hsm/openapi.json/"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/health"), RouteClass::Health);
+        assert_eq!(classify("/v1/sys/seal-status"), RouteClass::Health);
+        assert_eq!(classify("/v1/sys/unseal"), RouteClass::Admin);
+        assert_eq!(classify("/v1/hsm/unseal"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/metrics"), RouteClass::Metrics);
         assert_eq!(classify("/v1/transitx"), RouteClass::Unknown);
         assert_eq!(classify("/v1/auth/jwt/login"), RouteClass::Login);
