@@ -18,7 +18,16 @@
 //! and key-use records are synced by [`AuditLog::flush`] on a timer.
 //!
 //! A write failure marks the log failed: admin requests are refused until a
-//! write succeeds again (`healthy`), so no admin action goes unaudited.
+//! write succeeds again (`healthy`, [`AuditLog::recover`]), so no admin
+//! action goes unaudited. The first record written after a failure is an
+//! `audit.resumed` record saying how many records were lost meanwhile, so
+//! the gap itself is in the chain.
+//!
+//! With `key_use = "per_minute"` Transit operations are counted in memory
+//! per (principal, key, operation) and written as one `transit.key_use`
+//! record per minute ([`AuditLog::roll_key_use`], on the flush timer and at
+//! shutdown); a `kill -9` loses at most the current minute's counts.
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
@@ -50,6 +59,9 @@ pub enum FsyncPolicy {
 pub enum KeyUseLevel {
     /// One record per Transit operation: principal, key, operation, outcome.
     All,
+    /// One record per (principal, key, operation) per wall-clock minute,
+    /// with its success and failure counts. Denials keep a record each.
+    PerMinute,
     /// No key-use records (HSM API calls, logins and denials are still recorded).
     Off,
 }
@@ -203,6 +215,38 @@ struct Writer {
     head: Head,
     /// The last write failed; admin requests are refused until one succeeds.
     failed: bool,
+    /// Records that could not be written since the last one that was; the
+    /// next record written is preceded by an `audit.resumed` record naming
+    /// this count.
+    lost: u64,
+}
+
+/// Distinct (principal, key, operation) entries counted per minute; uses
+/// beyond are counted in one overflow record, so a flood of new key names
+/// costs bounded memory and bounded records.
+pub const KEY_USE_MAX_ENTRIES: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct UseCount {
+    success: u64,
+    failure: u64,
+}
+
+/// One wall-clock minute of key-use counts (`key_use = "per_minute"`).
+#[derive(Debug, Default)]
+struct KeyUseWindow {
+    /// Unix time / 60 of the minute counted.
+    minute: u64,
+    counts: HashMap<(Option<String>, Option<String>, &'static str), UseCount>,
+    overflow: UseCount,
+}
+
+#[derive(Debug, Default)]
+struct KeyUseWindows {
+    current: Option<KeyUseWindow>,
+    /// Minutes that ended while requests were still counting; written at
+    /// the next roll. At most a few (the timer rolls every second or so).
+    finished: Vec<KeyUseWindow>,
 }
 
 /// Group commit: the highest sequence number known to be on disk, with its
@@ -231,6 +275,7 @@ pub struct AuditLog {
     key_use: KeyUseLevel,
     writer: Mutex<Writer>,
     synced: Mutex<Synced>,
+    key_use_windows: Mutex<KeyUseWindows>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -258,6 +303,18 @@ fn now_rfc3339() -> String {
     let base = crate::api::rfc3339(d.as_secs());
     // base is "YYYY-MM-DDTHH:MM:SSZ"; insert the milliseconds before the Z.
     format!("{}.{:03}Z", base.trim_end_matches('Z'), d.subsec_millis())
+}
+
+fn unix_minute() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / 60
+}
+
+fn resumed_event(lost: u64) -> Event {
+    Event::new("audit.resumed", Outcome::Success).detail("lost_records", lost)
 }
 
 fn sha256_hex(line: &[u8]) -> String {
@@ -336,7 +393,9 @@ impl AuditLog {
                     hash: GENESIS.into(),
                 }),
                 failed: false,
+                lost: 0,
             }),
+            key_use_windows: Mutex::new(KeyUseWindows::default()),
             // A cut partial line was synced above; everything before it was
             // read back from the file. Anything not yet synced is re-synced
             // by the first sync, which covers the whole file.
@@ -377,6 +436,50 @@ impl AuditLog {
     /// (and synced, as the policy and `event.urgent` demand). Blocking.
     pub fn append(&self, event: Event) -> Result<u64, AuditError> {
         let mut w = self.writer();
+        if w.lost > 0 {
+            let resumed = resumed_event(w.lost);
+            if let Err(e) = self.write_locked(&mut w, resumed) {
+                w.lost += 1;
+                return Err(e);
+            }
+            w.lost = 0;
+        }
+        let urgent = event.urgent;
+        let seq = match self.write_locked(&mut w, event) {
+            Ok(seq) => seq,
+            Err(e) => {
+                w.lost += 1;
+                return Err(e);
+            }
+        };
+        drop(w);
+        if urgent || self.fsync == FsyncPolicy::Every {
+            self.sync_through(seq, false)?;
+        }
+        Ok(seq)
+    }
+
+    /// After a failure: tries to write (and sync) the `audit.resumed`
+    /// record. Returns whether the log is healthy now. Blocking. Admin
+    /// requests call this before they are refused, so the first one after
+    /// the fault clears goes through.
+    pub fn recover(&self) -> bool {
+        let mut w = self.writer();
+        if !w.failed {
+            return true;
+        }
+        let lost = w.lost;
+        let seq = match self.write_locked(&mut w, resumed_event(lost)) {
+            Ok(seq) => seq,
+            Err(_) => return false,
+        };
+        w.lost = 0;
+        drop(w);
+        self.sync_through(seq, false).is_ok()
+    }
+
+    /// Writes one line under the writer lock and moves the head.
+    fn write_locked(&self, w: &mut Writer, event: Event) -> Result<u64, AuditError> {
         let record = Record {
             seq: w.head.seq + 1,
             time: now_rfc3339(),
@@ -394,7 +497,6 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&record).unwrap_or_default();
         let hash = sha256_hex(&line);
         line.push(b'\n');
-        let sync_now = event.urgent || self.fsync == FsyncPolicy::Every;
         let before = w.file.metadata().map(|m| m.len()).ok();
         if let Err(e) = w.file.write_all(&line) {
             w.failed = true;
@@ -410,11 +512,111 @@ impl AuditLog {
             hash,
         };
         w.failed = false;
-        drop(w);
-        if sync_now {
-            self.sync_through(record.seq, false)?;
-        }
         Ok(record.seq)
+    }
+
+    /// Counts one Transit operation for the per-minute key-use records.
+    pub fn count_key_use(
+        &self,
+        actor: Option<&str>,
+        key: Option<&str>,
+        op: &'static str,
+        success: bool,
+    ) {
+        self.count_key_use_at(unix_minute(), actor, key, op, success);
+    }
+
+    fn count_key_use_at(
+        &self,
+        minute: u64,
+        actor: Option<&str>,
+        key: Option<&str>,
+        op: &'static str,
+        success: bool,
+    ) {
+        let mut windows = self
+            .key_use_windows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if windows.current.as_ref().is_some_and(|w| w.minute != minute) {
+            if let Some(done) = windows.current.take() {
+                windows.finished.push(done);
+            }
+        }
+        let window = windows.current.get_or_insert_with(|| KeyUseWindow {
+            minute,
+            ..KeyUseWindow::default()
+        });
+        let entry = (actor.map(str::to_string), key.map(str::to_string), op);
+        let count = if let Some(c) = window.counts.get_mut(&entry) {
+            c
+        } else if window.counts.len() < KEY_USE_MAX_ENTRIES {
+            window.counts.entry(entry).or_default()
+        } else {
+            &mut window.overflow
+        };
+        if success {
+            count.success += 1;
+        } else {
+            count.failure += 1;
+        }
+    }
+
+    /// Writes the `transit.key_use` records of every minute that has ended
+    /// (all minutes when `all`, at shutdown). Returns how many records were
+    /// written. Blocking.
+    pub fn roll_key_use(&self, all: bool) -> Result<usize, AuditError> {
+        self.roll_key_use_at(unix_minute(), all)
+    }
+
+    fn roll_key_use_at(&self, minute: u64, all: bool) -> Result<usize, AuditError> {
+        let done: Vec<KeyUseWindow> = {
+            let mut windows = self
+                .key_use_windows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if all || windows.current.as_ref().is_some_and(|w| w.minute < minute) {
+                if let Some(w) = windows.current.take() {
+                    windows.finished.push(w);
+                }
+            }
+            std::mem::take(&mut windows.finished)
+        };
+        let mut written = 0;
+        for window in done {
+            let start = crate::api::rfc3339(window.minute * 60);
+            let mut entries: Vec<_> = window.counts.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let overflow = (window.overflow != UseCount::default())
+                .then_some(((None, None, "*"), window.overflow));
+            for ((actor, key, op), count) in entries.into_iter().chain(overflow) {
+                let action = if op == "*" {
+                    "transit.key_use.overflow"
+                } else {
+                    "transit.key_use"
+                };
+                let outcome = if count.success > 0 {
+                    Outcome::Success
+                } else {
+                    Outcome::Failure
+                };
+                let mut e = Event::new(action, outcome)
+                    .detail("op", op)
+                    .detail("count", count.success + count.failure)
+                    .detail("success", count.success)
+                    .detail("failure", count.failure)
+                    .detail("minute", start.clone())
+                    .detail("window_secs", 60u64);
+                if let Some(k) = key {
+                    e = e.detail("key", k);
+                }
+                e.actor = actor;
+                e.urgent = false;
+                self.append(e)?;
+                written += 1;
+            }
+        }
+        Ok(written)
     }
 
     /// Makes every record up to `seq` durable, with the head file. Whoever
@@ -702,12 +904,140 @@ mod tests {
             "a failed record must not advance the head"
         );
         log.writer().file = good;
-        assert_eq!(log.append(Event::new("y", Outcome::Success)).unwrap(), 3);
+        // Record 3 is `audit.resumed` (one record lost), then the new one.
+        assert_eq!(log.append(Event::new("y", Outcome::Success)).unwrap(), 4);
         assert!(log.healthy());
         assert!(verify_file(&path, Some(&head_path(&path)))
             .unwrap()
             .broken
             .is_none());
+    }
+
+    fn records(path: &Path) -> Vec<Record> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_lost_record_is_followed_by_audit_resumed() {
+        let (_dir, path) = log_with(1);
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
+        assert!(log
+            .append(Event::new("lost.one", Outcome::Success))
+            .is_err());
+        assert!(log
+            .append(Event::new("lost.two", Outcome::Success))
+            .is_err());
+        // Still failing: recovery fails too, and the log stays unhealthy.
+        assert!(!log.recover());
+        assert!(!log.healthy());
+        log.writer().file = good;
+        assert!(log.recover());
+        assert!(log.healthy());
+        assert_eq!(
+            log.append(Event::new("after", Outcome::Success)).unwrap(),
+            3
+        );
+        let recs = records(&path);
+        assert_eq!(recs[1].action, "audit.resumed");
+        assert_eq!(recs[1].detail["lost_records"], 2);
+        assert_eq!(recs[2].action, "after");
+        assert!(verify_file(&path, Some(&head_path(&path)))
+            .unwrap()
+            .broken
+            .is_none());
+    }
+
+    #[test]
+    fn the_resumed_record_precedes_the_next_append_too() {
+        let (_dir, path) = log_with(1);
+        let log = AuditLog::open(&path, &AuditConfig::default()).unwrap();
+        let good = std::mem::replace(&mut log.writer().file, File::open(&path).unwrap());
+        assert!(log.append(Event::new("lost", Outcome::Success)).is_err());
+        log.writer().file = good;
+        assert_eq!(log.append(Event::new("next", Outcome::Success)).unwrap(), 3);
+        let recs = records(&path);
+        assert_eq!(recs[1].action, "audit.resumed");
+        assert_eq!(recs[1].detail["lost_records"], 1);
+        assert_eq!(recs[2].action, "next");
+    }
+
+    #[test]
+    fn per_minute_key_use_is_one_record_per_principal_key_and_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let config = AuditConfig {
+            key_use: KeyUseLevel::PerMinute,
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open(&path, &config).unwrap();
+        let minute = 29_000_000;
+        for _ in 0..500 {
+            log.count_key_use_at(minute, Some("app"), Some("k1"), "encrypt", true);
+        }
+        log.count_key_use_at(minute, Some("app"), Some("k1"), "encrypt", false);
+        log.count_key_use_at(minute, Some("app"), Some("k1"), "decrypt", true);
+        log.count_key_use_at(minute, Some("other"), Some("k1"), "encrypt", true);
+        // The minute is not over: nothing written yet.
+        assert_eq!(log.roll_key_use_at(minute, false).unwrap(), 0);
+        // The next minute's first use closes the window; the roll writes it.
+        log.count_key_use_at(minute + 1, Some("app"), Some("k2"), "sign", true);
+        assert_eq!(log.roll_key_use_at(minute + 1, false).unwrap(), 3);
+        let recs = records(&path);
+        assert_eq!(recs.len(), 3);
+        let enc = recs
+            .iter()
+            .find(|r| r.actor.as_deref() == Some("app") && r.detail["op"] == "encrypt")
+            .unwrap();
+        assert_eq!(enc.action, "transit.key_use");
+        assert_eq!(enc.detail["key"], "k1");
+        assert_eq!(enc.detail["count"], 501);
+        assert_eq!(enc.detail["success"], 500);
+        assert_eq!(enc.detail["failure"], 1);
+        assert_eq!(enc.detail["minute"], crate::api::rfc3339(minute * 60));
+        // At shutdown the current minute is written as well.
+        assert_eq!(log.roll_key_use_at(minute + 1, true).unwrap(), 1);
+        assert_eq!(records(&path)[3].detail["op"], "sign");
+        assert!(verify_file(&path, Some(&head_path(&path)))
+            .unwrap()
+            .broken
+            .is_none());
+    }
+
+    #[test]
+    fn per_minute_key_use_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // Batched: the ten thousand records are not synced one by one.
+        let config = AuditConfig {
+            fsync: FsyncPolicy::Batched {
+                interval: Duration::from_secs(1),
+            },
+            key_use: KeyUseLevel::PerMinute,
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open(&path, &config).unwrap();
+        let minute = 29_000_000;
+        for i in 0..KEY_USE_MAX_ENTRIES + 50 {
+            let key = format!("k{i}");
+            log.count_key_use_at(minute, Some("app"), Some(&key), "encrypt", true);
+        }
+        {
+            let windows = log.key_use_windows.lock().unwrap();
+            let w = windows.current.as_ref().unwrap();
+            assert_eq!(w.counts.len(), KEY_USE_MAX_ENTRIES);
+            assert_eq!(w.overflow.success, 50);
+        }
+        let written = log.roll_key_use_at(minute, true).unwrap();
+        assert_eq!(written, KEY_USE_MAX_ENTRIES + 1);
+        let recs = records(&path);
+        let last = recs.last().unwrap();
+        assert_eq!(last.action, "transit.key_use.overflow");
+        assert_eq!(last.detail["count"], 50);
     }
 
     #[test]

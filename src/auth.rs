@@ -469,3 +469,185 @@ fn load_jwks(path: &PathBuf) -> Result<Vec<VerifyKey>, String> {
     }
     Ok(keys)
 }
+
+// ---------------------------------------------------------------------------
+// Client certificates (mutual TLS) as app principals.
+
+/// `[[cert_principal]]`: a verified client certificate whose subject matches
+/// becomes an app principal carrying `policies`, without a token (like
+/// Vault's cert auth method). The certificate was already verified against
+/// the CA of the listener it came through (`client_ca`); this only names it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertPrincipal {
+    name: Spanned<String>,
+    subject_cn: Option<Spanned<String>>,
+    san_dns: Option<Spanned<String>>,
+    san_uri: Option<Spanned<String>>,
+    #[serde(default)]
+    policies: Vec<Spanned<String>>,
+}
+
+/// Every policy name a `[[cert_principal]]` attaches, with its position,
+/// checked like a JWT role's ([`crate::acl`]).
+pub(crate) fn cert_policy_refs(
+    raw: &[Spanned<RawCertPrincipal>],
+) -> Vec<crate::acl::PolicyRef<'_>> {
+    raw.iter()
+        .flat_map(|c| {
+            let c = c.get_ref();
+            c.policies.iter().map(move |p| crate::acl::PolicyRef {
+                name: p.get_ref(),
+                span: p.span(),
+                owner: format!("cert_principal {:?}", c.name.get_ref()),
+            })
+        })
+        .collect()
+}
+
+/// Every `[[cert_principal]]`, in file order (the first match wins).
+#[derive(Debug, Clone, Default)]
+pub struct CertPrincipals {
+    mappings: Vec<CertMapping>,
+}
+
+#[derive(Debug, Clone)]
+struct CertMapping {
+    name: String,
+    matcher: CertMatch,
+    policies: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CertMatch {
+    /// The subject's only common name, exactly.
+    SubjectCn(String),
+    /// One of the DNS subject alternative names, ASCII case-insensitively.
+    SanDns(String),
+    /// One of the URI subject alternative names (e.g. a SPIFFE ID), exactly.
+    SanUri(String),
+}
+
+/// What a verified client certificate says about its holder, read once per
+/// connection after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// Every common name in the subject (matching needs exactly one).
+    pub common_names: Vec<String>,
+    pub dns_names: Vec<String>,
+    pub uris: Vec<String>,
+    pub not_after: SystemTime,
+}
+
+impl ClientCert {
+    /// Reads the leaf (DER). `None` if it cannot be parsed, which after
+    /// rustls verified it means an extension we do not read: no mapping
+    /// then, never a guess.
+    pub fn from_der(der: &[u8]) -> Option<ClientCert> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut common_names = Vec::new();
+        for cn in cert.subject().iter_common_name() {
+            common_names.push(cn.as_str().ok()?.to_string());
+        }
+        let mut dns_names = Vec::new();
+        let mut uris = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => dns_names.push(d.to_string()),
+                    GeneralName::URI(u) => uris.push(u.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        let secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+        Some(ClientCert {
+            common_names,
+            dns_names,
+            uris,
+            not_after: UNIX_EPOCH + Duration::from_secs(secs),
+        })
+    }
+}
+
+impl CertPrincipals {
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
+
+    /// The app principal for a verified certificate: named `cert:<name>`
+    /// (no HSM user name has a `:`), valid until the certificate expires.
+    pub fn principal(&self, cert: &ClientCert) -> Option<Principal> {
+        let m = self.mappings.iter().find(|m| match &m.matcher {
+            CertMatch::SubjectCn(cn) => cert.common_names.len() == 1 && cert.common_names[0] == *cn,
+            CertMatch::SanDns(d) => cert.dns_names.iter().any(|n| n.eq_ignore_ascii_case(d)),
+            CertMatch::SanUri(u) => cert.uris.iter().any(|n| n == u),
+        })?;
+        Some(Principal::app(
+            format!("cert:{}", m.name),
+            m.policies.clone(),
+            cert.not_after,
+        ))
+    }
+}
+
+/// Validates every `[[cert_principal]]`: a unique name, exactly one of
+/// `subject_cn`, `san_dns`, `san_uri`.
+pub(crate) fn load_cert_principals(
+    main: &Source<'_>,
+    raw: &[Spanned<RawCertPrincipal>],
+    errors: &mut Vec<ConfigError>,
+) -> CertPrincipals {
+    let mut mappings: Vec<CertMapping> = Vec::new();
+    for spanned in raw {
+        let r = spanned.get_ref();
+        let name = r.name.get_ref().clone();
+        let at = |span, msg: &str| main.error_at(span, format!("cert_principal {name:?}: {msg}"));
+        if name.is_empty()
+            || name.len() > 64
+            || name.contains(':')
+            || mappings.iter().any(|m| m.name == name)
+        {
+            errors.push(at(
+                r.name.span(),
+                "name must be unique, 1 to 64 characters, without ':'",
+            ));
+        }
+        let given: Vec<(CertMatch, &Spanned<String>)> = [
+            r.subject_cn
+                .as_ref()
+                .map(|v| (CertMatch::SubjectCn(v.get_ref().clone()), v)),
+            r.san_dns
+                .as_ref()
+                .map(|v| (CertMatch::SanDns(v.get_ref().clone()), v)),
+            r.san_uri
+                .as_ref()
+                .map(|v| (CertMatch::SanUri(v.get_ref().clone()), v)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match given.as_slice() {
+            [(matcher, value)] if !value.get_ref().is_empty() => {
+                if mappings.iter().any(|m| m.matcher == *matcher) {
+                    errors.push(at(
+                        value.span(),
+                        "another cert_principal already matches this subject",
+                    ));
+                }
+                mappings.push(CertMapping {
+                    name,
+                    matcher: matcher.clone(),
+                    policies: r.policies.iter().map(|p| p.get_ref().clone()).collect(),
+                });
+            }
+            [(_, value)] => errors.push(at(value.span(), "the subject to match must not be empty")),
+            _ => errors.push(at(
+                spanned.span(),
+                "set exactly one of subject_cn, san_dns, san_uri",
+            )),
+        }
+    }
+    CertPrincipals { mappings }
+}

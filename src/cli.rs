@@ -1,5 +1,5 @@
-//! The command line: `serve`, `check`, `audit verify`, `completions`, `man`,
-//! `version`. Parsing lives here; the
+//! The command line: `serve`, `check`, `audit verify`, `backup-keygen`,
+//! `backup`, `restore`, `completions`, `man`, `version`. Parsing lives here; the
 //! work lives in the library.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::audit;
 use crate::config::{self, Config};
-use crate::gateway::Server;
+use crate::gateway::{reload, Server};
 use crate::netfilter::Netfilter;
 
 #[derive(Parser, Debug)]
@@ -42,6 +42,41 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Generate the backup custodian key (X25519) and backup signing key
+    /// (Ed25519) into a directory, and print the `[backup]` config lines.
+    /// Keep custodian.key offline; give signer.key to the server.
+    BackupKeygen {
+        /// Created if missing; existing key files are never overwritten.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Write an encrypted backup of a stopped server's engine (auto seal
+    /// mode; a running or sealed server: POST /v1/hsm/backup).
+    Backup {
+        #[arg(long, default_value = "config/hsmgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The backup file to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into a stopped server's fresh or zeroized engine
+    /// (reads the init token from the data dir).
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        #[arg(long, default_value = "config/hsmgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The custodian's private key file (from backup-keygen, mode 0600).
+        #[arg(long)]
+        custodian_key: PathBuf,
+        /// A file holding the new unseal passphrase (seal = "passphrase").
+        #[arg(long)]
+        unseal_passphrase_file: Option<PathBuf>,
     },
     /// Print a shell completion script to stdout.
     Completions {
@@ -95,11 +130,33 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { path, config, head },
         } => audit_verify(path, &config, head),
-        Command::Check { config } => match load(&config) {
+        Command::BackupKeygen { out_dir } => exit(backup_keygen(&out_dir)),
+        Command::Backup {
+            config,
+            data_dir,
+            out,
+        } => exit(backup_offline(&config, data_dir, &out)),
+        Command::Restore {
+            file,
+            config,
+            data_dir,
+            custodian_key,
+            unseal_passphrase_file,
+        } => exit(restore_offline(
+            &file,
+            &config,
+            data_dir,
+            &custodian_key,
+            unseal_passphrase_file.as_deref(),
+        )),
+        Command::Check { config } => match validate(&config) {
             Some(cfg) => {
                 let filter = Netfilter::build(&cfg);
+                let digest = reload::Tree::of(&cfg)
+                    .digest()
+                    .map_or_else(|e| format!("unavailable: {e}"), |d| d.short());
                 println!(
-                    "config OK: {} ({} listeners, {} security groups)",
+                    "config OK: {} ({} listeners, {} security groups; sha256 {digest})",
                     config.display(),
                     filter.listeners().len(),
                     cfg.groups.len()
@@ -111,15 +168,15 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Serve { config, data_dir } => {
             init_tracing();
-            let Some(mut cfg) = load(&config) else {
+            let Some(mut cfg) = validate(&config) else {
                 return ExitCode::from(2);
             };
-            if let Some(dir) = data_dir {
-                cfg.data_dir = dir;
+            if let Some(dir) = &data_dir {
+                cfg.data_dir = dir.clone();
             }
             harden_process();
             tracing::info!("{}", crate::acl::describe(&cfg.acl));
-            match serve(cfg) {
+            match serve(cfg, data_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("hsmgate: {e}");
@@ -128,6 +185,184 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+fn exit(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hsmgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backup_keygen(dir: &Path) -> Result<(), String> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let keys = crate::engine::backup::keygen().map_err(|e| e.to_string())?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (custodian_pub, signer_pub) = (
+        b64.encode(keys.custodian_public),
+        b64.encode(keys.signer_public),
+    );
+    let files: [(&str, &[u8], u32); 4] = [
+        ("custodian.key", &keys.custodian_private, 0o600),
+        ("signer.key", &keys.signer_pkcs8, 0o600),
+        ("custodian.pub", custodian_pub.as_bytes(), 0o644),
+        ("signer.pub", signer_pub.as_bytes(), 0o644),
+    ];
+    for (name, _, _) in &files {
+        if dir.join(name).exists() {
+            return Err(format!(
+                "{} exists; refusing to overwrite key files",
+                dir.join(name).display()
+            ));
+        }
+    }
+    for (name, bytes, mode) in files {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(bytes).and(f.sync_all()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!(
+        "wrote {}/custodian.key (keep OFFLINE: it reads every backup)",
+        dir.display()
+    );
+    println!(
+        "wrote {}/signer.key (give to the server, mode 0600)",
+        dir.display()
+    );
+    println!("[backup]");
+    println!(
+        "custodian_public_key = \"{}\"",
+        b64.encode(keys.custodian_public)
+    );
+    println!(
+        "signing_key_file = \"{}\"",
+        dir.join("signer.key").display()
+    );
+    println!("trusted_signers = [\"{}\"]", b64.encode(keys.signer_public));
+    Ok(())
+}
+
+fn open_engine(config: &Path, data_dir: Option<PathBuf>) -> Result<crate::engine::Engine, String> {
+    let mut cfg = load(config).ok_or("config errors; nothing was changed")?;
+    if let Some(dir) = data_dir {
+        cfg.data_dir = dir;
+    }
+    crate::engine::Engine::open(&cfg.data_dir, cfg.engine.clone()).map_err(|e| {
+        format!(
+            "opening the engine in {}: {e} (is the server still running? stop it first)",
+            cfg.data_dir.display()
+        )
+    })
+}
+
+fn backup_offline(config: &Path, data_dir: Option<PathBuf>, out: &Path) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let engine = open_engine(config, data_dir)?;
+    if engine.state() != crate::engine::EngineState::Active {
+        return Err(format!(
+            "the engine is {}; back up a sealed engine through POST /v1/hsm/backup after unsealing",
+            engine.state().as_str()
+        ));
+    }
+    // Whoever can open the data dir and its key file already holds every key.
+    let local = crate::engine::Principal {
+        username: "local-cli".into(),
+        role: crate::engine::Role::CryptoOfficer,
+        issued_at: std::time::SystemTime::now(),
+        expires_at: std::time::SystemTime::now(),
+        app_policies: Vec::new(),
+    };
+    eprintln!("hsmgate: reading the store ...");
+    let (summary, bytes) = engine.backup(&local).map_err(|e| e.to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    f.write_all(&bytes)
+        .and(f.sync_all())
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    println!(
+        "backup written: {} ({} bytes, {} users, {} keys, sha256 {})",
+        out.display(),
+        bytes.len(),
+        summary.users,
+        summary.keys,
+        hex::encode(crate::engine::crypto::sha256(&bytes))
+    );
+    Ok(())
+}
+
+fn restore_offline(
+    file: &Path,
+    config: &Path,
+    data_dir: Option<PathBuf>,
+    custodian_key: &Path,
+    passphrase_file: Option<&Path>,
+) -> Result<(), String> {
+    use crate::engine::secret::SecretString;
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let custodian =
+        crate::engine::backup::read_secret_file(custodian_key).map_err(|e| e.to_string())?;
+    let passphrase = match passphrase_file {
+        Some(p) => {
+            let raw = crate::engine::backup::read_secret_file(p).map_err(|e| e.to_string())?;
+            let text = String::from_utf8(raw.to_vec())
+                .map_err(|_| format!("{} is not UTF-8", p.display()))?;
+            Some(SecretString::new(
+                text.trim_end_matches(['\n', '\r']).to_string(),
+            ))
+        }
+        None => None,
+    };
+    let engine = open_engine(config, data_dir)?;
+    let token = std::fs::read_to_string(engine.init_token_path()).map_err(|e| {
+        format!(
+            "no init token at {} ({e}): restore needs a fresh or zeroized engine",
+            engine.init_token_path().display()
+        )
+    })?;
+    eprintln!(
+        "hsmgate: checking {} ({} bytes) ...",
+        file.display(),
+        bytes.len()
+    );
+    let (summary, outcome) = engine
+        .restore(
+            &bytes,
+            &custodian,
+            &SecretString::new(token),
+            passphrase.as_ref(),
+        )
+        .map_err(|e| format!("{e}; nothing was changed"))?;
+    println!(
+        "restored: {} users, {} keys (backup of {}); seal {}",
+        summary.users,
+        summary.keys,
+        crate::api::rfc3339(summary.created_at),
+        outcome.seal_type
+    );
+    for (i, share) in outcome.shares.iter().enumerate() {
+        println!("unseal share {}: {share}", i + 1);
+    }
+    Ok(())
 }
 
 fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> ExitCode {
@@ -187,7 +422,16 @@ fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> 
 }
 
 fn load(path: &Path) -> Option<Config> {
-    match config::load(path) {
+    report(config::load(path))
+}
+
+/// What `check`, `serve` and every reload run (see [`reload::validate`]).
+fn validate(path: &Path) -> Option<Config> {
+    report(reload::validate(path).map(|v| v.config))
+}
+
+fn report(loaded: Result<Config, config::ConfigErrors>) -> Option<Config> {
+    match loaded {
         Ok(cfg) => Some(cfg),
         Err(errors) => {
             for e in &errors.0 {
@@ -210,7 +454,12 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // When stderr cannot be written (its file's disk is full) the
+        // subscriber would report that with `eprintln!`, which panics on
+        // the same error: in the request handler that logged. A log line
+        // is lost instead (the audit log has its own failure path).
+        .log_internal_errors(false);
     if std::env::var("HSMGATE_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -230,12 +479,14 @@ fn harden_process() {
     }
 }
 
-fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
+fn serve(cfg: Config, data_dir: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = Server::bind(cfg).await?;
+        let mut server = Server::bind(cfg).await?;
+        server.set_data_dir_override(data_dir);
+        tracing::info!(sha256 = %server.config_digest(), "config loaded");
         let cert = server.certificate();
         tracing::info!(
             cert = %cert.cert_path.display(),
@@ -253,9 +504,34 @@ fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
             // Plain HTTP on purpose: see docs/OPERATIONS.md.
             println!("hsmgate: listening metrics http://{addr}");
         }
+        ignore_file_size_signal();
         server.run(shutdown_signal()).await;
         Ok::<(), Box<dyn std::error::Error>>(())
     })
+}
+
+/// A file-size limit (`ulimit -f`, systemd `LimitFSIZE=`) reached while
+/// writing the audit log must fail that write (EFBIG: the audit-failure
+/// path refuses admin requests and raises the metric), not kill the whole
+/// server with SIGXFSZ's default action. Listening for the signal replaces
+/// that action; the write then returns the error.
+fn ignore_file_size_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    )) {
+        Ok(mut sig) => {
+            tokio::spawn(async move {
+                // Logged once: the log may be the file over the limit, and
+                // each failed log write would raise the signal again.
+                if sig.recv().await.is_some() {
+                    tracing::warn!("file size limit reached (SIGXFSZ): writes past it fail");
+                }
+                while sig.recv().await.is_some() {}
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ"),
+    }
 }
 
 async fn shutdown_signal() {

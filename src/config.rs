@@ -66,6 +66,9 @@ pub struct Config {
     pub global_deny_lists: Vec<String>,
     /// App JWT issuers (`[[jwt_issuer]]`), their keys loaded; see [`crate::auth`].
     pub jwt: crate::auth::JwtIssuers,
+    /// Client-certificate subjects mapped to app principals
+    /// (`[[cert_principal]]`); see [`crate::auth::CertPrincipals`].
+    pub cert_principals: crate::auth::CertPrincipals,
     /// `[audit]`: where the audit log lives, how it syncs, what it records.
     pub audit: crate::audit::AuditConfig,
     /// `[metrics]`: the Prometheus listener.
@@ -90,6 +93,44 @@ pub struct EngineConfig {
     pub login_guard_reserve: u32,
     /// How long an HSM session token stays valid.
     pub session_ttl: Duration,
+    /// The password policy's minimum length (characters). Never below
+    /// [`crate::engine::users::MIN_PASSWORD_LEN`]: below that an offline
+    /// guess of a stolen hash is cheap even with argon2id.
+    pub min_password_length: usize,
+    /// Where the store's key-encryption key comes from (`seal`,
+    /// `shamir_threshold`, `shamir_shares`); see `crate::engine::seal`.
+    pub seal: crate::engine::seal::SealMode,
+    /// `[backup]`: who backups are for and whose backups restore.
+    pub backup: BackupConfig,
+}
+
+/// `[backup]` (docs/BACKUP.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// The custodian's X25519 public key: backups are encrypted to it.
+    pub custodian_public_key: Option<[u8; 32]>,
+    /// Ed25519 PKCS#8 file (0600) this server signs backups with.
+    pub signing_key_file: Option<PathBuf>,
+    /// Ed25519 public keys whose backups this server restores (pinned).
+    pub trusted_signers: Vec<[u8; 32]>,
+    /// Scheduled backups: write one into this directory every `interval`.
+    pub schedule_dir: Option<PathBuf>,
+    pub schedule_interval: Duration,
+    /// How many scheduled backups to keep (oldest removed first).
+    pub schedule_keep: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            custodian_public_key: None,
+            signing_key_file: None,
+            trusted_signers: Vec::new(),
+            schedule_dir: None,
+            schedule_interval: Duration::from_secs(86_400),
+            schedule_keep: 7,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -99,6 +140,9 @@ impl Default for EngineConfig {
             lock_user_after_failures: 5,
             login_guard_reserve: 1,
             session_ttl: Duration::from_secs(3600),
+            min_password_length: crate::engine::users::MIN_PASSWORD_LEN,
+            seal: crate::engine::seal::SealMode::Auto,
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -168,6 +212,40 @@ pub struct ListenerConfig {
     /// Deny lists checked on this listener, after the global ones and before
     /// any allow rule: a listed peer is refused whatever the groups say.
     pub deny_lists: Vec<String>,
+    /// Groups naming the proxies whose word about the client address is
+    /// believed (`forwarded` says how they give it). Empty: nobody's.
+    pub trusted_proxy_groups: Vec<String>,
+    /// How a trusted proxy passes the client address on this listener.
+    pub forwarded: Forwarded,
+    /// Mutual TLS: the CA that signs client certificates and whether one is
+    /// required. `None`: no client certificate is asked for.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// How trusted proxies pass on the client's address. One mechanism per
+/// listener, so there is never a question which of two claims wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Forwarded {
+    /// Neither: the TCP peer is the client.
+    #[default]
+    None,
+    /// `X-Forwarded-For` from a trusted proxy: the client is the address
+    /// `hops` from the right (the last `hops - 1` entries were appended by
+    /// further trusted proxies in the chain).
+    XForwardedFor { hops: u8 },
+    /// A PROXY protocol v1/v2 header, read before the TLS handshake.
+    ProxyProtocol,
+}
+
+/// A listener's client-certificate requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificate(s) client certificates must chain to,
+    /// resolved against the config file's directory.
+    pub ca_file: PathBuf,
+    /// `true` (`client_auth = "required"`): no certificate, no handshake.
+    /// `false` (`"optional"`): a certificate, when sent, must still verify.
+    pub required: bool,
 }
 
 /// A named set of allow rules (AWS-style security group).
@@ -386,9 +464,25 @@ struct RawConfig {
     #[serde(default)]
     jwt_issuer: Vec<Spanned<crate::auth::RawIssuer>>,
     #[serde(default)]
+    cert_principal: Vec<Spanned<crate::auth::RawCertPrincipal>>,
+    #[serde(default)]
     audit: RawAudit,
     /// Absent: no metrics listener (the shipped config has the section).
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    backup: RawBackup,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    custodian_public_key: Option<Spanned<String>>,
+    signing_key_file: Option<Spanned<String>>,
+    #[serde(default)]
+    trusted_signers: Vec<Spanned<String>>,
+    schedule_dir: Option<Spanned<String>>,
+    schedule_interval_seconds: Option<Spanned<i64>>,
+    schedule_keep: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -416,6 +510,10 @@ struct RawEngine {
     lock_user_after_failures: Option<Spanned<i64>>,
     login_guard_reserve: Option<Spanned<i64>>,
     session_ttl_seconds: Option<Spanned<i64>>,
+    min_password_length: Option<Spanned<i64>>,
+    seal: Option<Spanned<String>>,
+    shamir_threshold: Option<Spanned<i64>>,
+    shamir_shares: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -448,6 +546,12 @@ struct RawListener {
     health_groups: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     deny_lists: Vec<Spanned<String>>,
+    #[serde(default)]
+    trusted_proxy_groups: Vec<Spanned<String>>,
+    xff_hops: Option<Spanned<i64>>,
+    proxy_protocol: Option<Spanned<bool>>,
+    client_ca: Option<Spanned<String>>,
+    client_auth: Option<Spanned<String>>,
 }
 
 /// A policy file that defines groups, prefix lists or deny lists. Strict at
@@ -660,6 +764,7 @@ const ZEROIZE_AFTER_FAILURES: RangeInclusive<i64> = 1..=10;
 const LOGIN_GUARD_RESERVE: RangeInclusive<i64> = 0..=9;
 const LOCK_USER_AFTER_FAILURES: RangeInclusive<i64> = 1..=100;
 const SESSION_TTL_SECONDS: RangeInclusive<i64> = 60..=86_400;
+const MIN_PASSWORD_LENGTH: RangeInclusive<i64> = 8..=128;
 const MAX_BODY_BYTES: RangeInclusive<i64> = 1..=67_108_864;
 const MAX_HEADER_BYTES: RangeInclusive<i64> = 1024..=1_048_576;
 const TIMEOUT_MS: RangeInclusive<i64> = 100..=600_000;
@@ -720,6 +825,16 @@ fn assemble(
             )
             .map(Duration::from_secs)
             .unwrap_or(engine_defaults.session_ttl),
+            min_password_length: bounded(
+                main,
+                &mut errors,
+                "engine.min_password_length",
+                &e.min_password_length,
+                MIN_PASSWORD_LENGTH,
+            )
+            .unwrap_or(engine_defaults.min_password_length),
+            seal: seal_mode(main, &mut errors, e),
+            backup: backup_config(main, &mut errors, &raw.backup),
         };
         if engine.login_guard_reserve >= engine.zeroize_after_failures {
             let span = e
@@ -785,14 +900,28 @@ fn assemble(
             rate: rate.clone(),
         };
         let jwt = crate::auth::load_issuers(main, &raw.jwt_issuer, &mut errors);
-        let acl = acl.resolve(
-            main,
-            &crate::auth::policy_refs(&raw.jwt_issuer),
-            &mut errors,
-        );
+        let mut policy_refs = crate::auth::policy_refs(&raw.jwt_issuer);
+        policy_refs.extend(crate::auth::cert_policy_refs(&raw.cert_principal));
+        let acl = acl.resolve(main, &policy_refs, &mut errors);
 
         let tls = tls(main, &raw.tls, fs_checks, &mut errors);
-        let listeners = listeners(main, &raw.listener, &fence, groups_complete, &mut errors);
+        let listeners = listeners(
+            main,
+            &raw.listener,
+            &fence,
+            groups_complete,
+            fs_checks,
+            &mut errors,
+        );
+        let cert_principals =
+            crate::auth::load_cert_principals(main, &raw.cert_principal, &mut errors);
+        if !cert_principals.is_empty() && listeners.iter().all(|l| l.client_auth.is_none()) {
+            errors.push(main.error_at(
+                raw.cert_principal[0].span(),
+                "cert_principal is defined but no listener sets client_ca: \
+                 no client certificate would ever be asked for",
+            ));
+        }
         let global_deny_lists = deny_list_refs(
             main,
             "deny_lists",
@@ -818,6 +947,7 @@ fn assemble(
             deny_lists: BTreeMap::new(),
             global_deny_lists,
             jwt,
+            cert_principals,
             audit,
             metrics,
             acl,
@@ -874,6 +1004,157 @@ fn rate_limit_policy(
         }
     }
     policy
+}
+
+/// `[backup]`: keys are base64 of the raw 32-byte public keys.
+fn backup_config(
+    main: &Source<'_>,
+    errors: &mut Vec<ConfigError>,
+    raw: &RawBackup,
+) -> BackupConfig {
+    use base64::Engine as _;
+    let mut key32 = |what: &str, v: &Spanned<String>| -> Option<[u8; 32]> {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(v.get_ref().trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+        if decoded.is_none() {
+            errors.push(main.error_at(
+                v.span(),
+                format!("backup.{what} must be base64 of a 32-byte public key (hsmgate backup-keygen prints it)"),
+            ));
+        }
+        decoded
+    };
+    let custodian_public_key = raw
+        .custodian_public_key
+        .as_ref()
+        .and_then(|v| key32("custodian_public_key", v));
+    let trusted_signers = raw
+        .trusted_signers
+        .iter()
+        .filter_map(|v| key32("trusted_signers", v))
+        .collect();
+    let signing_key_file = match &raw.signing_key_file {
+        Some(v) if v.get_ref().trim().is_empty() => {
+            errors.push(main.error_at(v.span(), "backup.signing_key_file must not be empty"));
+            None
+        }
+        Some(v) => Some(base_dir(main.path).join(v.get_ref())),
+        None => None,
+    };
+    let defaults = BackupConfig::default();
+    let schedule_interval = bounded(
+        main,
+        errors,
+        "backup.schedule_interval_seconds",
+        &raw.schedule_interval_seconds,
+        1..=31_536_000,
+    )
+    .map(Duration::from_secs)
+    .unwrap_or(defaults.schedule_interval);
+    let schedule_keep = bounded(
+        main,
+        errors,
+        "backup.schedule_keep",
+        &raw.schedule_keep,
+        1..=10_000,
+    )
+    .unwrap_or(defaults.schedule_keep);
+    let schedule_dir = match &raw.schedule_dir {
+        Some(v) if v.get_ref().trim().is_empty() => {
+            errors.push(main.error_at(v.span(), "backup.schedule_dir must not be empty"));
+            None
+        }
+        Some(v) => {
+            if custodian_public_key.is_none() || signing_key_file.is_none() {
+                errors.push(main.error_at(
+                    v.span(),
+                    "backup.schedule_dir needs backup.custodian_public_key and backup.signing_key_file",
+                ));
+            }
+            Some(base_dir(main.path).join(v.get_ref()))
+        }
+        None => {
+            for v in [&raw.schedule_interval_seconds, &raw.schedule_keep]
+                .into_iter()
+                .flatten()
+            {
+                errors.push(main.error_at(v.span(), "backup.schedule_* needs backup.schedule_dir"));
+            }
+            None
+        }
+    };
+    BackupConfig {
+        custodian_public_key,
+        signing_key_file,
+        trusted_signers,
+        schedule_dir,
+        schedule_interval,
+        schedule_keep,
+    }
+}
+
+/// `[engine] seal`, `shamir_threshold`, `shamir_shares`.
+fn seal_mode(
+    main: &Source<'_>,
+    errors: &mut Vec<ConfigError>,
+    e: &RawEngine,
+) -> crate::engine::seal::SealMode {
+    use crate::engine::seal::SealMode;
+    let shares: u8 = bounded(
+        main,
+        errors,
+        "engine.shamir_shares",
+        &e.shamir_shares,
+        2..=16,
+    )
+    .unwrap_or(5);
+    let threshold: u8 = bounded(
+        main,
+        errors,
+        "engine.shamir_threshold",
+        &e.shamir_threshold,
+        2..=16,
+    )
+    .unwrap_or(3.min(shares));
+    let mode = match e.seal.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("auto", _)) => SealMode::Auto,
+        Some(("passphrase", _)) => SealMode::Passphrase,
+        Some(("shamir", span)) => {
+            if threshold > shares {
+                errors.push(main.error_at(
+                    span,
+                    format!(
+                        "engine.shamir_threshold ({threshold}) must not exceed \
+                         engine.shamir_shares ({shares})"
+                    ),
+                ));
+            }
+            SealMode::Shamir { threshold, shares }
+        }
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "engine.seal must be \"auto\", \"passphrase\" or \"shamir\", not {other:?}"
+                ),
+            ));
+            SealMode::Auto
+        }
+    };
+    if !matches!(mode, SealMode::Shamir { .. }) {
+        for v in [&e.shamir_threshold, &e.shamir_shares]
+            .into_iter()
+            .flatten()
+        {
+            errors.push(main.error_at(
+                v.span(),
+                "engine.shamir_threshold and engine.shamir_shares need seal = \"shamir\"",
+            ));
+        }
+    }
+    mode
 }
 
 /// The value of an integer key converted to the field's type: `None` when
@@ -958,6 +1239,7 @@ fn listeners(
     raw: &[Spanned<RawListener>],
     fence: &Fence,
     groups_complete: bool,
+    fs_checks: FsChecks,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<ListenerConfig> {
     if raw.is_empty() {
@@ -1038,6 +1320,7 @@ fn listeners(
             ("transit_groups", class_refs(&l.transit_groups)),
             ("login_groups", class_refs(&l.login_groups)),
             ("health_groups", class_refs(&l.health_groups)),
+            ("trusted_proxy_groups", &l.trusted_proxy_groups[..]),
         ] {
             for group in refs {
                 // After a policy file failed to parse, its groups are unknown:
@@ -1078,6 +1361,8 @@ fn listeners(
             groups_complete,
             errors,
         );
+        let forwarded = forwarded(main, name, l, channel, errors);
+        let client_auth = client_auth(main, name, l, fs_checks, errors);
         listeners.push(ListenerConfig {
             name: name.to_string(),
             address,
@@ -1088,9 +1373,159 @@ fn listeners(
             login_groups: l.login_groups.as_deref().map(dedup),
             health_groups: l.health_groups.as_deref().map(dedup),
             deny_lists,
+            trusted_proxy_groups: dedup(&l.trusted_proxy_groups),
+            forwarded,
+            client_auth,
         });
     }
     listeners
+}
+
+/// Longest accepted `xff_hops`: a longer chain of proxies is not a
+/// deployment anyone reviews.
+const XFF_HOPS: RangeInclusive<i64> = 1..=10;
+
+/// The listener's `trusted_proxy_groups`, `xff_hops` and `proxy_protocol`,
+/// checked to name exactly one mechanism, and never on break-glass.
+fn forwarded(
+    main: &Source<'_>,
+    name: &str,
+    l: &RawListener,
+    channel: Channel,
+    errors: &mut Vec<ConfigError>,
+) -> Forwarded {
+    let proxy_protocol = l.proxy_protocol.as_ref().filter(|p| *p.get_ref());
+    let hops = bounded::<u8>(
+        main,
+        errors,
+        &format!("listener {}: xff_hops", quoted(name)),
+        &l.xff_hops,
+        XFF_HOPS,
+    );
+    let trusted = l.trusted_proxy_groups.first();
+    let mut fail = |span: Range<usize>, message: String| {
+        errors.push(main.error_at(span, format!("listener {}: {message}", quoted(name))));
+    };
+    if channel == Channel::BreakGlass {
+        // Break-glass judges the TCP peer alone: whoever holds the last
+        // login attempts must be on the wire, not named by a proxy.
+        let span = trusted
+            .map(|g| g.span())
+            .or(l.xff_hops.as_ref().map(|h| h.span()))
+            .or(proxy_protocol.map(|p| p.span()));
+        if let Some(span) = span {
+            fail(
+                span,
+                "a break-glass listener trusts no proxy: remove trusted_proxy_groups, \
+                 xff_hops and proxy_protocol (it judges the TCP peer alone)"
+                    .into(),
+            );
+        }
+        return Forwarded::None;
+    }
+    match (trusted, &l.xff_hops, proxy_protocol) {
+        (_, Some(_), Some(p)) => {
+            fail(
+                p.span(),
+                "set xff_hops or proxy_protocol, not both: one listener takes the client \
+                 address from one place"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (None, Some(h), None) => {
+            fail(
+                h.span(),
+                "xff_hops needs trusted_proxy_groups: X-Forwarded-For is believed only \
+                 from trusted proxies"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (None, None, Some(p)) => {
+            fail(
+                p.span(),
+                "proxy_protocol needs trusted_proxy_groups: a PROXY header is accepted \
+                 only from trusted proxies"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (Some(g), None, None) => {
+            fail(
+                g.span(),
+                "trusted_proxy_groups needs xff_hops (X-Forwarded-For) or \
+                 proxy_protocol = true: say how the proxies pass the client address"
+                    .into(),
+            );
+            Forwarded::None
+        }
+        (Some(_), Some(_), None) => {
+            hops.map_or(Forwarded::None, |hops| Forwarded::XForwardedFor { hops })
+        }
+        (Some(_), None, Some(_)) => Forwarded::ProxyProtocol,
+        (None, None, None) => Forwarded::None,
+    }
+}
+
+/// The listener's `client_ca` and `client_auth`. With `load`, the CA file
+/// must hold at least one PEM certificate.
+fn client_auth(
+    main: &Source<'_>,
+    name: &str,
+    l: &RawListener,
+    fs_checks: FsChecks,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ClientAuth> {
+    let required = match l
+        .client_auth
+        .as_ref()
+        .map(|c| (c.get_ref().as_str(), c.span()))
+    {
+        None | Some(("required", _)) => true,
+        Some(("optional", _)) => false,
+        Some((other, span)) => {
+            errors.push(main.error_at(
+                span,
+                format!(
+                    "listener {}: client_auth must be \"required\" or \"optional\", not {}",
+                    quoted(name),
+                    quoted(other)
+                ),
+            ));
+            true
+        }
+    };
+    let Some(ca) = &l.client_ca else {
+        if let Some(c) = &l.client_auth {
+            errors.push(main.error_at(
+                c.span(),
+                format!(
+                    "listener {}: client_auth needs client_ca, the CA file client \
+                     certificates are checked against",
+                    quoted(name)
+                ),
+            ));
+        }
+        return None;
+    };
+    if ca.get_ref().trim().is_empty() {
+        errors.push(main.error_at(
+            ca.span(),
+            format!("listener {}: client_ca must not be empty", quoted(name)),
+        ));
+        return None;
+    }
+    let ca_file = base_dir(main.path).join(ca.get_ref());
+    if fs_checks == FsChecks::Yes {
+        if let Err(problem) = crate::gateway::tls::read_client_ca(&ca_file) {
+            errors.push(main.error_at(
+                ca.span(),
+                format!("listener {}: client_ca: {problem}", quoted(name)),
+            ));
+        }
+    }
+    Some(ClientAuth { ca_file, required })
 }
 
 fn class_refs(groups: &Option<Vec<Spanned<String>>>) -> &[Spanned<String>] {
@@ -1167,12 +1602,13 @@ fn audit_section(
         .map(|v| (v.get_ref().as_str(), v.span()))
     {
         None | Some(("all", _)) => KeyUseLevel::All,
+        Some(("per_minute", _)) => KeyUseLevel::PerMinute,
         Some(("off", _)) => KeyUseLevel::Off,
         Some((other, span)) => {
             errors.push(main.error_at(
                 span,
                 format!(
-                    "audit.key_use must be \"all\" or \"off\", not {}",
+                    "audit.key_use must be \"all\", \"per_minute\" or \"off\", not {}",
                     quoted(other)
                 ),
             ));
@@ -1781,6 +2217,105 @@ admin_groups = ["admins"]
         }
     }
 
+    #[test]
+    fn engine_seal_modes_parse_and_bad_ones_are_refused() {
+        use crate::engine::seal::SealMode;
+        assert_eq!(load_ok(MAIN, GROUPS).engine.seal, SealMode::Auto);
+        let c = load_ok(&format!("[engine]\nseal = \"passphrase\"\n{MAIN}"), GROUPS);
+        assert_eq!(c.engine.seal, SealMode::Passphrase);
+        let c = load_ok(&format!("[engine]\nseal = \"shamir\"\n{MAIN}"), GROUPS);
+        assert_eq!(
+            c.engine.seal,
+            SealMode::Shamir {
+                threshold: 3,
+                shares: 5
+            }
+        );
+        let c = load_ok(
+            &format!(
+                "[engine]\nseal = \"shamir\"\nshamir_threshold = 2\nshamir_shares = 2\n{MAIN}"
+            ),
+            GROUPS,
+        );
+        assert_eq!(
+            c.engine.seal,
+            SealMode::Shamir {
+                threshold: 2,
+                shares: 2
+            }
+        );
+        assert_one_error(
+            &format!("[engine]\nseal = \"hsm\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "engine.seal must be",
+        );
+        assert_one_error(
+            &format!(
+                "[engine]\nseal = \"shamir\"\nshamir_threshold = 4\nshamir_shares = 3\n{MAIN}"
+            ),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "must not exceed",
+        );
+        assert_one_error(
+            &format!("[engine]\nshamir_shares = 3\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "need seal = \"shamir\"",
+        );
+        assert_one_error(
+            &format!("[engine]\nseal = \"shamir\"\nshamir_shares = 1\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            3,
+            "between 2 and 16",
+        );
+    }
+
+    #[test]
+    fn backup_keys_and_schedule_are_validated() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = load_ok(
+            &format!(
+                "[backup]\ncustodian_public_key = \"{key}\"\nsigning_key_file = \"s.key\"\n\
+                 trusted_signers = [\"{key}\"]\nschedule_dir = \"b\"\nschedule_keep = 3\n{MAIN}"
+            ),
+            GROUPS,
+        );
+        assert_eq!(c.engine.backup.custodian_public_key.unwrap()[1], 1);
+        assert_eq!(c.engine.backup.trusted_signers.len(), 1);
+        assert_eq!(c.engine.backup.schedule_keep, 3);
+        assert_eq!(
+            c.engine.backup.schedule_interval,
+            Duration::from_secs(86_400)
+        );
+        assert_one_error(
+            &format!("[backup]\ncustodian_public_key = \"c2hvcnQ=\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "32-byte public key",
+        );
+        assert_one_error(
+            &format!("[backup]\nschedule_dir = \"b\"\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "needs backup.custodian_public_key",
+        );
+        assert_one_error(
+            &format!("[backup]\nschedule_keep = 3\n{MAIN}"),
+            GROUPS,
+            "hsmgate.toml",
+            2,
+            "needs backup.schedule_dir",
+        );
+    }
+
     /// Asserts exactly one error, in `file` at `line`, whose message contains `needle`.
     fn assert_one_error(main: &str, groups: &str, file: &str, line: usize, needle: &str) {
         let found = errors(main, &[("sg.toml", groups)]);
@@ -1859,6 +2394,9 @@ admin_groups = ["admins"]
                 lock_user_after_failures: 1,
                 login_guard_reserve: 1,
                 session_ttl: Duration::from_secs(60),
+                min_password_length: 8,
+                seal: crate::engine::seal::SealMode::Auto,
+                backup: BackupConfig::default(),
             }
         );
         assert_eq!(
@@ -2015,6 +2553,107 @@ admin_groups = ["admins"]
         let found = errors(&main, &[("sg.toml", GROUPS)]);
         assert_eq!(found.len(), 1, "{found:#?}");
         assert!(found[0].2.contains("channel must be"), "{found:#?}");
+    }
+
+    #[test]
+    fn forwarding_is_one_mechanism_from_trusted_proxies_and_never_on_break_glass() {
+        let with = |keys: &str| {
+            MAIN.replace(
+                "admin_groups = [\"admins\"]",
+                &format!("admin_groups = [\"admins\"]\n{keys}"),
+            )
+        };
+        assert_eq!(
+            load_ok(MAIN, GROUPS).listeners[0].forwarded,
+            Forwarded::None
+        );
+        let ok = load_ok(
+            &with("trusted_proxy_groups = [\"apps\"]\nxff_hops = 2"),
+            GROUPS,
+        );
+        assert_eq!(
+            ok.listeners[0].forwarded,
+            Forwarded::XForwardedFor { hops: 2 }
+        );
+        assert_eq!(ok.listeners[0].trusted_proxy_groups, ["apps"]);
+        let ok = load_ok(
+            &with("trusted_proxy_groups = [\"apps\"]\nproxy_protocol = true"),
+            GROUPS,
+        );
+        assert_eq!(ok.listeners[0].forwarded, Forwarded::ProxyProtocol);
+        for (keys, message) in [
+            ("xff_hops = 1", "xff_hops needs trusted_proxy_groups"),
+            (
+                "proxy_protocol = true",
+                "proxy_protocol needs trusted_proxy_groups",
+            ),
+            ("trusted_proxy_groups = [\"apps\"]", "needs xff_hops"),
+            (
+                "trusted_proxy_groups = [\"apps\"]\nxff_hops = 1\nproxy_protocol = true",
+                "not both",
+            ),
+            (
+                "trusted_proxy_groups = [\"apps\"]\nxff_hops = 0",
+                "xff_hops must be between",
+            ),
+            (
+                "trusted_proxy_groups = [\"nope\"]\nxff_hops = 1",
+                "no policy file defines",
+            ),
+            (
+                "channel = \"break-glass\"\ntrusted_proxy_groups = [\"apps\"]\nxff_hops = 1",
+                "break-glass listener trusts no proxy",
+            ),
+            ("client_auth = \"required\"", "client_auth needs client_ca"),
+            (
+                "client_ca = \"ca.pem\"\nclient_auth = \"sometimes\"",
+                "must be \"required\" or \"optional\"",
+            ),
+        ] {
+            let found = errors(&with(keys), &[("sg.toml", GROUPS)]);
+            assert!(
+                found.iter().any(|f| f.2.contains(message) && f.1.is_some()),
+                "{keys}: {found:#?}"
+            );
+        }
+        let ok = load_ok(&with("client_ca = \"ca.pem\""), GROUPS);
+        let auth = ok.listeners[0].client_auth.as_ref().unwrap();
+        assert!(auth.required, "client_auth defaults to required");
+        // A mapping with no listener asking for certificates is an error.
+        let main = format!("{MAIN}\n[[cert_principal]]\nname = \"p\"\nsubject_cn = \"svc\"\n");
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert!(
+            found
+                .iter()
+                .any(|f| f.2.contains("no listener sets client_ca")),
+            "{found:#?}"
+        );
+    }
+
+    /// A certificate mapping's policy names are checked like a JWT role's:
+    /// with access policies on, an undeclared name is an error at its line;
+    /// a declared one loads.
+    #[test]
+    fn cert_principal_policies_must_be_declared_when_acls_are_on() {
+        let acl = "[[policy]]\nname = \"payments\"\n[[policy.path]]\npath = \"transit/encrypt/p\"\ncapabilities = [\"update\"]\n";
+        let main = format!(
+            "{MAIN}client_ca = \"ca.pem\"\n\n[[cert_principal]]\nname = \"svc\"\nsubject_cn = \"svc\"\npolicies = [\"payments\", \"nope\"]\n"
+        );
+        let found = errors(&main, &[("sg.toml", GROUPS), ("acl.toml", acl)]);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].2.contains("nope") && found[0].2.contains("cert_principal"),
+            "{found:#?}"
+        );
+        assert_eq!(found[0].1, Some(12), "{found:#?}");
+        let ok = main.replace(", \"nope\"", "");
+        if let Err(e) = load_from_str(
+            Path::new("hsmgate.toml"),
+            &ok,
+            &policies(&[("sg.toml", GROUPS), ("acl.toml", acl)]),
+        ) {
+            panic!("expected a valid config, got:\n{e}");
+        }
     }
 
     #[test]

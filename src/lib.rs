@@ -3,18 +3,21 @@
 //!
 //! Module map (each module is named for the decision it owns):
 //!
-//! - [`cli`]: the command line (`serve`, `check`, `version`); parses, then calls in here.
+//! - [`cli`]: the command line (`serve`, `check`, `audit verify`, ...); parses, then calls in here.
 //! - [`config`]: parses and validates `config/` and `policies/` into one immutable
 //!   [`config::Config`]; every error carries its file and line.
 //! - [`netfilter`]: decides whether a peer address may connect to a listener, or use
 //!   an admin route (longest-prefix CIDR tables).
 //! - [`ratelimit`]: decides whether a peer or principal may go on now (GCRA limits,
 //!   the password-hashing cap, connection caps).
-//! - [`auth`]: decides who an app is from its JWT (issuers, keys, roles).
+//! - [`auth`]: decides who an app is from its JWT (issuers, keys, roles) or its
+//!   verified client certificate (`[[cert_principal]]`).
 //! - [`acl`]: decides what an authenticated principal may do on Transit (Vault-style
 //!   path/capability policies from `policies/`).
-//! - [`gateway`]: listeners, TLS, HTTP, the request phases, and [`gateway::rescue`],
-//!   the one place where errors become HTTP responses.
+//! - [`gateway`]: listeners, TLS, HTTP, the request phases, [`gateway::rescue`],
+//!   the one place where errors become HTTP responses; [`gateway::forwarded`]
+//!   decides the effective client behind a trusted proxy; [`gateway::reload`]
+//!   is the config reload (SIGHUP, file changes) and its one snapshot swap.
 //! - [`api`]: the HTTP surface: Vault-Transit-compatible [`api::transit`] and the
 //!   HSM administration API [`api::hsm`].
 //! - [`engine`]: the software HSM: state machine, users and the login counters,

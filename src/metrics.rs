@@ -104,11 +104,53 @@ const STATUSES: [u16; 15] = [
 ];
 
 /// Transit operations that may appear as the `op` label.
-const OPS: [&str; 20] = [
-    "encrypt", "decrypt", "rewrap", "datakey", "random", "hash", "hmac", "sign", "verify",
-    "export", "backup", "restore", "create", "read", "delete", "list", "rotate", "config", "trim",
+const OPS: [&str; 24] = [
+    "encrypt",
+    "decrypt",
+    "rewrap",
+    "datakey",
+    "random",
+    "hash",
+    "hmac",
+    "sign",
+    "verify",
+    "export",
+    "backup",
+    "restore",
+    "create",
+    "read",
+    "delete",
+    "list",
+    "rotate",
+    "config",
+    "trim",
     "import",
+    "import_version",
+    "wrap",
+    "unwrap",
+    "wrapping_key",
 ];
+
+/// `hsmgate_rate_limited_total`'s `scope` label, from the limit that
+/// refused ([`crate::ratelimit::Limited::scope`]); a closed set.
+pub const RATE_LIMIT_SCOPES: [&str; 5] = [
+    "source",
+    "login_user",
+    "principal",
+    "key",
+    "password_hashing",
+];
+
+fn scope_index(scope: &str) -> usize {
+    match scope {
+        "login-user" => 1,
+        "principal" => 2,
+        "key" => 3,
+        "password-hashing" => 4,
+        // `source`, and anything a future limit names before it is added here.
+        _ => 0,
+    }
+}
 
 pub fn op_label(op: &str) -> &'static str {
     OPS.iter().find(|o| **o == op).copied().unwrap_or("other")
@@ -119,6 +161,12 @@ pub fn op_label(op: &str) -> &'static str {
 pub struct ListenerCounters {
     pub accepted: IntCounter,
     pub denied: IntCounter,
+    /// Refused at accept by the connection caps (per source network, total).
+    pub capped: IntCounter,
+    /// Refused over a PROXY header: untrusted sender, a trusted proxy's
+    /// missing or malformed one, or a client it named that is refused (deny
+    /// lists, groups, connection cap).
+    pub proxy_denied: IntCounter,
     pub tls_failed: IntCounter,
     pub tls_timeout: IntCounter,
 }
@@ -136,6 +184,9 @@ pub struct Metrics {
     tls_failures: IntCounterVec,
     requests: IntCounterVec,
     classes: Vec<ClassHandles>,
+    /// [class][scope], every combination created up front (30 series) so
+    /// `increase()` sees the first refusal.
+    rate_limited: Vec<Vec<IntCounter>>,
     listeners: Vec<ListenerCounters>,
     metrics_listener: ListenerCounters,
     logins: IntCounterVec,
@@ -190,6 +241,11 @@ const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 impl Metrics {
+    /// The registry, for metrics owned by other modules (config reloads).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Registers every metric and resolves the hot-path handles for the
     /// configured listeners.
     pub fn new(config: &Config) -> Result<Metrics, MetricsError> {
@@ -231,9 +287,26 @@ impl Metrics {
                     .collect(),
             });
         }
+        let rate_limited_vec = counter_vec(
+            &r,
+            "hsmgate_rate_limited_total",
+            "Requests refused with 429 by a rate limit, by route class and the limit's scope.",
+            &["class", "scope"],
+        )?;
+        let rate_limited = CLASSES
+            .iter()
+            .map(|c| {
+                RATE_LIMIT_SCOPES
+                    .iter()
+                    .map(|s| rate_limited_vec.with_label_values(&[class_label(*c), s]))
+                    .collect()
+            })
+            .collect();
         let listener_counters = |name: &str| ListenerCounters {
             accepted: connections.with_label_values(&[name, "accepted", "allowed"]),
             denied: connections.with_label_values(&[name, "denied", "security_group"]),
+            capped: connections.with_label_values(&[name, "denied", "connection_cap"]),
+            proxy_denied: connections.with_label_values(&[name, "denied", "proxy_protocol"]),
             tls_failed: tls_failures.with_label_values(&[name, "error"]),
             tls_timeout: tls_failures.with_label_values(&[name, "timeout"]),
         };
@@ -328,6 +401,7 @@ impl Metrics {
             tls_failures,
             requests,
             classes,
+            rate_limited,
             listeners,
             metrics_listener,
             logins,
@@ -379,6 +453,12 @@ impl Metrics {
             .inc();
     }
 
+    /// A 429: which class and which limit (`Limited::scope`).
+    pub fn rate_limited(&self, class: RouteClass, scope: &str) {
+        let ci = CLASSES.iter().position(|c| *c == class).unwrap_or(5);
+        self.rate_limited[ci][scope_index(scope)].inc();
+    }
+
     pub fn login(&self, role: Role, outcome: &str) {
         let role = match role {
             Role::CryptoOfficer => "crypto_officer",
@@ -402,6 +482,7 @@ impl Metrics {
         let state = engine.state();
         for s in [
             EngineState::Uninitialized,
+            EngineState::Sealed,
             EngineState::Active,
             EngineState::Zeroized,
         ] {
@@ -611,6 +692,18 @@ mod tests {
     fn ops_are_a_closed_set() {
         assert_eq!(op_label("encrypt"), "encrypt");
         assert_eq!(op_label("../../etc/passwd"), "other");
+    }
+
+    #[test]
+    fn rate_limit_scopes_map_from_every_limit() {
+        assert_eq!(RATE_LIMIT_SCOPES[scope_index("source")], "source");
+        assert_eq!(RATE_LIMIT_SCOPES[scope_index("login-user")], "login_user");
+        assert_eq!(RATE_LIMIT_SCOPES[scope_index("principal")], "principal");
+        assert_eq!(RATE_LIMIT_SCOPES[scope_index("key")], "key");
+        assert_eq!(
+            RATE_LIMIT_SCOPES[scope_index("password-hashing")],
+            "password_hashing"
+        );
     }
 
     #[test]

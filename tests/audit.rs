@@ -184,3 +184,163 @@ async fn a_real_log_verifies_and_every_tampering_is_caught() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not match its stored head"), "{err}");
 }
+
+/// Connections denied at accept become `connection.denied.summary` records:
+/// one per source per interval (the busiest `DENY_SUMMARY_TOP`) and one with
+/// the interval's totals, never one per connection. The last interval is
+/// written at shutdown.
+#[tokio::test]
+async fn denied_connections_are_audited_as_bounded_per_source_summaries() {
+    use hsmgate::netfilter::DENY_SUMMARY_TOP;
+    let mut server = TestServer::start(Default::default());
+    // 30 foreign sources (outside every group), the first one five times.
+    let sources: Vec<std::net::IpAddr> = (2..32)
+        .map(|i| format!("127.0.0.{i}").parse().unwrap())
+        .collect();
+    let mut attempts = 0;
+    for (i, source) in sources.iter().enumerate() {
+        for _ in 0..if i == 0 { 5 } else { 1 } {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(std::net::SocketAddr::new(*source, 0)).unwrap();
+            let mut stream = socket.connect(server.addr).await.unwrap();
+            // Dropped right after accept: the read ends without a byte.
+            let mut buf = [0u8; 1];
+            let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf)
+                .await
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+            attempts += 1;
+        }
+    }
+    // An admitted client is not summarised.
+    let (s, _) = server.get(&server.client(), "/v1/sys/health", None).await;
+    assert_eq!(s, 501);
+    let exit = server.terminate();
+    assert!(exit.success());
+
+    let log = server.path("audit.log");
+    let (code, out) = verify(&log);
+    assert_eq!(code, 0, "{out}");
+    let recs = records(&log);
+    let summaries: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["action"] == "connection.denied.summary")
+        .collect();
+    let (per_source, totals): (Vec<&Value>, Vec<&Value>) =
+        summaries.iter().partition(|r| r["source"] != "local");
+    // Whatever the interval boundaries, the totals add up and each
+    // interval names at most DENY_SUMMARY_TOP sources.
+    assert!(!totals.is_empty());
+    let total: u64 = totals
+        .iter()
+        .map(|r| r["detail"]["total"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, attempts);
+    assert!(per_source.len() <= totals.len() * DENY_SUMMARY_TOP);
+    for t in &totals {
+        assert_eq!(t["outcome"], "denied");
+        assert!(t["detail"]["sources_named"].as_u64().unwrap() <= DENY_SUMMARY_TOP as u64);
+    }
+    // The busiest source is named with all its denials.
+    let busiest: u64 = per_source
+        .iter()
+        .filter(|r| r["source"] == "127.0.0.2")
+        .map(|r| {
+            assert_eq!(r["detail"]["reason"], "not-in-groups", "{r}");
+            assert_eq!(r["detail"]["listener"], "api", "{r}");
+            r["detail"]["count"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(busiest, 5);
+    assert!(
+        !summaries.iter().any(|r| r["source"] == "127.0.0.1"),
+        "an admitted peer was summarised as denied"
+    );
+    // Fewer records than connections: 30 sources, at most 20 named.
+    assert!(per_source.len() < sources.len(), "{}", per_source.len());
+}
+
+/// `key_use = "per_minute"`: many encrypts become one `transit.key_use`
+/// record per (principal, key, operation) with the counts; denials still
+/// get a record each. `key_use = "all"` (the default) is tested by
+/// `a_real_log_verifies_and_every_tampering_is_caught`.
+#[tokio::test]
+async fn per_minute_key_use_writes_one_record_per_principal_key_and_op() {
+    let mut server = TestServer::start(common::Opts {
+        extra_config: "[audit]\nkey_use = \"per_minute\"\n".into(),
+        ..Default::default()
+    });
+    let (_co, app) = server.init_with_app_user().await;
+    let client = server.client();
+    let (s, _) = server
+        .post(&client, "/v1/transit/keys/orders", Some(&app), json!({}))
+        .await;
+    assert_eq!(s, 200);
+    for _ in 0..40 {
+        let (s, _) = server
+            .post(
+                &client,
+                "/v1/transit/encrypt/orders",
+                Some(&app),
+                json!({"plaintext": common::b64(b"hello")}),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    // A failure (bad ciphertext) is counted as one.
+    let (s, _) = server
+        .post(
+            &client,
+            "/v1/transit/decrypt/orders",
+            Some(&app),
+            json!({"ciphertext": "vault:v1:AAAA"}),
+        )
+        .await;
+    assert_eq!(s, 400);
+    // A denial (no token) keeps its own record.
+    let (s, _) = server
+        .post(
+            &client,
+            "/v1/transit/encrypt/orders",
+            None,
+            json!({"plaintext": common::b64(b"x")}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    assert!(server.terminate().success());
+
+    let log = server.path("audit.log");
+    let (code, out) = verify(&log);
+    assert_eq!(code, 0, "{out}");
+    let recs = records(&log);
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r["action"] == "transit.encrypt" && r["outcome"] == "success"),
+        "per-operation records were written"
+    );
+    let uses: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["action"] == "transit.key_use")
+        .collect();
+    let count = |op: &str, field: &str| -> u64 {
+        uses.iter()
+            .filter(|r| r["detail"]["op"] == op)
+            .map(|r| {
+                assert_eq!(r["actor"], "app", "{r}");
+                assert_eq!(r["detail"]["key"], "orders", "{r}");
+                r["detail"][field].as_u64().unwrap()
+            })
+            .sum()
+    };
+    // The minute may roll over mid-test: sum over the records.
+    assert_eq!(count("encrypt", "success"), 40);
+    assert_eq!(count("create", "success"), 1);
+    assert_eq!(count("decrypt", "failure"), 1);
+    assert!(uses.len() <= 6, "{} key-use records", uses.len());
+    let denied = recs
+        .iter()
+        .find(|r| r["action"] == "transit.encrypt" && r["outcome"] == "denied")
+        .expect("the denial has its own record");
+    assert_eq!(denied["detail"]["key"], "orders");
+}

@@ -206,6 +206,29 @@ impl Server {
     async fn scrape(&self) -> String {
         self.scrape_from("127.0.0.1").await.expect("scrape")
     }
+
+    /// SIGHUP: reload the config tree.
+    fn sighup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
+    /// Polls the scrape (up to 30 s) until the sample is at least `min`.
+    async fn wait_for_sample(&self, prefix: &str, min: f64) {
+        for _ in 0..300 {
+            let text = self.scrape().await;
+            let value = text
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok());
+            if value.is_some_and(|v| v >= min) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{prefix} never reached {min}");
+    }
 }
 
 /// The value of the first sample whose line starts with `prefix`.
@@ -265,12 +288,45 @@ async fn traffic(server: &Server) -> (String, String) {
         )
         .await;
     assert_eq!(s, 401);
+    // Guessing one user's password from one source: the shipped
+    // per-(source, username) budget (a burst of 5) answers the sixth with 429.
+    for expected in [401, 401, 401, 401, 401, 429] {
+        let (s, _) = server
+            .call(
+                "POST",
+                "/v1/hsm/login",
+                None,
+                json!({"username": "guessed", "password": "not-the-password"}),
+            )
+            .await;
+        assert_eq!(s, expected);
+    }
     let denied = server
         .client("127.0.0.2")
         .get(format!("https://{}/v1/sys/health", server.api))
         .send()
         .await;
     assert!(denied.is_err(), "127.0.0.2 must be refused at accept");
+    // Config reloads: one rejected (a broken policy file), then one applied.
+    let groups = server.dir.path().join("policies/groups.toml");
+    let good = std::fs::read_to_string(&groups).unwrap();
+    std::fs::write(
+        &groups,
+        "[group.apps]\nrules = [{ source = \"not a network\" }]\n",
+    )
+    .unwrap();
+    server.sighup();
+    server
+        .wait_for_sample("hsmgate_config_reloads_total{outcome=\"failure\"}", 1.0)
+        .await;
+    std::fs::write(&groups, good).unwrap();
+    server.sighup();
+    server
+        .wait_for_sample("hsmgate_config_reloads_total{outcome=\"success\"}", 1.0)
+        .await;
+    server
+        .wait_for_sample("hsmgate_config_last_reload_successful ", 1.0)
+        .await;
     (co, app)
 }
 
@@ -303,6 +359,20 @@ async fn metrics_listener_counts_traffic_with_bounded_labels() {
     );
     assert_eq!(sample(&text, "hsmgate_engine_state{state=\"active\"}"), 1.0);
     assert_eq!(
+        sample(
+            &text,
+            "hsmgate_rate_limited_total{class=\"login\",scope=\"login_user\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "hsmgate_rate_limited_total{class=\"transit\",scope=\"source\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
         sample(&text, "hsmgate_keys{key_type=\"aes256-gcm96\"}"),
         1.0
     );
@@ -317,6 +387,23 @@ async fn metrics_listener_counts_traffic_with_bounded_labels() {
         ) >= 4.0
     );
     assert!(sample(&text, "hsmgate_audit_head_sequence ") >= 8.0);
+    assert!(sample(&text, "hsmgate_config_reloads_total{outcome=\"success\"}") >= 1.0);
+    assert!(sample(&text, "hsmgate_config_reloads_total{outcome=\"failure\"}") >= 1.0);
+    assert_eq!(sample(&text, "hsmgate_config_last_reload_successful "), 1.0);
+    assert_eq!(sample(&text, "hsmgate_config_info{sha256=\""), 1.0);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("hsmgate_config_info{"))
+            .count(),
+        1,
+        "one config_info series at a time"
+    );
+    assert!(
+        sample(
+            &text,
+            "hsmgate_config_last_reload_success_timestamp_seconds "
+        ) > 1.7e9
+    );
     assert!(text.contains("hsmgate_http_request_duration_seconds_bucket{class=\"transit\""));
     // Bounded labels: no addresses, no key names, no token.
     assert!(!text.contains("127.0.0"), "an address leaked into a label");

@@ -246,3 +246,57 @@ fn the_shipped_rate_limit_file_states_the_defaults_and_bad_files_name_their_line
     assert!(err.contains("p/rate-limits.toml:3:"), "{err}");
     assert!(err.contains("fortnight"), "{err}");
 }
+
+/// An admitted connection left idle past `idle_timeout_seconds` is closed
+/// by the server; a client that keeps working on its own connection over
+/// the same span is not. (Waits for the close; no assertion on how fast.)
+#[tokio::test]
+async fn idle_connection_is_closed_while_an_active_one_is_unaffected() {
+    use tokio::io::AsyncReadExt;
+    let s = TestServer::start(opts(
+        "[rate_limits.connections]\nidle_timeout_seconds = 1\n",
+    ));
+    let mut idle = s.tls_connect(s.addr, ip(APP_NET), b"").await.unwrap();
+    let mut active = s.tls_connect(s.addr, ip("127.0.0.4"), b"").await.unwrap();
+    assert_eq!(
+        keepalive_get(&mut idle, "/v1/sys/health").await.unwrap(),
+        501
+    );
+    // The active client works on while the idle one waits for its close.
+    let closed = async {
+        let mut buf = [0u8; 1];
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let working = async {
+        let mut served = 0u32;
+        loop {
+            // Each request ends well inside the idle timeout of the last.
+            assert_eq!(
+                keepalive_get(&mut active, "/v1/sys/health").await.unwrap(),
+                501,
+                "the active connection was cut"
+            );
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if served > 10_000 {
+                return served;
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(60), closed) => {
+            assert!(r.is_ok(), "the idle connection was not closed within 60 s");
+        }
+        n = working => panic!("the idle connection was never closed ({n} requests)"),
+    }
+    // The active connection outlived the idle one's close and still serves.
+    assert_eq!(
+        keepalive_get(&mut active, "/v1/sys/health").await.unwrap(),
+        501
+    );
+}

@@ -611,6 +611,645 @@ async fn a_non_exportable_key_never_leaves_through_export() {
     assert!(body["data"]["keys"]["1"].is_string());
 }
 
+/// Attack: slip a network into the fence through a reload of a policy file
+/// that is partly broken, hoping the valid part applies. A reload is all or
+/// nothing: the whole change is rejected and the old rules keep serving.
+#[tokio::test]
+async fn a_broken_policy_file_cannot_open_the_fence() {
+    let s = TestServer::start(Opts::default());
+    assert!(
+        s.client_from(ip(UNTRUSTED))
+            .get(s.url("/v1/sys/health"))
+            .send()
+            .await
+            .is_err(),
+        "untrusted source admitted before any reload"
+    );
+    // The apps group would admit the attacker; the admins group is broken.
+    let broken = format!(
+        "{}\n[group.admins]\nrules = [{{ source = \"127.0.0.1/32\", sorce = \"typo\" }}]\n",
+        groups_file(&["127.0.0.1/32", "127.0.0.2/32"], &[]).replace(
+            "[group.admins]\ndescription = \"admins\"\nrules = [\n]\n",
+            ""
+        )
+    );
+    let record = s
+        .reload_with(&[("policies/security-groups.toml", &broken)])
+        .await;
+    assert_eq!(record["outcome"], "failure", "{record}: {broken}");
+    assert!(
+        s.log().contains("sorce"),
+        "rejected for another reason:\n{}",
+        s.log()
+    );
+    // Deny: the attacker's network did not ride in with the broken file.
+    assert!(
+        s.client_from(ip(UNTRUSTED))
+            .get(s.url("/v1/sys/health"))
+            .send()
+            .await
+            .is_err(),
+        "a rejected reload opened the fence"
+    );
+    // Allow: the old rules still admit the trusted network.
+    let resp = s
+        .client()
+        .get(s.url("/v1/sys/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 501);
+}
+
+/// Path variants outside `api::openapi::ROUTES` (extra segments, trailing
+/// slashes, other methods) are refused before any handler runs, even with
+/// the officer's token, so no handler arm can serve an undocumented route;
+/// the listed routes beside them still work.
+#[tokio::test]
+async fn routes_outside_the_route_table_are_never_dispatched() {
+    let s = TestServer::start(Opts::default());
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    for (method, path, token, expected) in [
+        ("POST", "/v1/hsm/zeroize/", &co, 404),
+        ("POST", "/v1/hsm/zeroize/now", &co, 404),
+        ("GET", "/v1/hsm/zeroize", &co, 405),
+        ("POST", "/v1/hsm/users/app/password/x", &co, 404),
+        ("POST", "/v1/transit/encrypt/k/extra", &app, 404),
+        ("POST", "/v1/transit/keys/k/rotate/now", &app, 404),
+        ("PATCH", "/v1/transit/keys/k", &app, 405),
+    ] {
+        let resp = c
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                s.url(path),
+            )
+            .header("X-Vault-Token", token.as_str())
+            .json(&json!({"plaintext": b64(b"x")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), expected, "{method} {path}");
+    }
+    // The engine is untouched and the listed routes work.
+    assert_eq!(s.status().await["state"], "active");
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k/rotate", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+}
+
+/// A client that hangs up while its admin request runs cannot separate the
+/// action from its audit record: requests run to their end detached from
+/// the connection, so every user that exists afterwards has its `hsm.users`
+/// success record naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_up_mid_request_cannot_skip_the_audit_record() {
+    let mut s = TestServer::start(Opts::default());
+    let (co, _app) = s.init_with_app_user().await;
+    let pem = std::fs::read(s.path("tls/cert.pem")).unwrap();
+    // Twenty user creations at once: two hash while the rest queue for a
+    // password-hashing slot; every client gives up long before that queue
+    // drains, mid-hash or mid-wait.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let impatient = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let (url, co) = (s.url("/v1/hsm/users"), co.clone());
+        set.spawn(async move {
+            impatient
+                .post(url)
+                .header("X-Vault-Token", co)
+                .json(&json!({"username": format!("hangup-{i}"), "password": "hangup-password-1"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    let answered = set.join_all().await;
+    let hung_up = answered.iter().filter(|r| r.is_err()).count();
+    assert!(hung_up > 0, "every request finished in time: {answered:?}");
+    // Shutdown waits for the detached requests; then read what happened.
+    assert!(s.terminate().success());
+    s.start_again();
+    let created: Vec<String> = s.status().await["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["username"].as_str())
+        .filter(|u| u.starts_with("hangup-"))
+        .map(str::to_string)
+        .collect();
+    let records = s.all_audit_records();
+    for user in &created {
+        assert!(
+            records.iter().any(|r| r["action"] == "hsm.users"
+                && r["outcome"] == "success"
+                && r["detail"]["user"] == user.as_str()),
+            "user {user} exists without its audit record"
+        );
+    }
+    // Allow: the records are there because the users are (not the reverse).
+    for r in records
+        .iter()
+        .filter(|r| r["action"] == "hsm.users" && r["outcome"] == "success")
+    {
+        let user = r["detail"]["user"].as_str().unwrap();
+        assert!(user == "app" || created.iter().any(|c| c == user), "{r}");
+    }
+    eprintln!(
+        "{} of 20 clients hung up; {} users created",
+        hung_up,
+        created.len()
+    );
+}
+
+/// Guards against key exfiltration through key wrap: a key created without
+/// `exportable` is refused by `keys/:name/wrap` under every mechanism and
+/// version, even under a proper wrapping key; an exportable key (the twin)
+/// wraps.
+#[tokio::test]
+async fn a_non_exportable_key_cannot_be_extracted_via_wrap() {
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let create = |name: &'static str, body: serde_json::Value| {
+        let (s, c, app) = (&s, c.clone(), app.clone());
+        async move {
+            let (st, b) = s
+                .post(&c, &format!("/v1/transit/keys/{name}"), Some(&app), body)
+                .await;
+            assert_eq!(st, 200, "{b}");
+        }
+    };
+    create("kek", json!({"allow_wrap": true})).await;
+    create("secret", json!({"type": "ed25519"})).await;
+    create("shared", json!({"type": "ed25519", "exportable": true})).await;
+    for mechanism in ["aes-kw", "aes-kwp"] {
+        for version in [json!(null), json!(1), json!(0)] {
+            let (st, body) = s
+                .post(
+                    &c,
+                    "/v1/transit/keys/secret/wrap",
+                    Some(&app),
+                    json!({"wrapping_key": "kek", "mechanism": mechanism, "version": version}),
+                )
+                .await;
+            assert_eq!(st, 400, "{mechanism} {version}: {body}");
+            assert!(body.get("data").is_none(), "{body}");
+        }
+    }
+    // Wrapping a non-exportable key under itself or with itself as the KEK
+    // changes nothing either.
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/kek/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 400);
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/keys/shared/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body["data"]["wrapped_key"].is_string());
+}
+
+/// Guards against the PKCS#11 wrap-then-decrypt attack: a key-encryption key
+/// never works as a data key, so what it wraps cannot be decrypted (or
+/// forged by encrypting) through Transit's data routes.
+#[tokio::test]
+async fn a_key_encryption_key_never_decrypts_or_encrypts_data() {
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    for (name, body) in [
+        ("kek", json!({"allow_wrap": true, "allow_unwrap": true})),
+        ("data", json!({})),
+        ("shared", json!({"exportable": true})),
+    ] {
+        let (st, b) = s
+            .post(&c, &format!("/v1/transit/keys/{name}"), Some(&app), body)
+            .await;
+        assert_eq!(st, 200, "{b}");
+    }
+    let (st, w) = s
+        .post(
+            &c,
+            "/v1/transit/keys/shared/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    let wrapped = w["data"]["wrapped_key"].as_str().unwrap();
+    for (path, body) in [
+        (
+            "/v1/transit/decrypt/kek",
+            json!({"ciphertext": format!("vault:v1:{wrapped}")}),
+        ),
+        (
+            "/v1/transit/encrypt/kek",
+            json!({"plaintext": b64(b"forged")}),
+        ),
+        (
+            "/v1/transit/rewrap/kek",
+            json!({"ciphertext": format!("vault:v1:{wrapped}")}),
+        ),
+        ("/v1/transit/datakey/plaintext/kek", json!({})),
+    ] {
+        let (st, resp) = s.post(&c, path, Some(&app), body).await;
+        assert_eq!(st, 400, "{path}: {resp}");
+        assert!(resp.get("data").is_none(), "{path}: {resp}");
+    }
+    // The twin: a data key does its job.
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/encrypt/data",
+            Some(&app),
+            json!({"plaintext": b64(b"ok")}),
+        )
+        .await;
+    assert_eq!(st, 200);
+}
+
+/// Guards against a deleted user's token outliving the user: every session
+/// of a crypto user the officer deletes is dead at once, while the officer's
+/// and other users' sessions live on.
+#[tokio::test]
+async fn a_deleted_users_token_is_dead() {
+    let s = TestServer::start(Opts::default());
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/users",
+            Some(&co),
+            json!({"username": "leaver", "password": "leaver-password-1"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let leaver = s.token("leaver", "leaver-password-1").await;
+    let use_key = |token: String| {
+        let (s, c) = (&s, c.clone());
+        async move {
+            s.post(&c, "/v1/transit/keys/k", Some(&token), json!({}))
+                .await
+                .0
+        }
+    };
+    assert_eq!(use_key(leaver.clone()).await, 200, "the token worked");
+    let resp = c
+        .delete(s.url("/v1/hsm/users/leaver"))
+        .header("X-Vault-Token", &co)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    assert_eq!(use_key(leaver.clone()).await, 403, "dead after deletion");
+    let (st, _) = s.get(&c, "/v1/auth/token/lookup-self", Some(&leaver)).await;
+    assert_eq!(st, 403);
+    assert_eq!(use_key(app).await, 200, "another user's token lives");
+    assert_eq!(s.get(&c, "/v1/hsm/users", Some(&co)).await.0, 200);
+}
+
+/// Guards against change-password as a password-guessing oracle: a wrong
+/// old password for the crypto officer moves the same durable counter a
+/// failed login does, and the login guard stops the front door before the
+/// zeroizing attempt, exactly as on /v1/hsm/login. The right password (the
+/// twin) changes it.
+#[tokio::test]
+async fn change_password_cannot_guess_the_officer_password_without_moving_the_counter() {
+    let s = TestServer::start(Opts::default()); // zeroize at 3, guard reserve 1
+    s.init().await;
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let c = s.client();
+    let guess = |old: &'static str| {
+        let (s, c, co) = (&s, c.clone(), co.clone());
+        async move {
+            s.post(
+                &c,
+                "/v1/hsm/password",
+                Some(&co),
+                json!({"old_password": old, "new_password": "a-new-officer-password"}),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(guess("guess-number-one").await, 401);
+    assert_eq!(s.failures("admin").await, 1);
+    assert_eq!(guess("guess-number-two").await, 401);
+    assert_eq!(s.failures("admin").await, 2);
+    // One attempt left: the guard refuses unchecked, nothing counts, no zeroize.
+    assert_eq!(guess("guess-number-three").await, 423);
+    assert_eq!(guess(ADMIN_PASSWORD).await, 423, "not even the right one");
+    assert_eq!(s.failures("admin").await, 2);
+    assert_eq!(s.status().await["state"], "active");
+    // Break-glass resets the count; then the right old password works.
+    let (st, _) = s.login_break_glass("admin", ADMIN_PASSWORD).await;
+    assert_eq!(st, 200);
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/password",
+            Some(&co),
+            json!({"old_password": ADMIN_PASSWORD, "new_password": "a-new-officer-password"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(s.login("admin", "a-new-officer-password").await.0, 200);
+}
+
+/// The trusted proxy of the trusted-proxy tests: in group `proxies` only.
+const TRUSTED_PROXY: &str = "127.0.0.5";
+
+fn behind_a_trusted_proxy(forwarded: &str) -> Opts {
+    Opts {
+        proxies: vec!["127.0.0.5/32"],
+        api_listener_extra: format!("trusted_proxy_groups = [\"proxies\"]\n{forwarded}\n"),
+        ..app_and_admin_nets()
+    }
+}
+
+/// Attack: an app behind a trusted proxy writes the admin host's address
+/// into X-Forwarded-For (which the proxy passes on as the rightmost entry
+/// when misconfigured, or the app is the proxy's own health path) to reach
+/// admin routes or burn crypto-officer login attempts. Admin routes and CO
+/// logins judge the TCP peer alone.
+#[tokio::test]
+async fn spoofed_xff_through_a_trusted_proxy_reaches_no_admin_route_nor_co_login() {
+    let s = TestServer::start(behind_a_trusted_proxy("xff_hops = 1"));
+    s.init().await;
+    let proxy = s.client_from(ip(TRUSTED_PROXY));
+    let st = proxy
+        .get(s.url("/v1/hsm/status"))
+        .header("x-forwarded-for", "127.0.0.1")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 403, "an admin route trusted a forwarded address");
+    for _ in 0..3 {
+        let (st, _) = into_parts(
+            proxy
+                .post(s.url("/v1/hsm/login"))
+                .header("x-forwarded-for", "127.0.0.1")
+                .json(&json!({"username": "admin", "password": "wrong password"}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_ne!(st, 200);
+    }
+    assert_eq!(
+        s.failures("admin").await,
+        0,
+        "a forwarded CO login moved the counter"
+    );
+    assert_eq!(s.status().await["state"], "active");
+    // The forwarded address is honoured where it may be: the app route.
+    let st = proxy
+        .get(s.url("/v1/sys/health"))
+        .header("x-forwarded-for", APP_NET)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 200);
+    // The allow: the admin host itself, directly.
+    let (st, _) = s.get(&s.client(), "/v1/hsm/status", None).await;
+    assert_eq!(st, 200);
+}
+
+/// Attack: a peer that is not a trusted proxy opens with a PROXY protocol
+/// header naming an allowed client, to be judged as that client. The
+/// connection is refused before TLS.
+#[tokio::test]
+async fn proxy_header_smuggled_by_an_untrusted_peer_is_refused() {
+    let s = TestServer::start(behind_a_trusted_proxy("proxy_protocol = true"));
+    let header = format!(
+        "PROXY TCP4 127.0.0.1 {} 40000 {}\r\n",
+        s.addr.ip(),
+        s.addr.port()
+    );
+    // 127.0.0.3 is an admitted app peer, but no proxy.
+    assert!(
+        s.raw_get(s.addr, ip(APP_NET), header.as_bytes(), "/v1/sys/health")
+            .await
+            .is_err(),
+        "an untrusted peer's PROXY header was accepted"
+    );
+    // The same header from the trusted proxy is honoured.
+    assert_eq!(
+        s.raw_get(
+            s.addr,
+            ip(TRUSTED_PROXY),
+            header.as_bytes(),
+            "/v1/sys/health"
+        )
+        .await
+        .unwrap(),
+        501
+    );
+    // And a PROXY header is refused on a listener that does not speak it.
+    let plain = TestServer::start(app_and_admin_nets());
+    assert!(plain
+        .raw_get(
+            plain.addr,
+            ip("127.0.0.1"),
+            header.as_bytes(),
+            "/v1/sys/health"
+        )
+        .await
+        .is_err());
+}
+
+/// A sealed engine serves no Transit and no login, and a peer outside the
+/// admin networks cannot even try the unseal secret; the admin network can.
+#[tokio::test]
+async fn sealed_engine_refuses_transit_and_unseal_from_non_admin_networks() {
+    let s = TestServer::start(Opts {
+        engine_extra: "seal = \"passphrase\"\n".into(),
+        ..app_and_admin_nets()
+    });
+    let c = s.client();
+    let pp = "an operator passphrase of some length";
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": pp}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/users",
+            Some(&co),
+            json!({"username": "app", "password": CU_PASSWORD}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s.post(&c, "/v1/hsm/seal", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    let appc = s.client_from(ip(APP_NET));
+    let (st, _) = s
+        .post(
+            &appc,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(st, 503);
+    let (st, _) = s.login("app", CU_PASSWORD).await;
+    assert_eq!(st, 503);
+    for path in ["/v1/hsm/unseal", "/v1/sys/unseal"] {
+        let (st, _) = s.post(&appc, path, None, json!({"key": pp})).await;
+        assert_eq!(st, 403, "{path}");
+    }
+    assert_eq!(s.status().await["state"], "sealed");
+    let (st, _) = s.post(&c, "/v1/sys/unseal", None, json!({"key": pp})).await;
+    assert_eq!(st, 200);
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, _) = s
+        .post(
+            &appc,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"x")}),
+        )
+        .await;
+    assert_eq!(st, 200);
+}
+
+/// Zeroization in sealed mode leaves neither the store (which holds the
+/// wrapped master key) nor any key file in the data dir.
+#[tokio::test]
+async fn zeroize_in_sealed_mode_leaves_no_wrapped_key_in_the_data_dir() {
+    let s = TestServer::start(Opts {
+        engine_extra: "seal = \"shamir\"\nshamir_threshold = 2\nshamir_shares = 2\n".into(),
+        ..Opts::default()
+    });
+    let c = s.client();
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token()}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(s.path("store.redb").exists());
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, _) = s.post(&c, "/v1/hsm/zeroize", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    for f in ["store.redb", "master.key", "master.key.next"] {
+        assert!(!s.path(f).exists(), "{f} survived zeroization");
+    }
+    // The old shares open nothing: there is nothing left to unseal.
+    let share = body["data"]["keys_base64"][0].as_str().unwrap();
+    let (st, _) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": share}))
+        .await;
+    assert_eq!(st, 503);
+}
+
+/// A backup with one byte changed is refused with a clear error, and the
+/// zeroized engine it was aimed at stays exactly as it was (same init
+/// token); the untouched file then restores.
+#[tokio::test]
+async fn a_tampered_backup_is_refused_and_changes_nothing() {
+    let keys = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+        .args(["backup-keygen", "--out-dir"])
+        .arg(keys.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let config = &text[text.find("[backup]").unwrap()..];
+    let s = TestServer::start(Opts {
+        extra_config: config.to_string(),
+        ..Opts::default()
+    });
+    let (co, _) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, body) = s.post(&c, "/v1/hsm/backup", Some(&co), json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    let (st, _) = s.post(&c, "/v1/hsm/zeroize", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    let token = s.init_token();
+    let custodian = b64(&std::fs::read(keys.path().join("custodian.key")).unwrap());
+    use base64::Engine as _;
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(&backup)
+        .unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 1;
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/restore",
+            None,
+            json!({"backup": b64(&bytes), "custodian_key": custodian, "init_token": token}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("backup refused"), "{body}");
+    assert_eq!(s.status().await["state"], "zeroized");
+    assert_eq!(s.init_token(), token);
+    assert!(!s.path("store.redb").exists());
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/restore",
+            None,
+            json!({"backup": backup, "custodian_key": custodian, "init_token": token}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+}
+
 /// Sends one HTTP/1.1 request over TLS byte for byte (no client-side URL
 /// normalisation, unlike reqwest) and returns the raw response.
 async fn raw_https(s: &TestServer, request_line: &str, token: &str, body: &str) -> String {

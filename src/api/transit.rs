@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use super::{blocking, rfc3339, Call};
 use crate::engine::crypto::{ExportKind, HashAlgorithm, KeyType, RsaPadding, SignOptions};
 use crate::engine::keyring::{KeyConfigChange, KeyOptions, KeyRing};
+use crate::engine::wrap::{Mechanism, OaepHash, Unwrap};
 use crate::engine::{EngineError, Principal};
 use crate::gateway::rescue::{self, ApiError};
 
@@ -36,6 +37,14 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         ["keys", name, "config"] => post(call, |c| configure_key(c, name)).await,
         ["keys", name, "rotate"] => post(call, |c| rotate_key(c, name)).await,
         ["keys", name, "trim"] => post(call, |c| trim_key(c, name)).await,
+        ["keys", name, "import"] => post(call, |c| import_key(c, name)).await,
+        ["keys", name, "import_version"] => post(call, |c| import_key_version(c, name)).await,
+        ["keys", name, "wrap"] => post(call, |c| wrap_key(c, name)).await,
+        ["keys", name, "unwrap"] => post(call, |c| unwrap_key(c, name)).await,
+        ["wrapping_key"] => match m {
+            Method::GET => wrapping_key(call).await,
+            _ => Err(ApiError::MethodNotAllowed),
+        },
         ["encrypt", name] => post(call, |c| async move { encrypt(c, name) }).await,
         ["decrypt", name] => post(call, |c| async move { decrypt(c, name) }).await,
         ["rewrap", name] => post(call, |c| async move { rewrap(c, name) }).await,
@@ -194,13 +203,21 @@ fn key_info(ring: &KeyRing) -> Result<Value, ApiError> {
         "derived": ring.derived,
         "exportable": ring.exportable,
         "allow_plaintext_backup": ring.allow_plaintext_backup,
-        "imported_key": false,
+        "imported_key": ring.imported_key,
         "auto_rotate_period": 0,
         "supports_encryption": t.supports_encryption(),
         "supports_decryption": t.supports_encryption(),
         "supports_derivation": t.supports_derivation(),
         "supports_signing": t.supports_signing(),
     });
+    if ring.allow_wrap || ring.allow_unwrap {
+        // hsmgate's key-encryption-key attributes (docs/TRANSIT.md).
+        info["allow_wrap"] = json!(ring.allow_wrap);
+        info["allow_unwrap"] = json!(ring.allow_unwrap);
+    }
+    if ring.imported_key {
+        info["allow_rotation"] = json!(ring.allow_rotation);
+    }
     if ring.derived {
         info["kdf"] = json!("hkdf_sha256");
         info["convergent_encryption"] = json!(ring.convergent_encryption);
@@ -224,25 +241,178 @@ fn list_keys(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
 async fn create_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
-    let key_type = KeyType::parse(body.str("type").map_err(bad)?.unwrap_or("aes256-gcm96"))
-        .map_err(EngineError::from)?;
-    let opts = KeyOptions {
-        key_type,
-        exportable: body.bool("exportable").map_err(bad)?.unwrap_or(false),
-        allow_plaintext_backup: body
-            .bool("allow_plaintext_backup")
-            .map_err(bad)?
-            .unwrap_or(false),
-        derived: body.bool("derived").map_err(bad)?.unwrap_or(false),
-        convergent_encryption: body
-            .bool("convergent_encryption")
-            .map_err(bad)?
-            .unwrap_or(false),
-    };
+    let opts = key_options(&body)?;
     // Checked before the blocking pool: a refusal costs no key generation.
     opts.validate()?;
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| e.create_key(&by, &name, &opts)).await?;
+    call.ok(key_info(&ring)?)
+}
+
+/// The key options of a `keys/:name` create, an import or an unwrap.
+fn key_options(body: &Body) -> Result<KeyOptions, ApiError> {
+    let flag =
+        |k: &str| -> Result<bool, ApiError> { Ok(body.bool(k).map_err(bad)?.unwrap_or(false)) };
+    let key_type = KeyType::parse(body.str("type").map_err(bad)?.unwrap_or("aes256-gcm96"))
+        .map_err(EngineError::from)?;
+    Ok(KeyOptions {
+        key_type,
+        exportable: flag("exportable")?,
+        allow_plaintext_backup: flag("allow_plaintext_backup")?,
+        derived: flag("derived")?,
+        convergent_encryption: flag("convergent_encryption")?,
+        allow_wrap: flag("allow_wrap")?,
+        allow_unwrap: flag("allow_unwrap")?,
+        allow_rotation: flag("allow_rotation")?,
+    })
+}
+
+// ----- key wrap and import (docs/TRANSIT.md) -----------------------------
+
+/// Vault's `GET transit/wrapping_key`: the RSA-4096 public key for BYOK
+/// import, created on first use.
+async fn wrapping_key(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let pem = blocking(call.engine(), move |e| e.vault_wrapping_key(&by)).await?;
+    call.ok(json!({ "public_key": pem }))
+}
+
+fn required_b64(body: &Body, k: &str) -> Result<Vec<u8>, ApiError> {
+    body.b64(k)
+        .map_err(bad)?
+        .ok_or_else(|| bad(format!("missing {k}")))
+}
+
+/// Vault's `keys/:name/import`: `ciphertext` = base64(RSA-OAEP(ephemeral
+/// AES-256 key) ‖ AES-KWP(ephemeral key, key)). `public_key` imports are
+/// not supported.
+async fn import_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    if body.get("public_key").is_some() && body.get("ciphertext").is_none() {
+        return Err(bad(
+            "public_key imports are not supported: import the private key as ciphertext".into(),
+        ));
+    }
+    // Vault refuses the field itself, whatever its value.
+    if body.0.contains_key("convergent_encryption") {
+        return Err(bad(
+            "import cannot be used on keys with convergent encryption enabled".into(),
+        ));
+    }
+    // Vault's duration: only "off" (0, "0", "0s") is supported here.
+    let rotate_off = match body.get("auto_rotate_period") {
+        None => true,
+        Some(Value::Number(n)) => n.as_u64() == Some(0),
+        Some(Value::String(v)) => matches!(v.as_str(), "" | "0" | "0s"),
+        Some(_) => false,
+    };
+    if !rotate_off {
+        return Err(bad("auto_rotate_period is not supported".into()));
+    }
+    let opts = key_options(&body)?;
+    let hash = OaepHash::parse(body.str("hash_function").map_err(bad)?)?;
+    let ciphertext = required_b64(&body, "ciphertext")?;
+    let name = name.to_string();
+    let ring = blocking(call.engine(), move |e| {
+        e.import_key(&by, &name, &opts, &ciphertext, hash)
+    })
+    .await?;
+    call.ok(key_info(&ring)?)
+}
+
+/// Vault's `keys/:name/import_version`: a new version of an imported key.
+async fn import_key_version(
+    call: &Call<'_>,
+    name: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    if body.get("public_key").is_some() && body.get("ciphertext").is_none() {
+        return Err(bad("public_key imports are not supported".into()));
+    }
+    if body.get("version").is_some() {
+        return Err(bad(
+            "version is not supported: import_version always adds a new latest version".into(),
+        ));
+    }
+    let hash = OaepHash::parse(body.str("hash_function").map_err(bad)?)?;
+    let ciphertext = required_b64(&body, "ciphertext")?;
+    let name = name.to_string();
+    let ring = blocking(call.engine(), move |e| {
+        e.import_key_version(&by, &name, &ciphertext, hash)
+    })
+    .await?;
+    call.ok(key_info(&ring)?)
+}
+
+fn mechanism(body: &Body) -> Result<Mechanism, ApiError> {
+    Ok(Mechanism::parse(
+        body.str("mechanism").map_err(bad)?.unwrap_or("aes-kwp"),
+    )?)
+}
+
+fn required_str<'b>(body: &'b Body, k: &str) -> Result<&'b str, ApiError> {
+    body.str(k)
+        .map_err(bad)?
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad(format!("missing {k}")))
+}
+
+/// hsmgate's `keys/:name/wrap`: one version of an exportable key, wrapped
+/// under `wrapping_key` (an `allow_wrap` key) with AES-KW or AES-KWP.
+async fn wrap_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    let kek = required_str(&body, "wrapping_key")?.to_string();
+    let mech = mechanism(&body)?;
+    let version = body.u32("version").map_err(bad)?.filter(|v| *v != 0);
+    let kek_version = body
+        .u32("wrapping_key_version")
+        .map_err(bad)?
+        .filter(|v| *v != 0);
+    let name = name.to_string();
+    let w = blocking(call.engine(), move |e| {
+        e.wrap_key(&by, &name, version, &kek, kek_version, mech)
+    })
+    .await?;
+    call.ok(json!({
+        "wrapped_key": STANDARD.encode(&w.wrapped),
+        "mechanism": w.mechanism.as_str(),
+        "type": w.key_type.as_str(),
+        "version": w.version,
+        "wrapping_key_version": w.wrapping_key_version,
+    }))
+}
+
+/// hsmgate's `keys/:name/unwrap`: a new key ring `name` from `wrapped_key`,
+/// unwrapped under `wrapping_key` (an `allow_unwrap` key).
+async fn unwrap_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    let kek = required_str(&body, "wrapping_key")?.to_string();
+    let mech = mechanism(&body)?;
+    let kek_version = body
+        .u32("wrapping_key_version")
+        .map_err(bad)?
+        .filter(|v| *v != 0);
+    let wrapped = required_b64(&body, "wrapped_key")?;
+    let opts = key_options(&body)?;
+    let name = name.to_string();
+    let ring = blocking(call.engine(), move |e| {
+        e.unwrap_key(
+            &by,
+            &name,
+            &opts,
+            &Unwrap {
+                wrapping_key: &kek,
+                wrapping_key_version: kek_version,
+                mechanism: mech,
+                wrapped: &wrapped,
+            },
+        )
+    })
+    .await?;
     call.ok(key_info(&ring)?)
 }
 

@@ -19,8 +19,8 @@ use aws_lc_rs::digest::{self, Digest};
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::rsa::{
-    KeySize, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, PrivateDecryptingKey,
-    PublicEncryptingKey, OAEP_SHA256_MGF1SHA256,
+    KeySize, OaepAlgorithm, OaepPrivateDecryptingKey, OaepPublicEncryptingKey,
+    PrivateDecryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256,
 };
 use aws_lc_rs::signature::{
     EcdsaKeyPair, EcdsaSigningAlgorithm, EcdsaVerificationAlgorithm, Ed25519KeyPair, KeyPair,
@@ -175,6 +175,11 @@ impl KeyType {
             KeyType::Chacha20Poly1305 => Some(&CHACHA20_POLY1305),
             _ => None,
         }
+    }
+
+    /// The aws-lc-rs signing algorithm of an ECDSA type.
+    pub fn ecdsa_signing(&self) -> Option<&'static EcdsaSigningAlgorithm> {
+        self.curve().map(|c| c.signing)
     }
 
     fn curve(&self) -> Option<Curve> {
@@ -618,23 +623,45 @@ impl KeyMaterial {
 
     /// One error for every failure (see [`CryptoError::DecryptionFailed`]).
     pub fn decrypt(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        if let Parsed::Rsa(rsa) = &self.parsed {
+        if let Parsed::Rsa(_) = &self.parsed {
             if !aad.is_empty() {
                 return Err(CryptoError::InvalidInput(
                     "associated_data is not supported with RSA keys".into(),
                 ));
             }
-            let dec = &rsa.1;
-            let mut out = Zeroizing::new(vec![0u8; dec.min_output_size()]);
-            let len = dec
-                .decrypt(&OAEP_SHA256_MGF1SHA256, blob, &mut out, None)
-                .map_err(|_| CryptoError::DecryptionFailed)?
-                .len();
-            out.truncate(len);
-            return Ok(out);
+            return self.rsa_oaep_decrypt_with(&OAEP_SHA256_MGF1SHA256, blob);
         }
         let alg = self.require_aead("decryption")?;
         aead_open(alg, self.secret.expose_secret(), blob, aad)
+    }
+
+    /// RSA-OAEP decryption with `alg` and no label: Transit's decrypt
+    /// (SHA-256) and Vault's key import (the `hash_function` asked for).
+    pub fn rsa_oaep_decrypt_with(
+        &self,
+        alg: &'static OaepAlgorithm,
+        blob: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let Parsed::Rsa(rsa) = &self.parsed else {
+            return Err(self.unsupported("RSA-OAEP decryption"));
+        };
+        let dec = &rsa.1;
+        let mut out = Zeroizing::new(vec![0u8; dec.min_output_size()]);
+        let len = dec
+            .decrypt(alg, blob, &mut out, None)
+            .map_err(|_| CryptoError::DecryptionFailed)?
+            .len();
+        out.truncate(len);
+        Ok(out)
+    }
+
+    /// The RSA modulus length in bytes (the size of an OAEP block), or
+    /// `None` for other key types.
+    pub fn rsa_modulus_len(&self) -> Option<usize> {
+        match &self.parsed {
+            Parsed::Rsa(rsa) => Some(rsa.0.public_modulus_len()),
+            _ => None,
+        }
     }
 
     /// ed25519 signs the raw input and ignores the hash, as Vault does.

@@ -41,6 +41,18 @@ pub struct KeyRing {
     pub convergent_encryption: bool,
     /// Versions below this were trimmed away for good.
     pub min_available_version: u32,
+    /// The material came from outside (Vault's `keys/:name/import`, or an
+    /// unwrap): shown as Vault's `imported_key`.
+    pub imported_key: bool,
+    /// Vault's `allow_rotation` for imported keys: whether the engine may
+    /// add a generated version to a ring whose material came from outside.
+    pub allow_rotation: bool,
+    /// A key-encryption key that may wrap other keys out (PKCS#11
+    /// `CKA_WRAP`). Set at creation only; such a key does no data
+    /// encryption (key separation, see docs/TRANSIT.md).
+    pub allow_wrap: bool,
+    /// A key-encryption key that may unwrap keys in (PKCS#11 `CKA_UNWRAP`).
+    pub allow_unwrap: bool,
 }
 
 /// The material an operation uses: the version's own, or one derived from it
@@ -78,6 +90,12 @@ pub struct KeyOptions {
     pub allow_plaintext_backup: bool,
     pub derived: bool,
     pub convergent_encryption: bool,
+    /// See [`KeyRing::allow_wrap`].
+    pub allow_wrap: bool,
+    /// See [`KeyRing::allow_unwrap`].
+    pub allow_unwrap: bool,
+    /// See [`KeyRing::allow_rotation`]; only meaningful for imported keys.
+    pub allow_rotation: bool,
 }
 
 impl KeyOptions {
@@ -88,6 +106,9 @@ impl KeyOptions {
             allow_plaintext_backup: false,
             derived: false,
             convergent_encryption: false,
+            allow_wrap: false,
+            allow_unwrap: false,
+            allow_rotation: false,
         }
     }
 
@@ -109,6 +130,15 @@ impl KeyOptions {
                 "convergent encryption is not supported for key type {}",
                 self.key_type
             )));
+        }
+        if (self.allow_wrap || self.allow_unwrap)
+            && (self.key_type != KeyType::Aes256Gcm96 || self.derived)
+        {
+            return Err(EngineError::InvalidRequest(
+                "allow_wrap and allow_unwrap need a non-derived aes256-gcm96 key \
+                 (AES-256 key wrap)"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -145,6 +175,22 @@ impl KeyRing {
     pub fn new(name: &str, opts: &KeyOptions, now: u64) -> Result<KeyRing, EngineError> {
         opts.validate()?;
         let material = KeyMaterial::generate(opts.key_type)?;
+        Self::with_material(name, opts, material, false, now)
+    }
+
+    /// A ring whose first version is `material` (generated, or imported:
+    /// `imported` marks Vault's `imported_key`).
+    pub fn with_material(
+        name: &str,
+        opts: &KeyOptions,
+        material: KeyMaterial,
+        imported: bool,
+        now: u64,
+    ) -> Result<KeyRing, EngineError> {
+        opts.validate()?;
+        if material.key_type != opts.key_type {
+            return Err(EngineError::KeyTypeMismatch(name.into()));
+        }
         let mut versions = BTreeMap::new();
         versions.insert(
             1,
@@ -166,7 +212,32 @@ impl KeyRing {
             derived: opts.derived,
             convergent_encryption: opts.convergent_encryption,
             min_available_version: 0,
+            imported_key: imported,
+            allow_rotation: !imported || opts.allow_rotation,
+            allow_wrap: opts.allow_wrap,
+            allow_unwrap: opts.allow_unwrap,
         })
+    }
+
+    /// A new latest version holding `material` (Vault's `import_version`).
+    pub fn with_imported_version(
+        &self,
+        material: KeyMaterial,
+        now: u64,
+    ) -> Result<KeyRing, EngineError> {
+        if material.key_type != self.key_type {
+            return Err(EngineError::KeyTypeMismatch(self.name.clone()));
+        }
+        let mut next = self.clone();
+        next.latest_version += 1;
+        next.versions.insert(
+            next.latest_version,
+            Arc::new(KeyVersion {
+                created: now,
+                material,
+            }),
+        );
+        Ok(next)
     }
 
     /// Vault's `keys/:name/trim`: drops every version below
@@ -218,6 +289,13 @@ impl KeyRing {
     }
 
     pub fn rotated(&self, now: u64) -> Result<KeyRing, EngineError> {
+        if self.imported_key && !self.allow_rotation {
+            return Err(EngineError::InvalidRequest(
+                "imported keys are not rotated unless imported with allow_rotation; \
+                 use keys/:name/import_version to add a version"
+                    .into(),
+            ));
+        }
         let mut next = self.clone();
         next.latest_version += 1;
         next.versions.insert(
@@ -291,6 +369,20 @@ impl KeyRing {
             next.allow_plaintext_backup = v;
         }
         Ok(next)
+    }
+
+    /// Key separation: a key-encryption key (`allow_wrap`/`allow_unwrap`)
+    /// wraps keys and encrypts no data, so no data path can be turned into
+    /// a way to wrap or unwrap keys (the classic PKCS#11 wrap/decrypt attack).
+    pub fn refuse_key_encryption_key(&self) -> Result<(), EngineError> {
+        if self.allow_wrap || self.allow_unwrap {
+            return Err(EngineError::InvalidRequest(format!(
+                "key {:?} is a key-encryption key (allow_wrap/allow_unwrap): it wraps and \
+                 unwraps keys and does no data encryption",
+                self.name
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses `op` on a key type that does not support it, naming both.
@@ -368,6 +460,10 @@ impl KeyRing {
             derived: self.derived,
             convergent_encryption: self.convergent_encryption,
             min_available_version: self.min_available_version,
+            imported_key: self.imported_key,
+            allow_rotation: self.allow_rotation,
+            allow_wrap: self.allow_wrap,
+            allow_unwrap: self.allow_unwrap,
             name: self.name.clone(),
             key_type: self.key_type,
             latest_version: self.latest_version,
@@ -448,14 +544,24 @@ impl KeyRing {
             derived: record.derived,
             convergent_encryption: record.convergent_encryption,
             min_available_version: record.min_available_version,
+            imported_key: record.imported_key,
+            allow_rotation: record.allow_rotation,
+            allow_wrap: record.allow_wrap,
+            allow_unwrap: record.allow_unwrap,
         })
     }
 }
 
 /// The key ring record layout. 1: the first layout (no `format` field, read
 /// as 1). 2: adds `derived`, `convergent_encryption`, `min_available_version`
-/// (absent in format 1 records, read as false/false/0).
-const RECORD_FORMAT: u32 = 2;
+/// (absent in format 1 records, read as false/false/0). 3: adds
+/// `imported_key`, `allow_rotation`, `allow_wrap`, `allow_unwrap` (absent
+/// before: false, true, false, false).
+const RECORD_FORMAT: u32 = 3;
+
+fn yes() -> bool {
+    true
+}
 
 fn record_format_1() -> u32 {
     1
@@ -471,6 +577,14 @@ struct KeyRingRecord {
     convergent_encryption: bool,
     #[serde(default)]
     min_available_version: u32,
+    #[serde(default)]
+    imported_key: bool,
+    #[serde(default = "yes")]
+    allow_rotation: bool,
+    #[serde(default)]
+    allow_wrap: bool,
+    #[serde(default)]
+    allow_unwrap: bool,
     name: String,
     key_type: KeyType,
     latest_version: u32,

@@ -10,11 +10,16 @@
 //!
 //! Blocking: `login`, `init`, `create_user` and key generation do real work
 //! (argon2, key generation, fsync); async callers run them on a blocking thread.
+pub mod backup;
 pub mod crypto;
 pub mod keyring;
+pub mod seal;
+#[cfg(test)]
+mod seal_tests;
 pub mod secret;
 pub mod store;
 pub mod users;
+pub mod wrap;
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,8 +36,9 @@ use zeroize::Zeroizing;
 use crate::config::EngineConfig;
 use crypto::{CryptoError, ExportKind, HashAlgorithm, KeyType, SignOptions};
 use keyring::{KeyConfigChange, KeyOptions, KeyRing};
+use seal::{SealMode, SealParams};
 use secret::{SecretBytes, SecretString};
-use store::{MasterKey, Store, StoreError, UserRecord};
+use store::{LockedStore, MasterKey, Store, StoreError, UserRecord};
 
 pub const ADMIN_USERNAME: &str = "admin";
 
@@ -58,6 +64,9 @@ impl Role {
 #[serde(rename_all = "lowercase")]
 pub enum EngineState {
     Uninitialized,
+    /// Initialized in a sealed mode, its master key not yet supplied
+    /// (`POST /v1/hsm/unseal`).
+    Sealed,
     Active,
     Zeroized,
 }
@@ -66,6 +75,7 @@ impl EngineState {
     pub fn as_str(&self) -> &'static str {
         match self {
             EngineState::Uninitialized => "uninitialized",
+            EngineState::Sealed => "sealed",
             EngineState::Active => "active",
             EngineState::Zeroized => "zeroized",
         }
@@ -112,6 +122,10 @@ pub enum EngineError {
     DeletionNotAllowed(String),
     #[error("{0}")]
     InvalidRequest(String),
+    /// The unseal secret did not open the master key (wrong passphrase or
+    /// shares); counted in `unseal_failures`, nothing else changes.
+    #[error("unseal failed: {0}")]
+    UnsealFailed(String),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
     #[error("storage failure: {0}")]
@@ -186,6 +200,39 @@ pub struct Status {
     pub login_guard_reserve: u32,
     pub users: Vec<UserStatus>,
     pub keys: usize,
+    /// `auto`, `passphrase` or `shamir` (the store's seal; config's before init).
+    pub seal_type: &'static str,
+    /// Wrong unseal attempts since this process started (memory only).
+    pub unseal_failures: u64,
+    /// The master key's generation (1 at init, +1 per rotation); 0 unless active.
+    pub master_key_generation: u64,
+}
+
+/// `sys/seal-status` in Vault's shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct SealStatus {
+    #[serde(rename = "type")]
+    pub seal_type: &'static str,
+    pub initialized: bool,
+    pub sealed: bool,
+    pub t: u8,
+    pub n: u8,
+    pub progress: usize,
+    pub nonce: String,
+    pub version: &'static str,
+    pub migration: bool,
+    pub recovery_seal: bool,
+    pub storage_type: &'static str,
+    /// hsmgate's own state name (`sealed`, `active`, `zeroized`, ...).
+    pub engine_state: &'static str,
+}
+
+/// What init hands back once: the unseal shares in Shamir mode.
+#[derive(Debug, Default)]
+pub struct InitOutcome {
+    pub seal_type: &'static str,
+    /// base64 Shamir shares (Vault's `keys_base64`); empty in other modes.
+    pub shares: Vec<String>,
 }
 
 /// Survives zeroization: the engine's lifecycle, written atomically.
@@ -199,7 +246,12 @@ struct StateFile {
 
 struct Paths {
     store: PathBuf,
+    /// A store being created (init, restore) before its rename into place;
+    /// a crash can leave one behind, shredded at the next start.
+    store_tmp: PathBuf,
     master_key: PathBuf,
+    /// Auto mode's next key file during a master-key rotation.
+    master_key_next: PathBuf,
     state: PathBuf,
     init_token: PathBuf,
 }
@@ -209,12 +261,51 @@ struct Active {
     keys: RwLock<HashMap<String, Arc<KeyRing>>>,
 }
 
+impl Active {
+    /// Opens every key ring of an unlocked store.
+    fn load(store: Store) -> Result<Active, EngineError> {
+        let keys = load_rings(&store)?;
+        Ok(Active {
+            store,
+            keys: RwLock::new(keys),
+        })
+    }
+}
+
+fn load_rings(store: &Store) -> Result<HashMap<String, Arc<KeyRing>>, EngineError> {
+    let mut keys = HashMap::new();
+    for (name, bytes) in store.keys()? {
+        // Reserved records (names no user key can take) are not key rings
+        // for Transit; their owners read them on demand.
+        if name.starts_with('.') {
+            continue;
+        }
+        let ring = KeyRing::from_record(&name, &bytes)?;
+        keys.insert(name, Arc::new(ring));
+    }
+    Ok(keys)
+}
+
+fn new_nonce() -> Result<String, EngineError> {
+    Ok(hex::encode(&*crypto::random_bytes(16)?))
+}
+
 struct Inner {
     state: EngineState,
     active: Option<Active>,
     /// Present exactly while uninitialized or zeroized.
     init_token: Option<SecretBytes>,
     zeroizations: u64,
+    /// The store while sealed: open, keys unknown.
+    locked: Option<LockedStore>,
+    /// The store's seal, once there is a store.
+    seal_params: Option<SealParams>,
+    /// Shamir shares given so far (memory only; cleared by success,
+    /// failure, reset, seal and restart).
+    unseal_shares: Vec<Zeroizing<Vec<u8>>>,
+    /// Vault's unseal nonce: names the current share collection.
+    unseal_nonce: String,
+    unseal_failures: u64,
 }
 
 pub struct Engine {
@@ -264,7 +355,9 @@ impl Engine {
             })?;
         let paths = Paths {
             store: data_dir.join("store.redb"),
+            store_tmp: data_dir.join("store.redb.tmp"),
             master_key: data_dir.join("master.key"),
+            master_key_next: data_dir.join("master.key.next"),
             state: data_dir.join("engine-state.json"),
             init_token: data_dir.join("init-token"),
         };
@@ -277,32 +370,71 @@ impl Engine {
                 active: None,
                 init_token: None,
                 zeroizations,
+                locked: None,
+                seal_params: None,
+                unseal_shares: Vec::new(),
+                unseal_nonce: String::new(),
+                unseal_failures: 0,
             }),
             user_locks: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             key_writes: Mutex::new(()),
             paths,
         };
-        let has_key = engine.paths.master_key.exists();
+        let has_key = engine.paths.master_key.exists() || engine.paths.master_key_next.exists();
         let has_store = engine.paths.store.exists();
         let marked_zeroized = matches!(&state_file, Some(s) if s.state == EngineState::Zeroized);
         let mut inner = write(&engine.inner);
-        if !marked_zeroized && has_key && has_store {
-            let master = MasterKey::load(&engine.paths.master_key)?;
-            let store = Store::open(&engine.paths.store, master)?;
-            let mut keys = HashMap::new();
-            for (name, bytes) in store.keys()? {
-                let ring = KeyRing::from_record(&name, &bytes)?;
-                keys.insert(name, Arc::new(ring));
+        let mut erase = false;
+        if !marked_zeroized && has_store {
+            let locked = LockedStore::open(&engine.paths.store)?;
+            let params = locked.seal_params()?;
+            if !params.matches(&engine.config.seal) {
+                return Err(EngineError::Internal(format!(
+                    "the data dir's store is sealed in {} mode but the config says seal = \"{}\"; \
+                     refusing to start (a seal mode is chosen at init and kept until zeroization)",
+                    params.type_name(),
+                    engine.config.seal.as_str()
+                )));
             }
-            inner.state = EngineState::Active;
-            inner.active = Some(Active {
-                store,
-                keys: RwLock::new(keys),
-            });
-            // An init that crashed after its last durable step leaves a token behind.
-            let _ = fs::remove_file(&engine.paths.init_token);
+            inner.seal_params = Some(params.clone());
+            match params {
+                SealParams::Auto if has_key => {
+                    let store = engine.unlock_auto(locked)?;
+                    inner.active = Some(Active::load(store)?);
+                    inner.state = EngineState::Active;
+                }
+                SealParams::Auto => {
+                    drop(locked);
+                    erase = true;
+                }
+                SealParams::Passphrase { .. } | SealParams::Shamir { .. } => {
+                    MasterKey::destroy_file(&engine.paths.master_key)?;
+                    MasterKey::destroy_file(&engine.paths.master_key_next)?;
+                    inner.locked = Some(locked);
+                    inner.state = EngineState::Sealed;
+                    inner.unseal_nonce = new_nonce()?;
+                    tracing::warn!(
+                        seal = params.type_name(),
+                        "engine is sealed: POST /v1/hsm/unseal (or PUT /v1/sys/unseal) to open it"
+                    );
+                }
+            }
+            if inner.state != EngineState::Uninitialized {
+                // An init that crashed after its last durable step leaves a token behind.
+                let _ = fs::remove_file(&engine.paths.init_token);
+            }
         } else if marked_zeroized || state_file.is_some() || has_store {
+            erase = true;
+        } else {
+            // Never initialized (or an init crashed before its store existed).
+            MasterKey::destroy_file(&engine.paths.master_key)?;
+            MasterKey::destroy_file(&engine.paths.master_key_next)?;
+            store::shred_file(&engine.paths.store_tmp)?;
+            inner.state = EngineState::Uninitialized;
+            engine.issue_init_token(&mut inner)?;
+        }
+        if erase {
             // Zeroized, or an interrupted zeroization, or a store whose key
             // is gone (crypto-erased): finish the erase.
             if !marked_zeroized {
@@ -310,13 +442,10 @@ impl Engine {
                 engine.write_state(EngineState::Zeroized, inner.zeroizations, Some(now_unix()))?;
             }
             MasterKey::destroy_file(&engine.paths.master_key)?;
-            remove_if_exists(&engine.paths.store)?;
+            MasterKey::destroy_file(&engine.paths.master_key_next)?;
+            store::shred_file(&engine.paths.store)?;
+            store::shred_file(&engine.paths.store_tmp)?;
             inner.state = EngineState::Zeroized;
-            engine.issue_init_token(&mut inner)?;
-        } else {
-            // Never initialized (or an init crashed before its store existed).
-            MasterKey::destroy_file(&engine.paths.master_key)?;
-            inner.state = EngineState::Uninitialized;
             engine.issue_init_token(&mut inner)?;
         }
         drop(inner);
@@ -367,13 +496,26 @@ impl Engine {
 
     /// Takes ownership of an uninitialized or zeroized engine: sets the crypto
     /// officer's password. Needs the current init token from the data dir.
+    /// Auto seal mode only; see [`Engine::init_with`].
     pub fn init(
         &self,
         admin_password: &SecretString,
         init_token: &SecretString,
     ) -> Result<(), EngineError> {
+        self.init_with(admin_password, init_token, None).map(|_| ())
+    }
+
+    /// Init in any seal mode: `passphrase` is required exactly in passphrase
+    /// mode; Shamir mode returns the shares (the only time they exist
+    /// outside the operators' hands).
+    pub fn init_with(
+        &self,
+        admin_password: &SecretString,
+        init_token: &SecretString,
+        passphrase: Option<&SecretString>,
+    ) -> Result<InitOutcome, EngineError> {
         let mut inner = write(&self.inner);
-        if inner.state == EngineState::Active {
+        if matches!(inner.state, EngineState::Active | EngineState::Sealed) {
             return Err(EngineError::AlreadyInitialized);
         }
         let token_ok = inner
@@ -383,32 +525,354 @@ impl Engine {
         if !token_ok {
             return Err(EngineError::InvalidInitToken);
         }
-        users::validate_password(ADMIN_USERNAME, admin_password.expose_secret())?;
+        users::validate_password(
+            ADMIN_USERNAME,
+            admin_password.expose_secret(),
+            self.config.min_password_length,
+        )?;
+        let (params, kek, shares) = self.new_seal(Some(admin_password), passphrase)?;
         let hash = users::hash_password(admin_password.expose_secret())?;
-        // Master key first: a crash before the store exists leaves a stray
-        // key that the next start removes; a crash after the admin record is
-        // committed leaves a complete engine.
-        let master = MasterKey::generate()?;
-        master.persist(&self.paths.master_key)?;
-        let store = Store::create(&self.paths.store, master)?;
-        store.put_user(&UserRecord {
+        let admin = UserRecord {
             username: ADMIN_USERNAME.into(),
             role: Role::CryptoOfficer,
             password_hash: hash,
             consecutive_failures: 0,
             locked: false,
-        })?;
+        };
+        self.take_ownership(&mut inner, params, kek, &[admin], &[])?;
+        tracing::info!(seal = self.seal_type(&inner), "engine initialized");
+        Ok(InitOutcome {
+            seal_type: self.seal_type(&inner),
+            shares,
+        })
+    }
+
+    /// The seal for a new store, per config: (parameters, KEK, shares).
+    fn new_seal(
+        &self,
+        admin_password: Option<&SecretString>,
+        passphrase: Option<&SecretString>,
+    ) -> Result<(SealParams, SecretBytes, Vec<String>), EngineError> {
+        let mode = self.config.seal;
+        Ok(match (mode, passphrase) {
+            (SealMode::Auto, None) => (
+                SealParams::Auto,
+                MasterKey::generate()?.into_secret(),
+                Vec::new(),
+            ),
+            (SealMode::Passphrase, Some(p)) => {
+                if admin_password.is_some_and(|a| a.expose_secret() == p.expose_secret()) {
+                    return Err(EngineError::InvalidRequest(
+                        "the unseal passphrase must differ from the admin password".into(),
+                    ));
+                }
+                let (params, kek) = seal::new_passphrase_seal(p.expose_secret())?;
+                (params, kek, Vec::new())
+            }
+            (SealMode::Passphrase, None) => {
+                return Err(EngineError::InvalidRequest(
+                    "seal = \"passphrase\": init and restore need unseal_passphrase".into(),
+                ))
+            }
+            (SealMode::Shamir { threshold, shares }, None) => {
+                seal::new_shamir_seal(threshold, shares)?
+            }
+            (SealMode::Auto | SealMode::Shamir { .. }, Some(_)) => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "unseal_passphrase is only for seal = \"passphrase\" (this engine: {})",
+                    mode.as_str()
+                )))
+            }
+        })
+    }
+
+    /// The durable steps of init and restore: key file (auto mode), the
+    /// store with its first records (one transaction, renamed into place),
+    /// the state file, the init token gone. A crash before the store is in
+    /// place leaves an unowned engine (the stray key file is removed at the
+    /// next start); after it, an owned one.
+    fn take_ownership(
+        &self,
+        inner: &mut Inner,
+        params: SealParams,
+        kek: SecretBytes,
+        users: &[UserRecord],
+        rings: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<(), EngineError> {
+        if params == SealParams::Auto {
+            store::write_atomic(&self.paths.master_key, kek.expose_secret(), 0o600)?;
+        }
+        let store = Store::create_with(&self.paths.store, kek, params.clone(), users, rings)?;
+        let keys = load_rings(&store)?;
         self.write_state(EngineState::Active, inner.zeroizations, None)?;
         remove_if_exists(&self.paths.init_token)?;
         inner.init_token = None;
         inner.active = Some(Active {
             store,
-            keys: RwLock::new(HashMap::new()),
+            keys: RwLock::new(keys),
         });
         inner.state = EngineState::Active;
+        inner.seal_params = Some(params);
         lock(&self.user_locks).clear();
-        tracing::info!("engine initialized");
         Ok(())
+    }
+
+    /// Auto mode: the key file opens the store. A rotation that committed
+    /// under `master.key.next` but crashed before renaming it is finished
+    /// here; one that crashed before its commit leaves a stray next file,
+    /// destroyed here.
+    fn unlock_auto(&self, locked: LockedStore) -> Result<Store, EngineError> {
+        let mut locked = locked;
+        if self.paths.master_key.exists() {
+            let kek = MasterKey::load(&self.paths.master_key)?.into_secret();
+            match locked.unlock(kek) {
+                Ok(store) => {
+                    MasterKey::destroy_file(&self.paths.master_key_next)?;
+                    return Ok(store);
+                }
+                Err((l, StoreError::WrongKek)) if self.paths.master_key_next.exists() => {
+                    locked = l;
+                }
+                Err((_, e)) => return Err(e.into()),
+            }
+        }
+        let kek = MasterKey::load(&self.paths.master_key_next)?.into_secret();
+        let store = locked.unlock(kek).map_err(|(_, e)| e)?;
+        tracing::warn!("finishing an interrupted master-key rotation (master.key.next)");
+        self.promote_next_key_file()?;
+        Ok(store)
+    }
+
+    /// `master.key.next` becomes `master.key`; the old key's blocks are
+    /// overwritten first.
+    fn promote_next_key_file(&self) -> Result<(), EngineError> {
+        MasterKey::destroy_file(&self.paths.master_key)?;
+        fs::rename(&self.paths.master_key_next, &self.paths.master_key).map_err(|e| {
+            EngineError::Internal(format!(
+                "renaming {}: {e}",
+                self.paths.master_key_next.display()
+            ))
+        })?;
+        if let Some(dir) = self.paths.master_key.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| EngineError::Internal(format!("syncing {}: {e}", dir.display())))?;
+        }
+        Ok(())
+    }
+
+    // ----- seal -------------------------------------------------------
+
+    fn seal_type(&self, inner: &Inner) -> &'static str {
+        inner
+            .seal_params
+            .as_ref()
+            .map(|p| p.type_name())
+            .unwrap_or(self.config.seal.as_str())
+    }
+
+    /// `sys/seal-status`.
+    pub fn seal_status(&self) -> SealStatus {
+        let inner = read(&self.inner);
+        self.seal_status_of(&inner)
+    }
+
+    fn seal_status_of(&self, inner: &Inner) -> SealStatus {
+        let (t, n) = match (&inner.seal_params, self.config.seal) {
+            (Some(p), _) => p.t_n(),
+            (None, SealMode::Shamir { threshold, shares }) => (threshold, shares),
+            (None, _) => (1, 1),
+        };
+        let sealed = inner.state != EngineState::Active;
+        SealStatus {
+            seal_type: self.seal_type(inner),
+            initialized: matches!(inner.state, EngineState::Active | EngineState::Sealed),
+            sealed,
+            t,
+            n,
+            progress: inner.unseal_shares.len(),
+            nonce: if inner.state == EngineState::Sealed {
+                inner.unseal_nonce.clone()
+            } else {
+                String::new()
+            },
+            version: concat!("hsmgate-", env!("CARGO_PKG_VERSION")),
+            migration: false,
+            recovery_seal: false,
+            storage_type: "redb",
+            engine_state: inner.state.as_str(),
+        }
+    }
+
+    /// Supplies the unseal secret: the passphrase, or one Shamir share per
+    /// call (Vault's `key`). `reset` drops the shares given so far. A wrong
+    /// secret is refused with [`EngineError::UnsealFailed`], counted in
+    /// `unseal_failures` (memory only: the secret is not a login, so it
+    /// locks and zeroizes nothing), and clears the share collection.
+    /// Blocking (argon2 in passphrase mode).
+    pub fn unseal(
+        &self,
+        key: Option<&SecretString>,
+        reset: bool,
+    ) -> Result<SealStatus, EngineError> {
+        let mut inner = write(&self.inner);
+        if reset {
+            inner.unseal_shares.clear();
+            if inner.state == EngineState::Sealed {
+                inner.unseal_nonce = new_nonce()?;
+            }
+            return Ok(self.seal_status_of(&inner));
+        }
+        match inner.state {
+            EngineState::Sealed => {}
+            // Vault answers an unseal of an unsealed server with its status.
+            EngineState::Active => return Ok(self.seal_status_of(&inner)),
+            other => return Err(EngineError::NotActive(other)),
+        }
+        let key = key.ok_or_else(|| {
+            EngineError::InvalidRequest("unseal needs \"key\" (or \"reset\": true)".into())
+        })?;
+        let params = inner
+            .seal_params
+            .clone()
+            .ok_or_else(|| EngineError::Internal("sealed without seal parameters".into()))?;
+        let kek = match &params {
+            SealParams::Passphrase { .. } => seal::passphrase_kek(&params, key.expose_secret())?,
+            SealParams::Shamir { threshold, .. } => {
+                let share = seal::decode_share(key.expose_secret())?;
+                if inner.unseal_shares.iter().any(|s| s[0] == share[0]) {
+                    return Err(EngineError::InvalidRequest(
+                        "a share with this index was already given in this unseal".into(),
+                    ));
+                }
+                inner.unseal_shares.push(share);
+                if inner.unseal_shares.len() < *threshold as usize {
+                    return Ok(self.seal_status_of(&inner));
+                }
+                let shares = std::mem::take(&mut inner.unseal_shares);
+                seal::combine_shares(*threshold, &shares)?
+            }
+            SealParams::Auto => {
+                return Err(EngineError::Internal("auto seal is never sealed".into()))
+            }
+        };
+        let locked = match inner.locked.take() {
+            Some(l) => l,
+            None => LockedStore::open(&self.paths.store)?,
+        };
+        match locked.unlock(kek) {
+            Ok(store) => {
+                // A record that does not open leaves the engine sealed, store kept.
+                let rings = match load_rings(&store) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        inner.locked = store.lock().ok();
+                        return Err(e);
+                    }
+                };
+                inner.active = Some(Active {
+                    store,
+                    keys: RwLock::new(rings),
+                });
+                inner.state = EngineState::Active;
+                inner.unseal_shares.clear();
+                inner.unseal_nonce.clear();
+                tracing::warn!(seal = params.type_name(), "engine unsealed");
+                Ok(self.seal_status_of(&inner))
+            }
+            Err((locked, e)) => {
+                inner.locked = Some(locked);
+                inner.unseal_shares.clear();
+                inner.unseal_nonce = new_nonce()?;
+                match e {
+                    StoreError::WrongKek => {
+                        inner.unseal_failures += 1;
+                        tracing::warn!(
+                            failures = inner.unseal_failures,
+                            "unseal failed: wrong passphrase or shares"
+                        );
+                        Err(EngineError::UnsealFailed(match params {
+                            SealParams::Shamir { .. } => {
+                                "the shares given do not rebuild this store's key; \
+                                 the collected shares were discarded, start again"
+                                    .into()
+                            }
+                            _ => "the passphrase does not open this store's key".into(),
+                        }))
+                    }
+                    other => Err(other.into()),
+                }
+            }
+        }
+    }
+
+    /// The crypto officer seals the engine: keys and sessions leave memory;
+    /// the store stays, wrapped, until the next unseal.
+    pub fn seal(&self, by: &Principal) -> Result<(), EngineError> {
+        Self::require(by, Role::CryptoOfficer)?;
+        let mut inner = write(&self.inner);
+        if inner.state != EngineState::Active {
+            return Err(EngineError::NotActive(inner.state));
+        }
+        if matches!(inner.seal_params, Some(SealParams::Auto) | None) {
+            return Err(EngineError::InvalidRequest(
+                "sealing needs seal = \"passphrase\" or \"shamir\": in auto mode the key file \
+                 beside the store would unseal it at the next start"
+                    .into(),
+            ));
+        }
+        let active = inner
+            .active
+            .take()
+            .ok_or_else(|| EngineError::Internal("active without a store".into()))?;
+        // Dropping the key rings and the store's keys wipes them.
+        let Active { store, keys } = active;
+        drop(keys);
+        // Sealed whatever happens next: keys are gone from memory. A store
+        // that cannot be reopened here is reopened by the next unseal.
+        inner.state = EngineState::Sealed;
+        inner.locked = store.lock().ok();
+        inner.unseal_shares.clear();
+        inner.unseal_nonce = new_nonce()?;
+        lock(&self.sessions).clear();
+        lock(&self.user_locks).clear();
+        tracing::warn!(user = %by.username, "engine sealed by the crypto officer");
+        Ok(())
+    }
+
+    /// Re-seals every record under a new master key (one store transaction;
+    /// see [`Store::rotate_master`]). In auto mode the key file is replaced
+    /// too, through `master.key.next` so a crash at any point leaves a data
+    /// dir that opens. Returns the new generation.
+    pub fn rotate_master_key(&self, by: &Principal) -> Result<u64, EngineError> {
+        Self::require(by, Role::CryptoOfficer)?;
+        // key_writes before the state lock, the order update_ring uses: the
+        // other order can deadlock behind a queued writer (zeroize).
+        let _serial = lock(&self.key_writes);
+        let inner = read(&self.inner);
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
+        let auto = *active.store.seal_params() == SealParams::Auto;
+        let generation = if auto {
+            let next = MasterKey::generate()?.into_secret();
+            store::write_atomic(&self.paths.master_key_next, next.expose_secret(), 0o600)?;
+            match active.store.rotate_master(Some(next)) {
+                Ok(g) => {
+                    self.promote_next_key_file()?;
+                    g
+                }
+                Err(e) => {
+                    let _ = MasterKey::destroy_file(&self.paths.master_key_next);
+                    return Err(e.into());
+                }
+            }
+        } else {
+            active.store.rotate_master(None)?
+        };
+        tracing::warn!(user = %by.username, generation, "master key rotated");
+        Ok(generation)
     }
 
     fn user_lock(&self, username: &str) -> Arc<Mutex<()>> {
@@ -620,6 +1084,11 @@ impl Engine {
 
     pub fn status(&self) -> Result<Status, EngineError> {
         let inner = read(&self.inner);
+        let generation = inner
+            .active
+            .as_ref()
+            .map(|a| a.store.generation())
+            .unwrap_or(0);
         let (users, keys) = match inner.active.as_ref() {
             Some(active) => {
                 let users = active
@@ -648,6 +1117,9 @@ impl Engine {
             login_guard_reserve: self.config.login_guard_reserve,
             users,
             keys,
+            seal_type: self.seal_type(&inner),
+            unseal_failures: inner.unseal_failures,
+            master_key_generation: generation,
         })
     }
 
@@ -689,7 +1161,11 @@ impl Engine {
             ));
         }
         users::validate_username(username)?;
-        users::validate_password(username, password.expose_secret())?;
+        users::validate_password(
+            username,
+            password.expose_secret(),
+            self.config.min_password_length,
+        )?;
         let hash = users::hash_password(password.expose_secret())?;
         let inner = read(&self.inner);
         let active = inner
@@ -719,7 +1195,11 @@ impl Engine {
         password: &SecretString,
     ) -> Result<(), EngineError> {
         Self::require(by, Role::CryptoOfficer)?;
-        users::validate_password(username, password.expose_secret())?;
+        users::validate_password(
+            username,
+            password.expose_secret(),
+            self.config.min_password_length,
+        )?;
         let hash = users::hash_password(password.expose_secret())?;
         let user_lock = self.user_lock(username);
         let _serial = lock(&user_lock);
@@ -736,6 +1216,10 @@ impl Engine {
             return Err(EngineError::InvalidRequest(
                 "only crypto users' passwords can be reset this way".into(),
             ));
+        }
+        // The policy refuses the previous password (an argon2 check).
+        if users::verify_password(password.expose_secret(), &record.password_hash) {
+            return Err(users::same_password());
         }
         record.password_hash = hash;
         record.consecutive_failures = 0;
@@ -765,15 +1249,22 @@ impl Engine {
         if let Err(e) = &marked {
             tracing::error!(error = %e, "could not record zeroization; erasing anyway");
         }
-        let key_gone = MasterKey::destroy_file(&self.paths.master_key);
+        let key_gone = MasterKey::destroy_file(&self.paths.master_key)
+            .and(MasterKey::destroy_file(&self.paths.master_key_next));
         // Dropping the store and key rings wipes the master key and every
         // key's material from memory (zeroize on drop).
         inner.active = None;
+        inner.locked = None;
+        inner.seal_params = None;
+        inner.unseal_shares.clear();
         inner.state = EngineState::Zeroized;
         inner.zeroizations = zeroizations;
         lock(&self.sessions).clear();
         lock(&self.user_locks).clear();
-        let store_gone = remove_if_exists(&self.paths.store);
+        // Overwritten, not just unlinked: in sealed mode the store holds the
+        // wrapped master key, and the passphrase or shares still exist.
+        let store_gone =
+            store::shred_file(&self.paths.store).and(store::shred_file(&self.paths.store_tmp));
         tracing::error!(zeroizations, "engine zeroized");
         self.issue_init_token(inner)?;
         key_gone?;
@@ -1118,6 +1609,7 @@ fn encrypt_with(
     version: Option<u32>,
 ) -> Result<(String, u32), EngineError> {
     ring.ensure(ring.key_type.supports_encryption(), "encryption")?;
+    ring.refuse_key_encryption_key()?;
     let (v, kv) = ring.encryption_version(version)?;
     let material = ring.material(kv, context)?;
     let blob = if ring.convergent_encryption {
@@ -1135,6 +1627,7 @@ fn decrypt_with(
     context: Option<&[u8]>,
 ) -> Result<Zeroizing<Vec<u8>>, EngineError> {
     ring.ensure(ring.key_type.supports_encryption(), "decryption")?;
+    ring.refuse_key_encryption_key()?;
     let (v, blob) = keyring::parse_vault(ciphertext, "ciphertext")?;
     let kv = ring.decryption_version(v)?;
     Ok(ring.material(kv, context)?.decrypt(&blob, aad)?)

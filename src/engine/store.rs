@@ -6,19 +6,31 @@
 //! `Durability::Immediate`: once `put_*` returns, the record survives
 //! `kill -9` and power loss.
 //!
-//! The master key lives in `master.key` (mode 0600) beside the store in the
-//! default auto-unseal mode; [`MasterKey::destroy_file`] is half of
-//! zeroization (the other half is dropping it from memory).
+//! The records' master key is itself stored only wrapped (AES-256-GCM)
+//! under a key-encryption key (KEK), in the `meta` table with a generation
+//! number: the KEK is `master.key` (mode 0600) in the default auto-unseal
+//! mode, or comes from the operator in sealed mode ([`super::seal`]).
+//! Because the wrapped master key lives in the same database as the
+//! records, [`Store::rotate_master`] re-seals every record and replaces the
+//! wrapped key in ONE write transaction: a crash leaves the old generation
+//! or the new one, never a mix. A store written before the wrapped key
+//! existed (no `master_key` in `meta`) uses the KEK as its master key until
+//! its first rotation.
+//!
+//! [`MasterKey::destroy_file`] and [`shred_file`] are half of zeroization
+//! (the other half is dropping the keys from memory).
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::crypto::{self, CryptoError};
+use super::seal::SealParams;
 use super::secret::SecretBytes;
 
 /// Bumped whenever the record layout changes; part of every record's AAD.
@@ -55,6 +67,34 @@ pub enum StoreError {
     MasterKeyLength(PathBuf),
     #[error("crypto failure while sealing: {0}")]
     Crypto(#[from] CryptoError),
+    /// The KEK given (passphrase, shares or key file) does not open the
+    /// wrapped master key.
+    #[error("the unseal key does not open this store's master key")]
+    WrongKek,
+    #[error("store metadata is malformed: {0}")]
+    Meta(String),
+    /// The database was closed by an I/O failure and could not be reopened yet.
+    #[error("the store is closed after an I/O failure and could not be reopened yet")]
+    Closed,
+    /// A test hook stopped a master-key rotation before its commit.
+    #[cfg(test)]
+    #[error("rotation interrupted by the test hook")]
+    Interrupted,
+}
+
+impl StoreError {
+    /// An I/O failure of the data dir (disk full, read-only, device error),
+    /// or redb refusing writes after one (`PreviousIo`, until the process
+    /// restarts and redb repairs the file): the store is intact but cannot
+    /// be written now.
+    pub fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io { .. }
+                | StoreError::Closed
+                | StoreError::Database(redb::Error::Io(_) | redb::Error::PreviousIo)
+        )
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -83,6 +123,10 @@ impl MasterKey {
     pub fn generate() -> Result<MasterKey, StoreError> {
         let bytes = crypto::random_bytes(32)?;
         Ok(MasterKey(SecretBytes::from_slice(&bytes)))
+    }
+
+    pub fn into_secret(self) -> SecretBytes {
+        self.0
     }
 
     /// Reads the key file, refusing one that group or others can read.
@@ -142,6 +186,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreErr
     sync_parent(path)
 }
 
+/// Overwrites a file with random bytes (in 1 MiB chunks), syncs, removes
+/// it and syncs the directory. The store goes this way on zeroization, so
+/// the wrapped master key and sealed records are overwritten in place, not
+/// merely unlinked (the same caveat as [`MasterKey::destroy_file`] applies
+/// to copy-on-write file systems and SSD remapping).
+pub fn shred_file(path: &Path) -> Result<(), StoreError> {
+    match OpenOptions::new().write(true).open(path) {
+        Ok(mut f) => {
+            let mut left = f.metadata().map_err(io_err(path))?.len();
+            while left > 0 {
+                let n = left.min(1 << 20) as usize;
+                let noise = crypto::random_bytes(n)?;
+                f.write_all(&noise).map_err(io_err(path))?;
+                left -= n as u64;
+            }
+            f.sync_all().map_err(io_err(path))?;
+            drop(f);
+            fs::remove_file(path).map_err(io_err(path))?;
+            sync_parent(path)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 fn sync_parent(path: &Path) -> Result<(), StoreError> {
     if let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() {
@@ -184,60 +253,303 @@ impl std::fmt::Debug for UserRecord {
 /// A record's name and its opened plaintext (wiped on drop).
 pub type Unsealed = (String, Zeroizing<Vec<u8>>);
 
-pub struct Store {
-    db: Database,
+/// The store's keys while it is open: the records' master key, the KEK it
+/// is wrapped under, and its generation.
+struct Keys {
     master: MasterKey,
+    kek: SecretBytes,
+    generation: u64,
+}
+
+pub struct Store {
+    /// `None` only after an I/O failure closed it and reopening failed;
+    /// the next operation tries again ([`Store::recover`]).
+    db: RwLock<Option<Database>>,
+    path: PathBuf,
+    /// Read-locked by every seal/unseal (and held across a write's commit),
+    /// write-locked by a master-key rotation: no record is ever sealed under
+    /// a key that is about to be replaced.
+    keys: RwLock<Keys>,
+    params: SealParams,
+}
+
+/// An open store whose master key is not (yet) available: the engine's
+/// `sealed` state. Holds the database (and its file lock) and reads only
+/// the plaintext metadata.
+pub struct LockedStore {
+    db: Database,
+    path: PathBuf,
+}
+
+const META_SEAL: &str = "seal";
+const META_MASTER: &str = "master_key";
+const META_GENERATION: &str = "master_generation";
+
+fn wrap_aad(params: &SealParams, generation: u64) -> Vec<u8> {
+    format!(
+        "hsmgate/v{FORMAT_VERSION}/meta/master_key/{}/{generation}",
+        params.type_name()
+    )
+    .into_bytes()
+}
+
+fn wrap_master(
+    kek: &SecretBytes,
+    master: &MasterKey,
+    params: &SealParams,
+    generation: u64,
+) -> Result<Vec<u8>, StoreError> {
+    Ok(crypto::aes_gcm_seal_with_nonce(
+        kek.expose_secret(),
+        nonce()?,
+        master.0.expose_secret(),
+        &wrap_aad(params, generation),
+    )?)
 }
 
 impl Store {
-    /// Creates a fresh store, replacing any file at `path`.
-    pub fn create(path: &Path, master: MasterKey) -> Result<Store, StoreError> {
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(path)(e)),
+    /// Creates a fresh store, replacing any file at `path`: a new random
+    /// master key, wrapped under `kek`, generation 1.
+    pub fn create(path: &Path, kek: SecretBytes, params: SealParams) -> Result<Store, StoreError> {
+        Store::create_with(path, kek, params, &[], &[])
+    }
+
+    /// Creates a fresh store holding `users` and `rings`. Built under a
+    /// temporary name and renamed into place once its one transaction has
+    /// committed: a crash leaves no store or a whole one (init's admin user
+    /// and a restore's records are never half there).
+    pub fn create_with(
+        path: &Path,
+        kek: SecretBytes,
+        params: SealParams,
+        users: &[UserRecord],
+        rings: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<Store, StoreError> {
+        let tmp = path.with_extension("redb.tmp");
+        for p in [path, tmp.as_path()] {
+            match fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(p)(e)),
+            }
         }
-        let db = db_err!(Database::create(path))?;
-        let store = Store { db, master };
-        let txn = db_err!(store.db.begin_write())?;
+        let master = MasterKey::generate()?;
+        let wrapped = wrap_master(&kek, &master, &params, 1)?;
+        let seal_json = serde_json::to_vec(&params).map_err(|e| StoreError::Meta(e.to_string()))?;
+        let mut sealed = Vec::with_capacity(users.len() + rings.len());
+        for u in users {
+            let json =
+                Zeroizing::new(serde_json::to_vec(u).map_err(|e| StoreError::Malformed {
+                    table: "users",
+                    name: u.username.clone(),
+                    detail: e.to_string(),
+                })?);
+            sealed.push((
+                USERS,
+                u.username.clone(),
+                seal_record(&master, "users", &u.username, &json)?,
+            ));
+        }
+        for (name, plain) in rings {
+            sealed.push((
+                KEYS,
+                name.clone(),
+                seal_record(&master, "keys", name, plain)?,
+            ));
+        }
+        let db = db_err!(Database::create(&tmp))?;
+        let txn = db_err!(db.begin_write())?;
         {
             let mut meta = db_err!(txn.open_table(META))?;
             db_err!(meta.insert("format_version", FORMAT_VERSION.to_be_bytes().as_slice()))?;
+            db_err!(meta.insert(META_SEAL, seal_json.as_slice()))?;
+            db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
+            db_err!(meta.insert(META_GENERATION, 1u64.to_be_bytes().as_slice()))?;
             db_err!(txn.open_table(USERS))?;
             db_err!(txn.open_table(KEYS))?;
+            for (def, name, value) in &sealed {
+                let mut t = db_err!(txn.open_table(*def))?;
+                db_err!(t.insert(name.as_str(), value.as_slice()))?;
+            }
         }
         db_err!(txn.commit())?;
-        Ok(store)
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        sync_parent(path)?;
+        Ok(Store {
+            db: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            keys: RwLock::new(Keys {
+                master,
+                kek,
+                generation: 1,
+            }),
+            params,
+        })
     }
 
-    pub fn open(path: &Path, master: MasterKey) -> Result<Store, StoreError> {
-        let db = db_err!(Database::open(path))?;
-        let txn = db_err!(db.begin_read())?;
-        let meta = db_err!(txn.open_table(META))?;
-        let found = db_err!(meta.get("format_version"))?
-            .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
-            .map(u32::from_be_bytes)
-            .unwrap_or(0);
-        if found != FORMAT_VERSION {
-            return Err(StoreError::UnsupportedFormat { found });
+    /// Opens with a known KEK (auto mode, tests).
+    pub fn open(path: &Path, kek: SecretBytes) -> Result<Store, StoreError> {
+        LockedStore::open(path)?.unlock(kek).map_err(|(_, e)| e)
+    }
+
+    /// Drops the keys (wiped on drop), keeping the database open.
+    pub fn lock(self) -> Result<LockedStore, StoreError> {
+        let path = self.path;
+        match self.db.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(db) => Ok(LockedStore { db, path }),
+            None => LockedStore::open(&path),
         }
-        drop(meta);
-        drop(txn);
-        Ok(Store { db, master })
     }
 
-    fn aad(table: &str, name: &str) -> Vec<u8> {
-        format!("hsmgate/v{FORMAT_VERSION}/{table}/{name}").into_bytes()
+    /// Runs `f` on the open database; an I/O failure (or redb's
+    /// `PreviousIo` after one) closes and reopens the database, which is
+    /// how redb recovers: the next write can succeed once the disk has
+    /// room again, without a restart.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.db.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+            self.recover();
+        }
+        let result = {
+            let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(db) => f(db),
+                None => Err(StoreError::Closed),
+            }
+        };
+        if matches!(&result, Err(e) if e.is_io()) {
+            self.recover();
+        }
+        result
+    }
+
+    /// Closes and reopens the database (redb repairs it on open). Waits
+    /// for every operation in flight. On failure the store stays closed
+    /// and the next operation tries again.
+    fn recover(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
+        *guard = None;
+        match Database::open(&self.path) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "store reopened after an I/O failure");
+                *guard = Some(db);
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "store cannot be reopened; retrying at the next operation");
+            }
+        }
+    }
+
+    pub fn seal_params(&self) -> &SealParams {
+        &self.params
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.read_keys().generation
+    }
+
+    fn read_keys(&self) -> RwLockReadGuard<'_, Keys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_keys(&self) -> RwLockWriteGuard<'_, Keys> {
+        self.keys.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-seals every record under a new master key and replaces the
+    /// wrapped master key, in one write transaction (see the module docs).
+    /// `new_kek` also replaces the KEK (auto mode's key file rotation);
+    /// `None` keeps it (the operator's passphrase or shares stay valid).
+    /// Returns the new generation. Transit keeps working meanwhile (key
+    /// rings are in memory); store reads and writes wait for the commit.
+    pub fn rotate_master(&self, new_kek: Option<SecretBytes>) -> Result<u64, StoreError> {
+        self.rotate_master_inner(new_kek, None)
+    }
+
+    fn rotate_master_inner(
+        &self,
+        new_kek: Option<SecretBytes>,
+        interrupt_after: Option<usize>,
+    ) -> Result<u64, StoreError> {
+        let mut keys = self.write_keys();
+        let new_master = MasterKey::generate()?;
+        let kek = new_kek.unwrap_or_else(|| keys.kek.duplicate());
+        let generation = keys.generation + 1;
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            let mut done = 0usize;
+            for (def, table_name) in [(USERS, "users"), (KEYS, "keys")] {
+                let mut t = db_err!(txn.open_table(def))?;
+                let mut resealed = Vec::new();
+                for entry in db_err!(t.iter())? {
+                    let (k, v) = db_err!(entry)?;
+                    let name = k.value().to_string();
+                    let plain = open_record(&keys.master, table_name, &name, v.value())?;
+                    let sealed = seal_record(&new_master, table_name, &name, &plain)?;
+                    resealed.push((name, sealed));
+                }
+                for (name, sealed) in resealed {
+                    db_err!(t.insert(name.as_str(), sealed.as_slice()))?;
+                    done += 1;
+                    if interrupt_after.is_some_and(|n| done >= n) {
+                        // Dropping the transaction uncommitted is what a crash
+                        // here leaves behind.
+                        #[cfg(test)]
+                        return Err(StoreError::Interrupted);
+                    }
+                }
+            }
+            let wrapped = wrap_master(&kek, &new_master, &self.params, generation)?;
+            {
+                let mut meta = db_err!(txn.open_table(META))?;
+                db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
+                db_err!(meta.insert(META_GENERATION, generation.to_be_bytes().as_slice()))?;
+            }
+            db_err!(txn.commit())
+        })?;
+        *keys = Keys {
+            master: new_master,
+            kek,
+            generation,
+        };
+        Ok(generation)
+    }
+
+    /// A consistent snapshot of every record's plaintext (for backups):
+    /// one read transaction, both tables.
+    pub fn snapshot(&self) -> Result<(Vec<UserRecord>, Vec<Unsealed>), StoreError> {
+        let keys = self.read_keys();
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let mut users = Vec::new();
+            let mut rings = Vec::new();
+            {
+                let t = db_err!(txn.open_table(USERS))?;
+                for entry in db_err!(t.iter())? {
+                    let (k, v) = db_err!(entry)?;
+                    let name = k.value().to_string();
+                    let plain = open_record(&keys.master, "users", &name, v.value())?;
+                    users.push(decode("users", &name, &plain)?);
+                }
+            }
+            {
+                let t = db_err!(txn.open_table(KEYS))?;
+                for entry in db_err!(t.iter())? {
+                    let (k, v) = db_err!(entry)?;
+                    let name = k.value().to_string();
+                    let plain = open_record(&keys.master, "keys", &name, v.value())?;
+                    rings.push((name, plain));
+                }
+            }
+            Ok((users, rings))
+        })
     }
 
     /// Seals one record's plaintext under the master key, bound to its identity.
     pub fn seal(&self, table: &str, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
-        Ok(crypto::aes_gcm_seal_with_nonce(
-            self.master.0.expose_secret(),
-            nonce()?,
-            plaintext,
-            &Self::aad(table, name),
-        )?)
+        seal_record(&self.read_keys().master, table, name, plaintext)
     }
 
     pub fn unseal(
@@ -246,15 +558,7 @@ impl Store {
         name: &str,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        crypto::aes_gcm_open(
-            self.master.0.expose_secret(),
-            sealed,
-            &Self::aad(table, name),
-        )
-        .map_err(|_| StoreError::Unseal {
-            table,
-            name: name.to_string(),
-        })
+        open_record(&self.read_keys().master, table, name, sealed)
     }
 
     fn put(
@@ -263,13 +567,17 @@ impl Store {
         name: &str,
         plaintext: &[u8],
     ) -> Result<(), StoreError> {
-        let sealed = self.seal(table.name(), name, plaintext)?;
-        let txn = db_err!(self.db.begin_write())?;
-        {
-            let mut t = db_err!(txn.open_table(table))?;
-            db_err!(t.insert(name, sealed.as_slice()))?;
-        }
-        db_err!(txn.commit())
+        // Held through the commit: a rotation cannot slip in between.
+        let keys = self.read_keys();
+        let sealed = seal_record(&keys.master, table.name(), name, plaintext)?;
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            {
+                let mut t = db_err!(txn.open_table(table))?;
+                db_err!(t.insert(name, sealed.as_slice()))?;
+            }
+            db_err!(txn.commit())
+        })
     }
 
     fn get(
@@ -278,40 +586,52 @@ impl Store {
         table_name: &'static str,
         name: &str,
     ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
-        let t = db_err!(txn.open_table(table))?;
-        match db_err!(t.get(name))? {
-            Some(v) => Ok(Some(self.unseal(table_name, name, v.value())?)),
-            None => Ok(None),
-        }
+        let keys = self.read_keys();
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let t = db_err!(txn.open_table(table))?;
+            match db_err!(t.get(name))? {
+                Some(v) => Ok(Some(open_record(
+                    &keys.master,
+                    table_name,
+                    name,
+                    v.value(),
+                )?)),
+                None => Ok(None),
+            }
+        })
     }
-
     fn all(
         &self,
         table: TableDefinition<&'static str, &'static [u8]>,
         table_name: &'static str,
     ) -> Result<Vec<Unsealed>, StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
-        let t = db_err!(txn.open_table(table))?;
-        let mut out = Vec::new();
-        for entry in db_err!(t.iter())? {
-            let (k, v) = db_err!(entry)?;
-            let name = k.value().to_string();
-            let plain = self.unseal(table_name, &name, v.value())?;
-            out.push((name, plain));
-        }
-        Ok(out)
+        let keys = self.read_keys();
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let t = db_err!(txn.open_table(table))?;
+            let mut out = Vec::new();
+            for entry in db_err!(t.iter())? {
+                let (k, v) = db_err!(entry)?;
+                let name = k.value().to_string();
+                let plain = open_record(&keys.master, table_name, &name, v.value())?;
+                out.push((name, plain));
+            }
+            Ok(out)
+        })
     }
 
     fn delete(&self, table: TableDefinition<&str, &[u8]>, name: &str) -> Result<bool, StoreError> {
-        let txn = db_err!(self.db.begin_write())?;
-        let existed = {
-            let mut t = db_err!(txn.open_table(table))?;
-            let removed = db_err!(t.remove(name))?;
-            removed.is_some()
-        };
-        db_err!(txn.commit())?;
-        Ok(existed)
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            let existed = {
+                let mut t = db_err!(txn.open_table(table))?;
+                let removed = db_err!(t.remove(name))?;
+                removed.is_some()
+            };
+            db_err!(txn.commit())?;
+            Ok(existed)
+        })
     }
 
     pub fn put_user(&self, user: &UserRecord) -> Result<(), StoreError> {
@@ -350,19 +670,154 @@ impl Store {
         self.delete(KEYS, name)
     }
 
+    /// One key record's opened plaintext (the engine's reserved records,
+    /// such as the transit wrapping key, are read this way on demand).
+    pub fn get_key(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get(KEYS, "keys", name)
+    }
+
+    pub fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+        self.delete(USERS, name)
+    }
+
     #[cfg(test)]
     fn raw_put(&self, table: TableDefinition<&str, &[u8]>, name: &str, bytes: &[u8]) {
-        let txn = self.db.begin_write().unwrap();
-        txn.open_table(table).unwrap().insert(name, bytes).unwrap();
-        txn.commit().unwrap();
+        self.with_db(|db| {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(table).unwrap().insert(name, bytes).unwrap();
+            txn.commit().unwrap();
+            Ok(())
+        })
+        .unwrap();
     }
 
     #[cfg(test)]
     fn raw_get(&self, table: TableDefinition<&str, &[u8]>, name: &str) -> Vec<u8> {
-        let txn = self.db.begin_read().unwrap();
-        let t = txn.open_table(table).unwrap();
-        let v = t.get(name).unwrap().unwrap().value().to_vec();
-        v
+        self.with_db(|db| {
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(table).unwrap();
+            let v = t.get(name).unwrap().unwrap().value().to_vec();
+            Ok(v)
+        })
+        .unwrap()
+    }
+}
+
+fn record_aad(table: &str, name: &str) -> Vec<u8> {
+    format!("hsmgate/v{FORMAT_VERSION}/{table}/{name}").into_bytes()
+}
+
+fn seal_record(
+    master: &MasterKey,
+    table: &str,
+    name: &str,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    Ok(crypto::aes_gcm_seal_with_nonce(
+        master.0.expose_secret(),
+        nonce()?,
+        plaintext,
+        &record_aad(table, name),
+    )?)
+}
+
+fn open_record(
+    master: &MasterKey,
+    table: &'static str,
+    name: &str,
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    crypto::aes_gcm_open(master.0.expose_secret(), sealed, &record_aad(table, name)).map_err(|_| {
+        StoreError::Unseal {
+            table,
+            name: name.to_string(),
+        }
+    })
+}
+
+impl LockedStore {
+    /// Opens the database and checks its format; no key needed.
+    pub fn open(path: &Path) -> Result<LockedStore, StoreError> {
+        let db = db_err!(Database::open(path))?;
+        let txn = db_err!(db.begin_read())?;
+        let meta = db_err!(txn.open_table(META))?;
+        let found = db_err!(meta.get("format_version"))?
+            .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0);
+        if found != FORMAT_VERSION {
+            return Err(StoreError::UnsupportedFormat { found });
+        }
+        drop(meta);
+        drop(txn);
+        Ok(LockedStore {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = db_err!(self.db.begin_read())?;
+        let meta = db_err!(txn.open_table(META))?;
+        let v = db_err!(meta.get(key))?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
+    /// How this store is sealed. A store from before seal modes existed
+    /// records nothing and is `auto`.
+    pub fn seal_params(&self) -> Result<SealParams, StoreError> {
+        match self.meta(META_SEAL)? {
+            None => Ok(SealParams::Auto),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Meta(format!("seal parameters: {e}"))),
+        }
+    }
+
+    /// Opens the wrapped master key with `kek`. On failure the locked store
+    /// comes back, unchanged, with the error.
+    // The error hands the store back (a wrong unseal must not close it);
+    // it is rare and moved once, so its size does not matter.
+    #[allow(clippy::result_large_err)]
+    pub fn unlock(self, kek: SecretBytes) -> Result<Store, (LockedStore, StoreError)> {
+        let params = match self.seal_params() {
+            Ok(p) => p,
+            Err(e) => return Err((self, e)),
+        };
+        let wrapped = match self.meta(META_MASTER) {
+            Ok(w) => w,
+            Err(e) => return Err((self, e)),
+        };
+        let generation = match self.meta(META_GENERATION) {
+            Ok(g) => g
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0),
+            Err(e) => return Err((self, e)),
+        };
+        let master = match wrapped {
+            // Legacy layout: the KEK sealed the records directly.
+            None => MasterKey(kek.duplicate()),
+            Some(w) => {
+                match crypto::aes_gcm_open(kek.expose_secret(), &w, &wrap_aad(&params, generation))
+                {
+                    Ok(plain) if plain.len() == 32 => MasterKey(SecretBytes::from_slice(&plain)),
+                    Ok(_) => {
+                        return Err((self, StoreError::Meta("master key is not 32 bytes".into())))
+                    }
+                    Err(_) => return Err((self, StoreError::WrongKek)),
+                }
+            }
+        };
+        Ok(Store {
+            db: RwLock::new(Some(self.db)),
+            path: self.path,
+            keys: RwLock::new(Keys {
+                master,
+                kek,
+                generation,
+            }),
+            params,
+        })
     }
 }
 
@@ -403,8 +858,7 @@ mod tests {
     #[test]
     fn round_trips_a_user() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Store::create(&dir.path().join("s.redb"), MasterKey::generate().unwrap()).unwrap();
+        let store = Store::create(&dir.path().join("s.redb"), kek(), SealParams::Auto).unwrap();
         store.put_user(&user("alice")).unwrap();
         let got = store.get_user("alice").unwrap().unwrap();
         assert_eq!(got.consecutive_failures, 2);
@@ -414,8 +868,7 @@ mod tests {
     #[test]
     fn a_sealed_value_moved_to_another_record_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Store::create(&dir.path().join("s.redb"), MasterKey::generate().unwrap()).unwrap();
+        let store = Store::create(&dir.path().join("s.redb"), kek(), SealParams::Auto).unwrap();
         store.put_user(&user("alice")).unwrap();
         store.put_user(&user("bob")).unwrap();
         // An attacker with write access copies alice's sealed record over bob's.
@@ -432,18 +885,148 @@ mod tests {
         assert!(matches!(store.keys(), Err(StoreError::Unseal { .. })));
     }
 
+    fn kek() -> SecretBytes {
+        MasterKey::generate().unwrap().into_secret()
+    }
+
     #[test]
-    fn another_master_key_opens_nothing() {
+    fn another_kek_opens_nothing_and_the_store_stays_usable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let store = Store::create(&path, MasterKey::generate().unwrap()).unwrap();
+        let right = kek();
+        let store = Store::create(&path, right.duplicate(), SealParams::Auto).unwrap();
         store.put_user(&user("alice")).unwrap();
         drop(store);
-        let store = Store::open(&path, MasterKey::generate().unwrap()).unwrap();
-        assert!(matches!(
-            store.get_user("alice"),
-            Err(StoreError::Unseal { .. })
-        ));
+        let locked = LockedStore::open(&path).unwrap();
+        let (locked, err) = locked.unlock(kek()).err().unwrap();
+        assert!(matches!(err, StoreError::WrongKek));
+        let store = locked.unlock(right).ok().unwrap();
+        assert!(store.get_user("alice").unwrap().is_some());
+    }
+
+    #[test]
+    fn the_seal_parameters_are_kept_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let params = SealParams::Shamir {
+            threshold: 2,
+            shares: 3,
+        };
+        drop(Store::create(&path, kek(), params.clone()).unwrap());
+        assert_eq!(
+            LockedStore::open(&path).unwrap().seal_params().unwrap(),
+            params
+        );
+    }
+
+    /// Many records under the old key; every one reads back after rotation
+    /// and after reopening with the same KEK; the old master key is gone.
+    #[test]
+    fn rotation_reseals_every_record_under_a_new_master_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = kek();
+        let store = Store::create(&path, k.duplicate(), SealParams::Auto).unwrap();
+        for i in 0..20 {
+            store.put_user(&user(&format!("u{i}"))).unwrap();
+            store
+                .put_key(&format!("k{i}"), format!("ring {i}").as_bytes())
+                .unwrap();
+        }
+        let before = store.raw_get(KEYS, "k3");
+        assert_eq!(store.generation(), 1);
+        assert_eq!(store.rotate_master(None).unwrap(), 2);
+        assert_ne!(
+            store.raw_get(KEYS, "k3"),
+            before,
+            "record was not re-sealed"
+        );
+        assert_eq!(store.users().unwrap().len(), 20);
+        drop(store);
+        let store = Store::open(&path, k).unwrap();
+        assert_eq!(store.generation(), 2);
+        let keys = store.keys().unwrap();
+        assert_eq!(keys.len(), 20);
+        assert!(keys
+            .iter()
+            .any(|(n, p)| n == "k7" && p.as_slice() == b"ring 7"));
+    }
+
+    /// A rotation that stops midway (the test hook returns before commit,
+    /// dropping the transaction as a crash would) leaves the old generation:
+    /// the store opens with the same KEK and every record reads.
+    #[test]
+    fn an_interrupted_rotation_leaves_the_old_generation_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = kek();
+        let store = Store::create(&path, k.duplicate(), SealParams::Auto).unwrap();
+        for i in 0..10 {
+            store
+                .put_key(&format!("k{i}"), format!("ring {i}").as_bytes())
+                .unwrap();
+        }
+        let err = store.rotate_master_inner(Some(kek()), Some(5)).unwrap_err();
+        assert!(matches!(err, StoreError::Interrupted));
+        // Still usable in-process.
+        assert_eq!(store.keys().unwrap().len(), 10);
+        store.put_key("after", b"x").unwrap();
+        drop(store);
+        let store = Store::open(&path, k.duplicate()).unwrap();
+        assert_eq!(store.generation(), 1);
+        assert_eq!(store.keys().unwrap().len(), 11);
+        // And a complete rotation afterwards works.
+        assert_eq!(store.rotate_master(None).unwrap(), 2);
+        drop(store);
+        assert_eq!(Store::open(&path, k).unwrap().keys().unwrap().len(), 11);
+    }
+
+    /// A store in the pre-seal layout (records sealed directly under the
+    /// key file's key) still opens, and its first rotation moves it to the
+    /// wrapped layout.
+    #[test]
+    fn a_legacy_store_opens_and_rotates_into_the_wrapped_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = kek();
+        let store = Store::create(&path, k.duplicate(), SealParams::Auto).unwrap();
+        // Rewrite into the legacy layout: records under the KEK itself, no
+        // wrapped key or generation in meta.
+        {
+            let legacy = MasterKey(k.duplicate());
+            let sealed = seal_record(&legacy, "keys", "old", b"legacy ring").unwrap();
+            store.raw_put(KEYS, "old", &sealed);
+            store
+                .with_db(|db| {
+                    let txn = db.begin_write().unwrap();
+                    {
+                        let mut meta = txn.open_table(META).unwrap();
+                        meta.remove(META_MASTER).unwrap();
+                        meta.remove(META_GENERATION).unwrap();
+                        meta.remove(META_SEAL).unwrap();
+                    }
+                    txn.commit().unwrap();
+                    Ok(())
+                })
+                .unwrap();
+        }
+        drop(store);
+        let store = Store::open(&path, k.duplicate()).unwrap();
+        assert_eq!(store.keys().unwrap()[0].1.as_slice(), b"legacy ring");
+        store.rotate_master(None).unwrap();
+        drop(store);
+        let store = Store::open(&path, k).unwrap();
+        assert_eq!(store.keys().unwrap()[0].1.as_slice(), b"legacy ring");
+    }
+
+    #[test]
+    fn shred_overwrites_and_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, vec![7u8; 3 << 20]).unwrap();
+        shred_file(&path).unwrap();
+        assert!(!path.exists());
+        shred_file(&path).unwrap();
     }
 
     #[test]

@@ -1,9 +1,16 @@
-//! Phases 1–3 for one listener: accept, network check, TLS, HTTP.
+//! Phases 1–3 for one listener: accept, network check, PROXY header, TLS,
+//! HTTP.
 //!
-//! A peer outside the listener's security groups is dropped right after
-//! `accept`: no TLS byte is read or written, no HTTP is parsed. So is a peer
-//! over the connection caps (per source network and in all; see
-//! [`crate::ratelimit`]). An admitted connection is closed when no request
+//! A peer outside the listener's security groups (and not one of its
+//! trusted proxies) is dropped right after `accept`: no TLS byte is read or
+//! written, no HTTP is parsed. So is a peer over the connection caps (per
+//! source network and in all; see [`crate::ratelimit`]).
+//!
+//! On a `proxy_protocol` listener, a trusted proxy must open with a PROXY
+//! v1/v2 header (read with a timeout and a size bound, before TLS); the
+//! client it names is then judged by the deny lists and groups like a direct
+//! peer. Anyone else who opens with a PROXY header is refused: a peer does
+//! not get to choose its own address. An admitted connection is closed when no request
 //! has been in flight for the idle timeout (HTTP/2 would otherwise hold an
 //! idle connection, and its slot under the caps, forever).
 use std::convert::Infallible;
@@ -22,18 +29,32 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use super::proxy_protocol::{self, Header};
 use super::{router, AppState};
+use crate::auth::ClientCert;
+use crate::config::Forwarded;
 use crate::engine::Channel;
-use crate::netfilter;
+use crate::netfilter::{self, DenyReason};
 
 /// How long in-flight requests get after a shutdown signal.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What a request knows about the connection it came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The TCP peer (IPv4-mapped IPv6 already folded to IPv4).
+    /// The TCP peer (IPv4-mapped IPv6 already folded to IPv4). Admin routes,
+    /// crypto-officer logins and break-glass judge this address alone.
     pub peer: IpAddr,
+    /// The effective client: the TCP peer, or the client a trusted proxy
+    /// named (PROXY header at connect; `X-Forwarded-For` per request, set by
+    /// `gateway::router` from `gateway::forwarded`). Security groups,
+    /// route-class groups and rate limits judge this one.
+    pub client: IpAddr,
+    /// Whether `client` came from a trusted proxy's PROXY header (re-checked
+    /// per request: the proxy may have been revoked since).
+    pub proxied: bool,
+    /// The verified client certificate (mutual TLS), if one was presented.
+    pub cert: Option<Arc<ClientCert>>,
     /// Index into the snapshot's listeners.
     pub listener: usize,
     /// The listener's bound port, for port-range rules (known only after
@@ -95,7 +116,6 @@ pub async fn serve(
     index: usize,
     socket: TcpListener,
     state: Arc<AppState>,
-    acceptor: TlsAcceptor,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -118,42 +138,98 @@ pub async fn serve(
         };
         let peer = netfilter::canonical(peer.ip());
         let snapshot = state.snapshot.load();
-        // Phase 1: deny lists, then security groups. Denials are counted and
-        // summarised per source by netfilter (no log line per connection).
-        if let Err(reason) = snapshot.netfilter.listener(index).check_connect(peer, port) {
+        let filter = snapshot.netfilter.listener(index);
+        // Phase 1: deny lists, then trusted proxies and security groups.
+        // Denials are counted and summarised per source by netfilter (no
+        // log line per connection).
+        if let Err(reason) = filter.check_accept(peer, port) {
             // Close before any byte either way.
             drop(stream);
             counters.denied.inc();
             tracing::trace!(%peer, listener = index, %reason, "connection denied");
             continue;
         }
-        let slot = match state
-            .fence
-            .open_connection(peer, &snapshot.config.limits.rate)
-        {
-            Ok(slot) => slot,
-            Err(cap) => {
-                drop(stream);
-                tracing::debug!(%peer, listener = index, cap, "connection refused: connection cap");
-                continue;
+        let proxy_protocol = snapshot.config.listeners[index].forwarded == Forwarded::ProxyProtocol;
+        let from_proxy = proxy_protocol && filter.is_trusted_proxy(peer, port);
+        // A PROXY connection's slot is keyed by the client it names, taken
+        // once the header is read; every other connection's by its peer.
+        let slot = if from_proxy {
+            None
+        } else {
+            match state
+                .fence
+                .open_connection(peer, &snapshot.config.limits.rate)
+            {
+                Ok(slot) => Some(slot),
+                Err(cap) => {
+                    drop(stream);
+                    counters.capped.inc();
+                    tracing::debug!(%peer, listener = index, cap, "connection refused: connection cap");
+                    continue;
+                }
             }
         };
         let limits = snapshot.config.limits.clone();
         let channel = snapshot.config.listeners[index].channel;
+        // The TLS config of the snapshot that admitted the peer: a reloaded
+        // certificate serves every handshake after the swap.
+        let acceptor = TlsAcceptor::from(snapshot.tls[index].clone());
         drop(snapshot);
         counters.accepted.inc();
         let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
         let state = state.clone();
-        let conn_info = ConnInfo {
-            peer,
-            listener: index,
-            port,
-            channel,
-        };
         let watcher = graceful.watcher();
         let counters = counters.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
+            let mut client = peer;
+            let mut proxied = false;
+            let slot = if from_proxy {
+                match proxy_header(&state, index, port, peer, &mut stream, &limits).await {
+                    Some((named, slot)) => {
+                        proxied = named != peer;
+                        client = named;
+                        slot
+                    }
+                    None => {
+                        counters.proxy_denied.inc();
+                        return;
+                    }
+                }
+            } else {
+                // On a PROXY listener, a direct client is judged as itself;
+                // one that opens with a PROXY header is claiming an address
+                // it may not claim. (A TLS ClientHello starts with 0x16.)
+                if proxy_protocol {
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(
+                        limits.tls_handshake_timeout,
+                        stream.peek(&mut first),
+                    )
+                    .await
+                    {
+                        Ok(Ok(1)) if matches!(first[0], b'P' | b'\r') => {
+                            state
+                                .snapshot
+                                .load()
+                                .netfilter
+                                .listener(index)
+                                .count_denial(peer, DenyReason::ProxyHeaderUntrusted);
+                            counters.proxy_denied.inc();
+                            tracing::debug!(%peer, "PROXY header from an untrusted peer: refused");
+                            return;
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            counters.tls_timeout.inc();
+                            return;
+                        }
+                    }
+                }
+                // Set above whenever `from_proxy` is false.
+                slot
+            };
             let tls =
                 match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream))
                     .await
@@ -170,10 +246,28 @@ pub async fn serve(
                         return;
                     }
                 };
+            // Verified by rustls against the listener's client_ca; read once.
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| ClientCert::from_der(leaf.as_ref()))
+                .map(Arc::new);
+            let conn_info = ConnInfo {
+                peer,
+                client,
+                proxied,
+                cert,
+                listener: index,
+                port,
+                channel,
+            };
             let activity = Arc::new(Activity::new());
             let service_activity = activity.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
+                let conn_info = conn_info.clone();
                 let busy = service_activity.begin();
                 async move {
                     let response = router::handle(state, conn_info, req).await;
@@ -221,5 +315,47 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+}
+
+/// Reads a trusted proxy's PROXY header and judges the client it names by
+/// the listener's deny lists and groups, then takes that client's connection
+/// slot. `None`: refused (counted with its reason); the caller closes.
+async fn proxy_header(
+    state: &AppState,
+    index: usize,
+    port: u16,
+    peer: IpAddr,
+    stream: &mut tokio::net::TcpStream,
+    limits: &crate::config::Limits,
+) -> Option<(IpAddr, Option<crate::ratelimit::ConnectionSlot>)> {
+    let header = proxy_protocol::read_header(stream, limits.tls_handshake_timeout).await;
+    let snapshot = state.snapshot.load();
+    let filter = snapshot.netfilter.listener(index);
+    let client = match header {
+        Ok(Header::Proxied { source, .. }) => netfilter::canonical(source.ip()),
+        // LOCAL / UNKNOWN: the proxy's own connection (health checks).
+        Ok(Header::Local) => peer,
+        Err(e) => {
+            filter.count_denial(peer, DenyReason::ProxyHeaderInvalid);
+            tracing::debug!(%peer, error = %e, "trusted proxy sent no valid PROXY header: refused");
+            return None;
+        }
+    };
+    // The named client passes the same connect check a direct peer does,
+    // before any TLS byte.
+    if let Err(reason) = filter.check_connect(client, port) {
+        tracing::trace!(%peer, %client, listener = index, %reason, "proxied client denied");
+        return None;
+    }
+    match state
+        .fence
+        .open_connection(client, &snapshot.config.limits.rate)
+    {
+        Ok(slot) => Some((client, Some(slot))),
+        Err(cap) => {
+            tracing::debug!(%peer, %client, cap, "proxied connection refused: connection cap");
+            None
+        }
     }
 }

@@ -5,15 +5,22 @@
 //!   limits, identity, dispatch, access log).
 //! - [`observe`]: phase 10's audit record and metrics for each request.
 //! - [`rescue`]: errors → HTTP responses, in one place.
-//! - [`tls`]: the certificate and rustls config.
+//! - [`tls`]: the certificate and rustls config (per listener: mutual TLS).
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header parser.
+//! - [`forwarded`]: who the client is when a trusted proxy says so.
+//! - [`reload`]: the config lifecycle after start (SIGHUP, file changes).
+pub mod forwarded;
 pub mod listener;
 pub mod observe;
+pub mod proxy_protocol;
+pub mod reload;
 pub mod rescue;
 pub mod router;
 pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -26,23 +33,47 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::netfilter::{CidrSet, Netfilter};
 
 /// One immutable view of the configuration. A request loads it once, so a
-/// reload never changes the rules under a request in flight.
+/// reload never changes the rules under a request in flight. Anything built
+/// from the config tree belongs here, so a reload swaps it with the rest
+/// (see [`reload`]).
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub netfilter: Netfilter,
     /// Who may connect to the metrics listener.
     pub metrics_filter: CidrSet,
+    /// Each listener's rustls config (same order as `config.listeners`):
+    /// the server certificate, plus a client verifier where `client_ca` is
+    /// set. Each accepted connection takes the one of the snapshot that
+    /// admitted it, so a reloaded certificate or client CA serves the next
+    /// handshake.
+    pub tls: Vec<Arc<rustls::ServerConfig>>,
+    /// SHA-256 of the config tree this snapshot was built from.
+    pub digest: reload::ConfigDigest,
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Snapshot {
+    /// Builds the netfilter tries and each listener's TLS config (reading
+    /// its client CA file) from `config`, over the server certificate's
+    /// config `base_tls`.
+    pub fn new(
+        config: Config,
+        base_tls: Arc<rustls::ServerConfig>,
+        digest: reload::ConfigDigest,
+    ) -> Result<Snapshot, tls::TlsError> {
+        let tls = config
+            .listeners
+            .iter()
+            .map(|l| tls::listener_server_config(&base_tls, l.client_auth.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
         let netfilter = Netfilter::build(&config);
         let metrics_filter = crate::metrics::admitted(&config);
-        Snapshot {
+        Ok(Snapshot {
             config: Arc::new(config),
             netfilter,
             metrics_filter,
-        }
+            tls,
+            digest,
+        })
     }
 }
 
@@ -55,6 +86,60 @@ pub struct AppState {
     /// The hash-chained audit log (phase 10).
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
+    /// Requests being handled (detached from their connections): shutdown
+    /// waits for them before the last audit records.
+    pub in_flight: InFlight,
+}
+
+/// Counts requests in flight; [`InFlight::idle`] waits until none is.
+#[derive(Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in flight, until dropped.
+pub struct InFlightGuard(Arc<AppState>);
+
+impl InFlight {
+    pub fn enter(state: &Arc<AppState>) -> InFlightGuard {
+        state
+            .in_flight
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlightGuard(state.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once no request is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a decrement in between wakes us.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let left = self
+            .0
+            .in_flight
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if left == 1 {
+            self.0.in_flight.idle.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +152,8 @@ pub enum ServeError {
     Audit(#[from] AuditError),
     #[error("metrics: {0}")]
     Metrics(#[from] MetricsError),
+    #[error("hashing the config tree: {0}")]
+    ConfigTree(std::io::Error),
     #[error("binding listener {name} on {address}: {source}")]
     Bind {
         name: String,
@@ -79,6 +166,7 @@ pub enum ServeError {
 pub struct Server {
     state: Arc<AppState>,
     cert: tls::ServerCert,
+    reloader: reload::Reloader,
     listeners: Vec<(usize, TcpListener)>,
     metrics_listener: Option<TcpListener>,
 }
@@ -98,7 +186,16 @@ impl Server {
             .await
             .map_err(|e| EngineError::Internal(format!("audit open task: {e}")))??;
         let metrics = Metrics::new(&config)?;
+        let reload_metrics =
+            reload::ReloadMetrics::register(metrics.registry()).map_err(MetricsError::from)?;
         let cert = tls::load_or_generate(&config)?;
+        let digest = reload::Tree::of(&config)
+            .digest()
+            .map_err(ServeError::ConfigTree)?;
+        let source = reload::ConfigSource {
+            path: config.source_path.clone(),
+            data_dir_override: None,
+        };
         let metrics_listener = crate::metrics::bind(&config).await?;
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
@@ -112,15 +209,19 @@ impl Server {
             listeners.push((i, socket));
         }
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
+        let snapshot = Snapshot::new(config, cert.server_config(), digest)?;
+        let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
         Ok(Server {
             state: Arc::new(AppState {
                 fence,
-                snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
+                snapshot: ArcSwap::from_pointee(snapshot),
                 engine: Arc::new(engine),
                 audit: Arc::new(audit),
                 metrics: Arc::new(metrics),
+                in_flight: InFlight::default(),
             }),
             cert,
+            reloader,
             listeners,
             metrics_listener,
         })
@@ -151,6 +252,23 @@ impl Server {
 
     pub fn certificate(&self) -> &tls::ServerCert {
         &self.cert
+    }
+
+    /// The shared state every connection gets: lets an in-process driver
+    /// (the fuzz targets in `fuzz/`) call [`router::handle`] without sockets.
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// `serve --data-dir`: reloads apply it too (the config file's own
+    /// `data_dir` is not compared against the running one).
+    pub fn set_data_dir_override(&mut self, dir: Option<PathBuf>) {
+        self.reloader.set_data_dir_override(dir);
+    }
+
+    /// The SHA-256 of the running config tree (first 16 hex digits).
+    pub fn config_digest(&self) -> String {
+        self.state.snapshot.load().digest.short()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and gives
@@ -189,7 +307,12 @@ impl Server {
                         _ = tick.tick() => {}
                     }
                     let audit = audit.clone();
-                    let flushed = tokio::task::spawn_blocking(move || audit.flush()).await;
+                    let flushed = tokio::task::spawn_blocking(move || {
+                        // Minutes of per-minute key use that have ended.
+                        audit.roll_key_use(false)?;
+                        audit.flush()
+                    })
+                    .await;
                     if !matches!(flushed, Ok(Ok(()))) {
                         metrics.audit_write_failures.inc();
                         tracing::error!("audit log: timed flush (sync and head checkpoint) failed");
@@ -197,24 +320,146 @@ impl Server {
                 }
             });
         }
+        tasks.spawn(self.reloader.run(self.state.clone(), stop_rx.clone()));
+        {
+            let state = self.state.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(crate::netfilter::DENY_SUMMARY_INTERVAL);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {}
+                    }
+                    audit_deny_summaries(&state).await;
+                }
+            });
+        }
+        if self.state.engine.config().backup.schedule_dir.is_some() {
+            let state = self.state.clone();
+            let interval = state.engine.config().backup.schedule_interval;
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                // The first tick fires at once: the first backup is one
+                // interval after start.
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let engine = state.engine.clone();
+                    let done = tokio::task::spawn_blocking(move || engine.scheduled_backup()).await;
+                    let event = match done {
+                        Ok(Ok(Some(path))) => Event::new("backup.scheduled", Outcome::Success)
+                            .detail("file", path.display().to_string()),
+                        Ok(Ok(None)) => continue,
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "scheduled backup failed");
+                            Event::new("backup.scheduled", Outcome::Error)
+                                .detail("error", e.to_string())
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "scheduled backup task failed");
+                            Event::new("backup.scheduled", Outcome::Error)
+                        }
+                    };
+                    audit_local(&state, event).await;
+                }
+            });
+        }
         for (index, socket) in self.listeners {
             let state = self.state.clone();
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.cert.server_config());
             let stop = stop_rx.clone();
-            tasks.spawn(listener::serve(index, socket, state, acceptor, stop));
+            tasks.spawn(listener::serve(index, socket, state, stop));
         }
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         sweeper.abort();
-        // After the drain: every request's record is written; sync them all.
+        // Requests run detached from their connections (a client that hangs
+        // up cannot cut a request between its action and its audit record):
+        // wait for the last of them, past the connections' drain.
+        if tokio::time::timeout(listener::DRAIN_DEADLINE, self.state.in_flight.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.state.in_flight.count(),
+                "requests still running after the drain; stopping without them"
+            );
+        }
+        // After the drain: every request's record is written. The last
+        // denial summaries and key-use counts, then stop, then sync them all.
         let state = self.state.clone();
+        audit_deny_summaries(&state).await;
+        let audit = state.audit.clone();
+        if !matches!(
+            tokio::task::spawn_blocking(move || audit.roll_key_use(true)).await,
+            Ok(Ok(_))
+        ) {
+            state.metrics.audit_write_failures.inc();
+            tracing::error!("audit log: could not write the last key-use counts");
+        }
         audit_local(&state, Event::new("server.stop", Outcome::Success)).await;
         let flushed = tokio::task::spawn_blocking(move || state.audit.flush()).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::error!("audit log: final sync failed");
         }
+    }
+}
+
+/// Logs the denial summaries that ended and writes their audit records: one
+/// `connection.denied.summary` per source named (at most
+/// `netfilter::DENY_SUMMARY_TOP` per interval) and one with the interval's
+/// totals (source `local`), so a flood of denials is a bounded number of
+/// records, never one per connection.
+async fn audit_deny_summaries(state: &AppState) {
+    use crate::netfilter::{log_summary, take_deny_summaries, DENY_SUMMARY_INTERVAL};
+    let summaries = take_deny_summaries();
+    if summaries.is_empty() {
+        return;
+    }
+    let interval = DENY_SUMMARY_INTERVAL.as_secs();
+    let mut events = Vec::new();
+    for summary in &summaries {
+        log_summary(summary);
+        for s in &summary.top {
+            let mut e = Event::new("connection.denied.summary", Outcome::Denied)
+                .detail("listener", s.listener.clone())
+                .detail("reason", s.reason.to_string())
+                .detail("count", s.count)
+                .detail("interval_secs", interval);
+            e.source = Some(s.source);
+            events.push(e);
+        }
+        let named: u64 = summary.top.iter().map(|s| s.count).sum();
+        events.push(
+            Event::new("connection.denied.summary", Outcome::Denied)
+                .detail("total", summary.total)
+                .detail("sources_named", summary.top.len() as u64)
+                .detail(
+                    "sources_other",
+                    summary.tracked.saturating_sub(summary.top.len()) as u64,
+                )
+                .detail("denials_other", summary.total.saturating_sub(named))
+                .detail("denials_untracked", summary.untracked)
+                .detail("interval_secs", interval),
+        );
+    }
+    let audit = state.audit.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        events
+            .into_iter()
+            .try_for_each(|e| audit.append(e).map(|_| ()))
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        state.metrics.audit_write_failures.inc();
+        tracing::error!("audit log: could not record a denial summary");
     }
 }
 

@@ -4,13 +4,16 @@
 //! What is recorded: every HSM API call (login and admin classes), every
 //! policy denial (403) on the Transit and metrics routes, and, when
 //! `audit.key_use = "all"`, every Transit operation with its principal and
-//! key. A zeroization caused by the request gets a record of its own. The
+//! key (`"per_minute"`: counted here, one record per principal, key and
+//! operation per minute). A zeroization caused by the request gets a record of its own. The
 //! password of a login never reaches this module: only the user name is
 //! read from the body.
 //!
 //! An audit write failure fails admin-class requests (the caller sees a
-//! 500; the action may have happened, the record says what was attempted
-//! up to the failure) and raises `hsmgate_audit_write_failures_total`.
+//! 500 saying the record could not be written; the action may have
+//! happened) and raises `hsmgate_audit_write_failures_total`. Transit
+//! requests go on: their records are lost (counted by the metric, and by
+//! the `audit.resumed` record written when the log recovers).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +44,8 @@ pub struct Facts {
     key: Option<String>,
     /// Phase 8's refusal, if an access policy refused the request.
     acl: Option<crate::api::AclDenial>,
+    /// The user an admin request creates (`POST /v1/hsm/users`).
+    target_user: Option<String>,
 }
 
 fn clip(s: &str) -> String {
@@ -130,6 +135,16 @@ impl Facts {
                 }
             }
             RouteClass::Admin | RouteClass::Transit | RouteClass::Metrics => {
+                if class == RouteClass::Admin && parts.uri.path() == "/v1/hsm/users" {
+                    #[derive(serde::Deserialize)]
+                    struct Name {
+                        username: Option<String>,
+                    }
+                    // Only the name: the new user's password stays in the body.
+                    if let Ok(Name { username: Some(u) }) = serde_json::from_slice::<Name>(body) {
+                        self.target_user = Some(clip(&u));
+                    }
+                }
                 if let Some(p) = token(parts).and_then(|t| state.engine.authenticate(t).ok()) {
                     self.role = Some(p.role);
                     self.actor = Some(p.username);
@@ -156,15 +171,32 @@ fn outcome(status: u16, guard_refused: bool) -> Outcome {
 /// `hsm.login`, `hsm.users`, `hsm.users.password`, ...: the route, never
 /// free text (unknown segments become `other`).
 fn hsm_action(path: &str) -> (String, Option<String>) {
+    if path == "/v1/sys/unseal" {
+        return ("hsm.unseal".into(), None);
+    }
     let rest = path.trim_start_matches("/v1/hsm/");
     let seg: Vec<&str> = rest.split('/').collect();
     let known = |s: &str| {
-        matches!(s, "init" | "login" | "status" | "users" | "zeroize")
-            .then(|| s.to_string())
-            .unwrap_or_else(|| "other".into())
+        matches!(
+            s,
+            "init"
+                | "login"
+                | "status"
+                | "users"
+                | "zeroize"
+                | "password"
+                | "unseal"
+                | "seal"
+                | "rotate-master-key"
+                | "backup"
+                | "restore"
+        )
+        .then(|| s.to_string())
+        .unwrap_or_else(|| "other".into())
     };
     match seg.as_slice() {
         ["users", name, "password"] => ("hsm.users.password".into(), Some(clip(name))),
+        ["users", name] if !name.is_empty() => ("hsm.users.delete".into(), Some(clip(name))),
         [first, ..] => (format!("hsm.{}", known(first)), None),
         [] => ("hsm.other".into(), None),
     }
@@ -175,7 +207,7 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
 #[allow(clippy::too_many_arguments)]
 pub async fn record(
     state: &Arc<AppState>,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     class: RouteClass,
     method: &Method,
     path: &str,
@@ -192,11 +224,18 @@ pub async fn record(
         e.actor = facts.actor.clone();
         e.source = Some(conn.peer);
         e.request_id = Some(request_id.to_string());
-        e.detail("status", status).detail("method", method.as_str())
+        let e = e.detail("status", status).detail("method", method.as_str());
+        // The client a trusted proxy named, beside the peer that named it.
+        if conn.client != conn.peer {
+            e.detail("client", conn.client.to_string())
+        } else {
+            e
+        }
     };
     match class {
         RouteClass::Login | RouteClass::Admin => {
             let (action, user) = hsm_action(path);
+            let user = user.or_else(|| facts.target_user.clone());
             let mut e = base(action, outcome);
             if let Some(u) = user {
                 e = e.detail("user", u);
@@ -211,8 +250,26 @@ pub async fn record(
             events.push(e);
         }
         RouteClass::Transit => {
-            let key_use = state.audit.key_use() == KeyUseLevel::All && facts.op.is_some();
-            if key_use || outcome == Outcome::Denied {
+            let level = state.audit.key_use();
+            // Key material moving in or out (wrapped) is a key lifecycle
+            // event: recorded whatever `key_use` says.
+            let lifecycle = matches!(
+                facts.op,
+                Some("wrap" | "unwrap" | "import" | "import_version")
+            );
+            let key_use = level == KeyUseLevel::All && facts.op.is_some();
+            if let (KeyUseLevel::PerMinute, Some(op), false, false) =
+                (level, facts.op, outcome == Outcome::Denied, lifecycle)
+            {
+                // Counted now, written as one record per minute
+                // (`AuditLog::roll_key_use` on the flush timer).
+                state.audit.count_key_use(
+                    facts.actor.as_deref(),
+                    facts.key.as_deref(),
+                    op,
+                    outcome == Outcome::Success,
+                );
+            } else if key_use || lifecycle || outcome == Outcome::Denied {
                 let action = format!("transit.{}", facts.op.unwrap_or("request"));
                 let mut e = base(action, outcome);
                 if let Some(k) = &facts.key {
@@ -237,7 +294,7 @@ pub async fn record(
                 }
                 // Key use is the bulk of the log: synced by the policy's
                 // timer when batched; denials are synced at once.
-                e.urgent = outcome == Outcome::Denied;
+                e.urgent = outcome == Outcome::Denied || lifecycle;
                 events.push(e);
             }
         }
@@ -278,7 +335,7 @@ pub async fn record(
     state.metrics.audit_write_failures.inc();
     tracing::error!(request_id, error = %failure, "audit write failed");
     if admin_class {
-        Err(ApiError::Internal(format!("audit write failed: {failure}")))
+        Err(ApiError::AuditFailed)
     } else {
         Ok(())
     }
@@ -367,6 +424,11 @@ mod tests {
             ("hsm.users.password".into(), Some("bob".into()))
         );
         assert_eq!(hsm_action("/v1/hsm/<script>").0, "hsm.other");
+        assert_eq!(
+            hsm_action("/v1/hsm/users/bob"),
+            ("hsm.users.delete".into(), Some("bob".into()))
+        );
+        assert_eq!(hsm_action("/v1/hsm/password").0, "hsm.password");
     }
 
     #[test]

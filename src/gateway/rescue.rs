@@ -42,8 +42,25 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the engine is {}", .0.as_str())]
     Unavailable(EngineState),
+    /// The data dir cannot be written (disk full, read-only, I/O error):
+    /// 503, nothing changed, detail in the log.
+    #[error(
+        "the engine's store cannot be written (disk full, read-only data dir or I/O error); \
+         nothing was changed; keys already loaded keep serving; see the server log"
+    )]
+    StorageUnavailable(String),
     #[error("internal error")]
     Internal(String),
+    /// The audit log cannot be written: admin requests and logins are
+    /// refused before they act (503), so none goes unaudited.
+    #[error("the audit log cannot be written; admin requests are refused until it recovers")]
+    AuditUnavailable,
+    /// The request ran but its audit record could not be written (500).
+    #[error(
+        "the audit record of this request could not be written; the action may have taken \
+         effect — check the server log before retrying"
+    )]
+    AuditFailed,
 }
 
 impl From<EngineError> for ApiError {
@@ -62,7 +79,9 @@ impl From<EngineError> for ApiError {
             | EngineError::KeyTypeMismatch(_)
             | EngineError::DeletionNotAllowed(_)
             | EngineError::InvalidRequest(_)
+            | EngineError::UnsealFailed(_)
             | EngineError::Crypto(_)) => ApiError::BadRequest(e.to_string()),
+            EngineError::Storage(e) if e.is_io() => ApiError::StorageUnavailable(e.to_string()),
             e @ (EngineError::Storage(_) | EngineError::Internal(_)) => {
                 ApiError::Internal(e.to_string())
             }
@@ -81,8 +100,11 @@ impl ApiError {
             ApiError::NotFound | ApiError::ObjectNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) | ApiError::StorageUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Internal(_) | ApiError::AuditFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -100,6 +122,9 @@ impl ApiError {
 pub fn respond(err: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
     if let ApiError::Internal(detail) = err {
         tracing::error!(request_id, detail = %detail, "internal error");
+    }
+    if let ApiError::StorageUnavailable(detail) = err {
+        tracing::error!(request_id, detail = %detail, "store write failed");
     }
     let mut resp = json_response(
         err.status(),
@@ -141,6 +166,28 @@ pub fn empty_response(status: StatusCode) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_dir_io_failure_is_503_with_a_clear_message_and_no_path() {
+        use crate::engine::store::StoreError;
+        let io = EngineError::Storage(StoreError::Io {
+            path: "/var/lib/hsmgate/secret-dir/store.redb".into(),
+            source: std::io::Error::from_raw_os_error(28), // ENOSPC
+        });
+        let resp = respond(&ApiError::from(io), "r");
+        assert_eq!(resp.status(), 503);
+        let body = format!("{:?}", resp.body());
+        assert!(body.contains("cannot be written"), "{body}");
+        assert!(!body.contains("secret-dir"), "{body}");
+        let after = EngineError::Storage(StoreError::Database(redb::Error::PreviousIo));
+        assert_eq!(ApiError::from(after).status(), 503);
+        // Other storage failures (a record that does not open) stay 500.
+        let corrupt = EngineError::Storage(StoreError::Unseal {
+            table: "keys",
+            name: "k".into(),
+        });
+        assert_eq!(ApiError::from(corrupt).status(), 500);
+    }
 
     #[test]
     fn internal_detail_never_reaches_the_body() {

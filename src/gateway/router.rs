@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{header, Request, Response};
 
+use super::forwarded::{self, ForwardedError};
 use super::listener::ConnInfo;
 use super::observe;
 use super::rescue::{self, ApiError};
@@ -46,8 +47,11 @@ pub fn classify(path: &str) -> RouteClass {
         RouteClass::Health
     } else if path.starts_with("/v1/hsm/") && path != "/v1/hsm/logout" {
         RouteClass::Admin
-    } else if path == "/v1/sys/health" {
+    } else if path == "/v1/sys/health" || path == "/v1/sys/seal-status" {
         RouteClass::Health
+    } else if path == "/v1/sys/unseal" {
+        // Vault's unseal: no token, admin networks only.
+        RouteClass::Admin
     } else if path == "/v1/sys/metrics" {
         RouteClass::Metrics
     } else if path == "/v1/auth/token/lookup-self"
@@ -63,7 +67,33 @@ pub fn classify(path: &str) -> RouteClass {
     }
 }
 
+/// Handles one request on a task of its own: if the client hangs up (hyper
+/// then drops this future), the request still runs to its end — the engine
+/// call *and* its audit record — so no action can be cut off from its
+/// record by a disconnect. Shutdown waits for these tasks
+/// ([`super::InFlight`]).
 pub async fn handle(
+    state: Arc<AppState>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let guard = super::InFlight::enter(&state);
+    let task = tokio::spawn(async move {
+        let response = handle_detached(state, conn, req).await;
+        drop(guard);
+        response
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            // A panic in a handler: the caller gets a plain 500.
+            tracing::error!(error = %e, "request task failed");
+            rescue::respond(&ApiError::Internal(e.to_string()), "")
+        }
+    }
+}
+
+async fn handle_detached(
     state: Arc<AppState>,
     conn: ConnInfo,
     req: Request<Incoming>,
@@ -75,18 +105,45 @@ pub async fn handle(
     let snapshot = state.snapshot.load_full();
     let class = classify(&path);
     let mut facts = observe::Facts::new(state.engine.state());
-    let outcome = phases(&state, &snapshot, conn, class, &request_id, req, &mut facts).await;
+    let mut conn = conn;
+    // Phase 4a: the effective client (a trusted proxy's word, or the peer).
+    let outcome = match forwarded::effective_client(
+        &snapshot.config.listeners[conn.listener],
+        snapshot.netfilter.listener(conn.listener),
+        &conn,
+        req.headers(),
+    ) {
+        Ok(client) => {
+            conn.client = client;
+            phases(
+                &state,
+                &snapshot,
+                &conn,
+                class,
+                &request_id,
+                req,
+                &mut facts,
+            )
+            .await
+        }
+        Err(e) => {
+            tracing::info!(request_id, peer = %conn.peer, error = %e, "forwarded client refused");
+            Err(match e {
+                ForwardedError::ProxyRevoked => ApiError::PermissionDenied,
+                other => ApiError::BadRequest(other.to_string()),
+            })
+        }
+    };
     let guard_refused = matches!(outcome, Err(ApiError::GuardRefused(_)));
+    let audit_refused = matches!(outcome, Err(ApiError::AuditUnavailable));
+    if let Err(ApiError::RateLimited(limited)) = &outcome {
+        state.metrics.rate_limited(class, limited.scope);
+    }
     let mut response = match outcome {
         Ok(r) => r,
         Err(e) => {
             let mut r = rescue::respond(&e, &request_id);
-            if matches!(e, ApiError::PermissionDenied)
-                && !snapshot
-                    .netfilter
-                    .listener(conn.listener)
-                    .may_connect(conn.peer, conn.port)
-            {
+            if matches!(e, ApiError::PermissionDenied) && !still_admitted(&snapshot, &conn) {
                 // The peer lost its network since it connected: end the connection too.
                 r.headers_mut().insert(
                     header::CONNECTION,
@@ -100,7 +157,7 @@ pub async fn handle(
     // admin request), metrics, access log.
     if let Err(e) = observe::record(
         &state,
-        conn,
+        &conn,
         class,
         &method,
         &path,
@@ -111,7 +168,10 @@ pub async fn handle(
     )
     .await
     {
-        response = rescue::respond(&e, &request_id);
+        // A request refused because the log is failing keeps its 503.
+        if !audit_refused {
+            response = rescue::respond(&e, &request_id);
+        }
     }
     let elapsed = started.elapsed();
     state
@@ -125,6 +185,7 @@ pub async fn handle(
         target: "hsmgate::access",
         request_id,
         peer = %conn.peer,
+        client = %conn.client,
         listener = conn.listener,
         %method,
         path,
@@ -135,10 +196,20 @@ pub async fn handle(
     response
 }
 
+/// Whether the connection would still be admitted by this snapshot (else a
+/// denial also closes it): the peer as a trusted proxy or by the groups, and
+/// a client named by a PROXY header by the groups.
+fn still_admitted(snapshot: &Snapshot, conn: &ConnInfo) -> bool {
+    let filter = snapshot.netfilter.listener(conn.listener);
+    let peer_ok =
+        filter.is_trusted_proxy(conn.peer, conn.port) || filter.may_connect(conn.peer, conn.port);
+    peer_ok && (!conn.proxied || filter.may_connect(conn.client, conn.port))
+}
+
 async fn phases(
     state: &Arc<AppState>,
     snapshot: &Snapshot,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     class: RouteClass,
     request_id: &str,
     req: Request<Incoming>,
@@ -146,9 +217,15 @@ async fn phases(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     // The connection was admitted at accept time; a reload may have revoked
     // the peer since. Re-check against this request's snapshot.
-    // Then the route class's own groups. Always the TCP peer: admin routes
-    // and crypto-officer logins never trust a forwarded address.
+    // Then the route class's own groups: admin routes judge the TCP peer
+    // alone (never a forwarded address); the other classes the effective
+    // client (the peer unless a trusted proxy named another).
     let filter = snapshot.netfilter.listener(conn.listener);
+    let judged = if class == RouteClass::Admin {
+        conn.peer
+    } else {
+        conn.client
+    };
     let net_class = match class {
         RouteClass::Transit => Some(NetClass::Transit),
         RouteClass::Login => Some(NetClass::Login),
@@ -160,11 +237,11 @@ async fn phases(
     };
     match net_class {
         Some(net_class) => filter
-            .check_class(net_class, conn.peer, conn.port)
+            .check_class(net_class, judged, conn.port)
             .map_err(|_| ApiError::PermissionDenied)?,
         None => {
             filter
-                .check_connect(conn.peer, conn.port)
+                .check_connect(judged, conn.port)
                 .map_err(|_| ApiError::PermissionDenied)?;
             return Err(ApiError::NotFound);
         }
@@ -175,6 +252,7 @@ async fn phases(
     {
         return Err(ApiError::PermissionDenied);
     }
+    // Crypto-officer logins: the TCP peer alone, like admin routes.
     let is_admin_network = filter.is_admin(conn.peer, conn.port);
     // Phase 5: rate limits before identity, per source network and class.
     // (Phase 7, per principal and key, runs where identity is established:
@@ -187,17 +265,31 @@ async fn phases(
         RouteClass::Health | RouteClass::Metrics | RouteClass::Unknown => ratelimit::Class::Health,
     };
     limiters
-        .check_source(conn.peer, limit_class)
+        .check_source(judged, limit_class)
         .map_err(ApiError::RateLimited)?;
+    // Only what `api::openapi::ROUTES` lists is dispatched: a handler arm
+    // the table (and so the OpenAPI document) lacks is unreachable.
+    match api::openapi::lookup(req.method().as_str(), req.uri().path()) {
+        api::openapi::Lookup::Route(_) => {}
+        api::openapi::Lookup::WrongMethod => return Err(ApiError::MethodNotAllowed),
+        api::openapi::Lookup::Missing => return Err(ApiError::NotFound),
+    }
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, snapshot.config.limits.max_body_bytes).await?;
     facts.learn(state, class, &parts, &body);
     // No unaudited admin action: while the audit log cannot be written,
     // admin requests and logins are refused before they act.
     if matches!(class, RouteClass::Login | RouteClass::Admin) && !state.audit.healthy() {
-        return Err(ApiError::Internal(
-            "the audit log is failing; refusing admin requests until it recovers".into(),
-        ));
+        // Try once to write the `audit.resumed` record: if the fault has
+        // cleared, this request goes on and the gap is in the chain.
+        let audit = state.audit.clone();
+        let recovered = tokio::task::spawn_blocking(move || audit.recover())
+            .await
+            .unwrap_or(false);
+        if !recovered {
+            state.metrics.audit_write_failures.inc();
+            return Err(ApiError::AuditUnavailable);
+        }
     }
     let call = Call {
         state,
@@ -206,13 +298,14 @@ async fn phases(
         query: parts.uri.query(),
         headers: &parts.headers,
         body,
-        conn,
+        conn: conn.clone(),
         is_admin_network,
         request_id,
         limiters,
         jwt: &snapshot.config.jwt,
         acl: &snapshot.config.acl,
         acl_denial: std::sync::Mutex::new(None),
+        certs: &snapshot.config.cert_principals,
     };
     let result = match class {
         _ if api::auth::owns(call.path) => api::auth::handle(&call).await,
@@ -220,8 +313,12 @@ async fn phases(
             api::transit::handle(&call).await
         }
         RouteClass::Transit => api::sys::lookup_self(&call),
+        RouteClass::Admin if call.path == "/v1/sys/unseal" => api::seal::sys_unseal(&call).await,
         RouteClass::Login | RouteClass::Admin => api::hsm::handle(&call).await,
         RouteClass::Health if call.path == api::openapi::PATH => api::openapi::handle(&call),
+        RouteClass::Health if call.path == "/v1/sys/seal-status" => {
+            api::seal::sys_seal_status(&call)
+        }
         RouteClass::Health => api::sys::health(&call),
         RouteClass::Metrics => crate::metrics::sys_metrics(&call),
         RouteClass::Unknown => Err(ApiError::NotFound),
@@ -293,6 +390,9 @@ mod tests {
         assert_eq!(classify("/v1/hsm/openapi.json"), RouteClass::Health);
         assert_eq!(classify("/v1/hsm/openapi.json/"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/health"), RouteClass::Health);
+        assert_eq!(classify("/v1/sys/seal-status"), RouteClass::Health);
+        assert_eq!(classify("/v1/sys/unseal"), RouteClass::Admin);
+        assert_eq!(classify("/v1/hsm/unseal"), RouteClass::Admin);
         assert_eq!(classify("/v1/sys/metrics"), RouteClass::Metrics);
         assert_eq!(classify("/v1/transitx"), RouteClass::Unknown);
         assert_eq!(classify("/v1/auth/jwt/login"), RouteClass::Login);

@@ -1,5 +1,6 @@
 //! TLS: the server certificate (configured, or a self-signed one generated
-//! into the data dir at first start) and the rustls server config.
+//! into the data dir at first start) and the rustls server config; per
+//! listener, optionally a client-certificate verifier (mutual TLS).
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ pub enum TlsError {
     Write { path: PathBuf, detail: String },
     #[error("building the TLS config: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("client_ca {path}: {detail}")]
+    ClientCa { path: PathBuf, detail: String },
 }
 
 /// A loaded certificate chain and key, with the leaf's SHA-256 fingerprint
@@ -91,6 +94,63 @@ pub fn load_or_generate(config: &Config) -> Result<ServerCert, TlsError> {
         generated,
         config: Arc::new(server),
     })
+}
+
+/// The CA certificates of a listener's `client_ca` file: at least one, each
+/// usable as a trust anchor. Also run by config validation (`check`).
+pub fn read_client_ca(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| format!("holds a certificate unusable as a CA: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// The rustls config for one listener: the shared server certificate
+/// (`base`'s resolver) and, when the listener sets `client_ca`, a verifier
+/// that checks client certificates against it (WebPKI rules: chain,
+/// validity, client-auth usage). `required = false` still verifies any
+/// certificate that is sent; it only lets a client send none.
+pub fn listener_server_config(
+    base: &Arc<ServerConfig>,
+    client: Option<&crate::config::ClientAuth>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let Some(client) = client else {
+        return Ok(base.clone());
+    };
+    let roots = read_client_ca(&client.ca_file).map_err(|detail| TlsError::ClientCa {
+        path: client.ca_file.clone(),
+        detail,
+    })?;
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    let verifier = if client.required {
+        verifier
+    } else {
+        verifier.allow_unauthenticated()
+    };
+    let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
+        path: client.ca_file.clone(),
+        detail: e.to_string(),
+    })?;
+    let mut server = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(base.cert_resolver.clone());
+    server.alpn_protocols = base.alpn_protocols.clone();
+    Ok(Arc::new(server))
 }
 
 fn read_err(path: &Path, e: impl std::fmt::Display) -> TlsError {

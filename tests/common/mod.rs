@@ -29,6 +29,17 @@ pub struct Opts {
     pub rate_limits: Option<String>,
     /// Appended to the main config file (e.g. `[[jwt_issuer]]` tables).
     pub extra_config: String,
+    /// Extra files (path relative to the config dir, contents, mode) written
+    /// before the server starts, e.g. TLS files `extra_config` points at.
+    pub files: Vec<(String, String, u32)>,
+    /// Extra lines inside `[engine]` (e.g. `min_password_length = 16`).
+    pub engine_extra: String,
+    /// The networks of group `proxies` (for `trusted_proxy_groups`).
+    pub proxies: Vec<&'static str>,
+    /// Extra keys for the `api` listener (e.g. `xff_hops = 1`).
+    pub api_listener_extra: String,
+    /// Extra keys for the `break-glass` listener (e.g. `client_ca`).
+    pub break_glass_extra: String,
 }
 
 /// Limits no other test reaches; tests/ratelimit.rs sets its own.
@@ -53,6 +64,11 @@ impl Default for Opts {
             max_body_bytes: 1024 * 1024,
             rate_limits: None,
             extra_config: String::new(),
+            files: Vec::new(),
+            engine_extra: String::new(),
+            proxies: vec![],
+            api_listener_extra: String::new(),
+            break_glass_extra: String::new(),
         }
     }
 }
@@ -74,6 +90,16 @@ fn rules(nets: &[&str]) -> String {
         .collect()
 }
 
+/// The harness's `policies/security-groups.toml` for these networks.
+pub fn groups_file(apps: &[&str], admins: &[&str]) -> String {
+    format!(
+        "[group.apps]\ndescription = \"apps\"\nrules = [\n{}]\n\n[group.admins]\ndescription = \"admins\"\nrules = [\n{}]\n\n[group.break-glass]\nrules = [\n{}]\n",
+        rules(apps),
+        rules(admins),
+        rules(&["127.0.0.1/32"])
+    )
+}
+
 impl TestServer {
     pub fn start(opts: Opts) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -83,10 +109,9 @@ impl TestServer {
         std::fs::write(
             policies.join("security-groups.toml"),
             format!(
-                "[group.apps]\ndescription = \"apps\"\nrules = [\n{}]\n\n[group.admins]\ndescription = \"admins\"\nrules = [\n{}]\n\n[group.break-glass]\nrules = [\n{}]\n",
-                rules(&opts.apps),
-                rules(&opts.admins),
-                rules(&["127.0.0.1/32"])
+                "{}\n[group.proxies]\nrules = [\n{}]\n",
+                groups_file(&opts.apps, &opts.admins),
+                rules(&opts.proxies)
             ),
         )
         .unwrap();
@@ -95,6 +120,13 @@ impl TestServer {
             opts.rate_limits.as_deref().unwrap_or(LOOSE_RATE_LIMITS),
         )
         .unwrap();
+        for (rel, text, mode) in &opts.files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
         let config_path = dir.path().join("hsmgate.toml");
         std::fs::write(
             &config_path,
@@ -106,6 +138,7 @@ zeroize_after_failures = {z}
 lock_user_after_failures = {l}
 login_guard_reserve = {g}
 session_ttl_seconds = 3600
+{engine_extra}
 [limits]
 max_body_bytes = {b}
 [[listener]]
@@ -113,20 +146,25 @@ name = "api"
 address = "127.0.0.1:0"
 security_groups = ["apps", "admins"]
 admin_groups = ["admins"]
+{api_extra}
 [[listener]]
 name = "break-glass"
 address = "127.0.0.1:0"
 security_groups = ["break-glass"]
 admin_groups = ["break-glass"]
 channel = "break-glass"
+{break_glass_extra}
 {extra}
 "#,
                 data = data_dir.display(),
                 z = opts.zeroize_after_failures,
                 l = opts.lock_user_after_failures,
                 g = opts.login_guard_reserve,
+                engine_extra = opts.engine_extra,
                 b = opts.max_body_bytes,
                 extra = opts.extra_config,
+                api_extra = opts.api_listener_extra,
+                break_glass_extra = opts.break_glass_extra,
             ),
         )
         .unwrap();
@@ -267,6 +305,67 @@ channel = "break-glass"
             .unwrap()
     }
 
+    /// A client from `source` presenting a client certificate (`identity`:
+    /// PEM certificate followed by its PEM private key).
+    pub fn client_with_identity(&self, source: IpAddr, identity: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(self.cert())
+            .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
+            .local_address(source)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    /// A raw connection from `source` to `addr` that first writes `prefix`
+    /// (e.g. a PROXY protocol header), then does the TLS handshake.
+    pub async fn tls_connect(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+        prefix: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use std::sync::Arc;
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let mut tcp = socket.connect(addr).await?;
+        tcp.write_all(prefix).await?;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(self.data_dir.join("tls/cert.pem")).unwrap();
+        for cert in rustls_pemfile_certs(&pem) {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        tokio::time::timeout(Duration::from_secs(30), connector.connect(name, tcp))
+            .await
+            .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+    }
+
+    /// `GET path` over a raw connection (see [`Self::tls_connect`]): the
+    /// response status, or the error when the server closes the connection
+    /// instead.
+    pub async fn raw_get(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+        prefix: &[u8],
+        path: &str,
+    ) -> std::io::Result<u16> {
+        let mut tls = self.tls_connect(addr, source, prefix).await?;
+        tokio::time::timeout(Duration::from_secs(30), keepalive_get(&mut tls, path))
+            .await
+            .map_err(|_| std::io::Error::other("timed out"))?
+    }
+
     pub fn init_token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("init-token")).expect("init token file")
     }
@@ -363,6 +462,69 @@ channel = "break-glass"
     pub fn path(&self, rel: &str) -> PathBuf {
         self.data_dir.join(rel)
     }
+
+    /// The config tree's directory (config file, `policies/`).
+    pub fn config_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Replaces `rel` (relative to the config dir) the way deploy tools do:
+    /// write a temporary file beside it, then rename it over the old one.
+    pub fn replace_file(&self, rel: &str, text: &str) {
+        let path = self.dir.path().join(rel);
+        let tmp = path.with_extension("tmp-new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    /// Sends SIGHUP: reload the config tree.
+    pub fn sighup(&self) {
+        let child = self.child.as_ref().expect("server running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
+    /// Every audit record with action `action`, in order.
+    pub fn audit_records(&self, action: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.data_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["action"] == action)
+            .collect()
+    }
+
+    /// Waits (polling the audit log, up to 30 s) for a `config.reload`
+    /// record after the first `after` ones, from `trigger` (`sighup`,
+    /// `file-change`) if given, and returns it.
+    pub async fn wait_reload(&self, after: usize, trigger: Option<&str>) -> Value {
+        for _ in 0..300 {
+            let found = self
+                .audit_records("config.reload")
+                .into_iter()
+                .skip(after)
+                .find(|r| trigger.is_none_or(|t| r["detail"]["trigger"] == t));
+            if let Some(r) = found {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "no config.reload record (trigger {trigger:?}) after #{after}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Rewrites the policy files, sends SIGHUP, and returns the record of
+    /// the reload that signal caused.
+    pub async fn reload_with(&self, files: &[(&str, &str)]) -> Value {
+        let before = self.audit_records("config.reload").len();
+        for (rel, text) in files {
+            self.replace_file(rel, text);
+        }
+        self.sighup();
+        self.wait_reload(before, Some("sighup")).await
+    }
 }
 
 pub async fn into_parts(resp: reqwest::Response) -> (u16, Value) {
@@ -388,4 +550,75 @@ pub fn b64(data: &[u8]) -> String {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// Lifecycle helpers (tests/lifecycle.rs, tests/audit.rs).
+impl TestServer {
+    /// The server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM and wait for the exit: the graceful shutdown path.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        child.wait().expect("wait for the server")
+    }
+
+    /// The audit records written so far, parsed (every line must be JSON).
+    pub fn all_audit_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.data_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect()
+    }
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// One HTTP/1.1 `GET` on an open (keep-alive) connection; reads the whole
+/// response (by Content-Length) and returns its status.
+pub async fn keepalive_get<S>(stream: &mut S, path: &str) -> std::io::Result<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: hsmgate\r\n\r\n").as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return head
+                    .strip_prefix("http/1.1 ")
+                    .and_then(|rest| rest.get(..3))
+                    .and_then(|code| code.parse::<u16>().ok())
+                    .ok_or_else(|| std::io::Error::other(format!("no HTTP status: {head:?}")));
+            }
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
 }

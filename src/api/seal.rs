@@ -1,0 +1,85 @@
+//! Seal routes: `POST /v1/hsm/unseal`, `POST /v1/hsm/seal`,
+//! `POST /v1/hsm/rotate-master-key`, and Vault's `GET /v1/sys/seal-status`
+//! and `PUT|POST /v1/sys/unseal` (bare seal-status bodies, as Vault's).
+//!
+//! Unseal takes no token (nobody can log in to a sealed engine) and is
+//! admin-class: only the listener's admin networks reach it. Seal-status is
+//! health-class, as in Vault.
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::hsm::hashing_slot;
+use super::{blocking, Call};
+use crate::engine::secret::SecretString;
+use crate::gateway::rescue::{self, ApiError};
+
+/// Vault's unseal body: `{"key": ...}` or `{"reset": true}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsealBody {
+    #[serde(default)]
+    key: Option<SecretString>,
+    #[serde(default)]
+    reset: bool,
+    /// Accepted for Vault compatibility; seal migration does not exist here.
+    #[serde(default)]
+    migrate: bool,
+}
+
+async fn do_unseal(call: &Call<'_>) -> Result<crate::engine::SealStatus, ApiError> {
+    let body: UnsealBody = call.json()?;
+    if body.migrate {
+        return Err(ApiError::BadRequest(
+            "seal migration is not supported".into(),
+        ));
+    }
+    // argon2 (passphrase mode) shares the hashing slots with logins.
+    let _hashing = hashing_slot(call).await?;
+    blocking(call.engine(), move |e| {
+        e.unseal(body.key.as_ref(), body.reset)
+    })
+    .await
+}
+
+/// `POST /v1/hsm/unseal`: the seal status in the usual envelope.
+pub async fn hsm_unseal(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let status = do_unseal(call).await?;
+    call.ok(serde_json::to_value(status).map_err(|e| ApiError::Internal(e.to_string()))?)
+}
+
+/// `PUT|POST /v1/sys/unseal` (Vault's shape: the bare seal-status body).
+pub async fn sys_unseal(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if call.method != Method::PUT && call.method != Method::POST {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    let status = do_unseal(call).await?;
+    Ok(rescue::json_response(StatusCode::OK, &json!(status)))
+}
+
+/// `GET /v1/sys/seal-status`.
+pub fn sys_seal_status(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if call.method != Method::GET && call.method != Method::HEAD {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    Ok(rescue::json_response(
+        StatusCode::OK,
+        &json!(call.engine().seal_status()),
+    ))
+}
+
+/// `POST /v1/hsm/seal` (crypto officer).
+pub async fn hsm_seal(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    blocking(call.engine(), move |e| e.seal(&by)).await?;
+    call.ok(json!({ "state": "sealed" }))
+}
+
+/// `POST /v1/hsm/rotate-master-key` (crypto officer).
+pub async fn hsm_rotate_master_key(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let generation = blocking(call.engine(), move |e| e.rotate_master_key(&by)).await?;
+    call.ok(json!({ "master_key_generation": generation }))
+}

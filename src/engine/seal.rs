@@ -1,0 +1,266 @@
+//! How the store's key-encryption key (KEK) is obtained: the seal.
+//!
+//! Every record is sealed under the data master key; the master key is kept
+//! only wrapped (AES-256-GCM) under the KEK, inside the store (see
+//! [`super::store`]). The KEK comes from one of three places:
+//!
+//! - `auto`: the file `master.key` (mode 0600) beside the store. The engine
+//!   opens by itself at start (the default; README walkthrough).
+//! - `passphrase`: argon2id of an operator passphrase with the salt and
+//!   parameters stored in the store's metadata. Nothing on disk opens the
+//!   store; the engine starts `sealed` until the passphrase is supplied.
+//! - `shamir`: a random KEK split M-of-N (Shamir over GF(256), the `blahaj`
+//!   crate) at init; the shares are returned once and never stored. The
+//!   engine starts `sealed` until M shares are supplied. Shares given so far
+//!   live in memory only.
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::crypto;
+use super::secret::SecretBytes;
+use super::EngineError;
+
+/// The seal mode chosen in config (`[engine] seal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SealMode {
+    #[default]
+    Auto,
+    Passphrase,
+    Shamir {
+        threshold: u8,
+        shares: u8,
+    },
+}
+
+impl SealMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SealMode::Auto => "auto",
+            SealMode::Passphrase => "passphrase",
+            SealMode::Shamir { .. } => "shamir",
+        }
+    }
+}
+
+/// Below this a passphrase is guessable offline even with argon2id.
+pub const MIN_PASSPHRASE_LEN: usize = 12;
+pub const MAX_PASSPHRASE_LEN: usize = 1024;
+
+/// argon2id parameters for new passphrase seals: 64 MiB, 3 passes, 1 lane
+/// (RFC 9106's second recommended option).
+const ARGON2_M_COST_KIB: u32 = 64 * 1024;
+const ARGON2_T_COST: u32 = 3;
+const ARGON2_P_COST: u32 = 1;
+
+/// What the store records about its seal (plaintext metadata, not secret).
+/// The mode is also bound into the wrapped master key's associated data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SealParams {
+    Auto,
+    Passphrase {
+        /// base64, 16 random bytes.
+        salt: String,
+        m_cost: u32,
+        t_cost: u32,
+        p_cost: u32,
+    },
+    Shamir {
+        threshold: u8,
+        shares: u8,
+    },
+}
+
+impl SealParams {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SealParams::Auto => "auto",
+            SealParams::Passphrase { .. } => "passphrase",
+            SealParams::Shamir { .. } => "shamir",
+        }
+    }
+
+    /// (threshold, shares) in Vault's seal-status terms.
+    pub fn t_n(&self) -> (u8, u8) {
+        match self {
+            SealParams::Auto | SealParams::Passphrase { .. } => (1, 1),
+            SealParams::Shamir { threshold, shares } => (*threshold, *shares),
+        }
+    }
+
+    pub fn matches(&self, mode: &SealMode) -> bool {
+        matches!(
+            (self, mode),
+            (SealParams::Auto, SealMode::Auto)
+                | (SealParams::Passphrase { .. }, SealMode::Passphrase)
+                | (SealParams::Shamir { .. }, SealMode::Shamir { .. })
+        )
+    }
+}
+
+pub fn validate_passphrase(passphrase: &str) -> Result<(), EngineError> {
+    if passphrase.chars().count() < MIN_PASSPHRASE_LEN {
+        return Err(EngineError::InvalidRequest(format!(
+            "the unseal passphrase must be at least {MIN_PASSPHRASE_LEN} characters"
+        )));
+    }
+    if passphrase.len() > MAX_PASSPHRASE_LEN {
+        return Err(EngineError::InvalidRequest(format!(
+            "the unseal passphrase must be at most {MAX_PASSPHRASE_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// New passphrase parameters (fresh salt) and the KEK they give.
+pub fn new_passphrase_seal(passphrase: &str) -> Result<(SealParams, SecretBytes), EngineError> {
+    validate_passphrase(passphrase)?;
+    let salt = crypto::random_bytes(16)?;
+    let params = SealParams::Passphrase {
+        salt: STANDARD.encode(&*salt),
+        m_cost: ARGON2_M_COST_KIB,
+        t_cost: ARGON2_T_COST,
+        p_cost: ARGON2_P_COST,
+    };
+    let kek = passphrase_kek(&params, passphrase)?;
+    Ok((params, kek))
+}
+
+/// argon2id(passphrase, salt) with the stored parameters: the KEK.
+pub fn passphrase_kek(params: &SealParams, passphrase: &str) -> Result<SecretBytes, EngineError> {
+    let SealParams::Passphrase {
+        salt,
+        m_cost,
+        t_cost,
+        p_cost,
+    } = params
+    else {
+        return Err(EngineError::Internal("not a passphrase seal".into()));
+    };
+    if passphrase.len() > MAX_PASSPHRASE_LEN {
+        return Err(EngineError::InvalidRequest(format!(
+            "the unseal passphrase must be at most {MAX_PASSPHRASE_LEN} bytes"
+        )));
+    }
+    let salt = STANDARD
+        .decode(salt)
+        .map_err(|_| EngineError::Internal("stored seal salt is not base64".into()))?;
+    let params = Params::new(*m_cost, *t_cost, *p_cost, Some(32))
+        .map_err(|e| EngineError::Internal(format!("stored argon2 parameters: {e}")))?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password_into(passphrase.as_bytes(), &salt, &mut *out)
+        .map_err(|e| EngineError::Internal(format!("argon2: {e}")))?;
+    Ok(SecretBytes::from_slice(&*out))
+}
+
+/// A random KEK and its `shares` Shamir shares (base64), any `threshold` of
+/// which rebuild it.
+pub fn new_shamir_seal(
+    threshold: u8,
+    shares: u8,
+) -> Result<(SealParams, SecretBytes, Vec<String>), EngineError> {
+    if threshold < 2 || threshold > shares {
+        return Err(EngineError::Internal(format!(
+            "shamir threshold {threshold} of {shares} is not valid"
+        )));
+    }
+    let kek = crypto::random_bytes(32)?;
+    let dealer = blahaj::Sharks(threshold).dealer(&kek);
+    let encoded = dealer
+        .take(shares as usize)
+        .map(|share| {
+            let bytes = Zeroizing::new(Vec::<u8>::from(&share));
+            STANDARD.encode(&*bytes)
+        })
+        .collect();
+    Ok((
+        SealParams::Shamir { threshold, shares },
+        SecretBytes::from_slice(&kek),
+        encoded,
+    ))
+}
+
+/// Decodes one submitted share (base64 of `x || y`, 33 bytes for a 32-byte
+/// KEK). Returns the share bytes.
+pub fn decode_share(b64: &str) -> Result<Zeroizing<Vec<u8>>, EngineError> {
+    let bytes = Zeroizing::new(STANDARD.decode(b64.trim()).map_err(|_| {
+        EngineError::InvalidRequest("an unseal share must be base64 (keys_base64 from init)".into())
+    })?);
+    if bytes.len() != 33 || bytes[0] == 0 {
+        return Err(EngineError::InvalidRequest(
+            "an unseal share is 33 bytes (the share index, then 32 bytes); this one is not".into(),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Rebuilds the KEK from `threshold` or more distinct shares. Wrong shares
+/// rebuild a wrong KEK; only opening the wrapped master key tells.
+pub fn combine_shares(
+    threshold: u8,
+    shares: &[Zeroizing<Vec<u8>>],
+) -> Result<SecretBytes, EngineError> {
+    let parsed: Vec<blahaj::Share> = shares
+        .iter()
+        .map(|s| blahaj::Share::try_from(s.as_slice()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| EngineError::InvalidRequest(format!("unseal share: {e}")))?;
+    let secret = Zeroizing::new(
+        blahaj::Sharks(threshold)
+            .recover(&parsed)
+            .map_err(|e| EngineError::InvalidRequest(format!("unseal shares: {e}")))?,
+    );
+    Ok(SecretBytes::from_slice(&secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_threshold_shares_rebuild_the_kek_and_fewer_or_others_do_not() {
+        let (_, kek, shares) = new_shamir_seal(3, 5).unwrap();
+        let decoded: Vec<_> = shares.iter().map(|s| decode_share(s).unwrap()).collect();
+        for pick in [[0, 1, 2], [4, 2, 0], [1, 3, 4]] {
+            let chosen: Vec<_> = pick.iter().map(|i| decoded[*i].clone()).collect();
+            let got = combine_shares(3, &chosen).unwrap();
+            assert_eq!(got.expose_secret(), kek.expose_secret());
+        }
+        // Two shares are refused outright.
+        assert!(combine_shares(3, &decoded[..2]).is_err());
+        // Shares of another split rebuild something else.
+        let (_, _, other) = new_shamir_seal(3, 5).unwrap();
+        let mixed = vec![
+            decoded[0].clone(),
+            decoded[1].clone(),
+            decode_share(&other[2]).unwrap(),
+        ];
+        let wrong = combine_shares(3, &mixed).unwrap();
+        assert_ne!(wrong.expose_secret(), kek.expose_secret());
+    }
+
+    #[test]
+    fn malformed_shares_are_refused() {
+        assert!(decode_share("not base64!").is_err());
+        assert!(decode_share(&STANDARD.encode([1u8; 10])).is_err());
+        assert!(decode_share(&STANDARD.encode([0u8; 33])).is_err());
+        assert!(decode_share(&STANDARD.encode([1u8; 33])).is_ok());
+    }
+
+    #[test]
+    fn the_passphrase_kek_depends_on_passphrase_and_salt() {
+        let (params, kek) = new_passphrase_seal("a long operator passphrase").unwrap();
+        let again = passphrase_kek(&params, "a long operator passphrase").unwrap();
+        assert_eq!(kek.expose_secret(), again.expose_secret());
+        let wrong = passphrase_kek(&params, "a long operator passphrasE").unwrap();
+        assert_ne!(kek.expose_secret(), wrong.expose_secret());
+        let (params2, _) = new_passphrase_seal("a long operator passphrase").unwrap();
+        let other_salt = passphrase_kek(&params2, "a long operator passphrase").unwrap();
+        assert_ne!(kek.expose_secret(), other_salt.expose_secret());
+        assert!(new_passphrase_seal("short").is_err());
+    }
+}

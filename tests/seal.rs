@@ -1,0 +1,308 @@
+//! Sealed mode and master-key rotation through the real server.
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+const PASSPHRASE: &str = "operators keep this one offline";
+
+fn shamir() -> Opts {
+    Opts {
+        engine_extra: "seal = \"shamir\"\nshamir_threshold = 2\nshamir_shares = 3\n".into(),
+        ..Opts::default()
+    }
+}
+
+fn passphrase() -> Opts {
+    Opts {
+        admins: vec!["127.0.0.1/32"],
+        apps: vec!["127.0.0.1/32", "127.0.0.3/32"],
+        engine_extra: "seal = \"passphrase\"\n".into(),
+        ..Opts::default()
+    }
+}
+
+async fn init_shamir(s: &TestServer) -> Vec<String> {
+    let (st, body) = s
+        .post(
+            &s.client(),
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token()}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["seal_type"], "shamir");
+    body["data"]["keys_base64"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn put_unseal(s: &TestServer, body: Value) -> (u16, Value) {
+    let resp = s
+        .client()
+        .put(s.url("/v1/sys/unseal"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    into_parts(resp).await
+}
+
+async fn app_key_and_ciphertext(s: &TestServer, co: &str) -> (String, String) {
+    let c = s.client();
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/users",
+            Some(co),
+            json!({"username": "app", "password": CU_PASSWORD}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, _) = s
+        .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/encrypt/k",
+            Some(&app),
+            json!({"plaintext": b64(b"sealed secret")}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    (
+        app,
+        body["data"]["ciphertext"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn decrypts(s: &TestServer, app: &str, ct: &str) -> bool {
+    let (st, body) = s
+        .post(
+            &s.client(),
+            "/v1/transit/decrypt/k",
+            Some(app),
+            json!({"ciphertext": ct}),
+        )
+        .await;
+    st == 200 && body["data"]["plaintext"] == b64(b"sealed secret")
+}
+
+#[tokio::test]
+async fn shamir_restart_is_sealed_wrong_shares_refused_right_shares_unseal() {
+    let mut s = TestServer::start(shamir());
+    let shares = init_shamir(&s).await;
+    assert_eq!(shares.len(), 3);
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (_, ct) = app_key_and_ciphertext(&s, &co).await;
+    s.restart();
+    let c = s.client();
+
+    // Sealed: Vault's seal-status shape, health 503 (sealedcode honoured).
+    let (st, status) = s.get(&c, "/v1/sys/seal-status", None).await;
+    assert_eq!(st, 200);
+    assert_eq!(status["type"], "shamir");
+    assert_eq!(status["sealed"], true);
+    assert_eq!(status["initialized"], true);
+    assert_eq!(
+        (status["t"].as_u64(), status["n"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(status["progress"], 0);
+    assert!(!status["nonce"].as_str().unwrap().is_empty());
+    let (st, health) = s.get(&c, "/v1/sys/health", None).await;
+    assert_eq!(st, 503);
+    assert_eq!(health["sealed"], true);
+    let (st, _) = s.get(&c, "/v1/sys/health?sealedcode=299", None).await;
+    assert_eq!(st, 299);
+    // Logins refused while sealed, with a clear error.
+    let (st, body) = s.login("admin", ADMIN_PASSWORD).await;
+    assert_eq!(st, 503, "{body}");
+    assert!(body.to_string().contains("sealed"), "{body}");
+
+    // A malformed share: 400, progress unchanged.
+    let (st, _) = put_unseal(&s, json!({"key": "not-a-share"})).await;
+    assert_eq!(st, 400);
+    // One right share, then a forged one: refused, progress reset.
+    let (st, body) = put_unseal(&s, json!({"key": shares[0]})).await;
+    assert_eq!((st, body["progress"].as_u64()), (200, Some(1)), "{body}");
+    let mut forged = base64_decode(&shares[1]);
+    forged[5] ^= 1;
+    let (st, body) = put_unseal(&s, json!({"key": b64(&forged)})).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("unseal failed"), "{body}");
+    let (_, status) = s.get(&c, "/v1/sys/seal-status", None).await;
+    assert_eq!(
+        (status["sealed"].as_bool(), status["progress"].as_u64()),
+        (Some(true), Some(0))
+    );
+
+    // Right shares (any two) through the HSM route: unsealed.
+    let (st, body) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": shares[2]}))
+        .await;
+    assert_eq!(
+        (st, body["data"]["progress"].as_u64()),
+        (200, Some(1)),
+        "{body}"
+    );
+    let (st, body) = put_unseal(&s, json!({"key": shares[0]})).await;
+    assert_eq!((st, body["sealed"].as_bool()), (200, Some(false)), "{body}");
+    let (st, _) = s.get(&c, "/v1/sys/health", None).await;
+    assert_eq!(st, 200);
+    let app = s.token("app", CU_PASSWORD).await;
+    assert!(decrypts(&s, &app, &ct).await);
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[tokio::test]
+async fn passphrase_seal_by_officer_then_unseal_only_from_admin_networks() {
+    let s = TestServer::start(passphrase());
+    let c = s.client();
+    // Init without the passphrase: 400, still uninitialized.
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token()}),
+        )
+        .await;
+    assert_eq!(st, 400);
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": PASSPHRASE}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body["data"].get("keys_base64").is_none());
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (app, ct) = app_key_and_ciphertext(&s, &co).await;
+
+    // A crypto user cannot seal; the officer can.
+    let (st, _) = s.post(&c, "/v1/hsm/seal", Some(&app), json!({})).await;
+    assert_eq!(st, 403);
+    let (st, body) = s.post(&c, "/v1/hsm/seal", Some(&co), json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    // Transit refused while sealed (the old token is dead too).
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/decrypt/k",
+            Some(&app),
+            json!({"ciphertext": ct}),
+        )
+        .await;
+    assert_eq!(st, 503, "{body}");
+    assert!(body.to_string().contains("sealed"), "{body}");
+
+    // From an app network (not admin): refused before the engine sees it.
+    let outsider = s.client_from("127.0.0.3".parse().unwrap());
+    let (st, _) = s
+        .post(
+            &outsider,
+            "/v1/hsm/unseal",
+            None,
+            json!({"key": PASSPHRASE}),
+        )
+        .await;
+    assert_eq!(st, 403);
+    let (_, status) = s.get(&c, "/v1/sys/seal-status", None).await;
+    assert_eq!(status["sealed"], true);
+    // Wrong passphrase: 400, counted, still sealed.
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/unseal",
+            None,
+            json!({"key": "not the passphrase at all"}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    let (_, status) = s.get(&c, "/v1/hsm/status", None).await;
+    assert_eq!(status["data"]["state"], "sealed");
+    assert_eq!(status["data"]["unseal_failures"], 1);
+    // Right passphrase from the admin network.
+    let (st, body) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": PASSPHRASE}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["sealed"], false);
+    let app = s.token("app", CU_PASSWORD).await;
+    assert!(decrypts(&s, &app, &ct).await);
+}
+
+#[tokio::test]
+async fn master_key_rotation_online_and_across_restart() {
+    let mut s = TestServer::start(Opts::default());
+    s.init().await;
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (app, ct) = app_key_and_ciphertext(&s, &co).await;
+    let c = s.client();
+    // Only the officer rotates.
+    let (st, _) = s
+        .post(&c, "/v1/hsm/rotate-master-key", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 403);
+    let (st, body) = s
+        .post(&c, "/v1/hsm/rotate-master-key", Some(&co), json!({}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["master_key_generation"], 2);
+    // Sessions and keys keep working without a restart.
+    assert!(decrypts(&s, &app, &ct).await);
+    s.restart();
+    let app = s.token("app", CU_PASSWORD).await;
+    assert!(decrypts(&s, &app, &ct).await);
+    assert_eq!(s.status().await["master_key_generation"], 2);
+}
+
+/// kill -9 while rotations run back to back: every restart opens, and
+/// every key still decrypts its old ciphertext.
+#[tokio::test]
+async fn master_key_rotation_survives_kill_9_mid_way() {
+    let mut s = TestServer::start(Opts::default());
+    s.init().await;
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (_, ct) = app_key_and_ciphertext(&s, &co).await;
+    for round in 0..3u64 {
+        let co = s.token("admin", ADMIN_PASSWORD).await;
+        let (c, url) = (s.client(), s.url("/v1/hsm/rotate-master-key"));
+        let spam = tokio::spawn(async move {
+            loop {
+                let r = c
+                    .post(&url)
+                    .header("X-Vault-Token", &co)
+                    .json(&json!({}))
+                    .send()
+                    .await;
+                if r.is_err() {
+                    break;
+                }
+            }
+        });
+        // Let a few rotations commit, then kill mid-stream.
+        tokio::time::sleep(std::time::Duration::from_millis(150 + 70 * round)).await;
+        s.kill9();
+        let _ = spam.await;
+        s.start_again();
+        let app = s.token("app", CU_PASSWORD).await;
+        assert!(decrypts(&s, &app, &ct).await, "round {round}: {}", s.log());
+        assert_eq!(s.status().await["state"], "active");
+    }
+}
