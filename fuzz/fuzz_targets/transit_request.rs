@@ -56,6 +56,9 @@ struct World {
 fn conn_info() -> ConnInfo {
     ConnInfo {
         peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        client: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        proxied: false,
+        cert: None,
         listener: 0,
         port: 8200,
         channel: Channel::FrontDoor,
