@@ -211,15 +211,22 @@ impl Server {
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
         let snapshot = Snapshot::new(config, cert.server_config(), digest)?;
         let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
+        let state = Arc::new(AppState {
+            fence,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            engine: Arc::new(engine),
+            audit: Arc::new(audit),
+            metrics: Arc::new(metrics),
+            in_flight: InFlight::default(),
+        });
+        // Recorded once everything is bound, before the caller announces the
+        // listeners: whoever sees "listening" finds the start in the log.
+        let start = Event::new("server.start", Outcome::Success)
+            .detail("engine_state", state.engine.state().as_str())
+            .detail("version", env!("CARGO_PKG_VERSION"));
+        audit_local(&state, start).await;
         Ok(Server {
-            state: Arc::new(AppState {
-                fence,
-                snapshot: ArcSwap::from_pointee(snapshot),
-                engine: Arc::new(engine),
-                audit: Arc::new(audit),
-                metrics: Arc::new(metrics),
-                in_flight: InFlight::default(),
-            }),
+            state,
             cert,
             reloader,
             listeners,
@@ -283,10 +290,6 @@ impl Server {
                 move || state.snapshot.load().config.limits.rate.sweep_interval,
             ))
         };
-        let start = Event::new("server.start", Outcome::Success)
-            .detail("engine_state", self.state.engine.state().as_str())
-            .detail("version", env!("CARGO_PKG_VERSION"));
-        audit_local(&self.state, start).await;
         if let Some(socket) = self.metrics_listener {
             tasks.spawn(crate::metrics::serve(
                 socket,
