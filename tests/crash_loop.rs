@@ -3,7 +3,9 @@
 //! while concurrent clients create keys and encrypt with them and the crypto
 //! officer creates users. After every kill:
 //!
-//! - the audit log left on disk verifies offline (`hsmgate audit verify`),
+//! - the audit log left on disk verifies offline (`hsmgate audit verify`;
+//!   a partial last line, which SIGKILL can leave if it lands between the
+//!   pages of one `write`, is left out and must be cut at the next open),
 //!   and every acknowledged key creation and user creation has its record;
 //! - the server starts again on the same data dir (the store opens cleanly);
 //! - every acknowledged key is listed exactly once and readable, every
@@ -165,17 +167,30 @@ fn audit_verify(log: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// After a kill: the log on disk verifies and holds a record for every
-/// acknowledged key creation and user creation.
-fn check_audit_after_kill(s: &TestServer, acked: &Acked, seed: u64, cycle: usize) {
+/// After a kill: the log on disk verifies (up to a partial last line, which
+/// the next open cuts) and holds a record for every acknowledged key
+/// creation and user creation. Returns whether the log ended in a partial
+/// line: SIGKILL can cut a `write` short between pages, though the window is
+/// tiny; a record is only acknowledged after its whole line is written.
+fn check_audit_after_kill(s: &TestServer, acked: &Acked, seed: u64, cycle: usize) -> bool {
     let log = s.path("audit.log");
-    let bytes = std::fs::read(&log).unwrap();
-    // SIGKILL cannot tear one `write` of a regular file: no partial line.
-    assert!(
-        bytes.last() == Some(&b'\n'),
-        "seed {seed} cycle {cycle}: the audit log ends in a partial line after SIGKILL"
-    );
-    let (ok, out) = audit_verify(&log);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = complete < bytes.len();
+    let (ok, out) = if torn {
+        // Verify the whole records (with the head) in a copy.
+        bytes.truncate(complete);
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("audit.log");
+        std::fs::write(&copy, &bytes).unwrap();
+        let head = s.path("audit.log.head");
+        if head.exists() {
+            std::fs::copy(&head, dir.path().join("audit.log.head")).unwrap();
+        }
+        audit_verify(&copy)
+    } else {
+        audit_verify(&log)
+    };
     assert!(ok, "seed {seed} cycle {cycle}: audit verify failed:\n{out}");
     let records: Vec<Value> = bytes
         .split(|&b| b == b'\n')
@@ -209,6 +224,7 @@ fn check_audit_after_kill(s: &TestServer, acked: &Acked, seed: u64, cycle: usize
             "seed {seed} cycle {cycle}: acknowledged user {u} has no audit record"
         );
     }
+    torn
 }
 
 /// After a restart: every acknowledged key listed once and readable, every
@@ -310,7 +326,7 @@ async fn check_state(
 /// Waits (bounded) until this cycle has acknowledged at least one key, so
 /// the kill lands while writes are flowing.
 async fn wait_for_first_ack(acked: &Arc<Mutex<Acked>>, before: usize, s: &TestServer) {
-    for _ in 0..600 {
+    for _ in 0..1200 {
         {
             let a = acked.lock().unwrap();
             assert!(a.unexpected.is_empty(), "{:?}", a.unexpected);
@@ -320,7 +336,7 @@ async fn wait_for_first_ack(acked: &Arc<Mutex<Acked>>, before: usize, s: &TestSe
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("no key was acknowledged in 30 s; log:\n{}", s.log());
+    panic!("no key was acknowledged in 60 s; log:\n{}", s.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -345,6 +361,7 @@ async fn sigkill_during_writes_loses_no_acknowledged_key_user_or_audit_record() 
     s.init_with_app_user().await;
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut torn_injected = 0usize;
+    let mut torn_by_kill_count = 0usize;
     let mut verified_ciphertexts = 0usize;
     let mut to_check: BTreeSet<String> = BTreeSet::new();
 
@@ -391,13 +408,15 @@ async fn sigkill_during_writes_loses_no_acknowledged_key_user_or_audit_record() 
                 unexpected: Vec::new(),
             }
         };
-        check_audit_after_kill(&s, &snapshot, seed, cycle);
+        let torn_by_kill = check_audit_after_kill(&s, &snapshot, seed, cycle);
+        torn_by_kill_count += usize::from(torn_by_kill);
 
         // A torn audit write (half a record, no newline), as a power loss
         // can leave: the server must cut it at open.
-        let torn = rng.below(3) == 0;
+        let inject = rng.below(3) == 0;
+        let torn = inject || torn_by_kill;
         let warnings_before = s.log().matches(PARTIAL_WARNING).count();
-        if torn {
+        if inject {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new()
                 .append(true)
@@ -438,7 +457,11 @@ async fn sigkill_during_writes_loses_no_acknowledged_key_user_or_audit_record() 
             snapshot.keys.len(),
             to_check.len(),
             snapshot.users.len(),
-            if torn { "cut" } else { "-" }
+            match (inject, torn_by_kill) {
+                (_, true) => "left by SIGKILL, cut",
+                (true, false) => "injected, cut",
+                _ => "-",
+            }
         );
     }
 
@@ -452,7 +475,7 @@ async fn sigkill_during_writes_loses_no_acknowledged_key_user_or_audit_record() 
             unexpected: Vec::new(),
         }
     };
-    check_audit_after_kill(&s, &snapshot, seed, cycles);
+    torn_by_kill_count += usize::from(check_audit_after_kill(&s, &snapshot, seed, cycles));
     s.start_again();
     let final_ciphertexts = check_state(&s, &snapshot, &to_check, seed, cycles).await;
     s.terminate();
@@ -463,8 +486,8 @@ async fn sigkill_during_writes_loses_no_acknowledged_key_user_or_audit_record() 
     println!(
         "crash loop done: seed {seed}, cycles {cycles} (SIGKILL each), keys acknowledged {} \
          (with ciphertext {with_ct}), keys stored {}, users acknowledged {}, lost 0, \
-         ciphertexts decrypted {} + {final_ciphertexts} at the end, torn audit lines cut {torn_injected}, \
-         audit verify: ok",
+         ciphertexts decrypted {} + {final_ciphertexts} at the end, torn audit lines cut \
+         {torn_injected} injected + {torn_by_kill_count} left by SIGKILL, audit verify: ok",
         snapshot.keys.len(),
         to_check.len(),
         snapshot.users.len(),
