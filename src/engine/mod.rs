@@ -1167,12 +1167,14 @@ impl Engine {
             self.config.min_password_length,
         )?;
         let hash = users::hash_password(password.expose_secret())?;
+        // key_writes before the state lock, the order every key write uses:
+        // the other order can deadlock behind a queued writer (zeroize).
+        let _serial = lock(&self.key_writes);
         let inner = read(&self.inner);
         let active = inner
             .active
             .as_ref()
             .ok_or(EngineError::NotActive(inner.state))?;
-        let _serial = lock(&self.key_writes);
         if active.store.get_user(username)?.is_some() {
             return Err(EngineError::UserExists(username.into()));
         }

@@ -359,12 +359,20 @@ impl Engine {
     /// The persisted Vault wrapping key (RSA-4096), created on first use. It
     /// lives in the sealed store like any key, under a reserved name.
     fn vault_wrapping_ring(&self) -> Result<KeyRing, EngineError> {
+        let stored = self.with_active(|a| {
+            a.store
+                .get_key(VAULT_WRAPPING_KEY)?
+                .map(|bytes| KeyRing::from_record(VAULT_WRAPPING_KEY, &bytes))
+                .transpose()
+        })?;
+        if let Some(ring) = stored {
+            return Ok(ring);
+        }
+        // Created once: two first callers must not publish two keys.
+        // key_writes before the state lock, the order every key write uses:
+        // the other order can deadlock behind a queued writer (zeroize).
+        let _serial = lock(&self.key_writes);
         self.with_active(|a| {
-            if let Some(bytes) = a.store.get_key(VAULT_WRAPPING_KEY)? {
-                return KeyRing::from_record(VAULT_WRAPPING_KEY, &bytes);
-            }
-            // Created once: two first callers must not publish two keys.
-            let _serial = lock(&self.key_writes);
             if let Some(bytes) = a.store.get_key(VAULT_WRAPPING_KEY)? {
                 return KeyRing::from_record(VAULT_WRAPPING_KEY, &bytes);
             }
