@@ -19,6 +19,8 @@
 #                 the Transit operations measured (BENCH=fence default: encrypt)
 #   HSMGATE_LOG   passed through to hsmgate (default "info": one access-log
 #                 line per request, written to a file)
+#   WITH_UNFENCED=1  BENCH=peer: also measure the unfenced bench listener
+#                 directly (plain HTTP, no fence: the engine's own ceiling)
 #   KEEP=1        keep the temp dir (data dirs, configs, logs, raw wrk output)
 #   NO_BUILD=1    skip `cargo build` (use the existing release binaries)
 #   BIN_DIR       where hsmgate and examples/hello_tls are (default
@@ -349,7 +351,7 @@ op_lua() { case $1 in sign-*) echo sign ;; *) echo "$1" ;; esac; }
 # (realistic | open) in $TMP/NAME, initialises it, creates the crypto user
 # and keys. Sets GATE_URL[NAME], GATE_TOKEN[NAME], GATE_CT[NAME] (a
 # ciphertext for decrypt), GATE_PID[NAME].
-declare -A GATE_URL GATE_TOKEN GATE_CT GATE_PID
+declare -A GATE_URL GATE_TOKEN GATE_CT GATE_PID PEER_URL
 start_gate() {
     local name=$1 profile=$2 dir=$TMP/$1
     mkdir -p "$dir"
