@@ -153,6 +153,15 @@ else
     say "haproxy unavailable (not installed, apt-get failed): skipping the haproxy peer"
 fi
 
+# Each fence must really fence: a request from 127.0.0.2 (in no allow list)
+# is refused (hsmgate, haproxy: connection closed; nginx: 403).
+outsider() { curl -sk --interface 127.0.0.2 -o /dev/null -w '%{http_code}' -X POST "$1/v1/transit/encrypt/bench" || true; }
+[[ $(outsider "${GATE_URL[gate]}") == 000 ]] || die "hsmgate admitted 127.0.0.2"
+for peer in "${PEERS[@]}"; do
+    code=$(outsider "${PEER_URL[$peer]}")
+    [[ $code == 000 || $code == 403 ]] || die "$peer admitted 127.0.0.2 (HTTP $code)"
+done
+
 pairs=()
 for op in $OPS; do
     add_target "$op-hsmgate" "${GATE_URL[gate]}" "$op" gate

@@ -491,7 +491,7 @@ report_pairs() { # BASE then label pairs "label:base"
         # shellcheck disable=SC2046
         row "$a p99 ms" $(vals P99 "$a")
         # shellcheck disable=SC2046
-        [[ $a != "$b" ]] && row "ratio $a / $b (req/s)" $(ratios "$a" "$b")
+        if [[ $a != "$b" ]]; then row "ratio $a / $b (req/s)" $(ratios "$a" "$b"); fi
     done
 }
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
