@@ -1,15 +1,23 @@
--- wrk script: Vault-Transit encrypt of a 1 KiB plaintext through hsmgate.
+-- wrk script: one Vault-Transit operation through hsmgate (or any Transit
+-- server), the same request body every time.
 --
 --   VAULT_TOKEN=... wrk -t1 -c64 -d10s --latency -s benches/transit.lua https://127.0.0.1:8200
+--   OP=sign TRANSIT_KEY=bench-p256 VAULT_TOKEN=... wrk ... -s benches/transit.lua ...
 --
 -- Environment:
 --   VAULT_TOKEN       the client token (a crypto user's), or
 --   VAULT_TOKEN_FILE  a file holding it (first line); VAULT_TOKEN wins
+--   OP                encrypt (default) | decrypt | hmac | sign | batch-encrypt
 --   TRANSIT_KEY       key name (default "bench")
---   PLAINTEXT_BYTES   plaintext size before base64 (default 1024)
+--   PLAINTEXT_BYTES   plaintext / input size before base64 (default 1024)
+--   CIPHERTEXT        for OP=decrypt: a "vault:v1:..." ciphertext of that key
+--   BATCH             for OP=batch-encrypt: items per request (default 100),
+--                     each a PLAINTEXT_BYTES plaintext
+--   TOKEN_HEADER      header carrying the token (default X-Vault-Token)
 --
 -- The plaintext is random, drawn once per wrk thread; every request sends the
--- same body. That is fair for AES-GCM: each encryption draws a fresh nonce.
+-- same body. That is fair for AES-GCM (each encryption draws a fresh nonce),
+-- for HMAC and signatures (no caching anywhere in the path).
 
 local function read_token()
   local t = os.getenv("VAULT_TOKEN")
@@ -51,11 +59,37 @@ end
 -- os.time() alone would give every thread the same seed within a second.
 math.randomseed(os.time() + math.floor((os.clock() * 1e6) % 1e6))
 
+local op = os.getenv("OP") or "encrypt"
 local key = os.getenv("TRANSIT_KEY") or "bench"
 local size = tonumber(os.getenv("PLAINTEXT_BYTES") or "1024")
 
+local path, body
+if op == "encrypt" then
+  path = "/v1/transit/encrypt/" .. key
+  body = '{"plaintext":"' .. base64(random_bytes(size)) .. '"}'
+elseif op == "decrypt" then
+  local ct = os.getenv("CIPHERTEXT")
+  assert(ct and ct:sub(1, 6) == "vault:", "OP=decrypt needs CIPHERTEXT=vault:v1:...")
+  path = "/v1/transit/decrypt/" .. key
+  body = '{"ciphertext":"' .. ct .. '"}'
+elseif op == "hmac" then
+  path = "/v1/transit/hmac/" .. key
+  body = '{"input":"' .. base64(random_bytes(size)) .. '"}'
+elseif op == "sign" then
+  path = "/v1/transit/sign/" .. key
+  body = '{"input":"' .. base64(random_bytes(size)) .. '"}'
+elseif op == "batch-encrypt" then
+  local n = tonumber(os.getenv("BATCH") or "100")
+  local items = {}
+  for i = 1, n do items[i] = '{"plaintext":"' .. base64(random_bytes(size)) .. '"}' end
+  path = "/v1/transit/encrypt/" .. key
+  body = '{"batch_input":[' .. table.concat(items, ",") .. ']}'
+else
+  error("unknown OP " .. op .. " (encrypt, decrypt, hmac, sign, batch-encrypt)")
+end
+
 wrk.method = "POST"
-wrk.path = "/v1/transit/encrypt/" .. key
-wrk.headers["X-Vault-Token"] = read_token()
+wrk.path = path
+wrk.headers[os.getenv("TOKEN_HEADER") or "X-Vault-Token"] = read_token()
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"plaintext":"' .. base64(random_bytes(size)) .. '"}'
+wrk.body = body

@@ -162,6 +162,12 @@ pub fn run(cli: Cli) -> ExitCode {
                     cfg.groups.len()
                 );
                 println!("{}", crate::acl::describe(&cfg.acl));
+                if let Some(addr) = cfg.dangerous_unfenced_listener {
+                    println!(
+                        "WARNING: {addr}: {}",
+                        crate::gateway::dangerous_unfenced_bench::WARNING
+                    );
+                }
                 ExitCode::SUCCESS
             }
             None => ExitCode::from(2),
@@ -503,6 +509,13 @@ fn serve(cfg: Config, data_dir: Option<PathBuf>) -> Result<(), Box<dyn std::erro
         if let Some(addr) = server.metrics_addr() {
             // Plain HTTP on purpose: see docs/OPERATIONS.md.
             println!("hsmgate: listening metrics http://{addr}");
+        }
+        if let Some(addr) = server.dangerous_unfenced_addr() {
+            eprintln!(
+                "hsmgate: {}",
+                crate::gateway::dangerous_unfenced_bench::WARNING
+            );
+            println!("hsmgate: listening dangerous-unfenced-bench http://{addr}");
         }
         ignore_file_size_signal();
         server.run(shutdown_signal()).await;

@@ -76,6 +76,11 @@ pub struct Config {
     /// `[[policy]]` and `[[user_policy]]` from the policy files, compiled;
     /// see [`crate::acl`]. Off (no policies) unless some file declares one.
     pub acl: crate::acl::Acl,
+    /// `[bench] dangerous_unfenced_listener`: a benchmark-only plain-HTTP
+    /// listener serving Transit WITHOUT the fence (see
+    /// [`crate::gateway::dangerous_unfenced_bench`]). `None` unless set;
+    /// validation admits only loopback addresses.
+    pub dangerous_unfenced_listener: Option<SocketAddr>,
 }
 
 /// Login-failure thresholds and session lifetime for the engine.
@@ -471,6 +476,15 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     #[serde(default)]
     backup: RawBackup,
+    #[serde(default)]
+    bench: RawBench,
+}
+
+/// `[bench]`: benchmark-only switches. Off unless set.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBench {
+    dangerous_unfenced_listener: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -931,6 +945,7 @@ fn assemble(
             &mut errors,
         );
         let audit = audit_section(main, &raw.audit, &mut errors);
+        let dangerous_unfenced_listener = bench_section(main, &raw.bench, &mut errors);
         let metrics = match &raw.metrics {
             Some(m) => metrics_section(main, m, &fence.groups, groups_complete, &mut errors),
             None => crate::metrics::MetricsConfig::default(),
@@ -951,6 +966,7 @@ fn assemble(
             audit,
             metrics,
             acl,
+            dangerous_unfenced_listener,
         }
     });
 
@@ -1619,6 +1635,44 @@ fn audit_section(
         path,
         fsync,
         key_use,
+    }
+}
+
+/// `[bench] dangerous_unfenced_listener`: an IP literal and port on
+/// loopback (127.0.0.0/8 or ::1), nothing else. The listener it opens skips
+/// security groups, deny lists, TLS, route-class groups, source rate limits
+/// and access policies, so it must never be reachable from another host.
+fn bench_section(
+    main: &Source<'_>,
+    raw: &RawBench,
+    errors: &mut Vec<ConfigError>,
+) -> Option<SocketAddr> {
+    let a = raw.dangerous_unfenced_listener.as_ref()?;
+    match a.get_ref().parse::<SocketAddr>() {
+        Ok(address) if crate::netfilter::canonical(address.ip()).is_loopback() => Some(address),
+        Ok(_) => {
+            errors.push(main.error_at(
+                a.span(),
+                format!(
+                    "bench.dangerous_unfenced_listener {} is not a loopback address: this \
+                     benchmark-only listener serves the engine without the fence, so only \
+                     127.0.0.0/8 or [::1] is accepted",
+                    quoted(a.get_ref())
+                ),
+            ));
+            None
+        }
+        Err(_) => {
+            errors.push(main.error_at(
+                a.span(),
+                format!(
+                    "bench.dangerous_unfenced_listener {} is not an IP address and port \
+                     (e.g. 127.0.0.1:18200)",
+                    quoted(a.get_ref())
+                ),
+            ));
+            None
+        }
     }
 }
 
@@ -2529,6 +2583,42 @@ admin_groups = ["admins"]
         // The default group must exist when metrics are on.
         let found = errors(&format!("{MAIN}\n[metrics]\n"), &[("sg.toml", GROUPS)]);
         assert!(found[0].2.contains("`monitoring`"), "{found:#?}");
+    }
+
+    #[test]
+    fn dangerous_unfenced_listener_is_off_by_default_and_loopback_only() {
+        assert_eq!(load_ok(MAIN, GROUPS).dangerous_unfenced_listener, None);
+        // Allowed: loopback, IPv4 and IPv6.
+        for ok in ["127.0.0.1:18200", "127.0.0.2:0", "[::1]:18200"] {
+            let main = format!("{MAIN}\n[bench]\ndangerous_unfenced_listener = \"{ok}\"\n");
+            assert_eq!(
+                load_ok(&main, GROUPS).dangerous_unfenced_listener,
+                Some(ok.parse().unwrap()),
+                "{ok}"
+            );
+        }
+        // Denied: anything another host could reach, and non-addresses.
+        for bad in [
+            "0.0.0.0:18200",
+            "10.0.0.1:18200",
+            "[::]:18200",
+            "[::ffff:10.0.0.1]:18200",
+            "[2001:db8::1]:18200",
+            "localhost:18200",
+            "127.0.0.1",
+        ] {
+            let main = format!("{MAIN}\n[bench]\ndangerous_unfenced_listener = \"{bad}\"\n");
+            let found = errors(&main, &[("sg.toml", GROUPS)]);
+            assert_eq!(found.len(), 1, "{bad}: {found:#?}");
+            assert!(
+                found[0].2.contains("bench.dangerous_unfenced_listener"),
+                "{bad}: {found:#?}"
+            );
+            assert!(found[0].1.is_some(), "{bad}: a line number: {found:#?}");
+        }
+        // Unknown keys in [bench] are errors like everywhere else.
+        let main = format!("{MAIN}\n[bench]\nunfenced = \"127.0.0.1:1\"\n");
+        assert_eq!(errors(&main, &[("sg.toml", GROUPS)]).len(), 1);
     }
 
     #[test]

@@ -881,6 +881,7 @@ mod tests {
             audit: Default::default(),
             metrics: Default::default(),
             acl: Default::default(),
+            dangerous_unfenced_listener: None,
             listeners: listeners
                 .iter()
                 .enumerate()

@@ -9,6 +9,9 @@
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header parser.
 //! - [`forwarded`]: who the client is when a trusted proxy says so.
 //! - [`reload`]: the config lifecycle after start (SIGHUP, file changes).
+//! - [`dangerous_unfenced_bench`]: DANGER, benchmark only, off by default: a
+//!   loopback plain-HTTP door to Transit without the fence (`[bench]`).
+pub mod dangerous_unfenced_bench;
 pub mod forwarded;
 pub mod listener;
 pub mod observe;
@@ -169,6 +172,9 @@ pub struct Server {
     reloader: reload::Reloader,
     listeners: Vec<(usize, TcpListener)>,
     metrics_listener: Option<TcpListener>,
+    /// `[bench] dangerous_unfenced_listener`, bound at start (loopback only;
+    /// a reload neither opens nor moves it).
+    unfenced_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -208,6 +214,20 @@ impl Server {
                 })?;
             listeners.push((i, socket));
         }
+        let unfenced_listener = match config.dangerous_unfenced_listener {
+            Some(address) => {
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| ServeError::Bind {
+                            name: "dangerous-unfenced-bench".into(),
+                            address,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
         let snapshot = Snapshot::new(config, cert.server_config(), digest)?;
         let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
@@ -231,6 +251,7 @@ impl Server {
             reloader,
             listeners,
             metrics_listener,
+            unfenced_listener,
         })
     }
 
@@ -249,6 +270,13 @@ impl Server {
     /// The metrics listener's bound address (plain HTTP), when enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The benchmark-only unfenced listener's address, when configured.
+    pub fn dangerous_unfenced_addr(&self) -> Option<SocketAddr> {
+        self.unfenced_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
     }
@@ -372,6 +400,13 @@ impl Server {
                     audit_local(&state, event).await;
                 }
             });
+        }
+        if let Some(socket) = self.unfenced_listener {
+            tasks.spawn(dangerous_unfenced_bench::serve(
+                socket,
+                self.state.clone(),
+                stop_rx.clone(),
+            ));
         }
         for (index, socket) in self.listeners {
             let state = self.state.clone();

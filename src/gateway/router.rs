@@ -334,7 +334,7 @@ async fn phases(
     result
 }
 
-async fn read_body(
+pub(crate) async fn read_body(
     body: Incoming,
     headers: &hyper::HeaderMap,
     limit: usize,
@@ -361,7 +361,7 @@ async fn read_body(
 }
 
 /// A UUID-shaped random id (Vault's `request_id` format).
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     let b = crypto::random_bytes(16)
         .map(|b| b.to_vec())
         .unwrap_or_else(|_| vec![0; 16]);
