@@ -181,6 +181,8 @@ struct ClassHandles {
 pub struct Metrics {
     registry: Registry,
     connections: IntCounterVec,
+    /// Netfilter's per-listener, per-reason deny counters, synced at scrape.
+    denials: IntCounterVec,
     tls_failures: IntCounterVec,
     requests: IntCounterVec,
     classes: Vec<ClassHandles>,
@@ -395,9 +397,18 @@ impl Metrics {
         )?;
         r.register(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let denials = counter_vec(
+            &r,
+            "hsmgate_denials_total",
+            "Peers refused by the network policy, by listener and reason (deny list, not in the \
+             listener's groups, not in a route class's groups, PROXY header refused); connections \
+             and requests alike.",
+            &["listener", "reason"],
+        )?;
         Ok(Metrics {
             registry: r,
             connections,
+            denials,
             tls_failures,
             requests,
             classes,
@@ -505,6 +516,15 @@ impl Metrics {
                 self.attempts_left
                     .with_label_values(&[&u.username])
                     .set(i64::from(u.attempts_left));
+            }
+        }
+        for d in crate::netfilter::deny_counts() {
+            let c = self
+                .denials
+                .with_label_values(&[d.listener.as_str(), d.reason.as_str()]);
+            let seen = c.get();
+            if d.count > seen {
+                c.inc_by(d.count - seen);
             }
         }
         let mut counts: HashMap<&'static str, i64> =
