@@ -261,6 +261,8 @@ struct Synced {
     /// fsyncs of a group, and `verify` accepts a head behind the log.
     head_seq: u64,
     head_written: Option<std::time::Instant>,
+    /// The head the head file names: records up to it are synced.
+    head: Option<Head>,
 }
 
 /// How far the head checkpoint may lag the synced log while records flow.
@@ -403,6 +405,7 @@ impl AuditLog {
                 seq: 0,
                 head_seq: 0,
                 head_written: None,
+                head: None,
             }),
         };
         Ok(log)
@@ -651,6 +654,7 @@ impl AuditLog {
             if result.is_ok() {
                 synced.head_seq = head.seq;
                 synced.head_written = Some(std::time::Instant::now());
+                synced.head = Some(head.clone());
             }
         }
         match result {
@@ -670,6 +674,19 @@ impl AuditLog {
     pub fn flush(&self) -> Result<(), AuditError> {
         let seq = self.writer().head.seq;
         self.sync_through(seq, true)
+    }
+
+    /// The last head checkpoint written to the head file: every record up
+    /// to it is synced. This (not [`AuditLog::head`], which may name
+    /// records a power loss would still take) is what the server copies
+    /// into the engine's store, so a crash never makes the store's witness
+    /// claim records the log does not have.
+    pub fn durable_head(&self) -> Option<Head> {
+        self.synced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .head
+            .clone()
     }
 
     /// How often the server's timer calls [`AuditLog::flush`]: the batch

@@ -301,24 +301,39 @@ impl Server {
             let interval = self.state.audit.flush_interval();
             let audit = self.state.audit.clone();
             let metrics = self.state.metrics.clone();
+            let engine = self.state.engine.clone();
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(interval);
+                let mut recorded: Option<crate::audit::Head> = None;
                 loop {
                     tokio::select! {
                         _ = stop.changed() => break,
                         _ = tick.tick() => {}
                     }
-                    let audit = audit.clone();
+                    let log = audit.clone();
                     let flushed = tokio::task::spawn_blocking(move || {
                         // Minutes of per-minute key use that have ended.
-                        audit.roll_key_use(false)?;
-                        audit.flush()
+                        log.roll_key_use(false)?;
+                        log.flush()
                     })
                     .await;
                     if !matches!(flushed, Ok(Ok(()))) {
                         metrics.audit_write_failures.inc();
                         tracing::error!("audit log: timed flush (sync and head checkpoint) failed");
+                    }
+                    let head = audit.durable_head();
+                    if head.is_some() && head != recorded {
+                        let engine = engine.clone();
+                        let metrics = metrics.clone();
+                        let h = head.clone();
+                        let stored = tokio::task::spawn_blocking(move || {
+                            record_store_head(&engine, &metrics, h.as_ref())
+                        })
+                        .await;
+                        if matches!(stored, Ok(true)) {
+                            recorded = head;
+                        }
                     }
                 }
             });
@@ -408,9 +423,39 @@ impl Server {
             tracing::error!("audit log: could not write the last key-use counts");
         }
         audit_local(&state, Event::new("server.stop", Outcome::Success)).await;
-        let flushed = tokio::task::spawn_blocking(move || state.audit.flush()).await;
+        let flushed = tokio::task::spawn_blocking(move || {
+            let flushed = state.audit.flush();
+            record_store_head(
+                &state.engine,
+                &state.metrics,
+                state.audit.durable_head().as_ref(),
+            );
+            flushed
+        })
+        .await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::error!("audit log: final sync failed");
+        }
+    }
+}
+
+/// Copies the audit log's durable head into the engine's store (its
+/// second witness, see [`Engine::record_audit_head`]). A no-op while the
+/// engine is not active; a failure is logged and counted as an audit write
+/// failure, never fails a request. Returns whether the store holds `head`
+/// now (false: try again at the next tick).
+fn record_store_head(
+    engine: &Engine,
+    metrics: &crate::metrics::Metrics,
+    head: Option<&crate::audit::Head>,
+) -> bool {
+    let Some(head) = head else { return false };
+    match engine.record_audit_head(head.seq, &head.hash) {
+        Ok(stored) => stored,
+        Err(e) => {
+            metrics.audit_write_failures.inc();
+            tracing::error!(error = %e, seq = head.seq, "audit log: could not keep the head in the engine's store");
+            false
         }
     }
 }
