@@ -820,6 +820,20 @@ pub fn verify_bytes(bytes: &[u8], stored: Option<&Head>) -> VerifyReport {
     report
 }
 
+/// Whether the log at `path` (possibly being appended: a partial last line
+/// is ignored) contains `head`: `None` when its chain is whole up to a
+/// record `head.seq` whose hash is `head.hash`, else what is wrong.
+pub fn log_contains(path: &Path, head: &Head) -> Result<Option<String>, AuditError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|f| BufReader::new(f).read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Ok(verify_bytes(&bytes[..complete], Some(head))
+        .broken
+        .map(|b| format!("record {}: {}", b.seq, b.detail)))
+}
+
 /// Verifies the log at `path` against `head` (a head file, when given and
 /// present). Used by `hsmgate audit verify`.
 pub fn verify_file(path: &Path, head: Option<&Path>) -> Result<VerifyReport, AuditError> {

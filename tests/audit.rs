@@ -372,10 +372,11 @@ async fn the_store_head_catches_a_log_and_sidecar_cut_together() {
     assert!(server.terminate().success());
 
     let log = server.path("audit.log");
+    let config_path = server.config_path.clone();
     let verify_with_config = || {
         let out = Command::new(env!("CARGO_BIN_EXE_hsmgate"))
             .args(["audit", "verify", "--config"])
-            .arg(&server.config_path)
+            .arg(&config_path)
             .output()
             .expect("run hsmgate audit verify");
         let text = String::from_utf8_lossy(&out.stdout).to_string()
@@ -421,4 +422,35 @@ async fn the_store_head_catches_a_log_and_sidecar_cut_together() {
     assert!(out.contains("BROKEN"), "{out}");
     assert!(out.contains("the engine's store head"), "{out}");
     assert!(out.contains("cut off"), "{out}");
+
+    // A server started on the forged pair (the sidecar agrees, so it
+    // starts) must not overwrite the store's witness, even once the log
+    // has grown past the old head.
+    server.start_again();
+    for _ in 0..5 {
+        let (s, _) = server.login("nobody", "wrong-password-xyz").await;
+        assert_ne!(s, 200);
+    }
+    assert!(server.terminate().success());
+    assert!(
+        records(&log).len() > n,
+        "the log did not grow past the old head"
+    );
+    assert!(
+        server
+            .log()
+            .contains("does not contain the head kept in the engine's store"),
+        "{}",
+        server.log()
+    );
+    let (code, out) = verify_with_config();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "store head {}: seq {n}",
+            server.path("store.redb").display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("differs from the stored head's hash"), "{out}");
 }

@@ -297,15 +297,16 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
+        let witness = Arc::new(std::sync::Mutex::new(StoreWitness::default()));
         {
             let interval = self.state.audit.flush_interval();
             let audit = self.state.audit.clone();
             let metrics = self.state.metrics.clone();
             let engine = self.state.engine.clone();
+            let witness = witness.clone();
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(interval);
-                let mut recorded: Option<crate::audit::Head> = None;
                 loop {
                     tokio::select! {
                         _ = stop.changed() => break,
@@ -322,19 +323,16 @@ impl Server {
                         metrics.audit_write_failures.inc();
                         tracing::error!("audit log: timed flush (sync and head checkpoint) failed");
                     }
-                    let head = audit.durable_head();
-                    if head.is_some() && head != recorded {
-                        let engine = engine.clone();
-                        let metrics = metrics.clone();
-                        let h = head.clone();
-                        let stored = tokio::task::spawn_blocking(move || {
-                            record_store_head(&engine, &metrics, h.as_ref())
-                        })
-                        .await;
-                        if matches!(stored, Ok(true)) {
-                            recorded = head;
-                        }
-                    }
+                    let (engine, metrics, log, witness) = (
+                        engine.clone(),
+                        metrics.clone(),
+                        audit.clone(),
+                        witness.clone(),
+                    );
+                    let _ = tokio::task::spawn_blocking(move || {
+                        keep_store_head(&engine, &metrics, &log, &witness)
+                    })
+                    .await;
                 }
             });
         }
@@ -425,11 +423,7 @@ impl Server {
         audit_local(&state, Event::new("server.stop", Outcome::Success)).await;
         let flushed = tokio::task::spawn_blocking(move || {
             let flushed = state.audit.flush();
-            record_store_head(
-                &state.engine,
-                &state.metrics,
-                state.audit.durable_head().as_ref(),
-            );
+            keep_store_head(&state.engine, &state.metrics, &state.audit, &witness);
             flushed
         })
         .await;
@@ -439,23 +433,90 @@ impl Server {
     }
 }
 
+/// This process's view of the engine store's audit head witness.
+#[derive(Default)]
+struct StoreWitness {
+    /// The log was compared with the store's head once the engine was
+    /// active (at most once per process).
+    checked: bool,
+    /// The log does not contain the store's head: the witness is kept as
+    /// evidence and never overwritten by this process.
+    refused: bool,
+    /// The head last written to the store.
+    recorded: Option<crate::audit::Head>,
+}
+
 /// Copies the audit log's durable head into the engine's store (its
-/// second witness, see [`Engine::record_audit_head`]). A no-op while the
-/// engine is not active; a failure is logged and counted as an audit write
-/// failure, never fails a request. Returns whether the store holds `head`
-/// now (false: try again at the next tick).
-fn record_store_head(
+/// second witness, see [`Engine::record_audit_head`]), on the flush timer
+/// and at shutdown. A no-op while the engine is not active. The first time
+/// it runs with an active engine, the log is checked to contain the head
+/// the store already holds: a log cut (with its sidecar rewritten) while
+/// the server was stopped would otherwise have its evidence overwritten
+/// once it grew past the old head. On a mismatch the witness is left as is
+/// for the rest of the process, logged, and counted every tick in
+/// `hsmgate_audit_write_failures_total` (the alert keeps firing). Failures
+/// never fail a request.
+fn keep_store_head(
     engine: &Engine,
     metrics: &crate::metrics::Metrics,
-    head: Option<&crate::audit::Head>,
-) -> bool {
-    let Some(head) = head else { return false };
+    audit: &crate::audit::AuditLog,
+    witness: &std::sync::Mutex<StoreWitness>,
+) {
+    let Some(head) = audit.durable_head() else {
+        return;
+    };
+    let mut w = witness.lock().unwrap_or_else(|e| e.into_inner());
+    if w.refused {
+        metrics.audit_write_failures.inc();
+        return;
+    }
+    if w.recorded.as_ref() == Some(&head) {
+        return;
+    }
+    if !w.checked {
+        match engine.audit_head() {
+            Err(EngineError::NotActive(_)) => return,
+            Err(e) => {
+                metrics.audit_write_failures.inc();
+                tracing::error!(error = %e, "audit log: cannot read the head kept in the engine's store");
+                return;
+            }
+            Ok(None) => {}
+            Ok(Some(stored)) => {
+                let stored = crate::audit::Head {
+                    seq: stored.seq,
+                    hash: stored.hash,
+                };
+                match crate::audit::log_contains(audit.path(), &stored) {
+                    Ok(None) => {}
+                    Ok(Some(detail)) => {
+                        w.refused = true;
+                        metrics.audit_write_failures.inc();
+                        tracing::error!(
+                            stored_seq = stored.seq,
+                            %detail,
+                            "audit log does not contain the head kept in the engine's store \
+                             (truncated or rewritten while the server was stopped?); the store's \
+                             head is kept as evidence and not updated: run `hsmgate audit verify`"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        metrics.audit_write_failures.inc();
+                        tracing::error!(error = %e, "audit log: cannot read it back to compare with the store's head");
+                        return;
+                    }
+                }
+            }
+        }
+        w.checked = true;
+    }
     match engine.record_audit_head(head.seq, &head.hash) {
-        Ok(stored) => stored,
+        Ok(true) => w.recorded = Some(head),
+        Ok(false) => {}
         Err(e) => {
             metrics.audit_write_failures.inc();
             tracing::error!(error = %e, seq = head.seq, "audit log: could not keep the head in the engine's store");
-            false
         }
     }
 }
