@@ -6,8 +6,11 @@
 //! 64 zeros. Changing a byte breaks the next record's `prev`, deleting or
 //! swapping records breaks the `seq` run, and only truncation at the end
 //! leaves a valid chain, so the *head* (last sequence number and its hash)
-//! is also written, after each sync, to a sidecar file `<log>.head`, and
-//! exported as a metric so an off-host Prometheus keeps a witness too.
+//! is also written, after each sync, to a sidecar file `<log>.head`,
+//! copied by the server into the engine's sealed store (a witness a
+//! rewritten sidecar cannot forge: `gateway::keep_store_head`,
+//! `Engine::record_audit_head`), and exported as a metric so an off-host
+//! Prometheus keeps a witness too.
 //! The log and its head live in the data dir by default and survive
 //! zeroization, which removes only `store.redb` and `master.key`.
 //!

@@ -17,6 +17,10 @@
 //! existed (no `master_key` in `meta`) uses the KEK as its master key until
 //! its first rotation.
 //!
+//! The `audit` table holds one sealed record, the audit log's head (see
+//! `crate::audit`); [`read_audit_head_offline`] reads it from a stopped
+//! server's store without writing anything (`hsmgate audit verify`).
+//!
 //! [`MasterKey::destroy_file`] and [`shred_file`] are half of zeroization
 //! (the other half is dropping the keys from memory).
 use std::fs::{self, File, OpenOptions};
