@@ -6,8 +6,11 @@
 //! 64 zeros. Changing a byte breaks the next record's `prev`, deleting or
 //! swapping records breaks the `seq` run, and only truncation at the end
 //! leaves a valid chain, so the *head* (last sequence number and its hash)
-//! is also written, after each sync, to a sidecar file `<log>.head`, and
-//! exported as a metric so an off-host Prometheus keeps a witness too.
+//! is also written, after each sync, to a sidecar file `<log>.head`,
+//! copied by the server into the engine's sealed store (a witness a
+//! rewritten sidecar cannot forge: `gateway::keep_store_head`,
+//! `Engine::record_audit_head`), and exported as a metric so an off-host
+//! Prometheus keeps a witness too.
 //! The log and its head live in the data dir by default and survive
 //! zeroization, which removes only `store.redb` and `master.key`.
 //!
@@ -261,6 +264,8 @@ struct Synced {
     /// fsyncs of a group, and `verify` accepts a head behind the log.
     head_seq: u64,
     head_written: Option<std::time::Instant>,
+    /// The head the head file names: records up to it are synced.
+    head: Option<Head>,
 }
 
 /// How far the head checkpoint may lag the synced log while records flow.
@@ -403,6 +408,7 @@ impl AuditLog {
                 seq: 0,
                 head_seq: 0,
                 head_written: None,
+                head: None,
             }),
         };
         Ok(log)
@@ -651,6 +657,7 @@ impl AuditLog {
             if result.is_ok() {
                 synced.head_seq = head.seq;
                 synced.head_written = Some(std::time::Instant::now());
+                synced.head = Some(head.clone());
             }
         }
         match result {
@@ -670,6 +677,19 @@ impl AuditLog {
     pub fn flush(&self) -> Result<(), AuditError> {
         let seq = self.writer().head.seq;
         self.sync_through(seq, true)
+    }
+
+    /// The last head checkpoint written to the head file: every record up
+    /// to it is synced. This (not [`AuditLog::head`], which may name
+    /// records a power loss would still take) is what the server copies
+    /// into the engine's store, so a crash never makes the store's witness
+    /// claim records the log does not have.
+    pub fn durable_head(&self) -> Option<Head> {
+        self.synced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .head
+            .clone()
     }
 
     /// How often the server's timer calls [`AuditLog::flush`]: the batch
@@ -801,6 +821,20 @@ pub fn verify_bytes(bytes: &[u8], stored: Option<&Head>) -> VerifyReport {
         }
     }
     report
+}
+
+/// Whether the log at `path` (possibly being appended: a partial last line
+/// is ignored) contains `head`: `None` when its chain is whole up to a
+/// record `head.seq` whose hash is `head.hash`, else what is wrong.
+pub fn log_contains(path: &Path, head: &Head) -> Result<Option<String>, AuditError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|f| BufReader::new(f).read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Ok(verify_bytes(&bytes[..complete], Some(head))
+        .broken
+        .map(|b| format!("record {}: {}", b.seq, b.detail)))
 }
 
 /// Verifies the log at `path` against `head` (a head file, when given and

@@ -92,14 +92,18 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
     /// Check the hash chain of an audit log and compare it with its stored
-    /// head (`<log>.head`). Exit 0 when whole, 1 when broken, 2 on errors.
+    /// heads: the sidecar `<log>.head` and, when the server is stopped and
+    /// the store opens offline (auto mode), the head kept in the engine's
+    /// store. Exit 0 when whole, 1 when broken or truncated, 2 on errors.
     Verify {
         /// The log; default: the configured one (`[audit] path`, or
         /// `<data dir>/audit.log`).
         path: Option<PathBuf>,
-        /// Used to find the log when PATH is not given.
-        #[arg(long, default_value = "config/hsmgate.toml")]
-        config: PathBuf,
+        /// Finds the log when PATH is not given (default
+        /// `config/hsmgate.toml`), and the data dir whose store holds the
+        /// second head witness (with PATH, only when given).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// The head file to compare with; default `<log>.head`.
         #[arg(long)]
         head: Option<PathBuf>,
@@ -129,7 +133,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Audit {
             command: AuditCommand::Verify { path, config, head },
-        } => audit_verify(path, &config, head),
+        } => audit_verify(path, config, head),
         Command::BackupKeygen { out_dir } => exit(backup_keygen(&out_dir)),
         Command::Backup {
             config,
@@ -371,21 +375,87 @@ fn restore_offline(
     Ok(())
 }
 
-fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> ExitCode {
-    let path = match path {
-        Some(p) => p,
-        None => match load(config) {
-            Some(cfg) => cfg.audit.log_path(&cfg.data_dir),
+fn audit_verify(path: Option<PathBuf>, config: Option<PathBuf>, head: Option<PathBuf>) -> ExitCode {
+    // The config names the data dir, where the engine's store keeps the
+    // second head witness. With PATH given the config is optional.
+    let explicit = config.is_some();
+    let config = config.unwrap_or_else(|| PathBuf::from("config/hsmgate.toml"));
+    let (path, cfg) = match path {
+        Some(p) if !explicit => (p, None),
+        Some(p) => match load(&config) {
+            Some(cfg) => (p, Some(cfg)),
+            None => return ExitCode::from(2),
+        },
+        None => match load(&config) {
+            Some(cfg) => (cfg.audit.log_path(&cfg.data_dir), Some(cfg)),
             None => return ExitCode::from(2),
         },
     };
     let head = head.unwrap_or_else(|| audit::head_path(&path));
     let head_present = head.exists();
-    let report = match audit::verify_file(&path, head_present.then_some(head.as_path())) {
-        Ok(r) => r,
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
         Err(e) => {
-            eprintln!("hsmgate: {e}");
+            eprintln!("hsmgate: audit log {}: {e}", path.display());
             return ExitCode::from(2);
+        }
+    };
+    let sidecar = if head_present {
+        match audit::read_head(&head) {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("hsmgate: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let mut report = audit::verify_bytes(&bytes, sidecar.as_ref());
+    let sidecar_line = if report.head_checked {
+        format!("sidecar head {}: matches", head.display())
+    } else {
+        format!("sidecar head {}: not present", head.display())
+    };
+    // The store's witness: compared when the chain and the sidecar agree
+    // (a break already found is reported first).
+    let store_line = match &cfg {
+        None => "store head: not checked (give --config to compare the head kept in the \
+                  engine's store)"
+            .to_string(),
+        Some(cfg) => {
+            let store_path = cfg.data_dir.join("store.redb");
+            match store_head(cfg) {
+                Err(why) => format!("store head {}: not checked ({why})", store_path.display()),
+                Ok(None) => format!(
+                    "store head {}: none recorded (a store from before the witness, or restored)",
+                    store_path.display()
+                ),
+                Ok(Some(stored)) => {
+                    if report.broken.is_none() {
+                        let by_store = audit::verify_bytes(&bytes, Some(&stored));
+                        if let Some(mut b) = by_store.broken {
+                            b.detail = format!(
+                                "the engine's store head {} (seq {}): {}",
+                                store_path.display(),
+                                stored.seq,
+                                b.detail
+                            );
+                            report.broken = Some(b);
+                        }
+                    }
+                    format!(
+                        "store head {}: seq {}{}",
+                        store_path.display(),
+                        stored.seq,
+                        if report.broken.is_none() {
+                            ", matches"
+                        } else {
+                            ""
+                        }
+                    )
+                }
+            }
         }
     };
     match &report.broken {
@@ -402,11 +472,14 @@ fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> 
                     format!("matches the stored head {}", head.display())
                 } else {
                     format!(
-                        "no stored head at {}: truncation at the end cannot be detected",
+                        "no stored head at {}: truncation at the end cannot be detected \
+                         from the sidecar",
                         head.display()
                     )
                 }
             );
+            println!("{sidecar_line}");
+            println!("{store_line}");
             ExitCode::SUCCESS
         }
         Some(b) => {
@@ -422,9 +495,38 @@ fn audit_verify(path: Option<PathBuf>, config: &Path, head: Option<PathBuf>) -> 
                 report.records,
                 report.head.as_ref().map_or(0, |h| h.seq)
             );
+            println!("{store_line}");
             ExitCode::from(1)
         }
     }
+}
+
+/// The engine store's audit head, read offline without changing anything
+/// (see [`crate::engine::store::read_audit_head_offline`]).
+fn store_head(cfg: &Config) -> Result<Option<audit::Head>, String> {
+    use crate::engine::store::{self, MasterKey};
+    let store_path = cfg.data_dir.join("store.redb");
+    if !store_path.exists() {
+        return Err("no store: the engine is uninitialized or zeroized".into());
+    }
+    let key_path = cfg.data_dir.join("master.key");
+    let kek = if key_path.exists() {
+        Some(
+            MasterKey::load(&key_path)
+                .map_err(|e| e.to_string())?
+                .into_secret(),
+        )
+    } else {
+        None
+    };
+    store::read_audit_head_offline(&store_path, kek)
+        .map(|h| {
+            h.map(|h| audit::Head {
+                seq: h.seq,
+                hash: h.hash,
+            })
+        })
+        .map_err(|e| e.to_string())
 }
 
 fn load(path: &Path) -> Option<Config> {

@@ -344,3 +344,113 @@ async fn per_minute_key_use_writes_one_record_per_principal_key_and_op() {
         .expect("the denial has its own record");
     assert_eq!(denied["detail"]["key"], "orders");
 }
+
+/// Truncation that also rewrites the sidecar head consistently (what an
+/// attacker who can edit both files does) fools the sidecar, not the head
+/// the engine keeps in its sealed store: `audit verify --config` names the
+/// store head and fails. The untouched log verifies against both heads.
+#[tokio::test]
+async fn the_store_head_catches_a_log_and_sidecar_cut_together() {
+    let mut server = TestServer::start(Default::default());
+    let (_co, app) = server.init_with_app_user().await;
+    let client = server.client();
+    let (s, _) = server
+        .post(&client, "/v1/transit/keys/ledger", Some(&app), json!({}))
+        .await;
+    assert_eq!(s, 200);
+    for i in 0..3 {
+        let (s, _) = server
+            .post(
+                &client,
+                "/v1/transit/encrypt/ledger",
+                Some(&app),
+                json!({"plaintext": common::b64(format!("entry {i}").as_bytes())}),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    assert!(server.terminate().success());
+
+    let log = server.path("audit.log");
+    let config_path = server.config_path.clone();
+    let verify_with_config = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+            .args(["audit", "verify", "--config"])
+            .arg(&config_path)
+            .output()
+            .expect("run hsmgate audit verify");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let n = records(&log).len();
+    let (code, out) = verify_with_config();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "store head {}: seq {n}, matches",
+            server.path("store.redb").display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("sidecar head") && out.contains(": matches"),
+        "{out}"
+    );
+
+    // Cut the last three records and rewrite the sidecar to the new end.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kept: Vec<&str> = text.lines().take(n - 3).collect();
+    std::fs::write(&log, kept.join("\n") + "\n").unwrap();
+    let last = kept.last().unwrap();
+    let forged = json!({
+        "seq": n - 3,
+        "hash": hex::encode(hsmgate::engine::crypto::sha256(last.as_bytes())),
+    });
+    std::fs::write(
+        hsmgate::audit::head_path(&log),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .unwrap();
+    // The sidecar alone is fooled...
+    let (code, out) = verify(&log);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("give --config"), "{out}");
+    // ...the store's witness is not.
+    let (code, out) = verify_with_config();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BROKEN"), "{out}");
+    assert!(out.contains("the engine's store head"), "{out}");
+    assert!(out.contains("cut off"), "{out}");
+
+    // A server started on the forged pair (the sidecar agrees, so it
+    // starts) must not overwrite the store's witness, even once the log
+    // has grown past the old head.
+    server.start_again();
+    for _ in 0..5 {
+        let (s, _) = server.login("nobody", "wrong-password-xyz").await;
+        assert_ne!(s, 200);
+    }
+    assert!(server.terminate().success());
+    assert!(
+        records(&log).len() > n,
+        "the log did not grow past the old head"
+    );
+    assert!(
+        server
+            .log()
+            .contains("does not contain the head kept in the engine's store"),
+        "{}",
+        server.log()
+    );
+    let (code, out) = verify_with_config();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "store head {}: seq {n}",
+            server.path("store.redb").display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("differs from the stored head's hash"), "{out}");
+}

@@ -1381,3 +1381,45 @@ async fn a_jwt_app_for_key_a_cannot_encrypt_with_key_b_through_path_tricks() {
     let resp = raw_https(&s, "POST /v1/transit/encrypt/a", &token, &raw_body).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+/// Attack: cut the last audit records and rewrite `audit.log.head` to the
+/// new end, so the sidecar agrees. The head sealed in the engine's store
+/// still names the real end: `audit verify --config` fails on it. The deny
+/// (forged pair) and the allow (untouched log) are both shown.
+#[tokio::test]
+async fn truncating_the_audit_log_and_its_sidecar_together_is_caught_by_the_store_head() {
+    let mut s = TestServer::start(Default::default());
+    s.init_with_app_user().await;
+    assert!(s.terminate().success());
+    let verify = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+            .args(["audit", "verify", "--config"])
+            .arg(&s.config_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(", matches"), "{out}");
+    let log = s.data_dir.join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let kept = &lines[..lines.len() - 2];
+    std::fs::write(&log, kept.join("\n") + "\n").unwrap();
+    let forged = json!({
+        "seq": kept.len(),
+        "hash": hex::encode(hsmgate::engine::crypto::sha256(kept.last().unwrap().as_bytes())),
+    });
+    std::fs::write(
+        hsmgate::audit::head_path(&log),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .unwrap();
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the engine's store head"), "{out}");
+}

@@ -1274,6 +1274,45 @@ impl Engine {
         Ok(())
     }
 
+    // ----- audit head witness ----------------------------------------
+
+    /// Keeps the audit log's head in the sealed store, a second witness
+    /// beside the `<log>.head` sidecar (`hsmgate audit verify` compares
+    /// both). Only while active: uninitialized, sealed and zeroized engines
+    /// have no store to write to, and this returns `Ok(false)`. The head
+    /// never moves backwards: a lower sequence number than the stored one
+    /// means the log lost records, and overwriting the witness would erase
+    /// the evidence, so it is refused.
+    pub fn record_audit_head(&self, seq: u64, hash: &str) -> Result<bool, EngineError> {
+        let inner = read(&self.inner);
+        let Some(active) = inner.active.as_ref() else {
+            return Ok(false);
+        };
+        if let Some(stored) = active.store.audit_head()? {
+            if stored.seq == seq && stored.hash == hash {
+                return Ok(true);
+            }
+            if stored.seq > seq {
+                return Err(EngineError::Internal(format!(
+                    "the store's audit head is record {} but the log's is {seq}: refusing to \
+                     move the witness backwards (was the audit log truncated? run \
+                     `hsmgate audit verify`)",
+                    stored.seq
+                )));
+            }
+        }
+        active.store.put_audit_head(&store::AuditHeadRecord {
+            seq,
+            hash: hash.to_string(),
+        })?;
+        Ok(true)
+    }
+
+    /// The audit head the store holds, while active.
+    pub fn audit_head(&self) -> Result<Option<store::AuditHeadRecord>, EngineError> {
+        self.with_active(|a| Ok(a.store.audit_head()?))
+    }
+
     // ----- keys -------------------------------------------------------
 
     fn with_active<T>(

@@ -17,6 +17,10 @@
 //! existed (no `master_key` in `meta`) uses the KEK as its master key until
 //! its first rotation.
 //!
+//! The `audit` table holds one sealed record, the audit log's head (see
+//! `crate::audit`); [`read_audit_head_offline`] reads it from a stopped
+//! server's store without writing anything (`hsmgate audit verify`).
+//!
 //! [`MasterKey::destroy_file`] and [`shred_file`] are half of zeroization
 //! (the other half is dropping the keys from memory).
 use std::fs::{self, File, OpenOptions};
@@ -39,6 +43,19 @@ pub const FORMAT_VERSION: u32 = 1;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+/// The audit log's head witness: one record, [`AUDIT_HEAD`], sealed like
+/// every other value (its AAD names table and record, so it cannot be
+/// swapped with another sealed value).
+const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
+const AUDIT_HEAD: &str = "head";
+
+/// The audit log's head as the store keeps it: the last record's sequence
+/// number and the hex SHA-256 of its line (see `crate::audit::Head`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHeadRecord {
+    pub seq: u64,
+    pub hash: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -480,7 +497,7 @@ impl Store {
         self.with_db(|db| {
             let txn = db_err!(db.begin_write())?;
             let mut done = 0usize;
-            for (def, table_name) in [(USERS, "users"), (KEYS, "keys")] {
+            for (def, table_name) in [(USERS, "users"), (KEYS, "keys"), (AUDIT, "audit")] {
                 let mut t = db_err!(txn.open_table(def))?;
                 let mut resealed = Vec::new();
                 for entry in db_err!(t.iter())? {
@@ -680,6 +697,27 @@ impl Store {
         self.delete(USERS, name)
     }
 
+    /// Replaces the audit head witness (one small sealed record, one
+    /// committed transaction).
+    pub fn put_audit_head(&self, head: &AuditHeadRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(head).map_err(|e| StoreError::Malformed {
+            table: "audit",
+            name: AUDIT_HEAD.into(),
+            detail: e.to_string(),
+        })?;
+        self.put(AUDIT, AUDIT_HEAD, &json)
+    }
+
+    /// The audit head witness, if one was ever written (a store created
+    /// before it existed, or by a restore, has none).
+    pub fn audit_head(&self) -> Result<Option<AuditHeadRecord>, StoreError> {
+        let keys = self.read_keys();
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            read_audit_head(&txn, &keys.master)
+        })
+    }
+
     #[cfg(test)]
     fn raw_put(&self, table: TableDefinition<&str, &[u8]>, name: &str, bytes: &[u8]) {
         self.with_db(|db| {
@@ -700,6 +738,123 @@ impl Store {
             Ok(v)
         })
         .unwrap()
+    }
+}
+
+/// Reads and opens the audit head record in `txn`; a missing table (a
+/// store from before it existed) is no head.
+fn read_audit_head(
+    txn: &redb::ReadTransaction,
+    master: &MasterKey,
+) -> Result<Option<AuditHeadRecord>, StoreError> {
+    let t = match txn.open_table(AUDIT) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(StoreError::Database(e.into())),
+    };
+    match db_err!(t.get(AUDIT_HEAD))? {
+        Some(v) => {
+            let plain = open_record(master, "audit", AUDIT_HEAD, v.value())?;
+            decode("audit", AUDIT_HEAD, &plain).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
+/// Why [`read_audit_head_offline`] could not read the head.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineHeadError {
+    /// A server (or another process) has the store open for writing.
+    #[error("the store is in use by a running server (stop it to compare the store's head)")]
+    InUse,
+    /// redb would have to repair the file (not shut down cleanly); the
+    /// read-only open never writes, so it does not.
+    #[error(
+        "the store was not shut down cleanly and needs a repair (start and stop the server once)"
+    )]
+    NeedsRepair,
+    /// Passphrase or Shamir mode: the master key needs the operator's KEK.
+    #[error("the store is sealed ({0} mode): its master key is not available offline")]
+    Sealed(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Reads the audit head witness from a stopped server's store without
+/// changing anything: the database is opened read-only (a shared lock that
+/// a running server's exclusive lock refuses; no repair, no write), and the
+/// master key is unwrapped in memory with `kek` (auto mode's `master.key`).
+/// Used by `hsmgate audit verify`.
+pub fn read_audit_head_offline(
+    path: &Path,
+    kek: Option<SecretBytes>,
+) -> Result<Option<AuditHeadRecord>, OfflineHeadError> {
+    let db = match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OfflineHeadError::InUse),
+        Err(redb::DatabaseError::RepairAborted) => return Err(OfflineHeadError::NeedsRepair),
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))) => {
+            return Err(io_err(path)(e).into())
+        }
+        Err(e) => return Err(StoreError::Database(e.into()).into()),
+    };
+    let txn = db_err!(db.begin_read())?;
+    let meta = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
+        let t = db_err!(txn.open_table(META))?;
+        let v = db_err!(t.get(key))?.map(|v| v.value().to_vec());
+        Ok(v)
+    };
+    let found = meta("format_version")?
+        .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(0);
+    if found != FORMAT_VERSION {
+        return Err(StoreError::UnsupportedFormat { found }.into());
+    }
+    let params = parse_seal_params(meta(META_SEAL)?)?;
+    if !matches!(params, SealParams::Auto) {
+        return Err(OfflineHeadError::Sealed(params.type_name()));
+    }
+    let Some(kek) = kek else {
+        return Err(OfflineHeadError::Sealed("auto, but no master.key"));
+    };
+    let generation = parse_generation(meta(META_GENERATION)?);
+    let master = unwrap_master(&kek, meta(META_MASTER)?, &params, generation)?;
+    Ok(read_audit_head(&txn, &master)?)
+}
+
+fn parse_seal_params(bytes: Option<Vec<u8>>) -> Result<SealParams, StoreError> {
+    match bytes {
+        None => Ok(SealParams::Auto),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Meta(format!("seal parameters: {e}"))),
+    }
+}
+
+fn parse_generation(bytes: Option<Vec<u8>>) -> u64 {
+    bytes
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// Opens the wrapped master key with `kek` (or, in the legacy layout with
+/// no wrapped key, uses the KEK itself).
+fn unwrap_master(
+    kek: &SecretBytes,
+    wrapped: Option<Vec<u8>>,
+    params: &SealParams,
+    generation: u64,
+) -> Result<MasterKey, StoreError> {
+    match wrapped {
+        None => Ok(MasterKey(kek.duplicate())),
+        Some(w) => {
+            match crypto::aes_gcm_open(kek.expose_secret(), &w, &wrap_aad(params, generation)) {
+                Ok(plain) if plain.len() == 32 => Ok(MasterKey(SecretBytes::from_slice(&plain))),
+                Ok(_) => Err(StoreError::Meta("master key is not 32 bytes".into())),
+                Err(_) => Err(StoreError::WrongKek),
+            }
+        }
     }
 }
 
@@ -766,11 +921,7 @@ impl LockedStore {
     /// How this store is sealed. A store from before seal modes existed
     /// records nothing and is `auto`.
     pub fn seal_params(&self) -> Result<SealParams, StoreError> {
-        match self.meta(META_SEAL)? {
-            None => Ok(SealParams::Auto),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::Meta(format!("seal parameters: {e}"))),
-        }
+        parse_seal_params(self.meta(META_SEAL)?)
     }
 
     /// Opens the wrapped master key with `kek`. On failure the locked store
@@ -788,25 +939,12 @@ impl LockedStore {
             Err(e) => return Err((self, e)),
         };
         let generation = match self.meta(META_GENERATION) {
-            Ok(g) => g
-                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0),
+            Ok(g) => parse_generation(g),
             Err(e) => return Err((self, e)),
         };
-        let master = match wrapped {
-            // Legacy layout: the KEK sealed the records directly.
-            None => MasterKey(kek.duplicate()),
-            Some(w) => {
-                match crypto::aes_gcm_open(kek.expose_secret(), &w, &wrap_aad(&params, generation))
-                {
-                    Ok(plain) if plain.len() == 32 => MasterKey(SecretBytes::from_slice(&plain)),
-                    Ok(_) => {
-                        return Err((self, StoreError::Meta("master key is not 32 bytes".into())))
-                    }
-                    Err(_) => return Err((self, StoreError::WrongKek)),
-                }
-            }
+        let master = match unwrap_master(&kek, wrapped, &params, generation) {
+            Ok(m) => m,
+            Err(e) => return Err((self, e)),
         };
         Ok(Store {
             db: RwLock::new(Some(self.db)),
@@ -1017,6 +1155,64 @@ mod tests {
         drop(store);
         let store = Store::open(&path, k).unwrap();
         assert_eq!(store.keys().unwrap()[0].1.as_slice(), b"legacy ring");
+    }
+
+    /// The audit head witness round-trips, survives a master-key rotation,
+    /// reads offline (read-only) only while no one holds the store, and a
+    /// sealed value copied onto it from another record does not open.
+    #[test]
+    fn the_audit_head_round_trips_and_reads_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let k = kek();
+        let store = Store::create(&path, k.duplicate(), SealParams::Auto).unwrap();
+        assert_eq!(store.audit_head().unwrap(), None);
+        let head = AuditHeadRecord {
+            seq: 42,
+            hash: "ab".repeat(32),
+        };
+        store.put_audit_head(&head).unwrap();
+        assert_eq!(store.audit_head().unwrap(), Some(head.clone()));
+        assert!(matches!(
+            read_audit_head_offline(&path, Some(k.duplicate())),
+            Err(OfflineHeadError::InUse)
+        ));
+        store.rotate_master(None).unwrap();
+        assert_eq!(store.audit_head().unwrap(), Some(head.clone()));
+        drop(store);
+        assert_eq!(
+            read_audit_head_offline(&path, Some(k.duplicate())).unwrap(),
+            Some(head.clone())
+        );
+        assert!(matches!(
+            read_audit_head_offline(&path, Some(kek())),
+            Err(OfflineHeadError::Store(StoreError::WrongKek))
+        ));
+        // The offline read changed nothing: the store opens and holds it.
+        let store = Store::open(&path, k.duplicate()).unwrap();
+        assert_eq!(store.audit_head().unwrap(), Some(head));
+        store.put_user(&user("alice")).unwrap();
+        let alice = store.raw_get(USERS, "alice");
+        store.raw_put(AUDIT, AUDIT_HEAD, &alice);
+        assert!(matches!(
+            store.audit_head(),
+            Err(StoreError::Unseal { table: "audit", .. })
+        ));
+    }
+
+    #[test]
+    fn a_sealed_mode_store_head_is_not_read_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let params = SealParams::Shamir {
+            threshold: 2,
+            shares: 3,
+        };
+        drop(Store::create(&path, kek(), params).unwrap());
+        assert!(matches!(
+            read_audit_head_offline(&path, Some(kek())),
+            Err(OfflineHeadError::Sealed(_))
+        ));
     }
 
     #[test]

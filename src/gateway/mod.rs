@@ -325,10 +325,13 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
+        let witness = Arc::new(std::sync::Mutex::new(StoreWitness::default()));
         {
             let interval = self.state.audit.flush_interval();
             let audit = self.state.audit.clone();
             let metrics = self.state.metrics.clone();
+            let engine = self.state.engine.clone();
+            let witness = witness.clone();
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(interval);
@@ -337,17 +340,27 @@ impl Server {
                         _ = stop.changed() => break,
                         _ = tick.tick() => {}
                     }
-                    let audit = audit.clone();
+                    let log = audit.clone();
                     let flushed = tokio::task::spawn_blocking(move || {
                         // Minutes of per-minute key use that have ended.
-                        audit.roll_key_use(false)?;
-                        audit.flush()
+                        log.roll_key_use(false)?;
+                        log.flush()
                     })
                     .await;
                     if !matches!(flushed, Ok(Ok(()))) {
                         metrics.audit_write_failures.inc();
                         tracing::error!("audit log: timed flush (sync and head checkpoint) failed");
                     }
+                    let (engine, metrics, log, witness) = (
+                        engine.clone(),
+                        metrics.clone(),
+                        audit.clone(),
+                        witness.clone(),
+                    );
+                    let _ = tokio::task::spawn_blocking(move || {
+                        keep_store_head(&engine, &metrics, &log, &witness)
+                    })
+                    .await;
                 }
             });
         }
@@ -443,9 +456,102 @@ impl Server {
             tracing::error!("audit log: could not write the last key-use counts");
         }
         audit_local(&state, Event::new("server.stop", Outcome::Success)).await;
-        let flushed = tokio::task::spawn_blocking(move || state.audit.flush()).await;
+        let flushed = tokio::task::spawn_blocking(move || {
+            let flushed = state.audit.flush();
+            keep_store_head(&state.engine, &state.metrics, &state.audit, &witness);
+            flushed
+        })
+        .await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::error!("audit log: final sync failed");
+        }
+    }
+}
+
+/// This process's view of the engine store's audit head witness.
+#[derive(Default)]
+struct StoreWitness {
+    /// The log was compared with the store's head once the engine was
+    /// active (at most once per process).
+    checked: bool,
+    /// The log does not contain the store's head: the witness is kept as
+    /// evidence and never overwritten by this process.
+    refused: bool,
+    /// The head last written to the store.
+    recorded: Option<crate::audit::Head>,
+}
+
+/// Copies the audit log's durable head into the engine's store (its
+/// second witness, see [`Engine::record_audit_head`]), on the flush timer
+/// and at shutdown. A no-op while the engine is not active. The first time
+/// it runs with an active engine, the log is checked to contain the head
+/// the store already holds: a log cut (with its sidecar rewritten) while
+/// the server was stopped would otherwise have its evidence overwritten
+/// once it grew past the old head. On a mismatch the witness is left as is
+/// for the rest of the process, logged, and counted every tick in
+/// `hsmgate_audit_write_failures_total` (the alert keeps firing). Failures
+/// never fail a request.
+fn keep_store_head(
+    engine: &Engine,
+    metrics: &crate::metrics::Metrics,
+    audit: &crate::audit::AuditLog,
+    witness: &std::sync::Mutex<StoreWitness>,
+) {
+    let Some(head) = audit.durable_head() else {
+        return;
+    };
+    let mut w = witness.lock().unwrap_or_else(|e| e.into_inner());
+    if w.refused {
+        metrics.audit_write_failures.inc();
+        return;
+    }
+    if w.recorded.as_ref() == Some(&head) {
+        return;
+    }
+    if !w.checked {
+        match engine.audit_head() {
+            Err(EngineError::NotActive(_)) => return,
+            Err(e) => {
+                metrics.audit_write_failures.inc();
+                tracing::error!(error = %e, "audit log: cannot read the head kept in the engine's store");
+                return;
+            }
+            Ok(None) => {}
+            Ok(Some(stored)) => {
+                let stored = crate::audit::Head {
+                    seq: stored.seq,
+                    hash: stored.hash,
+                };
+                match crate::audit::log_contains(audit.path(), &stored) {
+                    Ok(None) => {}
+                    Ok(Some(detail)) => {
+                        w.refused = true;
+                        metrics.audit_write_failures.inc();
+                        tracing::error!(
+                            stored_seq = stored.seq,
+                            %detail,
+                            "audit log does not contain the head kept in the engine's store \
+                             (truncated or rewritten while the server was stopped?); the store's \
+                             head is kept as evidence and not updated: run `hsmgate audit verify`"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        metrics.audit_write_failures.inc();
+                        tracing::error!(error = %e, "audit log: cannot read it back to compare with the store's head");
+                        return;
+                    }
+                }
+            }
+        }
+        w.checked = true;
+    }
+    match engine.record_audit_head(head.seq, &head.hash) {
+        Ok(true) => w.recorded = Some(head),
+        Ok(false) => {}
+        Err(e) => {
+            metrics.audit_write_failures.inc();
+            tracing::error!(error = %e, seq = head.seq, "audit log: could not keep the head in the engine's store");
         }
     }
 }
