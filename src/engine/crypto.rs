@@ -2,13 +2,17 @@
 //!
 //! This module knows nothing of storage or HTTP: it turns key material into
 //! ciphertexts, signatures and MACs and back. Every primitive comes from
-//! aws-lc-rs; AEAD sealing happens in exactly one function, [`aead_seal`],
-//! so the known-answer and Wycheproof tests cover the path the engine and the
-//! store really use.
+//! aws-lc-rs; AEAD sealing happens in exactly one function,
+//! [`aead_seal_with`] (reached through [`aead_seal`] by the store), so the
+//! known-answer and Wycheproof tests cover the path the engine and the store
+//! really use.
 //!
-//! Asymmetric keys are parsed once, when a version is loaded or generated,
-//! and kept parsed beside their stored bytes: parsing an RSA key costs more
-//! than signing with it. aws-lc frees (and clears) those structures on drop.
+//! Keys are prepared once, when a version is loaded or generated, and kept
+//! beside their stored bytes: asymmetric keys parsed (parsing an RSA key
+//! costs more than signing with it), AEAD keys with their key schedule, the
+//! HMAC-SHA256 key with its padded-key state (per call these cost as much as
+//! sealing 1 KiB; benches/engine.rs). aws-lc frees (and clears) those
+//! structures on drop.
 use std::fmt;
 
 use aws_lc_rs::aead::{
@@ -423,6 +427,11 @@ pub struct KeyMaterial {
     /// works on any key type. For the `hmac` type it equals `secret`.
     pub hmac_key: SecretBytes,
     parsed: Parsed,
+    /// AEAD types: the prepared key (`secret` with its key schedule).
+    /// Boxed: aws-lc's contexts are large and inline.
+    aead: Option<Box<LessSafeKey>>,
+    /// `hmac_key` prepared for HMAC-SHA256, the default hash.
+    hmac_sha256: Box<hmac::Key>,
 }
 
 impl fmt::Debug for KeyMaterial {
@@ -514,11 +523,18 @@ impl KeyMaterial {
         if !hmac_ok {
             return Err(CryptoError::InvalidKeyMaterial);
         }
+        let aead = match key_type.aead() {
+            Some(alg) => Some(Box::new(aead_key(alg, secret.expose_secret())?)),
+            None => None,
+        };
+        let hmac_sha256 = Box::new(hmac::Key::new(hmac::HMAC_SHA256, hmac_key.expose_secret()));
         Ok(KeyMaterial {
             key_type,
             secret,
             hmac_key,
             parsed,
+            aead,
+            hmac_sha256,
         })
     }
 
@@ -591,12 +607,12 @@ impl KeyMaterial {
             }
             return rsa_oaep_encrypt(&rsa.0, plaintext);
         }
-        let alg = self.require_aead("encryption")?;
+        let key = self.prepared_aead("encryption")?;
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| CryptoError::RandomFailure)?;
-        aead_seal(alg, self.secret.expose_secret(), nonce, plaintext, aad)
+        aead_seal_with(key, nonce, plaintext, aad)
     }
 
     /// Convergent encryption: the nonce is HMAC-SHA256 of the plaintext under
@@ -608,7 +624,7 @@ impl KeyMaterial {
         aad: &[u8],
         context: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
-        let alg = self.require_aead("convergent encryption")?;
+        let sealing_key = self.prepared_aead("convergent encryption")?;
         let nonce_key = hkdf_sha256(self.hmac_key.expose_secret(), context, KEY_LEN)?;
         let key = hmac::Key::new(hmac::HMAC_SHA256, nonce_key.expose_secret());
         let mut ctx = hmac::Context::with_key(&key);
@@ -618,7 +634,7 @@ impl KeyMaterial {
         let tag = ctx.sign();
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&tag.as_ref()[..NONCE_LEN]);
-        aead_seal(alg, self.secret.expose_secret(), nonce, plaintext, aad)
+        aead_seal_with(sealing_key, nonce, plaintext, aad)
     }
 
     /// One error for every failure (see [`CryptoError::DecryptionFailed`]).
@@ -631,8 +647,7 @@ impl KeyMaterial {
             }
             return self.rsa_oaep_decrypt_with(&OAEP_SHA256_MGF1SHA256, blob);
         }
-        let alg = self.require_aead("decryption")?;
-        aead_open(alg, self.secret.expose_secret(), blob, aad)
+        aead_open_with(self.prepared_aead("decryption")?, blob, aad)
     }
 
     /// RSA-OAEP decryption with `alg` and no label: Transit's decrypt
@@ -737,8 +752,21 @@ impl KeyMaterial {
     }
 
     pub fn hmac(&self, input: &[u8], hash: HashAlgorithm) -> Result<Vec<u8>, CryptoError> {
+        self.with_hmac_key(hash, |key| hmac::sign(key, input).as_ref().to_vec())
+    }
+
+    /// Runs `f` with the prepared HMAC-SHA256 key, or a fresh key for
+    /// another hash.
+    fn with_hmac_key<T>(
+        &self,
+        hash: HashAlgorithm,
+        f: impl FnOnce(&hmac::Key) -> T,
+    ) -> Result<T, CryptoError> {
+        if matches!(hash, HashAlgorithm::Sha2_256) {
+            return Ok(f(&self.hmac_sha256));
+        }
         let key = hmac::Key::new(hash.hmac_algorithm()?, self.hmac_key.expose_secret());
-        Ok(hmac::sign(&key, input).as_ref().to_vec())
+        Ok(f(&key))
     }
 
     /// Constant time: `hmac::verify` compares without early exit.
@@ -748,8 +776,7 @@ impl KeyMaterial {
         mac: &[u8],
         hash: HashAlgorithm,
     ) -> Result<bool, CryptoError> {
-        let key = hmac::Key::new(hash.hmac_algorithm()?, self.hmac_key.expose_secret());
-        Ok(hmac::verify(&key, input, mac).is_ok())
+        self.with_hmac_key(hash, |key| hmac::verify(key, input, mac).is_ok())
     }
 
     /// The key in Vault's export format. The returned string holds key
@@ -793,8 +820,8 @@ impl KeyMaterial {
         }
     }
 
-    fn require_aead(&self, op: &'static str) -> Result<&'static AeadAlgorithm, CryptoError> {
-        self.key_type.aead().ok_or_else(|| self.unsupported(op))
+    fn prepared_aead(&self, op: &'static str) -> Result<&LessSafeKey, CryptoError> {
+        self.aead.as_deref().ok_or_else(|| self.unsupported(op))
     }
 
     fn unsupported(&self, op: &'static str) -> CryptoError {
@@ -1065,7 +1092,16 @@ pub(crate) fn aead_seal(
     plaintext: &[u8],
     aad: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let key = aead_key(alg, key)?;
+    aead_seal_with(&aead_key(alg, key)?, nonce, plaintext, aad)
+}
+
+/// Seals under a prepared key (see [`aead_seal`]).
+fn aead_seal_with(
+    key: &LessSafeKey,
+    nonce: [u8; NONCE_LEN],
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     // Zeroizing: until sealing succeeds the buffer holds plaintext.
     let mut out = Zeroizing::new(Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN));
     out.extend_from_slice(&nonce);
@@ -1088,7 +1124,14 @@ pub(crate) fn aead_open(
     blob: &[u8],
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    let key = aead_key(alg, key)?;
+    aead_open_with(&aead_key(alg, key)?, blob, aad)
+}
+
+fn aead_open_with(
+    key: &LessSafeKey,
+    blob: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     if blob.len() < NONCE_LEN + TAG_LEN {
         return Err(CryptoError::DecryptionFailed);
     }

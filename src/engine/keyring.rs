@@ -607,7 +607,13 @@ struct VersionRecord {
 /// `vault:v{N}:` + standard base64, Vault's envelope for ciphertexts,
 /// signatures and HMACs.
 pub fn format_vault(version: u32, bytes: &[u8]) -> String {
-    format!("vault:v{version}:{}", STANDARD.encode(bytes))
+    // One allocation of the final size instead of encode + format!.
+    let mut out = String::with_capacity(20 + bytes.len().div_ceil(3) * 4);
+    out.push_str("vault:v");
+    out.push_str(&version.to_string());
+    out.push(':');
+    STANDARD.encode_string(bytes, &mut out);
+    out
 }
 
 /// Vault's `marshaling_algorithm: jws`: URL-safe base64 without padding.
