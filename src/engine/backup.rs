@@ -551,13 +551,7 @@ impl Engine {
                 "restore needs a fresh or zeroized engine; this one is initialized".into(),
             ));
         }
-        let token_ok = inner
-            .init_token
-            .as_ref()
-            .is_some_and(|t| t.ct_eq(init_token.expose_secret().as_bytes()));
-        if !token_ok {
-            return Err(EngineError::InvalidInitToken);
-        }
+        inner.check_init_token(init_token)?;
         let (summary, mut contents) = open(
             bytes,
             custodian_private,

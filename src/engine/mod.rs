@@ -308,6 +308,22 @@ struct Inner {
     unseal_failures: u64,
 }
 
+impl Inner {
+    /// The one-time init token, compared in constant time (init and restore
+    /// both need it).
+    fn check_init_token(&self, init_token: &SecretString) -> Result<(), EngineError> {
+        let token_ok = self
+            .init_token
+            .as_ref()
+            .is_some_and(|t| t.ct_eq(init_token.expose_secret().as_bytes()));
+        if token_ok {
+            Ok(())
+        } else {
+            Err(EngineError::InvalidInitToken)
+        }
+    }
+}
+
 pub struct Engine {
     paths: Paths,
     config: EngineConfig,
@@ -518,13 +534,7 @@ impl Engine {
         if matches!(inner.state, EngineState::Active | EngineState::Sealed) {
             return Err(EngineError::AlreadyInitialized);
         }
-        let token_ok = inner
-            .init_token
-            .as_ref()
-            .is_some_and(|t| t.ct_eq(init_token.expose_secret().as_bytes()));
-        if !token_ok {
-            return Err(EngineError::InvalidInitToken);
-        }
+        inner.check_init_token(init_token)?;
         users::validate_password(
             ADMIN_USERNAME,
             admin_password.expose_secret(),
@@ -882,6 +892,19 @@ impl Engine {
             .clone()
     }
 
+    /// What `status` and the user list show of a user (never its hash).
+    fn user_status(&self, u: UserRecord) -> UserStatus {
+        UserStatus {
+            attempts_left: self
+                .threshold(u.role)
+                .saturating_sub(u.consecutive_failures),
+            username: u.username,
+            role: u.role,
+            consecutive_failures: u.consecutive_failures,
+            locked: u.locked,
+        }
+    }
+
     fn threshold(&self, role: Role) -> u32 {
         match role {
             Role::CryptoOfficer => self.config.zeroize_after_failures,
@@ -1095,15 +1118,7 @@ impl Engine {
                     .store
                     .users()?
                     .into_iter()
-                    .map(|u| UserStatus {
-                        attempts_left: self
-                            .threshold(u.role)
-                            .saturating_sub(u.consecutive_failures),
-                        username: u.username,
-                        role: u.role,
-                        consecutive_failures: u.consecutive_failures,
-                        locked: u.locked,
-                    })
+                    .map(|u| self.user_status(u))
                     .collect();
                 (users, read(&active.keys).len())
             }

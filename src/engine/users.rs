@@ -116,18 +116,7 @@ impl Engine {
         Self::require(by, Role::CryptoOfficer)?;
         let mut users = self.with_active(|a| Ok(a.store.users()?))?;
         users.sort_by(|a, b| a.username.cmp(&b.username));
-        Ok(users
-            .into_iter()
-            .map(|u| UserStatus {
-                attempts_left: self
-                    .threshold(u.role)
-                    .saturating_sub(u.consecutive_failures),
-                username: u.username,
-                role: u.role,
-                consecutive_failures: u.consecutive_failures,
-                locked: u.locked,
-            })
-            .collect())
+        Ok(users.into_iter().map(|u| self.user_status(u)).collect())
     }
 
     /// The crypto officer deletes a crypto user; its sessions die at once.
