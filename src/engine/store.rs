@@ -169,19 +169,7 @@ impl MasterKey {
     /// journaling or copy-on-write file systems and SSDs the old blocks may
     /// survive: docs/SECURITY.md says so; sealed mode is the complete answer.
     pub fn destroy_file(path: &Path) -> Result<(), StoreError> {
-        match OpenOptions::new().write(true).open(path) {
-            Ok(mut f) => {
-                let len = f.metadata().map(|m| m.len()).unwrap_or(32) as usize;
-                let noise = crypto::random_bytes(len.max(32))?;
-                f.write_all(&noise).map_err(io_err(path))?;
-                f.sync_all().map_err(io_err(path))?;
-                drop(f);
-                fs::remove_file(path).map_err(io_err(path))?;
-                sync_parent(path)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(path)(e)),
-        }
+        shred_file(path)
     }
 }
 
