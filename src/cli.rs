@@ -43,6 +43,12 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Cluster set-up: `hsmgate cluster certs` issues the cluster CA and
+    /// node certificates (docs/CLUSTER.md).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Generate the backup custodian key (X25519) and backup signing key
     /// (Ed25519) into a directory, and print the `[backup]` config lines.
     /// Keep custodian.key offline; give signer.key to the server.
@@ -87,6 +93,23 @@ pub enum Command {
     Man,
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Write a new cluster CA and a certificate per node (and gateway)
+    /// into a directory; refuses to overwrite. Keep ca-key.pem offline.
+    Certs {
+        /// Created if missing.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Node ids, comma-separated (e.g. 1,2,3).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// Gateway names, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        gateways: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,6 +158,14 @@ pub fn run(cli: Cli) -> ExitCode {
             command: AuditCommand::Verify { path, config, head },
         } => audit_verify(path, config, head),
         Command::BackupKeygen { out_dir } => exit(backup_keygen(&out_dir)),
+        Command::Cluster {
+            command:
+                ClusterCommand::Certs {
+                    out_dir,
+                    nodes,
+                    gateways,
+                },
+        } => exit(cluster_certs(&out_dir, &nodes, &gateways)),
         Command::Backup {
             config,
             data_dir,
@@ -205,6 +236,30 @@ fn exit(r: Result<(), String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cluster_certs(dir: &Path, nodes: &[u64], gateways: &[String]) -> Result<(), String> {
+    if nodes.contains(&0) {
+        return Err("node ids start at 1".into());
+    }
+    if gateways
+        .iter()
+        .any(|g| g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
+        return Err("gateway names are letters, digits and '-'".into());
+    }
+    if dir.join("ca.pem").exists() {
+        return Err(format!(
+            "{} exists; refusing to overwrite a cluster CA",
+            dir.join("ca.pem").display()
+        ));
+    }
+    let out = crate::cluster::certs::generate(dir, nodes, gateways)?;
+    for f in &out.files {
+        println!("wrote {}", f.display());
+    }
+    println!("keep ca-key.pem offline: it issues every member's identity");
+    Ok(())
 }
 
 fn backup_keygen(dir: &Path) -> Result<(), String> {
@@ -611,6 +666,10 @@ fn serve(cfg: Config, data_dir: Option<PathBuf>) -> Result<(), Box<dyn std::erro
         if let Some(addr) = server.metrics_addr() {
             // Plain HTTP on purpose: see docs/OPERATIONS.md.
             println!("hsmgate: listening metrics http://{addr}");
+        }
+        if let Some(addr) = server.cluster_addr() {
+            // Mutual TLS, members only: see docs/CLUSTER.md.
+            println!("hsmgate: cluster port {addr} (mutual TLS, node certificates only)");
         }
         if let Some(addr) = server.dangerous_unfenced_addr() {
             eprintln!(

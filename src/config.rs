@@ -81,6 +81,9 @@ pub struct Config {
     /// [`crate::gateway::dangerous_unfenced_bench`]). `None` unless set;
     /// validation admits only loopback addresses.
     pub dangerous_unfenced_listener: Option<SocketAddr>,
+    /// `[cluster]`: this node is a member of a replicated cluster of engine
+    /// nodes (see [`crate::cluster`], docs/CLUSTER.md). `None`: a single node.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Login-failure thresholds and session lifetime for the engine.
@@ -478,6 +481,22 @@ struct RawConfig {
     backup: RawBackup,
     #[serde(default)]
     bench: RawBench,
+    cluster: Option<Spanned<RawCluster>>,
+}
+
+/// `[cluster]`: engine-node membership of a replicated cluster.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    node_id: Spanned<i64>,
+    address: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
+    ca_file: Spanned<String>,
+    cert_file: Spanned<String>,
+    key_file: Spanned<String>,
+    security_groups: Spanned<Vec<Spanned<String>>>,
+    heartbeat_ms: Option<Spanned<i64>>,
+    election_timeout_ms: Option<Spanned<Vec<i64>>>,
 }
 
 /// `[bench]`: benchmark-only switches. Off unless set.
@@ -946,6 +965,17 @@ fn assemble(
         );
         let audit = audit_section(main, &raw.audit, &mut errors);
         let dangerous_unfenced_listener = bench_section(main, &raw.bench, &mut errors);
+        let cluster = raw.cluster.as_ref().and_then(|c| {
+            cluster_section(
+                main,
+                c,
+                &engine,
+                &fence.groups,
+                groups_complete,
+                fs_checks,
+                &mut errors,
+            )
+        });
         let metrics = match &raw.metrics {
             Some(m) => metrics_section(main, m, &fence.groups, groups_complete, &mut errors),
             None => crate::metrics::MetricsConfig::default(),
@@ -967,6 +997,7 @@ fn assemble(
             metrics,
             acl,
             dangerous_unfenced_listener,
+            cluster,
         }
     });
 
@@ -1674,6 +1705,147 @@ fn bench_section(
             None
         }
     }
+}
+
+/// `[cluster]`: node id ≥ 1, the cluster port's address (default
+/// 127.0.0.1:8201), the cluster CA and this node's certificate and key
+/// (relative to the config file), security groups for the cluster port
+/// (at least one, all defined), optional Raft timing. Cluster members use
+/// seal = "auto" in this version.
+fn cluster_section(
+    main: &Source<'_>,
+    raw: &Spanned<RawCluster>,
+    engine: &EngineConfig,
+    groups: &BTreeMap<String, DefinedGroup>,
+    groups_complete: bool,
+    fs_checks: FsChecks,
+    errors: &mut Vec<ConfigError>,
+) -> Option<crate::cluster::ClusterConfig> {
+    let c = raw.get_ref();
+    let before = errors.len();
+    let node_id = *c.node_id.get_ref();
+    if node_id < 1 {
+        errors.push(main.error_at(
+            c.node_id.span(),
+            format!("cluster.node_id must be 1 or more (found {node_id})"),
+        ));
+    }
+    let address = match &c.address {
+        None => SocketAddr::from(([127, 0, 0, 1], crate::cluster::DEFAULT_PORT)),
+        Some(a) => match a.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                errors.push(main.error_at(
+                    a.span(),
+                    format!(
+                        "cluster.address {} is not an IP address and port (e.g. 127.0.0.1:8201)",
+                        quoted(a.get_ref())
+                    ),
+                ));
+                SocketAddr::from(([127, 0, 0, 1], crate::cluster::DEFAULT_PORT))
+            }
+        },
+    };
+    let advertise = match &c.advertise {
+        None => address.to_string(),
+        Some(a) => {
+            let ok = a
+                .get_ref()
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                errors.push(main.error_at(
+                    a.span(),
+                    format!(
+                        "cluster.advertise {} is not host:port (the address other members dial)",
+                        quoted(a.get_ref())
+                    ),
+                ));
+            }
+            a.get_ref().clone()
+        }
+    };
+    if engine.seal != crate::engine::seal::SealMode::Auto {
+        errors.push(main.error_at(
+            raw.span(),
+            "[cluster] needs engine.seal = \"auto\" in this version: a joining node \
+             receives the cluster key and keeps it wrapped under its own key file",
+        ));
+    }
+    let mut file = |key: &str, v: &Spanned<String>| {
+        if v.get_ref().trim().is_empty() {
+            errors.push(main.error_at(v.span(), format!("cluster.{key} must not be empty")));
+        }
+        let path = base_dir(main.path).join(v.get_ref());
+        if fs_checks == FsChecks::Yes && !path.is_file() {
+            errors.push(main.error_at(
+                v.span(),
+                format!("cluster.{key}: {} cannot be read", path.display()),
+            ));
+        }
+        path
+    };
+    let ca_file = file("ca_file", &c.ca_file);
+    let cert_file = file("cert_file", &c.cert_file);
+    let key_file = file("key_file", &c.key_file);
+    if c.security_groups.get_ref().is_empty() {
+        errors.push(main.error_at(
+            c.security_groups.span(),
+            "cluster.security_groups needs at least one group: the default is deny",
+        ));
+    }
+    for group in c.security_groups.get_ref() {
+        if groups_complete && !groups.contains_key(group.get_ref()) {
+            errors.push(main.error_at(
+                group.span(),
+                format!(
+                    "cluster.security_groups names group {}, which no policy file defines{}",
+                    quoted(group.get_ref()),
+                    defined_list(groups)
+                ),
+            ));
+        }
+    }
+    let heartbeat_ms = match &c.heartbeat_ms {
+        None => 250,
+        Some(h) if (10..=10_000).contains(h.get_ref()) => *h.get_ref() as u64,
+        Some(h) => {
+            errors.push(main.error_at(
+                h.span(),
+                "cluster.heartbeat_ms must be between 10 and 10000",
+            ));
+            250
+        }
+    };
+    let election_timeout_ms = match &c.election_timeout_ms {
+        None => (1_500, 3_000),
+        Some(e) => match e.get_ref().as_slice() {
+            [lo, hi] if *lo as u64 > heartbeat_ms && lo < hi && *hi <= 60_000 => {
+                (*lo as u64, *hi as u64)
+            }
+            _ => {
+                errors.push(main.error_at(
+                    e.span(),
+                    "cluster.election_timeout_ms is [min, max] with heartbeat_ms < min < max <= 60000",
+                ));
+                (1_500, 3_000)
+            }
+        },
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(crate::cluster::ClusterConfig {
+        node_id: node_id as u64,
+        address,
+        advertise,
+        ca_file,
+        cert_file,
+        key_file,
+        security_groups: dedup(c.security_groups.get_ref()),
+        heartbeat_ms,
+        election_timeout_ms,
+    })
 }
 
 /// `[metrics]`: present means enabled unless `enabled = false`; the

@@ -584,10 +584,14 @@ pub async fn bind(config: &Config) -> Result<Option<TcpListener>, MetricsError> 
 
 /// The networks the metrics listener admits, from its groups.
 pub fn admitted(config: &Config) -> CidrSet {
+    cidrs_of_groups(config, &config.metrics.security_groups)
+}
+
+/// Every network of the named security groups (prefix lists expanded):
+/// the metrics listener's and the cluster port's filter.
+pub fn cidrs_of_groups(config: &Config, groups: &[String]) -> CidrSet {
     CidrSet::from_nets(
-        config
-            .metrics
-            .security_groups
+        groups
             .iter()
             .filter_map(|g| config.groups.get(g))
             .flat_map(|g| g.rules.iter())

@@ -882,6 +882,7 @@ mod tests {
             metrics: Default::default(),
             acl: Default::default(),
             dangerous_unfenced_listener: None,
+            cluster: None,
             listeners: listeners
                 .iter()
                 .enumerate()

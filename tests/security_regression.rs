@@ -1423,3 +1423,85 @@ async fn truncating_the_audit_log_and_its_sidecar_together_is_caught_by_the_stor
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("the engine's store head"), "{out}");
 }
+
+/// Attack: someone holding a node certificate from the cluster CA (a
+/// leaked cert file) but not the cluster key sends the leader a forged
+/// write deleting a key, and asks it to add their machine as a node (to be
+/// handed the cluster key). The forged entry is committed but refused on
+/// apply by every member (it carries no valid member tag: a MAC under a key
+/// only members derive); membership changes are not reachable on the
+/// cluster port at all. The key keeps working; nothing is added.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_certificate_without_the_cluster_key_can_neither_forge_writes_nor_join_itself() {
+    let certs = tempfile::tempdir().unwrap();
+    hsmgate::cluster::certs::generate(certs.path(), &[1, 2], &[]).unwrap();
+    let file = |n: &str| certs.path().join(n).display().to_string();
+    let s = TestServer::start(Opts {
+        extra_groups: "[group.cluster]\nrules = [ { source = \"127.0.0.0/8\" } ]\n".into(),
+        extra_config: format!(
+            "[cluster]\nnode_id = 1\naddress = \"127.0.45.1:8201\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nsecurity_groups = [\"cluster\"]\nheartbeat_ms = 100\nelection_timeout_ms = [500, 1000]\n",
+            file("ca.pem"),
+            file("node-1.pem"),
+            file("node-1-key.pem")
+        ),
+        ..Opts::default()
+    });
+    let (_, app) = s.init_with_app_user().await;
+    let client = s.client();
+    let (status, body) = s
+        .post(&client, "/v1/transit/keys/precious", Some(&app), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let stolen = (
+        certs.path().join("ca.pem"),
+        certs.path().join("node-2.pem"),
+        certs.path().join("node-2-key.pem"),
+    );
+    let identity = (stolen.0.as_path(), stolen.1.as_path(), stolen.2.as_path());
+    let forged = json!({
+        "ops": [{"table": "keys", "name": "precious", "sealed": null, "expect": "any"}],
+        "mac": "00".repeat(32),
+    });
+    let answer = common::cluster_post("127.0.45.1:8201", 1, identity, "/cluster/v1/write", &forged)
+        .await
+        .expect("a member's certificate is served");
+    assert_eq!(answer.0, 200, "{answer:?}");
+    assert!(
+        answer.1.to_string().contains("unauthenticated"),
+        "the forged entry must be refused on apply: {answer:?}"
+    );
+    // The key is still there and works.
+    let (status, body) = s
+        .post(
+            &client,
+            "/v1/transit/encrypt/precious",
+            Some(&app),
+            json!({"plaintext": common::b64(b"still here")}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // No membership change through the cluster port.
+    for path in ["/cluster/v1/add-node", "/cluster/v1/remove-node"] {
+        let answer = common::cluster_post(
+            "127.0.45.1:8201",
+            1,
+            identity,
+            path,
+            &json!({"node_id": 2, "address": "127.0.45.2:8201", "init_token": "x"}),
+        )
+        .await
+        .expect("served");
+        assert_eq!(answer.0, 404, "{path}: {answer:?}");
+    }
+    let (status, body) = s
+        .get(
+            &client,
+            "/v1/hsm/cluster",
+            Some(&s.token("admin", common::ADMIN_PASSWORD).await),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["voters"], json!([1]), "{body}");
+}

@@ -77,6 +77,14 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
         (Method::POST, ["backup"]) => super::backup::backup(call).await,
         (Method::POST, ["restore"]) => super::backup::restore(call).await,
+        (Method::GET, ["cluster"]) => super::cluster::status(call).await,
+        (Method::POST, ["cluster", "nodes"]) => super::cluster::add_node(call).await,
+        (Method::DELETE, ["cluster", "nodes", id]) if !id.is_empty() => {
+            super::cluster::remove_node(call, id).await
+        }
+        (_, ["cluster"]) | (_, ["cluster", "nodes"]) | (_, ["cluster", "nodes", _]) => {
+            Err(ApiError::MethodNotAllowed)
+        }
         (_, ["unseal" | "seal" | "rotate-master-key" | "backup" | "restore"]) => {
             Err(ApiError::MethodNotAllowed)
         }

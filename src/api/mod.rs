@@ -6,6 +6,7 @@
 //! [`ApiError`] for the gateway's rescue to render.
 pub mod auth;
 pub mod backup;
+pub mod cluster;
 pub mod hsm;
 pub mod openapi;
 pub mod seal;

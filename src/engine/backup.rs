@@ -588,13 +588,14 @@ impl Engine {
             created_at = summary.created_at,
             "backup restored"
         );
-        Ok((
-            summary,
-            InitOutcome {
-                seal_type: self.seal_type(&inner),
-                shares,
-            },
-        ))
+        let outcome = InitOutcome {
+            seal_type: self.seal_type(&inner),
+            shares,
+        };
+        drop(inner);
+        // A cluster member seeds a new cluster from the restored store.
+        self.notify_activated(true);
+        Ok((summary, outcome))
     }
 }
 

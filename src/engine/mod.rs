@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod crypto;
 pub mod keyring;
+pub mod replication;
 pub mod seal;
 #[cfg(test)]
 mod seal_tests;
@@ -38,7 +39,9 @@ use crypto::{CryptoError, ExportKind, HashAlgorithm, KeyType, SignOptions};
 use keyring::{KeyConfigChange, KeyOptions, KeyRing};
 use seal::{SealMode, SealParams};
 use secret::{SecretBytes, SecretString};
-use store::{LockedStore, MasterKey, Store, StoreError, UserRecord};
+use store::{Expect, LockedStore, MasterKey, RecordOp, Store, StoreError, Table, UserRecord};
+
+pub use replication::Replicator;
 
 pub const ADMIN_USERNAME: &str = "admin";
 
@@ -132,6 +135,13 @@ pub enum EngineError {
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A record changed between this write's read and its commit (another
+    /// cluster member wrote it); retried once after catching up.
+    #[error("{0}")]
+    Conflict(String),
+    /// The cluster cannot commit now (no leader, no quorum, leader unreachable).
+    #[error("cluster unavailable: {0}")]
+    Cluster(String),
 }
 
 /// Who is calling, as established by a session token or an app JWT.
@@ -336,6 +346,8 @@ pub struct Engine {
     /// Serializes key ring updates (create/rotate/config/delete) so two
     /// writers cannot lose each other's version.
     key_writes: Mutex<()>,
+    /// Set when this engine is a cluster member (`crate::cluster`).
+    replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
 }
 
 // A poisoned lock means a panic mid-update of in-memory state; the durable
@@ -395,6 +407,7 @@ impl Engine {
             user_locks: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             key_writes: Mutex::new(()),
+            replicator: std::sync::OnceLock::new(),
             paths,
         };
         let has_key = engine.paths.master_key.exists() || engine.paths.master_key_next.exists();
@@ -551,10 +564,13 @@ impl Engine {
         };
         self.take_ownership(&mut inner, params, kek, &[admin], &[])?;
         tracing::info!(seal = self.seal_type(&inner), "engine initialized");
-        Ok(InitOutcome {
+        let outcome = InitOutcome {
             seal_type: self.seal_type(&inner),
             shares,
-        })
+        };
+        drop(inner);
+        self.notify_activated(true);
+        Ok(outcome)
     }
 
     /// The seal for a new store, per config: (parameters, KEK, shares).
@@ -856,6 +872,13 @@ impl Engine {
     /// dir that opens. Returns the new generation.
     pub fn rotate_master_key(&self, by: &Principal) -> Result<u64, EngineError> {
         Self::require(by, Role::CryptoOfficer)?;
+        if self.clustered() {
+            return Err(EngineError::InvalidRequest(
+                "a cluster member's master key is the cluster key: rotating it on one node \
+                 would cut it off from the others (cluster key rotation is not built yet)"
+                    .into(),
+            ));
+        }
         // key_writes before the state lock, the order update_ring uses: the
         // other order can deadlock behind a queued writer (zeroize).
         let _serial = lock(&self.key_writes);
@@ -985,7 +1008,7 @@ impl Engine {
                 }
             }
             record.consecutive_failures = record.consecutive_failures.saturating_add(1);
-            active.store.put_user(&record)?;
+            self.save_counters(&active.store, &record)?;
             let attempt = record.consecutive_failures;
             (record, attempt)
         };
@@ -999,7 +1022,7 @@ impl Engine {
         let mut record = record;
         if ok {
             record.consecutive_failures = 0;
-            active.store.put_user(&record)?;
+            self.save_counters(&active.store, &record)?;
             drop(inner);
             return self.new_session(&record);
         }
@@ -1024,7 +1047,7 @@ impl Engine {
                 }
                 Role::CryptoUser => {
                     record.locked = true;
-                    active.store.put_user(&record)?;
+                    self.save_counters(&active.store, &record)?;
                     drop(inner);
                     self.revoke_user_sessions(&record.username);
                     tracing::warn!(
@@ -1035,6 +1058,18 @@ impl Engine {
             }
         }
         Err(EngineError::InvalidCredentials)
+    }
+
+    /// A user's failure counters, written before the password is looked
+    /// at: in the user record alone, or in this node's local table on a
+    /// cluster member (each member counts its own failures, DESIGN §4).
+    fn save_counters(&self, store: &Store, record: &UserRecord) -> Result<(), EngineError> {
+        if self.clustered() {
+            store.put_user_counters(record)?;
+        } else {
+            store.put_user(record)?;
+        }
+        Ok(())
     }
 
     fn new_session(&self, record: &UserRecord) -> Result<LoginSuccess, EngineError> {
@@ -1185,22 +1220,26 @@ impl Engine {
         // key_writes before the state lock, the order every key write uses:
         // the other order can deadlock behind a queued writer (zeroize).
         let _serial = lock(&self.key_writes);
-        let inner = read(&self.inner);
-        let active = inner
-            .active
-            .as_ref()
-            .ok_or(EngineError::NotActive(inner.state))?;
-        if active.store.get_user(username)?.is_some() {
-            return Err(EngineError::UserExists(username.into()));
-        }
-        active.store.put_user(&UserRecord {
-            username: username.into(),
-            role,
-            password_hash: hash,
-            consecutive_failures: 0,
-            locked: false,
+        let clustered = self.clustered();
+        let op = self.with_active(|a| {
+            if a.store.get_user(username)?.is_some() {
+                return Err(EngineError::UserExists(username.into()));
+            }
+            let record = UserRecord {
+                username: username.into(),
+                role,
+                password_hash: hash.clone(),
+                consecutive_failures: 0,
+                locked: false,
+            };
+            let mut op = a.store.user_op(&record, Expect::Absent, clustered)?;
+            op.clear_counters = true;
+            Ok(op)
         })?;
-        Ok(())
+        match self.commit(vec![op]) {
+            Err(EngineError::Conflict(_)) => Err(EngineError::UserExists(username.into())),
+            r => r,
+        }
     }
 
     /// The crypto officer resets a crypto user's password, which also
@@ -1241,8 +1280,11 @@ impl Engine {
         record.password_hash = hash;
         record.consecutive_failures = 0;
         record.locked = false;
-        active.store.put_user(&record)?;
+        let expect = active.store.read_for_update(Table::Users, username)?.expect;
+        let mut op = active.store.user_op(&record, expect, self.clustered())?;
+        op.clear_counters = true;
         drop(inner);
+        self.commit(vec![op])?;
         self.revoke_user_sessions(username);
         Ok(())
     }
@@ -1283,6 +1325,7 @@ impl Engine {
         let store_gone =
             store::shred_file(&self.paths.store).and(store::shred_file(&self.paths.store_tmp));
         tracing::error!(zeroizations, "engine zeroized");
+        self.notify_zeroized();
         self.issue_init_token(inner)?;
         key_gone?;
         store_gone?;
@@ -1344,6 +1387,16 @@ impl Engine {
 
     fn ring(&self, by: &Principal, name: &str) -> Result<Arc<KeyRing>, EngineError> {
         Self::require(by, Role::CryptoUser)?;
+        let found = self.with_active(|a| Ok(read(&a.keys).get(name).cloned()))?;
+        if let Some(ring) = found {
+            return Ok(ring);
+        }
+        if !self.clustered() {
+            return Err(EngineError::KeyNotFound(name.into()));
+        }
+        // Read-your-writes across members: a key another member created
+        // a moment ago is not "not found" here until the leader says so.
+        self.catch_up()?;
         self.with_active(|a| {
             read(&a.keys)
                 .get(name)
@@ -1353,28 +1406,58 @@ impl Engine {
     }
 
     /// Persists a new version of a ring, then publishes it. Runs under
-    /// `key_writes`; the closure sees the current ring (if any).
+    /// `key_writes`; the closure sees the current ring (if any), read from
+    /// the store with its digest, so the write applies only over that
+    /// version (a cluster member that lost a race catches up and runs the
+    /// closure once more).
     fn update_ring(
         &self,
         by: &Principal,
         name: &str,
-        f: impl FnOnce(Option<&KeyRing>) -> Result<Option<KeyRing>, EngineError>,
+        mut f: impl FnMut(Option<&KeyRing>) -> Result<Option<KeyRing>, EngineError>,
     ) -> Result<Arc<KeyRing>, EngineError> {
         Self::require(by, Role::CryptoUser)?;
         keyring::validate_name(name)?;
         let _serial = lock(&self.key_writes);
-        self.with_active(|a| {
-            let current = read(&a.keys).get(name).cloned();
-            match f(current.as_deref())? {
-                Some(next) => {
-                    a.store.put_key(name, &next.to_record()?)?;
-                    let next = Arc::new(next);
-                    write(&a.keys).insert(name.to_string(), next.clone());
-                    Ok(next)
+        let mut retried = false;
+        loop {
+            let (op, current) = self.with_active(|a| {
+                let read = a.store.read_for_update(Table::Keys, name)?;
+                let current = match &read.plaintext {
+                    Some(plain) => Some(KeyRing::from_record(name, plain)?),
+                    None => None,
+                };
+                match f(current.as_ref())? {
+                    Some(next) => {
+                        let op =
+                            a.store
+                                .put_op(Table::Keys, name, &next.to_record()?, read.expect)?;
+                        Ok((Some(op), None))
+                    }
+                    None => Ok((None, current)),
                 }
-                None => current.ok_or_else(|| EngineError::KeyNotFound(name.into())),
+            })?;
+            let Some(op) = op else {
+                return self
+                    .with_active(|a| Ok(read(&a.keys).get(name).cloned()))?
+                    .or_else(|| current.map(Arc::new))
+                    .ok_or_else(|| EngineError::KeyNotFound(name.into()));
+            };
+            match self.commit(vec![op]) {
+                Err(EngineError::Conflict(_)) if !retried => {
+                    retried = true;
+                    self.catch_up()?;
+                    continue;
+                }
+                r => r?,
             }
-        })
+            return self.with_active(|a| {
+                read(&a.keys)
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| EngineError::KeyNotFound(name.into()))
+            });
+        }
     }
 
     /// Creates a key ring. As in Vault, creating an existing key of the same
@@ -1426,19 +1509,27 @@ impl Engine {
 
     pub fn delete_key(&self, by: &Principal, name: &str) -> Result<(), EngineError> {
         Self::require(by, Role::CryptoUser)?;
+        if name.starts_with('.') {
+            return Err(EngineError::KeyNotFound(name.into()));
+        }
         let _serial = lock(&self.key_writes);
-        self.with_active(|a| {
-            let ring = read(&a.keys)
-                .get(name)
-                .cloned()
+        let op = self.with_active(|a| {
+            let read = a.store.read_for_update(Table::Keys, name)?;
+            let plain = read
+                .plaintext
                 .ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
-            if !ring.deletion_allowed {
+            if !KeyRing::from_record(name, &plain)?.deletion_allowed {
                 return Err(EngineError::DeletionNotAllowed(name.into()));
             }
-            a.store.delete_key(name)?;
-            write(&a.keys).remove(name);
-            Ok(())
-        })
+            Ok(RecordOp {
+                table: Table::Keys,
+                name: name.to_string(),
+                sealed: None,
+                expect: read.expect,
+                clear_counters: false,
+            })
+        })?;
+        self.commit(vec![op])
     }
 
     /// Vault's `keys/:name/trim`.

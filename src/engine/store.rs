@@ -127,6 +127,11 @@ macro_rules! db_err {
     };
 }
 
+mod replicated;
+pub use replicated::{
+    digest, Conflict, Expect, ForUpdate, RecordOp, ReplicatedState, SealedRecord, Table,
+};
+
 /// The 256-bit key every stored secret is sealed under.
 pub struct MasterKey(SecretBytes);
 
@@ -140,6 +145,14 @@ impl MasterKey {
     pub fn generate() -> Result<MasterKey, StoreError> {
         let bytes = crypto::random_bytes(32)?;
         Ok(MasterKey(SecretBytes::from_slice(&bytes)))
+    }
+
+    /// A master key received from a cluster member (32 bytes).
+    pub fn from_secret(secret: SecretBytes) -> Result<MasterKey, StoreError> {
+        if secret.expose_secret().len() != 32 {
+            return Err(StoreError::Meta("a cluster key is 32 bytes".into()));
+        }
+        Ok(MasterKey(secret))
     }
 
     pub fn into_secret(self) -> SecretBytes {
@@ -330,6 +343,37 @@ impl Store {
         users: &[UserRecord],
         rings: &[(String, Zeroizing<Vec<u8>>)],
     ) -> Result<Store, StoreError> {
+        Store::create_full(path, kek, params, MasterKey::generate()?, users, rings)
+    }
+
+    /// Creates an empty store whose master key is `master` (a cluster
+    /// member joining: the cluster key, received from a member), wrapped
+    /// under this node's own `kek`.
+    pub fn create_member(
+        path: &Path,
+        kek: SecretBytes,
+        params: SealParams,
+        master: MasterKey,
+    ) -> Result<Store, StoreError> {
+        Store::create_full(path, kek, params, master, &[], &[])
+    }
+
+    /// A copy of the master key, for a cluster member to hand to a node
+    /// joining the cluster (`crate::cluster`: only over the mutually
+    /// authenticated cluster channel, to a node whose init token the
+    /// crypto officer presented).
+    pub fn cluster_key(&self) -> MasterKey {
+        MasterKey(self.read_keys().master.0.duplicate())
+    }
+
+    fn create_full(
+        path: &Path,
+        kek: SecretBytes,
+        params: SealParams,
+        master: MasterKey,
+        users: &[UserRecord],
+        rings: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<Store, StoreError> {
         let tmp = path.with_extension("redb.tmp");
         for p in [path, tmp.as_path()] {
             match fs::remove_file(p) {
@@ -338,7 +382,6 @@ impl Store {
                 Err(e) => return Err(io_err(p)(e)),
             }
         }
-        let master = MasterKey::generate()?;
         let wrapped = wrap_master(&kek, &master, &params, 1)?;
         let seal_json = serde_json::to_vec(&params).map_err(|e| StoreError::Meta(e.to_string()))?;
         let mut sealed = Vec::with_capacity(users.len() + rings.len());
@@ -485,7 +528,12 @@ impl Store {
         self.with_db(|db| {
             let txn = db_err!(db.begin_write())?;
             let mut done = 0usize;
-            for (def, table_name) in [(USERS, "users"), (KEYS, "keys"), (AUDIT, "audit")] {
+            for (def, table_name) in [
+                (USERS, "users"),
+                (KEYS, "keys"),
+                (AUDIT, "audit"),
+                (replicated::COUNTERS, "counters"),
+            ] {
                 let mut t = db_err!(txn.open_table(def))?;
                 let mut resealed = Vec::new();
                 for entry in db_err!(t.iter())? {
@@ -648,17 +696,39 @@ impl Store {
         self.put(USERS, &user.username, &json)
     }
 
+    /// A user record, with this node's local failure counters laid over
+    /// it when it has any (a cluster member; see [`Store::put_user_counters`]).
     pub fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
-        self.get(USERS, "users", name)?
-            .map(|plain| decode("users", name, &plain))
-            .transpose()
+        let keys = self.read_keys();
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let t = db_err!(txn.open_table(USERS))?;
+            let Some(v) = db_err!(t.get(name))? else {
+                return Ok(None);
+            };
+            let plain = open_record(&keys.master, "users", name, v.value())?;
+            let mut user: UserRecord = decode("users", name, &plain)?;
+            self.overlay_counters(&txn, &keys.master, &mut user)?;
+            Ok(Some(user))
+        })
     }
 
     pub fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        self.all(USERS, "users")?
-            .into_iter()
-            .map(|(name, plain)| decode("users", &name, &plain))
-            .collect()
+        let keys = self.read_keys();
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let t = db_err!(txn.open_table(USERS))?;
+            let mut out = Vec::new();
+            for entry in db_err!(t.iter())? {
+                let (k, v) = db_err!(entry)?;
+                let name = k.value().to_string();
+                let plain = open_record(&keys.master, "users", &name, v.value())?;
+                let mut user: UserRecord = decode("users", &name, &plain)?;
+                self.overlay_counters(&txn, &keys.master, &mut user)?;
+                out.push(user);
+            }
+            Ok(out)
+        })
     }
 
     /// Stores a key ring's serialized form (already a `Zeroizing` buffer:

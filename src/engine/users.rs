@@ -145,8 +145,18 @@ impl Engine {
                         .into(),
                 ));
             }
-            active.store.delete_user(username)?;
+            let expect = active
+                .store
+                .read_for_update(super::store::Table::Users, username)?
+                .expect;
             drop(inner);
+            self.commit(vec![super::store::RecordOp {
+                table: super::store::Table::Users,
+                name: username.to_string(),
+                sealed: None,
+                expect,
+                clear_counters: true,
+            }])?;
             self.revoke_user_sessions(username);
         }
         lock(&self.user_locks).remove(username);
@@ -209,7 +219,14 @@ impl Engine {
             }
             record.password_hash = hash;
             record.consecutive_failures = 0;
-            active.store.put_user(&record)?;
+            let expect = active
+                .store
+                .read_for_update(super::store::Table::Users, &by.username)?
+                .expect;
+            let mut op = active.store.user_op(&record, expect, self.clustered())?;
+            op.clear_counters = true;
+            drop(inner);
+            self.commit(vec![op])?;
             record
         };
         self.revoke_user_sessions(&record.username);

@@ -372,19 +372,43 @@ impl Engine {
         // key_writes before the state lock, the order every key write uses:
         // the other order can deadlock behind a queued writer (zeroize).
         let _serial = lock(&self.key_writes);
-        self.with_active(|a| {
-            if let Some(bytes) = a.store.get_key(VAULT_WRAPPING_KEY)? {
-                return KeyRing::from_record(VAULT_WRAPPING_KEY, &bytes);
+        let op = self.with_active(|a| {
+            let read = a
+                .store
+                .read_for_update(super::store::Table::Keys, VAULT_WRAPPING_KEY)?;
+            if let Some(bytes) = read.plaintext {
+                return Ok(Err(KeyRing::from_record(VAULT_WRAPPING_KEY, &bytes)?));
             }
             let ring = KeyRing::new(
                 VAULT_WRAPPING_KEY,
                 &KeyOptions::new(WRAPPING_KEY_TYPE),
                 now_unix(),
             )?;
-            a.store.put_key(VAULT_WRAPPING_KEY, &ring.to_record()?)?;
-            tracing::info!("transit wrapping key (RSA-4096) created");
-            Ok(ring)
-        })
+            let op = a.store.put_op(
+                super::store::Table::Keys,
+                VAULT_WRAPPING_KEY,
+                &ring.to_record()?,
+                read.expect,
+            )?;
+            Ok(Ok((op, ring)))
+        })?;
+        let (op, ring) = match op {
+            Err(existing) => return Ok(existing),
+            Ok(new) => new,
+        };
+        match self.commit(vec![op]) {
+            // Another cluster member created it first: use theirs.
+            Err(EngineError::Conflict(_)) => {
+                self.catch_up()?;
+                let bytes = self
+                    .with_active(|a| Ok(a.store.get_key(VAULT_WRAPPING_KEY)?))?
+                    .ok_or_else(|| EngineError::Internal("wrapping key vanished".into()))?;
+                return KeyRing::from_record(VAULT_WRAPPING_KEY, &bytes);
+            }
+            r => r?,
+        }
+        tracing::info!("transit wrapping key (RSA-4096) created");
+        Ok(ring)
     }
 
     /// Vault's `GET transit/wrapping_key`: the RSA-4096 public key, PEM.
@@ -444,9 +468,10 @@ impl Engine {
             ));
         }
         let payload = self.vault_unwrap(ciphertext, hash)?;
-        let material = material_from_payload(ring.key_type, &payload)?;
+        let mut material = Some(material_from_payload(ring.key_type, &payload)?);
         self.update_ring(by, name, |current| {
             let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
+            let material = material.take().ok_or_else(changed_meanwhile)?;
             ring.with_imported_version(material, now_unix()).map(Some)
         })
     }
@@ -544,14 +569,24 @@ impl Engine {
         opts: &KeyOptions,
         material: KeyMaterial,
     ) -> Result<Arc<KeyRing>, EngineError> {
+        let mut material = Some(material);
         self.update_ring(by, name, |current| match current {
             // Checked again under the write lock: a concurrent create wins.
             Some(_) => Err(EngineError::InvalidRequest(format!(
                 "key {name:?} exists: import and unwrap create new keys only"
             ))),
-            None => KeyRing::with_material(name, opts, material, true, now_unix()).map(Some),
+            None => {
+                let material = material.take().ok_or_else(changed_meanwhile)?;
+                KeyRing::with_material(name, opts, material, true, now_unix()).map(Some)
+            }
         })
     }
+}
+
+/// An import's key material is used once: a write that lost a race with
+/// another cluster member is not replayed with it.
+fn changed_meanwhile() -> EngineError {
+    EngineError::Conflict("the key changed while this import ran; try again".into())
 }
 
 fn refuse_convergent(opts: &KeyOptions) -> Result<(), EngineError> {

@@ -92,6 +92,8 @@ pub struct AppState {
     /// Requests being handled (detached from their connections): shutdown
     /// waits for them before the last audit records.
     pub in_flight: InFlight,
+    /// This node's cluster, when `[cluster]` is configured.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Counts requests in flight; [`InFlight::idle`] waits until none is.
@@ -157,6 +159,8 @@ pub enum ServeError {
     Metrics(#[from] MetricsError),
     #[error("hashing the config tree: {0}")]
     ConfigTree(std::io::Error),
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("binding listener {name} on {address}: {source}")]
     Bind {
         name: String,
@@ -175,6 +179,8 @@ pub struct Server {
     /// `[bench] dangerous_unfenced_listener`, bound at start (loopback only;
     /// a reload neither opens nor moves it).
     unfenced_listener: Option<TcpListener>,
+    /// The cluster port (`[cluster]`), bound at start.
+    cluster_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -228,16 +234,27 @@ impl Server {
             }
             None => None,
         };
+        let engine = Arc::new(engine);
+        let (cluster, cluster_listener) = match &config.cluster {
+            Some(c) => {
+                let (cluster, socket) =
+                    crate::cluster::Cluster::start(c.clone(), engine.clone(), &config.data_dir)
+                        .await?;
+                (Some(cluster), Some(socket))
+            }
+            None => (None, None),
+        };
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
         let snapshot = Snapshot::new(config, cert.server_config(), digest)?;
         let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
         let state = Arc::new(AppState {
             fence,
             snapshot: ArcSwap::from_pointee(snapshot),
-            engine: Arc::new(engine),
+            engine,
             audit: Arc::new(audit),
             metrics: Arc::new(metrics),
             in_flight: InFlight::default(),
+            cluster,
         });
         // Recorded once everything is bound, before the caller announces the
         // listeners: whoever sees "listening" finds the start in the log.
@@ -252,7 +269,15 @@ impl Server {
             listeners,
             metrics_listener,
             unfenced_listener,
+            cluster_listener,
         })
+    }
+
+    /// The cluster port's bound address, when `[cluster]` is configured.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The bound addresses, by listener name (port 0 resolved).
@@ -421,6 +446,18 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
+        if let (Some(socket), Some(cluster)) = (self.cluster_listener, self.state.cluster.clone()) {
+            let allowed = crate::metrics::cidrs_of_groups(
+                &self.state.snapshot.load().config,
+                &cluster_groups(&self.state),
+            );
+            tasks.spawn(crate::cluster::serve(
+                cluster,
+                socket,
+                allowed,
+                stop_rx.clone(),
+            ));
+        }
         for (index, socket) in self.listeners {
             let state = self.state.clone();
             let stop = stop_rx.clone();
@@ -431,6 +468,9 @@ impl Server {
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         sweeper.abort();
+        if let Some(cluster) = &self.state.cluster {
+            cluster.stop().await;
+        }
         // Requests run detached from their connections (a client that hangs
         // up cannot cut a request between its action and its audit record):
         // wait for the last of them, past the connections' drain.
@@ -615,4 +655,16 @@ async fn audit_local(state: &AppState, event: Event) {
         state.metrics.audit_write_failures.inc();
         tracing::error!("audit log: could not record a server event");
     }
+}
+
+/// The security groups of the cluster port (fixed at start).
+fn cluster_groups(state: &AppState) -> Vec<String> {
+    state
+        .snapshot
+        .load()
+        .config
+        .cluster
+        .as_ref()
+        .map(|c| c.security_groups.clone())
+        .unwrap_or_default()
 }

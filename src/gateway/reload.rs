@@ -117,6 +117,12 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
              the engine runs under the values it opened with; {restart}"
         ));
     }
+    if old.cluster != new.cluster {
+        out.push(format!(
+            "[cluster] changed (node id, port, certificates, groups or timing): the node \
+             joined its cluster with the values it started with; {restart}"
+        ));
+    }
     if old.listeners.len() != new.listeners.len() {
         out.push(format!(
             "the number of [[listener]] tables changed ({} -> {}): sockets are bound at \

@@ -51,6 +51,11 @@ pub enum ApiError {
     StorageUnavailable(String),
     #[error("internal error")]
     Internal(String),
+    /// A cluster member could not commit a write now (no leader, no
+    /// quorum, or a concurrent write on another member): 503, retryable,
+    /// nothing changed by this request.
+    #[error("{0}; nothing was changed, retry")]
+    ClusterUnavailable(String),
     /// The audit log cannot be written: admin requests and logins are
     /// refused before they act (503), so none goes unaudited.
     #[error("the audit log cannot be written; admin requests are refused until it recovers")]
@@ -82,6 +87,9 @@ impl From<EngineError> for ApiError {
             | EngineError::UnsealFailed(_)
             | EngineError::Crypto(_)) => ApiError::BadRequest(e.to_string()),
             EngineError::Storage(e) if e.is_io() => ApiError::StorageUnavailable(e.to_string()),
+            e @ (EngineError::Conflict(_) | EngineError::Cluster(_)) => {
+                ApiError::ClusterUnavailable(e.to_string())
+            }
             e @ (EngineError::Storage(_) | EngineError::Internal(_)) => {
                 ApiError::Internal(e.to_string())
             }
@@ -100,9 +108,9 @@ impl ApiError {
             ApiError::NotFound | ApiError::ObjectNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::StorageUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable(_)
+            | ApiError::StorageUnavailable(_)
+            | ApiError::ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) | ApiError::AuditFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -40,6 +40,8 @@ pub struct Opts {
     pub api_listener_extra: String,
     /// Extra keys for the `break-glass` listener (e.g. `client_ca`).
     pub break_glass_extra: String,
+    /// Appended to `policies/security-groups.toml` (e.g. a `[group.cluster]`).
+    pub extra_groups: String,
 }
 
 /// Limits no other test reaches; tests/ratelimit.rs sets its own.
@@ -69,6 +71,7 @@ impl Default for Opts {
             proxies: vec![],
             api_listener_extra: String::new(),
             break_glass_extra: String::new(),
+            extra_groups: String::new(),
         }
     }
 }
@@ -109,9 +112,10 @@ impl TestServer {
         std::fs::write(
             policies.join("security-groups.toml"),
             format!(
-                "{}\n[group.proxies]\nrules = [\n{}]\n",
+                "{}\n[group.proxies]\nrules = [\n{}]\n{}\n",
                 groups_file(&opts.apps, &opts.admins),
-                rules(&opts.proxies)
+                rules(&opts.proxies),
+                opts.extra_groups
             ),
         )
         .unwrap();
@@ -621,4 +625,65 @@ where
         }
         got.extend_from_slice(&buf[..n]);
     }
+}
+
+/// POSTs JSON to a cluster port as a member would: TLS 1.3 with client
+/// certificate `cert`/`key` (PEM files), trusting `ca`, checking the server
+/// as `node-<node>.cluster.hsmgate`, HTTP/2. `None` when the connection,
+/// handshake or request fails (refused); else (status, body as JSON or
+/// as a string).
+pub async fn cluster_post(
+    addr: &str,
+    node: u64,
+    (ca, cert, key): (&Path, &Path, &Path),
+    path: &str,
+    body: &Value,
+) -> Option<(u16, Value)> {
+    use http_body_util::BodyExt;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = ServerName::try_from(format!("node-{node}.cluster.hsmgate")).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post(format!("https://node-{node}.cluster.hsmgate{path}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            serde_json::to_vec(body).unwrap(),
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Some((status, value))
 }

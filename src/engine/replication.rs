@@ -1,0 +1,261 @@
+//! Where the engine's writes go: the local store, or a cluster.
+//!
+//! Every change to a replicated record (key rings, users) is built as
+//! sealed [`RecordOp`]s and handed to [`Engine::commit`]. On a single node
+//! the ops apply to the local store at once; on a cluster member they go to
+//! the [`Replicator`] (`crate::cluster`), which commits them through Raft
+//! and returns once this node has applied them. Either way the in-memory
+//! key rings are refreshed from the applied ops ([`Engine::apply_ops`]), the
+//! one path by which rings enter the cache after a write — so a follower
+//! applying the leader's entries and a single node writing its own end up
+//! in the same state.
+//!
+//! Nothing here holds the engine's state lock while waiting for a cluster:
+//! applying an entry takes it (read), and a queued zeroize (write) would
+//! otherwise wait behind a reader that waits for the apply.
+use std::sync::Arc;
+
+use super::store::{Conflict, MasterKey, RecordOp, ReplicatedState, Store, Table};
+use super::{
+    keyring::KeyRing, lock, read, write, Active, Engine, EngineError, EngineState, SealParams,
+};
+use crate::engine::secret::{SecretBytes, SecretString};
+
+/// The purpose of the key that authenticates Raft entries.
+const ENTRY_MAC: &str = "cluster/entry-mac";
+
+/// A cluster, as the engine sees it (implemented by `crate::cluster`).
+pub trait Replicator: Send + Sync {
+    /// Commits `ops` as one entry through the cluster's leader; returns
+    /// once the entry is committed and applied on this node. A failed
+    /// precondition comes back as [`EngineError::Conflict`].
+    fn replicate(&self, ops: Vec<RecordOp>) -> Result<(), EngineError>;
+    /// Waits until this node has applied everything the leader had
+    /// committed when this was called (a linearizable read point).
+    fn catch_up(&self) -> Result<(), EngineError>;
+    /// The engine became active. `fresh`: a new store (init, restore) that
+    /// starts a new cluster; otherwise a restart or a join.
+    fn activated(&self, fresh: bool);
+    /// The engine zeroized itself: leave the cluster's traffic, erase the
+    /// local Raft log (its entries are sealed under the cluster key).
+    fn zeroized(&self);
+}
+
+impl Engine {
+    /// Makes this engine a cluster member: from now on its writes go
+    /// through `r`. Set once, at start, before any request.
+    pub fn set_replicator(&self, r: Arc<dyn Replicator>) {
+        let _ = self.replicator.set(r);
+    }
+
+    /// Whether writes go through a cluster.
+    pub fn clustered(&self) -> bool {
+        self.replicator.get().is_some()
+    }
+
+    /// Applies `ops` (one batch, all or nothing): through the cluster when
+    /// there is one, else to the local store. Callers hold no state lock.
+    pub(super) fn commit(&self, ops: Vec<RecordOp>) -> Result<(), EngineError> {
+        if let Some(r) = self.replicator.get() {
+            return r.replicate(ops);
+        }
+        let inner = read(&self.inner);
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
+        match active.store.apply_ops(&ops, None, None)? {
+            Ok(()) => {
+                self.refresh(active, &ops);
+                Ok(())
+            }
+            Err(c) => Err(EngineError::Conflict(c.to_string())),
+        }
+    }
+
+    /// On a cluster member: waits until this node has seen every write the
+    /// leader has committed (used before answering "not found", so a key
+    /// created through another member is never a 404 here). A no-op alone.
+    pub(super) fn catch_up(&self) -> Result<(), EngineError> {
+        match self.replicator.get() {
+            Some(r) => r.catch_up(),
+            None => Ok(()),
+        }
+    }
+
+    /// The cluster's state machine: applies one committed entry's ops and
+    /// its metadata (`applied`, `membership`: opaque here) in one store
+    /// transaction. `Ok(Err(conflict))` is a deterministic refusal (the
+    /// same on every member), not a failure.
+    ///
+    /// `mac` (entries with ops) must be [`Engine::entry_mac`] of `ops`: an
+    /// entry that does not carry a member's tag (forged by someone with a
+    /// node certificate but without the cluster key) applies as a refused
+    /// no-op, the same on every member.
+    pub fn apply_replicated(
+        &self,
+        ops: &[RecordOp],
+        mac: &[u8],
+        applied: &[u8],
+        membership: Option<&[u8]>,
+    ) -> Result<Result<(), Conflict>, EngineError> {
+        let inner = read(&self.inner);
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
+        let authentic = ops.is_empty() || {
+            let bytes =
+                serde_json::to_vec(ops).map_err(|e| EngineError::Internal(e.to_string()))?;
+            active.store.verify_mac(ENTRY_MAC, &bytes, mac)
+        };
+        if !authentic {
+            tracing::error!(
+                ops = ops.len(),
+                "cluster: an entry without a valid member tag was refused (forged by a \
+                 certificate holder without the cluster key?)"
+            );
+            let _noop_applied = active.store.apply_ops(&[], Some(applied), membership)?;
+            return Ok(Err(Conflict {
+                table: "entry",
+                name: "unauthenticated".into(),
+            }));
+        }
+        let outcome = active.store.apply_ops(ops, Some(applied), membership)?;
+        if outcome.is_ok() {
+            self.refresh(active, ops);
+        }
+        Ok(outcome)
+    }
+
+    /// The tag that authenticates a batch of ops as written by a member
+    /// (one that holds the cluster key), for the Raft entry carrying it.
+    pub fn entry_mac(&self, ops: &[RecordOp]) -> Result<[u8; 32], EngineError> {
+        let bytes = serde_json::to_vec(ops).map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.with_active(|a| Ok(a.store.mac(ENTRY_MAC, &bytes)))
+    }
+
+    /// The state machine's stored metadata (last applied, membership).
+    #[allow(clippy::type_complexity)]
+    pub fn replicated_meta(&self) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), EngineError> {
+        self.with_active(|a| Ok(a.store.sm_meta()?))
+    }
+
+    /// Every replicated record, sealed, with the metadata (a snapshot).
+    pub fn replicated_state(&self) -> Result<ReplicatedState, EngineError> {
+        self.with_active(|a| Ok(a.store.export_replicated()?))
+    }
+
+    /// Installs a snapshot: replaces every replicated record, then reloads
+    /// the key rings and drops every session (users may have changed).
+    pub fn install_replicated(&self, state: &ReplicatedState) -> Result<(), EngineError> {
+        let _serial = lock(&self.key_writes);
+        let inner = read(&self.inner);
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
+        active.store.install_replicated(state)?;
+        let rings = super::load_rings(&active.store)?;
+        *write(&active.keys) = rings;
+        drop(inner);
+        lock(&self.sessions).clear();
+        Ok(())
+    }
+
+    /// The cluster key (this store's master key), for a node joining.
+    pub fn cluster_key(&self) -> Result<MasterKey, EngineError> {
+        self.with_active(|a| Ok(a.store.cluster_key()))
+    }
+
+    /// Joins a cluster: an uninitialized or zeroized node, given its own
+    /// init token (proof that the crypto officer has this machine's data
+    /// dir) and the cluster key by a member, creates an empty store whose
+    /// master key is the cluster key (wrapped under a fresh local key
+    /// file) and becomes active; its records then arrive by Raft snapshot.
+    /// Auto seal mode only.
+    pub fn join_cluster(
+        &self,
+        init_token: &SecretString,
+        cluster_key: SecretBytes,
+    ) -> Result<(), EngineError> {
+        let master = MasterKey::from_secret(cluster_key)?;
+        {
+            let mut inner = write(&self.inner);
+            if matches!(inner.state, EngineState::Active | EngineState::Sealed) {
+                return Err(EngineError::AlreadyInitialized);
+            }
+            inner.check_init_token(init_token)?;
+            if self.config.seal != super::SealMode::Auto {
+                return Err(EngineError::InvalidRequest(
+                    "cluster members use seal = \"auto\" in this version".into(),
+                ));
+            }
+            let kek = MasterKey::generate()?.into_secret();
+            super::store::write_atomic(&self.paths.master_key, kek.expose_secret(), 0o600)?;
+            let store = Store::create_member(&self.paths.store, kek, SealParams::Auto, master)?;
+            self.write_state(EngineState::Active, inner.zeroizations, None)?;
+            super::remove_if_exists(&self.paths.init_token)?;
+            inner.init_token = None;
+            inner.active = Some(Active::load(store)?);
+            inner.state = EngineState::Active;
+            inner.seal_params = Some(SealParams::Auto);
+            lock(&self.user_locks).clear();
+        }
+        tracing::warn!("joined a cluster: records arrive from the leader");
+        if let Some(r) = self.replicator.get() {
+            r.activated(false);
+        }
+        Ok(())
+    }
+
+    /// Tells the cluster the engine became active (after the state lock is released).
+    pub(super) fn notify_activated(&self, fresh: bool) {
+        if let Some(r) = self.replicator.get() {
+            r.activated(fresh);
+        }
+    }
+
+    /// Tells the cluster the engine zeroized.
+    pub(super) fn notify_zeroized(&self) {
+        if let Some(r) = self.replicator.get() {
+            r.zeroized();
+        }
+    }
+
+    /// Brings the cache in line with applied ops: key rings re-read from
+    /// their sealed records (reserved `.` records are not rings); deleted
+    /// users and reset passwords end that user's sessions on this node.
+    fn refresh(&self, active: &Active, ops: &[RecordOp]) {
+        for op in ops {
+            match op.table {
+                Table::Keys if op.name.starts_with('.') => {}
+                Table::Keys => {
+                    let ring = op.sealed.as_ref().and_then(|sealed| {
+                        let plain = active.store.unseal("keys", &op.name, sealed).ok()?;
+                        match KeyRing::from_record(&op.name, &plain) {
+                            Ok(r) => Some(Arc::new(r)),
+                            Err(e) => {
+                                tracing::error!(key = %op.name, error = %e, "applied key record does not parse");
+                                None
+                            }
+                        }
+                    });
+                    match ring {
+                        Some(r) => {
+                            write(&active.keys).insert(op.name.clone(), r);
+                        }
+                        None => {
+                            write(&active.keys).remove(&op.name);
+                        }
+                    }
+                }
+                Table::Users => {
+                    if op.sealed.is_none() || op.clear_counters {
+                        self.revoke_user_sessions(&op.name);
+                    }
+                }
+            }
+        }
+    }
+}

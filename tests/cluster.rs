@@ -1,0 +1,532 @@
+//! A replicated cluster of real node processes (`[cluster]`), each with its
+//! cluster port on its own loopback address (127.0.<net>.<id>:8201, one
+//! `net` per test), its API on 127.0.0.1. What must hold: a key created
+//! through one node works on every node; a killed node catches up; a node
+//! zeroized by wrong officer logins loses the cluster nothing and rejoins;
+//! a leader killed mid-stream loses no acknowledged key; a certificate
+//! from another CA, or a gateway's, gets nothing from the cluster port.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{b64, into_parts, Opts, TestServer, ADMIN_PASSWORD, CU_PASSWORD};
+use serde_json::{json, Value};
+
+struct Node {
+    id: u64,
+    server: TestServer,
+    cluster_addr: String,
+}
+
+fn node_opts(net: u8, id: u64, certs: &Path) -> Opts {
+    node_opts_advertising(net, id, certs, &format!("127.0.{net}.{id}:8201"))
+}
+
+fn node_opts_advertising(net: u8, id: u64, certs: &Path, advertise: &str) -> Opts {
+    let cert = |name: &str| certs.join(name).display().to_string();
+    Opts {
+        extra_groups: "[group.cluster]\nrules = [ { source = \"127.0.0.0/8\", description = \"test cluster\" } ]\n".into(),
+        extra_config: format!(
+            r#"
+[cluster]
+node_id = {id}
+address = "127.0.{net}.{id}:8201"
+advertise = "{advertise}"
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+security_groups = ["cluster"]
+heartbeat_ms = 100
+election_timeout_ms = [1000, 2000]
+"#,
+            ca = cert("ca.pem"),
+            cert = cert(&format!("node-{id}.pem")),
+            key = cert(&format!("node-{id}-key.pem")),
+        ),
+        ..Opts::default()
+    }
+}
+
+fn certs(ids: &[u64]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    hsmgate::cluster::certs::generate(dir.path(), ids, &["edge".to_string()]).unwrap();
+    dir
+}
+
+fn start(net: u8, id: u64, certs: &Path) -> Node {
+    Node {
+        id,
+        server: TestServer::start(node_opts(net, id, certs)),
+        cluster_addr: format!("127.0.{net}.{id}:8201"),
+    }
+}
+
+async fn co_token(n: &Node) -> String {
+    n.server.token("admin", ADMIN_PASSWORD).await
+}
+
+async fn cluster_status(n: &Node, co: &str) -> Value {
+    let (status, body) = n
+        .server
+        .get(&n.server.client(), "/v1/hsm/cluster", Some(co))
+        .await;
+    assert_eq!(status, 200, "cluster status on node {}: {body}", n.id);
+    body["data"].clone()
+}
+
+async fn add(leader: &Node, co: &str, joining: &Node) -> (u16, Value) {
+    leader
+        .server
+        .post(
+            &leader.server.client(),
+            "/v1/hsm/cluster/nodes",
+            Some(co),
+            json!({
+                "node_id": joining.id,
+                "address": joining.cluster_addr,
+                "init_token": joining.server.init_token(),
+            }),
+        )
+        .await
+}
+
+/// Founds a cluster on nodes[0] (init + app user), adds the others.
+async fn form(nodes: &[Node]) -> String {
+    let (co, _) = nodes[0].server.init_with_app_user().await;
+    for n in &nodes[1..] {
+        let (status, body) = add(&nodes[0], &co, n).await;
+        assert_eq!(status, 200, "adding node {}: {body}", n.id);
+    }
+    let status = cluster_status(&nodes[0], &co).await;
+    assert_eq!(
+        status["voters"].as_array().unwrap().len(),
+        nodes.len(),
+        "{status}"
+    );
+    co
+}
+
+async fn app_token(n: &Node) -> String {
+    // Users are replicated: the app user logs in on any member.
+    n.server.token("app", CU_PASSWORD).await
+}
+
+async fn create_key(n: &Node, token: &str, name: &str) -> (u16, Value) {
+    n.server
+        .post(
+            &n.server.client(),
+            &format!("/v1/transit/keys/{name}"),
+            Some(token),
+            json!({"type": "aes256-gcm96"}),
+        )
+        .await
+}
+
+async fn encrypt(n: &Node, token: &str, key: &str, plaintext: &[u8]) -> (u16, Value) {
+    n.server
+        .post(
+            &n.server.client(),
+            &format!("/v1/transit/encrypt/{key}"),
+            Some(token),
+            json!({"plaintext": b64(plaintext)}),
+        )
+        .await
+}
+
+async fn decrypt(n: &Node, token: &str, key: &str, ciphertext: &str) -> (u16, Value) {
+    n.server
+        .post(
+            &n.server.client(),
+            &format!("/v1/transit/decrypt/{key}"),
+            Some(token),
+            json!({"ciphertext": ciphertext}),
+        )
+        .await
+}
+
+async fn roundtrip(via_enc: &Node, via_dec: &Node, key: &str) {
+    let (t1, t2) = (app_token(via_enc).await, app_token(via_dec).await);
+    let (status, body) = encrypt(via_enc, &t1, key, b"cluster secret").await;
+    assert_eq!(status, 200, "encrypt {key} on node {}: {body}", via_enc.id);
+    let ct = body["data"]["ciphertext"].as_str().unwrap().to_string();
+    let (status, body) = decrypt(via_dec, &t2, key, &ct).await;
+    assert_eq!(status, 200, "decrypt {key} on node {}: {body}", via_dec.id);
+    assert_eq!(body["data"]["plaintext"], b64(b"cluster secret"));
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..150 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_created_on_one_node_works_on_every_node_and_a_killed_node_catches_up() {
+    let certs = certs(&[1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3).map(|id| start(41, id, certs.path())).collect();
+    let co = form(&nodes).await;
+
+    // Created through a follower (forwarded to the leader), used at once
+    // through the other follower: read-your-writes, never a 404.
+    let t2 = app_token(&nodes[1]).await;
+    let (status, body) = create_key(&nodes[1], &t2, "orders").await;
+    assert_eq!(status, 200, "{body}");
+    roundtrip(&nodes[2], &nodes[0], "orders").await;
+
+    // kill -9 one node: everything keeps working on the other two.
+    nodes[2].server.kill9();
+    let t1 = app_token(&nodes[0]).await;
+    let (status, body) = create_key(&nodes[0], &t1, "while-down").await;
+    assert_eq!(status, 200, "{body}");
+    roundtrip(&nodes[1], &nodes[0], "orders").await;
+    roundtrip(&nodes[0], &nodes[1], "while-down").await;
+
+    // It comes back and catches up with what it missed.
+    nodes[2].server.start_again();
+    roundtrip(&nodes[2], &nodes[1], "while-down").await;
+    let status = cluster_status(&nodes[2], &co_token(&nodes[2]).await).await;
+    assert_eq!(status["voters"].as_array().unwrap().len(), 3, "{status}");
+    let _ = co;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_zeroized_by_wrong_officer_logins_costs_the_cluster_nothing_and_rejoins() {
+    let certs = certs(&[1, 2, 3]);
+    let nodes: Vec<Node> = (1..=3).map(|id| start(42, id, certs.path())).collect();
+    let co = form(&nodes).await;
+    let t1 = app_token(&nodes[0]).await;
+    let (status, body) = create_key(&nodes[0], &t1, "payroll").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = encrypt(&nodes[0], &t1, "payroll", b"old secret").await;
+    assert_eq!(status, 200, "{body}");
+    let old_ct = body["data"]["ciphertext"].as_str().unwrap().to_string();
+
+    // Node 3's own break-glass door: three wrong officer passwords.
+    let victim = &nodes[2];
+    for _ in 0..3 {
+        let resp = victim
+            .server
+            .client()
+            .post(victim.server.break_glass_url("/v1/hsm/login"))
+            .json(&json!({"username": "admin", "password": "wrong password guess"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+    }
+    assert_eq!(victim.server.status().await["state"], "zeroized");
+    // Its data dir holds no store and no Raft log any more.
+    wait_for("the zeroized node's Raft log to be shredded", || async {
+        !victim.server.path("raft.redb").exists()
+    })
+    .await;
+    assert!(!victim.server.path("store.redb").exists());
+
+    // The other two keep serving every key, old ciphertexts included, and
+    // keep writing (2 of 3 is a majority).
+    let t2 = app_token(&nodes[1]).await;
+    let (status, body) = decrypt(&nodes[1], &t2, "payroll", &old_ct).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = create_key(&nodes[1], &t2, "after-zeroize").await;
+    assert_eq!(status, 200, "{body}");
+    // The officer's failures on node 3 counted nothing on node 1.
+    assert_eq!(nodes[0].server.failures("admin").await, 0);
+
+    // The officer re-admits it with its new init token; it is re-synced.
+    let (status, body) = add(&nodes[0], &co, victim).await;
+    assert_eq!(status, 200, "rejoin: {body}");
+    let t3 = app_token(victim).await;
+    let (status, body) = decrypt(victim, &t3, "payroll", &old_ct).await;
+    assert_eq!(status, 200, "old ciphertext on the rejoined node: {body}");
+    assert_eq!(body["data"]["plaintext"], b64(b"old secret"));
+    roundtrip(victim, &nodes[0], "after-zeroize").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_leader_mid_stream_loses_no_acknowledged_key() {
+    let certs = certs(&[1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3).map(|id| start(43, id, certs.path())).collect();
+    let co = form(&nodes).await;
+    let leader = cluster_status(&nodes[0], &co).await["leader"]
+        .as_u64()
+        .unwrap();
+    let leader_ix = nodes.iter().position(|n| n.id == leader).unwrap();
+    let writer_ix = (leader_ix + 1) % 3;
+    let token = app_token(&nodes[writer_ix]).await;
+
+    // A stream of creations through a follower; the leader dies mid-way.
+    let mut acknowledged = Vec::new();
+    for i in 0..40 {
+        if i == 10 {
+            nodes[leader_ix].server.kill9();
+        }
+        let name = format!("stream-{i}");
+        let (status, _) = create_key(&nodes[writer_ix], &token, &name).await;
+        if status == 200 {
+            acknowledged.push(name);
+        } else {
+            // Only "unavailable, retry" while a new leader is elected.
+            assert_eq!(status, 503, "creating {name}");
+        }
+    }
+    eprintln!(
+        "leader {leader} killed after 10 creations; {} of 40 acknowledged",
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() >= 30,
+        "too few writes went through: {acknowledged:?}"
+    );
+    nodes[leader_ix].server.start_again();
+
+    // Every acknowledged key is on every node, exactly once.
+    for n in &nodes {
+        let t = app_token(n).await;
+        let client = n.server.client();
+        for name in &acknowledged {
+            let (status, body) = encrypt(n, &t, name, b"x").await;
+            assert_eq!(status, 200, "{name} on node {}: {body}", n.id);
+        }
+        let resp = client
+            .request(
+                reqwest::Method::from_bytes(b"LIST").unwrap(),
+                n.server.url("/v1/transit/keys"),
+            )
+            .header("X-Vault-Token", &t)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = into_parts(resp).await;
+        assert_eq!(status, 200, "{body}");
+        let keys: Vec<&str> = body["data"]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        let mut unique = keys.clone();
+        unique.dedup();
+        assert_eq!(keys, unique, "duplicated keys on node {}", n.id);
+        for name in &acknowledged {
+            assert!(
+                keys.contains(&name.as_str()),
+                "{name} missing on node {}",
+                n.id
+            );
+        }
+    }
+}
+
+/// True when the cluster port answers a status request from this identity.
+async fn cluster_port_answers(addr: &str, node: u64, ca: &Path, cert: &Path, key: &Path) -> bool {
+    matches!(
+        common::cluster_post(
+            addr,
+            node,
+            (ca, cert, key),
+            "/cluster/v1/status",
+            &Value::Null
+        )
+        .await,
+        Some((200, _))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_node_certificate_from_the_cluster_ca_gets_anything_from_the_cluster_port() {
+    let good = certs(&[1, 2, 3]);
+    let other = certs(&[2]);
+    let node = start(44, 1, good.path());
+    node.server.init().await;
+    let addr = node.cluster_addr.clone();
+    let p = |d: &tempfile::TempDir, f: &str| -> PathBuf { d.path().join(f) };
+
+    // Allowed: node 2's certificate from the cluster CA.
+    assert!(
+        cluster_port_answers(
+            &addr,
+            1,
+            &p(&good, "ca.pem"),
+            &p(&good, "node-2.pem"),
+            &p(&good, "node-2-key.pem")
+        )
+        .await,
+        "a member's certificate must be served"
+    );
+    // Denied: a gateway's certificate from the same CA (wrong role).
+    assert!(
+        !cluster_port_answers(
+            &addr,
+            1,
+            &p(&good, "ca.pem"),
+            &p(&good, "gateway-edge.pem"),
+            &p(&good, "gateway-edge-key.pem")
+        )
+        .await,
+        "a gateway certificate must get nothing from the cluster port"
+    );
+    // Denied: a node certificate from another CA.
+    assert!(
+        !cluster_port_answers(
+            &addr,
+            1,
+            &p(&good, "ca.pem"),
+            &p(&other, "node-2.pem"),
+            &p(&other, "node-2-key.pem")
+        )
+        .await,
+        "a certificate from another CA must get nothing"
+    );
+
+    // A node whose certificate is from another CA cannot be added: the
+    // officer's request fails and the node stays without keys.
+    let stranger = start(44, 2, other.path());
+    let co = co_token(&node).await;
+    let (status, body) = add(&node, &co, &stranger).await;
+    assert_ne!(status, 200, "{body}");
+    assert_eq!(stranger.server.status().await["state"], "uninitialized");
+    // A legitimate node with a wrong init token is refused too.
+    let rightful = start(44, 3, good.path());
+    let (status, body) = node
+        .server
+        .post(
+            &node.server.client(),
+            "/v1/hsm/cluster/nodes",
+            Some(&co),
+            json!({"node_id": 3, "address": rightful.cluster_addr, "init_token": "not-its-token"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(rightful.server.status().await["state"], "uninitialized");
+    // With its own token it joins (the allow beside the denies above).
+    let (status, body) = add(&node, &co, &rightful).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A TCP relay in front of one node's cluster port that the test can cut:
+/// `isolate` refuses (and cuts) connections to the node and from the
+/// node's own address (members dial from their cluster address).
+#[derive(Clone)]
+struct Relay {
+    cut: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<std::net::IpAddr>>>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    /// Listens on `listen`, forwarding to `target`; `blocked` is shared by
+    /// every relay of the test (a set of cut member addresses).
+    async fn start(
+        listen: &str,
+        target: std::net::SocketAddr,
+        me: std::net::IpAddr,
+        cut: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<std::net::IpAddr>>>,
+        generation: tokio::sync::watch::Sender<u64>,
+    ) -> Relay {
+        let socket = tokio::net::TcpListener::bind(listen).await.unwrap();
+        let relay = Relay { cut, generation };
+        let r = relay.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, peer)) = socket.accept().await else {
+                    continue;
+                };
+                let blocked = {
+                    let cut = r.cut.lock().unwrap();
+                    cut.contains(&me) || cut.contains(&peer.ip())
+                };
+                if blocked {
+                    continue; // dropped: the partition
+                }
+                let mut changed = r.generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = changed.changed() => {} // a cut: every relayed connection ends
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    fn set_cut(&self, ips: &[std::net::IpAddr]) {
+        *self.cut.lock().unwrap() = ips.iter().copied().collect();
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_minority_refuses_writes_and_reconverges_after_healing() {
+    let net = 46;
+    let certs = certs(&[1, 2, 3]);
+    let cut = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let (generation, _) = tokio::sync::watch::channel(0u64);
+    let mut relays = Vec::new();
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        // Members dial each other through the relays (127.0.46.10x).
+        let relay_addr = format!("127.0.{net}.{}:8201", 100 + id);
+        let me: std::net::IpAddr = format!("127.0.{net}.{id}").parse().unwrap();
+        relays.push(
+            Relay::start(
+                &relay_addr,
+                format!("127.0.{net}.{id}:8201").parse().unwrap(),
+                me,
+                cut.clone(),
+                generation.clone(),
+            )
+            .await,
+        );
+        nodes.push(Node {
+            id,
+            server: TestServer::start(node_opts_advertising(net, id, certs.path(), &relay_addr)),
+            cluster_addr: relay_addr,
+        });
+    }
+    let co = form(&nodes).await;
+    let leader = cluster_status(&nodes[0], &co).await["leader"]
+        .as_u64()
+        .unwrap();
+    // Cut off a follower: the minority.
+    let minority = nodes.iter().find(|n| n.id != leader).unwrap();
+    let majority: Vec<&Node> = nodes.iter().filter(|n| n.id != minority.id).collect();
+    let tm = app_token(minority).await;
+    let (status, body) = create_key(majority[0], &app_token(majority[0]).await, "before").await;
+    assert_eq!(status, 200, "{body}");
+    roundtrip(minority, majority[1], "before").await;
+    relays[0].set_cut(&[format!("127.0.{net}.{}", minority.id).parse().unwrap()]);
+
+    // The majority keeps writing.
+    let (status, body) = create_key(majority[1], &app_token(majority[1]).await, "during").await;
+    assert_eq!(status, 200, "majority write during the partition: {body}");
+    // The minority refuses writes (503, nothing changed) ...
+    let (status, body) = create_key(minority, &tm, "minority-write").await;
+    assert_eq!(status, 503, "minority write must be refused: {body}");
+    // ... and keeps serving the keys it has.
+    let (status, body) = encrypt(minority, &tm, "before", b"still served").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Healing: the minority catches up; its refused write never appears.
+    relays[0].set_cut(&[]);
+    roundtrip(minority, majority[0], "during").await;
+    for n in &nodes {
+        let (status, _) = encrypt(n, &app_token(n).await, "minority-write", b"x").await;
+        assert_eq!(
+            status, 404,
+            "a refused write must not exist anywhere (node {})",
+            n.id
+        );
+    }
+}
