@@ -1423,3 +1423,62 @@ async fn truncating_the_audit_log_and_its_sidecar_together_is_caught_by_the_stor
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("the engine's store head"), "{out}");
 }
+
+/// A stolen crypto-officer session must not be enough to replace the unseal
+/// secret: with a secret of the thief's choosing, a copy of the data dir
+/// would open for them, and the operators would be locked out. A rekey
+/// without the current passphrase is refused and changes nothing (the old
+/// passphrase still unseals); with it, the rekey goes through.
+#[tokio::test]
+async fn a_stolen_officer_session_cannot_rekey_the_seal_without_the_current_secret() {
+    const PASSPHRASE: &str = "operators keep this one offline";
+    const THIEFS: &str = "the thief's own long passphrase";
+    let s = TestServer::start(Opts {
+        engine_extra: "seal = \"passphrase\"\n".into(),
+        ..Opts::default()
+    });
+    let c = s.client();
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": PASSPHRASE}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let stolen = s.token("admin", ADMIN_PASSWORD).await;
+    for current in [json!([]), json!(["a guess at the passphrase"])] {
+        let (st, body) = s
+            .post(
+                &c,
+                "/v1/hsm/rekey",
+                Some(&stolen),
+                json!({"current_keys": current, "new_passphrase": THIEFS}),
+            )
+            .await;
+        assert_eq!(st, 400, "{body}");
+    }
+    let (st, _) = s.post(&c, "/v1/hsm/seal", Some(&stolen), json!({})).await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": THIEFS}))
+        .await;
+    assert_eq!(st, 400, "the thief's passphrase must not unseal");
+    let (st, body) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": PASSPHRASE}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Allow: the officer who knows the current passphrase.
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/rekey",
+            Some(&co),
+            json!({"current_keys": [PASSPHRASE], "new_passphrase": THIEFS}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+}

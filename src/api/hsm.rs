@@ -75,9 +75,10 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["unseal"]) => super::seal::hsm_unseal(call).await,
         (Method::POST, ["seal"]) => super::seal::hsm_seal(call).await,
         (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
+        (Method::POST, ["rekey"]) => super::seal::hsm_rekey(call).await,
         (Method::POST, ["backup"]) => super::backup::backup(call).await,
         (Method::POST, ["restore"]) => super::backup::restore(call).await,
-        (_, ["unseal" | "seal" | "rotate-master-key" | "backup" | "restore"]) => {
+        (_, ["unseal" | "seal" | "rotate-master-key" | "rekey" | "backup" | "restore"]) => {
             Err(ApiError::MethodNotAllowed)
         }
         (_, ["init" | "login" | "status" | "users" | "zeroize" | "password"])
@@ -101,6 +102,7 @@ async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let mut data = json!({ "state": "active", "seal_type": outcome.seal_type });
     if !outcome.shares.is_empty() {
         // Vault's sys/init names: returned once, never stored.
+        data["keys"] = json!(crate::engine::seal::shares_hex(&outcome.shares));
         data["keys_base64"] = json!(outcome.shares);
     }
     call.ok(data)

@@ -864,7 +864,7 @@ impl Engine {
             .active
             .as_ref()
             .ok_or(EngineError::NotActive(inner.state))?;
-        let auto = *active.store.seal_params() == SealParams::Auto;
+        let auto = active.store.seal_params() == SealParams::Auto;
         let generation = if auto {
             let next = MasterKey::generate()?.into_secret();
             store::write_atomic(&self.paths.master_key_next, next.expose_secret(), 0o600)?;

@@ -259,11 +259,13 @@ impl std::fmt::Debug for UserRecord {
 pub type Unsealed = (String, Zeroizing<Vec<u8>>);
 
 /// The store's keys while it is open: the records' master key, the KEK it
-/// is wrapped under, and its generation.
+/// is wrapped under, its generation, and the seal the KEK comes from (which
+/// a rekey replaces together with the KEK).
 struct Keys {
     master: MasterKey,
     kek: SecretBytes,
     generation: u64,
+    params: SealParams,
 }
 
 pub struct Store {
@@ -275,7 +277,6 @@ pub struct Store {
     /// write-locked by a master-key rotation: no record is ever sealed under
     /// a key that is about to be replaced.
     keys: RwLock<Keys>,
-    params: SealParams,
 }
 
 /// An open store whose master key is not (yet) available: the engine's
@@ -387,8 +388,8 @@ impl Store {
                 master,
                 kek,
                 generation: 1,
+                params,
             }),
-            params,
         })
     }
 
@@ -447,8 +448,8 @@ impl Store {
         }
     }
 
-    pub fn seal_params(&self) -> &SealParams {
-        &self.params
+    pub fn seal_params(&self) -> SealParams {
+        self.read_keys().params.clone()
     }
 
     pub fn generation(&self) -> u64 {
@@ -506,7 +507,7 @@ impl Store {
                     }
                 }
             }
-            let wrapped = wrap_master(&kek, &new_master, &self.params, generation)?;
+            let wrapped = wrap_master(&kek, &new_master, &keys.params, generation)?;
             {
                 let mut meta = db_err!(txn.open_table(META))?;
                 db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
@@ -514,12 +515,59 @@ impl Store {
             }
             db_err!(txn.commit())
         })?;
+        let params = keys.params.clone();
         *keys = Keys {
             master: new_master,
             kek,
             generation,
+            params,
         };
         Ok(generation)
+    }
+
+    /// Rekey: the same master key (and records) wrapped under a new KEK
+    /// from a new seal (a new passphrase, or a new Shamir split). The
+    /// caller proves it holds the current seal's secret by handing over the
+    /// KEK it rebuilds, compared in constant time with the one that opened
+    /// this store. The new seal parameters and the re-wrapped master key
+    /// are written in one transaction: after a crash the store opens with
+    /// the old secret or the new one, never neither.
+    pub fn rekey(
+        &self,
+        current_kek: &SecretBytes,
+        new_kek: SecretBytes,
+        new_params: SealParams,
+    ) -> Result<(), StoreError> {
+        use subtle::ConstantTimeEq as _;
+        let mut keys = self.write_keys();
+        let same = current_kek
+            .expose_secret()
+            .ct_eq(keys.kek.expose_secret())
+            .unwrap_u8()
+            == 1;
+        if !same {
+            return Err(StoreError::WrongKek);
+        }
+        if new_params.type_name() != keys.params.type_name() {
+            return Err(StoreError::Meta(
+                "a rekey keeps the seal type; changing it is backup, zeroize, init, restore".into(),
+            ));
+        }
+        let wrapped = wrap_master(&new_kek, &keys.master, &new_params, keys.generation)?;
+        let seal_json =
+            serde_json::to_vec(&new_params).map_err(|e| StoreError::Meta(e.to_string()))?;
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            {
+                let mut meta = db_err!(txn.open_table(META))?;
+                db_err!(meta.insert(META_SEAL, seal_json.as_slice()))?;
+                db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
+            }
+            db_err!(txn.commit())
+        })?;
+        keys.kek = new_kek;
+        keys.params = new_params;
+        Ok(())
     }
 
     /// A consistent snapshot of every record's plaintext (for backups):
@@ -941,8 +989,8 @@ impl LockedStore {
                 master,
                 kek,
                 generation,
+                params,
             }),
-            params,
         })
     }
 }
@@ -1043,6 +1091,52 @@ mod tests {
             LockedStore::open(&path).unwrap().seal_params().unwrap(),
             params
         );
+    }
+
+    /// Rekey: the old KEK stops opening the store, the new one opens it with
+    /// every record and the new parameters; a wrong current KEK or a change
+    /// of seal type is refused and changes nothing.
+    #[test]
+    fn a_rekey_rewraps_the_same_master_key_under_the_new_kek_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = kek();
+        let old_params = SealParams::Shamir {
+            threshold: 2,
+            shares: 3,
+        };
+        let store = Store::create(&path, old.duplicate(), old_params.clone()).unwrap();
+        store.put_key("k", b"ring").unwrap();
+        let sealed_before = store.raw_get(KEYS, "k");
+        let new = kek();
+        let new_params = SealParams::Shamir {
+            threshold: 3,
+            shares: 5,
+        };
+        // Deny: a KEK that is not the current one.
+        assert!(matches!(
+            store.rekey(&kek(), new.duplicate(), new_params.clone()),
+            Err(StoreError::WrongKek)
+        ));
+        // Deny: another seal type.
+        assert!(store
+            .rekey(&old, new.duplicate(), SealParams::Auto)
+            .is_err());
+        assert_eq!(store.seal_params(), old_params);
+        // Allow.
+        store
+            .rekey(&old, new.duplicate(), new_params.clone())
+            .unwrap();
+        assert_eq!(store.seal_params(), new_params);
+        assert_eq!(store.generation(), 1, "a rekey is not a rotation");
+        assert_eq!(store.raw_get(KEYS, "k"), sealed_before, "records untouched");
+        drop(store);
+        let locked = LockedStore::open(&path).unwrap();
+        assert_eq!(locked.seal_params().unwrap(), new_params);
+        let (locked, err) = locked.unlock(old).err().unwrap();
+        assert!(matches!(err, StoreError::WrongKek));
+        let store = locked.unlock(new).ok().unwrap();
+        assert_eq!(store.get_key("k").unwrap().unwrap().as_slice(), b"ring");
     }
 
     /// Many records under the old key; every one reads back after rotation

@@ -188,6 +188,7 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
                 | "unseal"
                 | "seal"
                 | "rotate-master-key"
+                | "rekey"
                 | "backup"
                 | "restore"
         )
