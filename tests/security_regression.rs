@@ -1482,3 +1482,56 @@ async fn a_stolen_officer_session_cannot_rekey_the_seal_without_the_current_secr
         .await;
     assert_eq!(st, 200, "{body}");
 }
+
+/// With `[engine] non_exportable_is_final = true` a key created without
+/// `exportable` can never be opened up through `keys/:name/config` (neither
+/// `exportable` nor `allow_plaintext_backup`) and so never leaves; without
+/// the switch Vault's behaviour holds (the allow half).
+#[tokio::test]
+async fn a_key_created_non_exportable_stays_so_when_non_exportable_is_final() {
+    for strict in [true, false] {
+        let s = TestServer::start(Opts {
+            engine_extra: if strict {
+                "non_exportable_is_final = true\n".into()
+            } else {
+                String::new()
+            },
+            ..Opts::default()
+        });
+        let (_co, app) = s.init_with_app_user().await;
+        let c = s.client();
+        let (st, _) = s
+            .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+            .await;
+        assert_eq!(st, 200);
+        for field in ["exportable", "allow_plaintext_backup"] {
+            let (st, body) = s
+                .post(
+                    &c,
+                    "/v1/transit/keys/k/config",
+                    Some(&app),
+                    json!({ field: true }),
+                )
+                .await;
+            assert_eq!(st, if strict { 400 } else { 200 }, "{field}: {body}");
+        }
+        let (st, body) = s
+            .get(&c, "/v1/transit/export/encryption-key/k", Some(&app))
+            .await;
+        assert_eq!(st, if strict { 400 } else { 200 }, "{body}");
+        // A key created exportable is unaffected by the switch.
+        let (st, _) = s
+            .post(
+                &c,
+                "/v1/transit/keys/open",
+                Some(&app),
+                json!({"exportable": true}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        let (st, body) = s
+            .get(&c, "/v1/transit/export/encryption-key/open", Some(&app))
+            .await;
+        assert_eq!(st, 200, "{body}");
+    }
+}

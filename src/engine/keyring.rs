@@ -178,6 +178,30 @@ impl KeyRing {
         Self::with_material(name, opts, material, false, now)
     }
 
+    /// `[engine] non_exportable_is_final`: a key created without
+    /// `exportable` or `allow_plaintext_backup` never gets either (each is
+    /// a way for the key to leave in plaintext). Checked before
+    /// [`KeyRing::reconfigured`] when the switch is on.
+    pub fn refuse_opening_up(&self, change: &KeyConfigChange) -> Result<(), EngineError> {
+        for (asked, has, what) in [
+            (change.exportable, self.exportable, "exportable"),
+            (
+                change.allow_plaintext_backup,
+                self.allow_plaintext_backup,
+                "allow_plaintext_backup",
+            ),
+        ] {
+            if asked == Some(true) && !has {
+                return Err(EngineError::InvalidRequest(format!(
+                    "key {:?} was created without {what}, and with \
+                     engine.non_exportable_is_final on it can never be given it",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A ring whose first version is `material` (generated, or imported:
     /// `imported` marks Vault's `imported_key`).
     pub fn with_material(
@@ -352,6 +376,7 @@ impl KeyRing {
         }
         // As in Vault, these two only ever open up: a key that has been
         // exportable may already be out, so "un-exporting" it would lie.
+        // (Whether they may open up at all: [`KeyRing::refuse_opening_up`].)
         if let Some(v) = change.exportable {
             if !v && self.exportable {
                 return Err(EngineError::InvalidRequest(
@@ -818,5 +843,48 @@ mod tests {
         ] {
             assert!(ring.reconfigured(&change).is_err());
         }
+    }
+
+    #[test]
+    fn opening_up_is_refused_only_for_what_the_key_was_created_without() {
+        let closed = KeyRing::new("closed", &KeyOptions::new(KeyType::Aes256Gcm96), 1).unwrap();
+        for change in [
+            KeyConfigChange {
+                exportable: Some(true),
+                ..Default::default()
+            },
+            KeyConfigChange {
+                allow_plaintext_backup: Some(true),
+                ..Default::default()
+            },
+        ] {
+            assert!(closed.refuse_opening_up(&change).is_err());
+            // Vault's behaviour when the switch is off.
+            assert!(closed.reconfigured(&change).is_ok());
+        }
+        // Other changes, and a key created open, are left alone.
+        let unrelated = KeyConfigChange {
+            deletion_allowed: Some(true),
+            exportable: Some(false),
+            ..Default::default()
+        };
+        assert!(closed.refuse_opening_up(&unrelated).is_ok());
+        let open = KeyRing::new(
+            "open",
+            &KeyOptions {
+                exportable: true,
+                allow_plaintext_backup: true,
+                ..KeyOptions::new(KeyType::Aes256Gcm96)
+            },
+            1,
+        )
+        .unwrap();
+        assert!(open
+            .refuse_opening_up(&KeyConfigChange {
+                exportable: Some(true),
+                allow_plaintext_backup: Some(true),
+                ..Default::default()
+            })
+            .is_ok());
     }
 }

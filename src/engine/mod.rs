@@ -1418,8 +1418,12 @@ impl Engine {
         name: &str,
         change: &KeyConfigChange,
     ) -> Result<Arc<KeyRing>, EngineError> {
+        let opening_up_refused = self.config.non_exportable_is_final;
         self.update_ring(by, name, |current| {
             let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
+            if opening_up_refused {
+                ring.refuse_opening_up(change)?;
+            }
             ring.reconfigured(change).map(Some)
         })
     }
