@@ -1535,3 +1535,70 @@ async fn a_key_created_non_exportable_stays_so_when_non_exportable_is_final() {
         assert_eq!(st, 200, "{body}");
     }
 }
+
+/// A forged Transit backup names the reserved BYOK wrapping-key record
+/// (`.transit-wrapping-key`), in the path or inside the file, to replace it
+/// with a key the attacker knows: every later import would then be readable.
+/// Refused both ways, and the wrapping key is unchanged; an ordinary name
+/// restores (the allow half).
+#[tokio::test]
+async fn a_forged_transit_backup_cannot_replace_the_byok_wrapping_key() {
+    use base64::Engine as _;
+    let b64e = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, before) = s.get(&c, "/v1/transit/wrapping_key", Some(&app)).await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/mine",
+            Some(&app),
+            json!({"exportable": true, "allow_plaintext_backup": true, "deletion_allowed": true}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, body) = s.get(&c, "/v1/transit/backup/mine", Some(&app)).await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&backup)
+        .unwrap();
+    let magic = b"hsmgate-transit-backup/1\n";
+    let mut record: serde_json::Value = serde_json::from_slice(&raw[magic.len()..]).unwrap();
+    record["name"] = json!(".transit-wrapping-key");
+    let mut forged = magic.to_vec();
+    forged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    for (path, file) in [
+        ("/v1/transit/restore/.transit-wrapping-key", backup.clone()),
+        ("/v1/transit/restore", b64e(&forged)),
+    ] {
+        for force in [false, true] {
+            let (st, body) = s
+                .post(
+                    &c,
+                    path,
+                    Some(&app),
+                    json!({"backup": file, "force": force}),
+                )
+                .await;
+            assert!(st == 400 || st == 404, "{path} force={force}: {st} {body}");
+        }
+    }
+    let (_, after) = s.get(&c, "/v1/transit/wrapping_key", Some(&app)).await;
+    assert_eq!(
+        before["data"], after["data"],
+        "the wrapping key is unchanged"
+    );
+    // Allow: the same backup under an ordinary name.
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/restore/copy",
+            Some(&app),
+            json!({"backup": backup}),
+        )
+        .await;
+    assert_eq!(st, 204, "{body}");
+}

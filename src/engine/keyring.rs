@@ -513,6 +513,51 @@ impl KeyRing {
             .map_err(|e| EngineError::Internal(format!("serializing key ring: {e}")))
     }
 
+    /// A ring from a Transit backup's record (untrusted input): renamed to
+    /// `rename` when given, held to the rules creation holds options to,
+    /// and refused unless it carries `exportable` and
+    /// `allow_plaintext_backup` (a backup only ever comes from such a key).
+    pub fn from_backup(bytes: &[u8], rename: Option<&str>) -> Result<KeyRing, EngineError> {
+        let bad = |why: String| EngineError::InvalidRequest(format!("invalid backup: {why}"));
+        let mut record: KeyRingRecord =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("the key record: {e}")))?;
+        if let Some(name) = rename {
+            record.name = name.to_string();
+        }
+        validate_name(&record.name)?;
+        let bytes = Zeroizing::new(
+            serde_json::to_vec(&record).map_err(|e| bad(format!("the key record: {e}")))?,
+        );
+        let ring = KeyRing::from_record(&record.name, &bytes).map_err(|e| match e {
+            EngineError::Internal(m) => bad(m),
+            e => bad(e.to_string()),
+        })?;
+        KeyOptions {
+            key_type: ring.key_type,
+            exportable: ring.exportable,
+            allow_plaintext_backup: ring.allow_plaintext_backup,
+            derived: ring.derived,
+            convergent_encryption: ring.convergent_encryption,
+            allow_wrap: ring.allow_wrap,
+            allow_unwrap: ring.allow_unwrap,
+            allow_rotation: ring.allow_rotation,
+        }
+        .validate()?;
+        if !ring.exportable || !ring.allow_plaintext_backup {
+            return Err(bad(
+                "the key is not marked exportable and allow_plaintext_backup".into(),
+            ));
+        }
+        if ring.min_decryption_version > ring.latest_version
+            || ring.min_encryption_version > ring.latest_version
+        {
+            return Err(bad(
+                "its minimum versions are past its latest version".into()
+            ));
+        }
+        Ok(ring)
+    }
+
     pub fn from_record(name: &str, bytes: &[u8]) -> Result<KeyRing, EngineError> {
         let malformed = |detail: String| {
             EngineError::Internal(format!("stored key {name} is malformed: {detail}"))
@@ -886,5 +931,24 @@ mod tests {
                 ..Default::default()
             })
             .is_ok());
+    }
+
+    #[test]
+    fn a_backup_record_restores_renamed_and_bad_ones_are_refused() {
+        let open = KeyOptions {
+            exportable: true,
+            allow_plaintext_backup: true,
+            ..KeyOptions::new(KeyType::Ed25519)
+        };
+        let ring = KeyRing::new("orig", &open, 1).unwrap().rotated(2).unwrap();
+        let record = ring.to_record().unwrap();
+        let same = KeyRing::from_backup(&record, None).unwrap();
+        assert_eq!((same.name.as_str(), same.latest_version), ("orig", 2));
+        let renamed = KeyRing::from_backup(&record, Some("copy")).unwrap();
+        assert_eq!(renamed.name, "copy");
+        assert!(KeyRing::from_backup(&record, Some(".transit-wrapping-key")).is_err());
+        assert!(KeyRing::from_backup(&record[..record.len() - 2], None).is_err());
+        let closed = KeyRing::new("c", &KeyOptions::new(KeyType::Ed25519), 1).unwrap();
+        assert!(KeyRing::from_backup(&closed.to_record().unwrap(), None).is_err());
     }
 }

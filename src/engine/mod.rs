@@ -18,6 +18,7 @@ pub mod seal;
 mod seal_tests;
 pub mod secret;
 pub mod store;
+pub mod transit_backup;
 pub mod users;
 pub mod wrap;
 

@@ -252,11 +252,20 @@ pub async fn record(
         }
         RouteClass::Transit => {
             let level = state.audit.key_use();
-            // Key material moving in or out (wrapped) is a key lifecycle
-            // event: recorded whatever `key_use` says.
+            // Key material moving in or out (wrapped, or in plaintext by
+            // export or backup) is a key lifecycle event: recorded and
+            // synced whatever `key_use` says.
             let lifecycle = matches!(
                 facts.op,
-                Some("wrap" | "unwrap" | "import" | "import_version")
+                Some(
+                    "wrap"
+                        | "unwrap"
+                        | "import"
+                        | "import_version"
+                        | "export"
+                        | "backup"
+                        | "restore"
+                )
             );
             let key_use = level == KeyUseLevel::All && facts.op.is_some();
             if let (KeyUseLevel::PerMinute, Some(op), false, false) =

@@ -20,6 +20,8 @@ result:
   was imported;
 - generated keys of every asymmetric type: signatures with pss/pkcs1v15,
   asn1/jws, verified locally with the public key from read_key;
+- backup_key/restore_key (Vault's backup/:name, restore/:name) of a known
+  imported key, its ciphertexts opened locally after the restore;
 - export of an exportable key checked by use (its HMAC key recomputes the
   engine's HMAC), refusal for a non-exportable one (every export type), and
   refusal of an import wrapped for another wrapping key.
@@ -381,6 +383,27 @@ def export_and_refusals(transit, client, wrapping):
     ok("export checked by use; non-exportable and foreign-wrapped imports refused")
 
 
+def backup_and_restore(transit, client, wrapping):
+    """Vault's backup/:name and restore/:name through hvac's own helpers;
+    the restored key is the known one (its ciphertexts open locally)."""
+    known = os.urandom(32)
+    import_key(client, wrapping, "imp-backup", "aes256-gcm96", known, exportable=True, allow_plaintext_backup=True)
+    mine = seal_locally(AESGCM, known, b"kept across restore")
+    backup = transit.backup_key(name="imp-backup")["data"]["backup"]
+    resp = transit.restore_key(backup=backup, name="restored")
+    check(getattr(resp, "status_code", None) == 204, f"restore answers 204: {resp}")
+    pt = transit.decrypt_data(name="restored", ciphertext=mine)["data"]["plaintext"]
+    check(unb64(pt) == b"kept across restore", "the restored key opens a locally made ciphertext")
+    ct = transit.encrypt_data(name="restored", plaintext=b64(b"again"))["data"]["ciphertext"]
+    check(open_locally(AESGCM, known, ct) == b"again", "the restored key is the imported key")
+    raises(exceptions.InvalidRequest, transit.restore_key, backup=backup, name="restored")
+    check(True, "restore over an existing key without force is refused")
+    create(transit, client, "no-backup", "aes256-gcm96", exportable=True)
+    raises(exceptions.InvalidRequest, transit.backup_key, name="no-backup")
+    check(True, "backup of a key without allow_plaintext_backup is refused")
+    ok("backup_key/restore_key: the restored key is the known key; refusals")
+
+
 def main():
     client = hvac.Client(url=ADDR, token=TOKEN, verify=CA)
     transit = client.secrets.transit
@@ -390,6 +413,7 @@ def main():
     generated_signing(transit, client)
     imported_signing(transit, client, wrapping)
     export_and_refusals(transit, client, wrapping)
+    backup_and_restore(transit, client, wrapping)
     print(f"hvac known answers: {checks} checks passed against {ADDR}")
     return 0
 
