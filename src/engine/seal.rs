@@ -277,9 +277,6 @@ impl Engine {
         req: RekeyRequest,
     ) -> Result<RekeyOutcome, EngineError> {
         Engine::require(by, Role::CryptoOfficer)?;
-        // key_writes before the state lock (the order rotation uses), so a
-        // rekey and a master-key rotation never interleave.
-        let _serial = lock(&self.key_writes);
         let params = {
             let inner = read(&self.inner);
             inner
@@ -360,6 +357,10 @@ impl Engine {
                 (current_kek, new_params, new_kek, shares)
             }
         };
+        // key_writes before the state lock (the order rotation uses), taken
+        // only now so key writes never wait for argon2id; the store's own
+        // key lock orders the rekey against a master-key rotation.
+        let _serial = lock(&self.key_writes);
         let mut inner = write(&self.inner);
         let state = inner.state;
         let store = &inner
