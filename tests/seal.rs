@@ -373,14 +373,35 @@ async fn shamir_rekey_to_a_new_split_old_shares_stop_working_new_ones_unseal() {
         (Some(2), Some(3))
     );
 
-    // Allow: the officer with two current shares (one of them in hex).
+    // Allow: the officer with two current shares (one of them in hex). A
+    // Shamir rekey only begins: nothing changes until the new shares come
+    // back, and a restart drops it, the current shares still valid.
     let old1_hex = hex::encode(base64_decode(&old[1]));
-    let (st, body) = rekey(
-        &s,
-        Some(&co),
-        json!({"current_keys": [old[0], old1_hex], "secret_threshold": 3, "secret_shares": 5}),
-    )
-    .await;
+    let ask =
+        json!({"current_keys": [old[0], old1_hex], "secret_threshold": 3, "secret_shares": 5});
+    let (st, body) = rekey(&s, Some(&co), ask.clone()).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["verification_required"], true, "{body}");
+    let lost = strings(&body["data"]["keys_base64"]);
+    assert_eq!(lost.len(), 5);
+    s.restart();
+    for share in [&old[2], &old[0]] {
+        let (st, body) = put_unseal(&s, json!({"key": share})).await;
+        assert_eq!(st, 200, "the current shares still unseal: {body}");
+    }
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, body) = s
+        .post(
+            &s.client(),
+            "/v1/hsm/rekey/verify",
+            Some(&co),
+            json!({"keys": lost[..3]}),
+        )
+        .await;
+    assert_eq!(st, 400, "nothing pending after a restart: {body}");
+
+    let (st, body) = rekey(&s, Some(&co), ask).await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["data"]["seal_type"], "shamir");
     let new_b64 = strings(&body["data"]["keys_base64"]);
@@ -389,18 +410,60 @@ async fn shamir_rekey_to_a_new_split_old_shares_stop_working_new_ones_unseal() {
     for (b, h) in new_b64.iter().zip(&new_hex) {
         assert_eq!(hex::encode(base64_decode(b)), *h);
     }
+    let (_, status) = s.get(&s.client(), "/v1/sys/seal-status", None).await;
     assert_eq!(
-        s.audit_records("hsm.rekey")
+        (status["t"].as_u64(), status["n"].as_u64()),
+        (Some(2), Some(3)),
+        "unverified: the current split still holds"
+    );
+    // Verify, deny: the old shares, the lost split, too few new ones, a
+    // crypto user. Allow: three new shares in hex, from the officer.
+    let verify = |token: String, keys: Vec<String>| {
+        let s = &s;
+        async move {
+            s.post(
+                &s.client(),
+                "/v1/hsm/rekey/verify",
+                Some(&token),
+                json!({"keys": keys}),
+            )
+            .await
+        }
+    };
+    for (who, keys, want) in [
+        (co.clone(), old.clone(), 400),
+        (co.clone(), lost[..3].to_vec(), 400),
+        (co.clone(), new_b64[..2].to_vec(), 400),
+        (app.clone(), new_b64[..3].to_vec(), 403),
+    ] {
+        let (st, body) = verify(who, keys).await;
+        assert_eq!(st, want, "{body}");
+    }
+    let (st, body) = verify(
+        co.clone(),
+        vec![new_hex[4].clone(), new_hex[0].clone(), new_hex[2].clone()],
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["complete"], true);
+    let (_, status) = s.get(&s.client(), "/v1/sys/seal-status", None).await;
+    assert_eq!(
+        (status["t"].as_u64(), status["n"].as_u64()),
+        (Some(3), Some(5))
+    );
+    assert_eq!(
+        s.audit_records("hsm.rekey.verify")
             .iter()
             .filter(|r| r["outcome"] == "success")
             .count(),
         1
     );
     assert!(
-        s.audit_records("hsm.rekey").len() >= 6,
+        s.audit_records("hsm.rekey").len() >= 7,
         "every rekey attempt is audited"
     );
     // The engine keeps serving meanwhile.
+    let app = s.token("app", CU_PASSWORD).await;
     assert!(decrypts(&s, &app, &ct).await);
 
     s.restart();

@@ -76,11 +76,11 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["seal"]) => super::seal::hsm_seal(call).await,
         (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
         (Method::POST, ["rekey"]) => super::seal::hsm_rekey(call).await,
+        (Method::POST, ["rekey", "verify"]) => super::seal::hsm_rekey_verify(call).await,
         (Method::POST, ["backup"]) => super::backup::backup(call).await,
         (Method::POST, ["restore"]) => super::backup::restore(call).await,
-        (_, ["unseal" | "seal" | "rotate-master-key" | "rekey" | "backup" | "restore"]) => {
-            Err(ApiError::MethodNotAllowed)
-        }
+        (_, ["unseal" | "seal" | "rotate-master-key" | "rekey" | "backup" | "restore"])
+        | (_, ["rekey", "verify"]) => Err(ApiError::MethodNotAllowed),
         (_, ["init" | "login" | "status" | "users" | "zeroize" | "password"])
         | (_, ["users", _])
         | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),

@@ -73,6 +73,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/hsm/seal"),
     ("POST", "/v1/hsm/rotate-master-key"),
     ("POST", "/v1/hsm/rekey"),
+    ("POST", "/v1/hsm/rekey/verify"),
     ("POST", "/v1/hsm/backup"),
     ("POST", "/v1/hsm/restore"),
     ("GET", PATH),

@@ -125,6 +125,7 @@ pub async fn hsm_rekey(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiErro
         "seal_type": outcome.seal_type,
         "secret_threshold": outcome.threshold,
         "secret_shares": outcome.shares_total,
+        "verification_required": outcome.verification_required,
     });
     if !outcome.shares.is_empty() {
         // Returned once, never stored; both of Vault's encodings.
@@ -132,4 +133,25 @@ pub async fn hsm_rekey(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiErro
         data["keys_base64"] = json!(outcome.shares);
     }
     call.ok(data)
+}
+
+/// `POST /v1/hsm/rekey/verify` body: the new shares.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RekeyVerifyBody {
+    keys: Vec<SecretString>,
+}
+
+/// `POST /v1/hsm/rekey/verify` (crypto officer): the new shares come back,
+/// and only then replace the current ones.
+pub async fn hsm_rekey_verify(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body: RekeyVerifyBody = call.json()?;
+    let outcome = blocking(call.engine(), move |e| e.rekey_verify(&by, &body.keys)).await?;
+    call.ok(json!({
+        "seal_type": outcome.seal_type,
+        "secret_threshold": outcome.threshold,
+        "secret_shares": outcome.shares_total,
+        "complete": true,
+    }))
 }

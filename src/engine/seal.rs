@@ -257,6 +257,10 @@ pub struct RekeyOutcome {
     pub shares_total: u8,
     /// base64 shares (Vault's `keys_base64`); empty in passphrase mode.
     pub shares: Vec<String>,
+    /// Shamir: the new split takes effect only once `threshold` of the new
+    /// shares come back through [`Engine::rekey_verify`] (Vault's
+    /// `require_verification`); until then the current shares stay valid.
+    pub verification_required: bool,
 }
 
 /// The limits `[engine] shamir_threshold` / `shamir_shares` have in config.
@@ -271,6 +275,12 @@ impl Engine {
     /// of the data dir. The new seal and the re-wrapped master key are one
     /// store transaction ([`super::store::Store::rekey`]). A wrong current
     /// secret is counted in `unseal_failures` and changes nothing.
+    ///
+    /// Passphrase mode takes effect at once (the officer typed the new
+    /// passphrase). Shamir mode only begins: the new shares are returned
+    /// and nothing is written until they come back through
+    /// [`Engine::rekey_verify`], so shares lost on the way (a dropped
+    /// response, a crash) cannot lock the store.
     pub fn rekey_seal(
         &self,
         by: &Principal,
@@ -368,7 +378,13 @@ impl Engine {
             .as_ref()
             .ok_or(EngineError::NotActive(state))?
             .store;
-        match store.rekey(&current_kek, new_kek, new_params.clone()) {
+        let verification_required = matches!(new_params, SealParams::Shamir { .. });
+        let done = if verification_required {
+            store.rekey_begin(&current_kek, &new_kek, new_params.clone())
+        } else {
+            store.rekey(&current_kek, new_kek, new_params.clone())
+        };
+        match done {
             Ok(()) => {}
             Err(StoreError::WrongKek) => {
                 inner.unseal_failures += 1;
@@ -387,19 +403,106 @@ impl Engine {
         }
         let (threshold, shares_total) = new_params.t_n();
         let seal_type = new_params.type_name();
-        inner.seal_params = Some(new_params);
-        tracing::warn!(
-            user = %by.username,
-            seal = seal_type,
-            threshold,
-            shares = shares_total,
-            "unseal secret rekeyed; the old one no longer opens the store"
-        );
+        if verification_required {
+            tracing::warn!(
+                user = %by.username,
+                threshold,
+                shares = shares_total,
+                "rekey begun: new shares issued; the current ones stay valid until \
+                 POST /v1/hsm/rekey/verify"
+            );
+        } else {
+            inner.seal_params = Some(new_params);
+            tracing::warn!(
+                user = %by.username,
+                seal = seal_type,
+                "unseal secret rekeyed; the old one no longer opens the store"
+            );
+        }
         Ok(RekeyOutcome {
             seal_type,
             threshold,
             shares_total,
             shares,
+            verification_required,
+        })
+    }
+
+    /// Completes a Shamir rekey: at least the new threshold of the new
+    /// shares (base64 or hex) must rebuild the new KEK, which must open the
+    /// pending wrapped master key; then the new split replaces the current
+    /// one in one store transaction. Wrong shares are counted in
+    /// `unseal_failures` and leave the rekey pending.
+    pub fn rekey_verify(
+        &self,
+        by: &Principal,
+        shares: &[SecretString],
+    ) -> Result<RekeyOutcome, EngineError> {
+        Engine::require(by, Role::CryptoOfficer)?;
+        let _serial = lock(&self.key_writes);
+        let mut inner = write(&self.inner);
+        let state = inner.state;
+        let store = &inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(state))?
+            .store;
+        let Some(SealParams::Shamir { threshold, .. }) = store.pending_rekey() else {
+            return Err(EngineError::InvalidRequest(
+                "no Shamir rekey is pending (POST /v1/hsm/rekey first; a restart, seal or \
+                 master-key rotation drops a pending one)"
+                    .into(),
+            ));
+        };
+        let mut decoded: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(shares.len());
+        for share in shares {
+            let share = decode_share(share.expose_secret())?;
+            if decoded.iter().any(|s| s[0] == share[0]) {
+                return Err(EngineError::InvalidRequest(
+                    "keys holds two shares with the same index".into(),
+                ));
+            }
+            decoded.push(share);
+        }
+        if decoded.len() < threshold as usize {
+            return Err(EngineError::InvalidRequest(format!(
+                "verification needs at least {threshold} of the new shares"
+            )));
+        }
+        let kek = combine_shares(threshold, &decoded)?;
+        let params = match store.rekey_commit(kek) {
+            Ok(p) => p,
+            Err(StoreError::WrongKek) => {
+                inner.unseal_failures += 1;
+                tracing::warn!(
+                    user = %by.username,
+                    failures = inner.unseal_failures,
+                    "rekey verification refused: not the new shares"
+                );
+                return Err(EngineError::UnsealFailed(
+                    "these are not the new shares; the rekey stays pending and the current \
+                     shares stay valid"
+                        .into(),
+                ));
+            }
+            Err(StoreError::Meta(m)) => return Err(EngineError::InvalidRequest(m)),
+            Err(e) => return Err(e.into()),
+        };
+        let (threshold, shares_total) = params.t_n();
+        let seal_type = params.type_name();
+        inner.seal_params = Some(params);
+        tracing::warn!(
+            user = %by.username,
+            threshold,
+            shares = shares_total,
+            "rekey verified; the old shares no longer open the store"
+        );
+        Ok(RekeyOutcome {
+            seal_type,
+            threshold,
+            shares_total,
+            shares: Vec::new(),
+            verification_required: false,
         })
     }
 }

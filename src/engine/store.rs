@@ -266,6 +266,17 @@ struct Keys {
     kek: SecretBytes,
     generation: u64,
     params: SealParams,
+    /// A Shamir rekey begun and not yet verified (memory only; see
+    /// [`Store::rekey_begin`]). A rotation, a seal or a restart drops it.
+    pending: Option<PendingRekey>,
+}
+
+/// The new seal of a begun rekey and the master key wrapped under its KEK
+/// (not the KEK itself: only the new shares rebuild it).
+struct PendingRekey {
+    params: SealParams,
+    wrapped: Vec<u8>,
+    generation: u64,
 }
 
 pub struct Store {
@@ -389,6 +400,7 @@ impl Store {
                 kek,
                 generation: 1,
                 params,
+                pending: None,
             }),
         })
     }
@@ -516,11 +528,13 @@ impl Store {
             db_err!(txn.commit())
         })?;
         let params = keys.params.clone();
+        // A pending rekey wrapped the old master key: dropped.
         *keys = Keys {
             master: new_master,
             kek,
             generation,
             params,
+            pending: None,
         };
         Ok(generation)
     }
@@ -538,22 +552,88 @@ impl Store {
         new_kek: SecretBytes,
         new_params: SealParams,
     ) -> Result<(), StoreError> {
-        use subtle::ConstantTimeEq as _;
         let mut keys = self.write_keys();
-        let same = current_kek
-            .expose_secret()
-            .ct_eq(keys.kek.expose_secret())
-            .unwrap_u8()
-            == 1;
-        if !same {
-            return Err(StoreError::WrongKek);
-        }
-        if new_params.type_name() != keys.params.type_name() {
+        check_rekey(&keys, current_kek, &new_params)?;
+        let wrapped = wrap_master(&new_kek, &keys.master, &new_params, keys.generation)?;
+        self.commit_rekey(&mut keys, new_kek, new_params, wrapped)
+    }
+
+    /// First half of a verified rekey (Shamir): checks the current KEK and
+    /// keeps the new seal and the master key wrapped under the new KEK in
+    /// memory only. Nothing is written: until [`Store::rekey_commit`] the
+    /// current secret keeps opening the store, so new shares that never
+    /// reach their holders (a lost response, a crash) lose nothing.
+    pub fn rekey_begin(
+        &self,
+        current_kek: &SecretBytes,
+        new_kek: &SecretBytes,
+        new_params: SealParams,
+    ) -> Result<(), StoreError> {
+        let mut keys = self.write_keys();
+        check_rekey(&keys, current_kek, &new_params)?;
+        let wrapped = wrap_master(new_kek, &keys.master, &new_params, keys.generation)?;
+        keys.pending = Some(PendingRekey {
+            params: new_params,
+            wrapped,
+            generation: keys.generation,
+        });
+        Ok(())
+    }
+
+    /// The seal of the pending rekey, if one was begun.
+    pub fn pending_rekey(&self) -> Option<SealParams> {
+        self.read_keys().pending.as_ref().map(|p| p.params.clone())
+    }
+
+    /// Second half: `new_kek`, rebuilt from the new shares, must open the
+    /// pending wrapped master key; then the new seal is written (one
+    /// transaction, as [`Store::rekey`]). A wrong KEK leaves it pending.
+    pub fn rekey_commit(&self, new_kek: SecretBytes) -> Result<SealParams, StoreError> {
+        let mut keys = self.write_keys();
+        let Some(pending) = keys.pending.as_ref() else {
+            return Err(StoreError::Meta("no rekey is pending".into()));
+        };
+        if pending.generation != keys.generation {
+            keys.pending = None;
             return Err(StoreError::Meta(
-                "a rekey keeps the seal type; changing it is backup, zeroize, init, restore".into(),
+                "the master key was rotated since the rekey began; begin again".into(),
             ));
         }
-        let wrapped = wrap_master(&new_kek, &keys.master, &new_params, keys.generation)?;
+        let opened = unwrap_master(
+            &new_kek,
+            Some(pending.wrapped.clone()),
+            &pending.params,
+            pending.generation,
+        )?;
+        {
+            use subtle::ConstantTimeEq as _;
+            if opened
+                .0
+                .expose_secret()
+                .ct_eq(keys.master.0.expose_secret())
+                .unwrap_u8()
+                != 1
+            {
+                return Err(StoreError::WrongKek);
+            }
+        }
+        let PendingRekey {
+            params, wrapped, ..
+        } = keys
+            .pending
+            .take()
+            .ok_or_else(|| StoreError::Meta("no rekey is pending".into()))?;
+        self.commit_rekey(&mut keys, new_kek, params.clone(), wrapped)?;
+        Ok(params)
+    }
+
+    fn commit_rekey(
+        &self,
+        keys: &mut Keys,
+        new_kek: SecretBytes,
+        new_params: SealParams,
+        wrapped: Vec<u8>,
+    ) -> Result<(), StoreError> {
         let seal_json =
             serde_json::to_vec(&new_params).map_err(|e| StoreError::Meta(e.to_string()))?;
         self.with_db(|db| {
@@ -567,6 +647,7 @@ impl Store {
         })?;
         keys.kek = new_kek;
         keys.params = new_params;
+        keys.pending = None;
         Ok(())
     }
 
@@ -867,6 +948,30 @@ fn parse_seal_params(bytes: Option<Vec<u8>>) -> Result<SealParams, StoreError> {
     }
 }
 
+/// A rekey needs the KEK that opened this store (compared in constant
+/// time) and keeps the seal type.
+fn check_rekey(
+    keys: &Keys,
+    current_kek: &SecretBytes,
+    new_params: &SealParams,
+) -> Result<(), StoreError> {
+    use subtle::ConstantTimeEq as _;
+    let same = current_kek
+        .expose_secret()
+        .ct_eq(keys.kek.expose_secret())
+        .unwrap_u8()
+        == 1;
+    if !same {
+        return Err(StoreError::WrongKek);
+    }
+    if new_params.type_name() != keys.params.type_name() {
+        return Err(StoreError::Meta(
+            "a rekey keeps the seal type; changing it is backup, zeroize, init, restore".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_generation(bytes: Option<Vec<u8>>) -> u64 {
     bytes
         .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
@@ -990,6 +1095,7 @@ impl LockedStore {
                 kek,
                 generation,
                 params,
+                pending: None,
             }),
         })
     }
@@ -1133,6 +1239,48 @@ mod tests {
         drop(store);
         let locked = LockedStore::open(&path).unwrap();
         assert_eq!(locked.seal_params().unwrap(), new_params);
+        let (locked, err) = locked.unlock(old).err().unwrap();
+        assert!(matches!(err, StoreError::WrongKek));
+        let store = locked.unlock(new).ok().unwrap();
+        assert_eq!(store.get_key("k").unwrap().unwrap().as_slice(), b"ring");
+    }
+
+    /// A verified rekey writes nothing until the new KEK comes back; a
+    /// wrong one leaves it pending, a rotation drops it.
+    #[test]
+    fn a_begun_rekey_changes_nothing_until_committed_with_the_new_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = kek();
+        let params = |t| SealParams::Shamir {
+            threshold: t,
+            shares: 5,
+        };
+        let store = Store::create(&path, old.duplicate(), params(2)).unwrap();
+        store.put_key("k", b"ring").unwrap();
+        let new = kek();
+        assert!(matches!(
+            store.rekey_begin(&kek(), &new, params(3)),
+            Err(StoreError::WrongKek)
+        ));
+        store.rekey_begin(&old, &new, params(3)).unwrap();
+        assert_eq!(store.pending_rekey(), Some(params(3)));
+        assert_eq!(store.seal_params(), params(2), "nothing applied yet");
+        assert!(matches!(
+            store.rekey_commit(kek()),
+            Err(StoreError::WrongKek)
+        ));
+        assert_eq!(store.pending_rekey(), Some(params(3)), "still pending");
+        // A rotation re-wraps a new master key: the pending one is stale.
+        store.rotate_master(None).unwrap();
+        assert_eq!(store.pending_rekey(), None);
+        assert!(store.rekey_commit(new.duplicate()).is_err());
+        // Begin again, commit with the new KEK: only it opens the store.
+        store.rekey_begin(&old, &new, params(3)).unwrap();
+        assert_eq!(store.rekey_commit(new.duplicate()).unwrap(), params(3));
+        drop(store);
+        let locked = LockedStore::open(&path).unwrap();
+        assert_eq!(locked.seal_params().unwrap(), params(3));
         let (locked, err) = locked.unlock(old).err().unwrap();
         assert!(matches!(err, StoreError::WrongKek));
         let store = locked.unlock(new).ok().unwrap();

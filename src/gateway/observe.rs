@@ -198,6 +198,7 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
     match seg.as_slice() {
         ["users", name, "password"] => ("hsm.users.password".into(), Some(clip(name))),
         ["users", name] if !name.is_empty() => ("hsm.users.delete".into(), Some(clip(name))),
+        ["rekey", "verify"] => ("hsm.rekey.verify".into(), None),
         [first, ..] => (format!("hsm.{}", known(first)), None),
         [] => ("hsm.other".into(), None),
     }
