@@ -582,3 +582,87 @@ async fn rekey_is_refused_in_auto_mode() {
     assert_eq!(st, 400, "{body}");
     assert!(body.to_string().contains("rotate-master-key"), "{body}");
 }
+
+/// kill -9 while passphrase rekeys run back to back (A → B → A ...): after
+/// every restart the store opens with the last acknowledged passphrase or
+/// the one in flight, never with neither, and every key still decrypts.
+#[tokio::test]
+async fn passphrase_rekey_survives_kill_9_mid_way() {
+    const A: &str = "first long operator passphrase";
+    const B: &str = "second long operator passphrase";
+    let mut s = TestServer::start(passphrase());
+    let (st, body) = s
+        .post(
+            &s.client(),
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": A}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (_, ct) = app_key_and_ciphertext(&s, &co).await;
+    let mut current = A;
+    for round in 0..3u64 {
+        let co = s.token("admin", ADMIN_PASSWORD).await;
+        let (c, url) = (s.client(), s.url("/v1/hsm/rekey"));
+        let start = current;
+        let spam = tokio::spawn(async move {
+            let mut acked = start;
+            let mut acks = 0u32;
+            loop {
+                let next = if acked == A { B } else { A };
+                let r = c
+                    .post(&url)
+                    .header("X-Vault-Token", &co)
+                    .json(&json!({"current_keys": [acked], "new_passphrase": next}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        acked = next;
+                        acks += 1;
+                    }
+                    Ok(r) => panic!("rekey answered {}", r.status()),
+                    Err(_) => return (acked, acks),
+                }
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(600 + 250 * round)).await;
+        s.kill9();
+        let (acked, acks) = spam.await.unwrap();
+        s.start_again();
+        let in_flight = if acked == A { B } else { A };
+        let (st, _) = s
+            .post(&s.client(), "/v1/hsm/unseal", None, json!({"key": acked}))
+            .await;
+        current = if st == 200 {
+            acked
+        } else {
+            let (st, body) = s
+                .post(
+                    &s.client(),
+                    "/v1/hsm/unseal",
+                    None,
+                    json!({"key": in_flight}),
+                )
+                .await;
+            assert_eq!(
+                st, 200,
+                "round {round} ({acks} rekeys acknowledged): neither passphrase opens: {body}"
+            );
+            in_flight
+        };
+        eprintln!(
+            "round {round}: {acks} rekeys acknowledged; opened with the {} one",
+            if current == acked {
+                "acknowledged"
+            } else {
+                "in-flight"
+            }
+        );
+        let app = s.token("app", CU_PASSWORD).await;
+        assert!(decrypts(&s, &app, &ct).await, "round {round}: {}", s.log());
+    }
+}
