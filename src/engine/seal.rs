@@ -12,7 +12,11 @@
 //! - `shamir`: a random KEK split M-of-N (Shamir over GF(256), the `blahaj`
 //!   crate) at init; the shares are returned once and never stored. The
 //!   engine starts `sealed` until M shares are supplied. Shares given so far
-//!   live in memory only.
+//!   live in memory only. A share is read as base64 or hex (Vault's
+//!   `keys_base64` and `keys`).
+//!
+//! The rekey ([`Engine::rekey_seal`], [`Engine::rekey_verify`]) replaces the
+//! passphrase or the split without touching the master key or any record.
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
