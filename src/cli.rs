@@ -353,8 +353,10 @@ fn backup_offline(config: &Path, data_dir: Option<PathBuf>, out: &Path) -> Resul
         expires_at: std::time::SystemTime::now(),
         app_policies: Vec::new(),
     };
-    eprintln!("hsmgate: reading the store ...");
-    let (summary, bytes) = engine.backup(&local).map_err(|e| e.to_string())?;
+    eprintln!("hsmgate: reading the store (one read transaction) ...");
+    let (summary, bytes) = engine
+        .backup_with_progress(&local, &mut percent_printer())
+        .map_err(|e| e.to_string())?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -373,6 +375,25 @@ fn backup_offline(config: &Path, data_dir: Option<PathBuf>, out: &Path) -> Resul
         hex::encode(crate::engine::crypto::sha256(&bytes))
     );
     Ok(())
+}
+
+/// Prints backup/restore progress to stderr as a percentage per stage: a
+/// line at the start, at every 10 % step and at the end (so a log of a
+/// million-record restore stays short, and a terminal shows it moving).
+fn percent_printer() -> impl FnMut(&'static str, usize, usize) {
+    let mut last: Option<(&'static str, usize)> = None;
+    move |stage, done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let step = pct / 10;
+        let shown = match last {
+            Some((s, st)) if s == stage => st,
+            _ => usize::MAX,
+        };
+        if step != shown {
+            eprintln!("hsmgate: {stage}: {pct:>3}% ({done}/{total})");
+            last = Some((stage, step));
+        }
+    }
 }
 
 fn restore_offline(
@@ -410,11 +431,12 @@ fn restore_offline(
         bytes.len()
     );
     let (summary, outcome) = engine
-        .restore(
+        .restore_with_progress(
             &bytes,
             &custodian,
             &SecretString::new(token),
             passphrase.as_ref(),
+            &mut percent_printer(),
         )
         .map_err(|e| format!("{e}; nothing was changed"))?;
     println!(

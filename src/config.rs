@@ -110,6 +110,11 @@ pub struct EngineConfig {
     pub seal: crate::engine::seal::SealMode,
     /// `[backup]`: who backups are for and whose backups restore.
     pub backup: BackupConfig,
+    /// `non_exportable_is_final`: a key created without `exportable` (or
+    /// `allow_plaintext_backup`) can never be given it later, as PKCS#11's
+    /// `CKA_EXTRACTABLE = false`. Off by default: Vault lets
+    /// `keys/:name/config` turn both on.
+    pub non_exportable_is_final: bool,
 }
 
 /// `[backup]` (docs/BACKUP.md).
@@ -151,6 +156,7 @@ impl Default for EngineConfig {
             min_password_length: crate::engine::users::MIN_PASSWORD_LEN,
             seal: crate::engine::seal::SealMode::Auto,
             backup: BackupConfig::default(),
+            non_exportable_is_final: false,
         }
     }
 }
@@ -547,6 +553,7 @@ struct RawEngine {
     seal: Option<Spanned<String>>,
     shamir_threshold: Option<Spanned<i64>>,
     shamir_shares: Option<Spanned<i64>>,
+    non_exportable_is_final: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -868,6 +875,9 @@ fn assemble(
             .unwrap_or(engine_defaults.min_password_length),
             seal: seal_mode(main, &mut errors, e),
             backup: backup_config(main, &mut errors, &raw.backup),
+            non_exportable_is_final: e
+                .non_exportable_is_final
+                .unwrap_or(engine_defaults.non_exportable_is_final),
         };
         if engine.login_guard_reserve >= engine.zeroize_after_failures {
             let span = e
@@ -2608,6 +2618,7 @@ admin_groups = ["admins"]
         let main = format!(
             "[engine]\ndata_dir = \"/var/lib/hsmgate\"\nzeroize_after_failures = 10\n\
              lock_user_after_failures = 1\nsession_ttl_seconds = 60\n\
+             non_exportable_is_final = true\n\
              [limits]\nmax_body_bytes = 1\nmax_header_bytes = 1024\n\
              header_read_timeout_ms = 100\ntls_handshake_timeout_ms = 600000\n{MAIN}"
         );
@@ -2623,6 +2634,7 @@ admin_groups = ["admins"]
                 min_password_length: 8,
                 seal: crate::engine::seal::SealMode::Auto,
                 backup: BackupConfig::default(),
+                non_exportable_is_final: true,
             }
         );
         assert_eq!(

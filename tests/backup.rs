@@ -190,11 +190,11 @@ async fn cli_backup_and_restore_of_a_stopped_server() {
             .unwrap()
     };
     let out = run(&["backup", "--out", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Progress as a percentage, from 0 to 100, records counted.
+    assert!(stderr.contains("wrapping records:   0%"), "{stderr}");
+    assert!(stderr.contains("wrapping records: 100% ("), "{stderr}");
     // Restore refuses the initialized engine and changes nothing.
     let key = keys.path().join("custodian.key");
     let out = run(&[
@@ -225,11 +225,18 @@ async fn cli_backup_and_restore_of_a_stopped_server() {
         "--custodian-key",
         key.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for stage in [
+        "unwrapping records",
+        "checking key rings",
+        "writing the store",
+    ] {
+        assert!(
+            stderr.contains(&format!("{stage}: 100% (")),
+            "{stage}: {stderr}"
+        );
+    }
     s.start_again();
     assert!(decrypts(&s, &ct).await);
 }

@@ -1,7 +1,10 @@
 //! Vault-client compatibility: the unmodified Python client hvac 2.4 drives
-//! the Transit API of a real server (tests/hvac/test_walkthrough.py).
+//! the Transit API of a real server (tests/hvac/test_walkthrough.py,
+//! test_engine_depth.py, and test_known_answers.py, whose every answer is
+//! checked against a local computation with the `cryptography` package).
 //!
-//! The Python comes from `HSMGATE_PYTHON` when set (it must have hvac 2.4.x),
+//! The Python comes from `HSMGATE_PYTHON` when set (it must have hvac 2.4.x
+//! and `cryptography`),
 //! else from a venv at `target/hvac-venv`, created and filled from
 //! tests/hvac/requirements.txt when missing. When neither works (no venv
 //! module, no network) the test prints a loud SKIPPED notice and passes,
@@ -50,14 +53,16 @@ fn hvac_version(python: &Path) -> Result<String, String> {
 
 fn require_hvac_series(python: &Path) -> Result<(), String> {
     let version = hvac_version(python)?;
-    if version.starts_with(HVAC_SERIES) {
-        Ok(())
-    } else {
-        Err(format!(
+    if !version.starts_with(HVAC_SERIES) {
+        return Err(format!(
             "{} has hvac {version}; these tests need {HVAC_SERIES}x",
             python.display()
-        ))
+        ));
     }
+    // The known-answer script computes its side locally with it.
+    run(Command::new(python).args(["-c", "import cryptography.hazmat.primitives.keywrap"]))
+        .map_err(|e| format!("{} has no cryptography package: {e}", python.display()))?;
+    Ok(())
 }
 
 /// `target/hvac-venv`, created and filled with the pinned requirements if
@@ -189,6 +194,30 @@ async fn hvac_engine_depth() {
     assert!(
         out.status.success(),
         "hvac engine-depth script failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- server log\n{}",
+        out.status,
+        server.log()
+    );
+    assert!(
+        stdout.contains("checks passed"),
+        "no summary line:\n{stdout}"
+    );
+}
+
+/// BYOK import in Vault's documented flow and every answer checked against
+/// a local computation (tests/hvac/test_known_answers.py).
+#[tokio::test]
+async fn hvac_known_answers() {
+    let Some(python) = python_or_skip("hvac_known_answers") else {
+        return;
+    };
+    let server = TestServer::start(Opts::default());
+    let (_officer, app) = server.init_with_app_user().await;
+    let out = run_script(python, &server, &app, "test_known_answers.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "hvac known-answer script failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- server log\n{}",
         out.status,
         server.log()
     );

@@ -306,3 +306,363 @@ async fn master_key_rotation_survives_kill_9_mid_way() {
         assert_eq!(s.status().await["state"], "active");
     }
 }
+
+async fn rekey(s: &TestServer, token: Option<&str>, body: Value) -> (u16, Value) {
+    s.post(&s.client(), "/v1/hsm/rekey", token, body).await
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Shamir 2-of-3 rekeyed to 3-of-5: only the officer with two current
+/// shares may; afterwards the old shares rebuild nothing, the new ones
+/// (given in hex, Vault's `keys`) unseal and every key still decrypts.
+#[tokio::test]
+async fn shamir_rekey_to_a_new_split_old_shares_stop_working_new_ones_unseal() {
+    let mut s = TestServer::start(shamir());
+    let old = init_shamir(&s).await;
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (app, ct) = app_key_and_ciphertext(&s, &co).await;
+    let ask = json!({"current_keys": [old[0], old[2]], "secret_threshold": 3, "secret_shares": 5});
+
+    // Deny: no token, a crypto user's token.
+    let (st, body) = rekey(&s, None, ask.clone()).await;
+    assert!(st == 401 || st == 403, "{st} {body}");
+    let (st, _) = rekey(&s, Some(&app), ask.clone()).await;
+    assert_eq!(st, 403);
+    // Deny: one share short, a forged share, a malformed one, a bad split.
+    let (st, body) = rekey(
+        &s,
+        Some(&co),
+        json!({"current_keys": [old[0]], "secret_threshold": 3, "secret_shares": 5}),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    let mut forged = base64_decode(&old[1]);
+    forged[7] ^= 1;
+    let (st, body) = rekey(
+        &s,
+        Some(&co),
+        json!({"current_keys": [old[0], b64(&forged)], "secret_threshold": 3, "secret_shares": 5}),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("unseal failed"), "{body}");
+    let (st, _) = rekey(
+        &s,
+        Some(&co),
+        json!({"current_keys": [old[0], "zz"], "secret_threshold": 3, "secret_shares": 5}),
+    )
+    .await;
+    assert_eq!(st, 400);
+    let (st, _) = rekey(
+        &s,
+        Some(&co),
+        json!({"current_keys": [old[0], old[1]], "secret_threshold": 4, "secret_shares": 3}),
+    )
+    .await;
+    assert_eq!(st, 400);
+    let (_, status) = s.get(&s.client(), "/v1/sys/seal-status", None).await;
+    assert_eq!(
+        (status["t"].as_u64(), status["n"].as_u64()),
+        (Some(2), Some(3))
+    );
+
+    // Allow: the officer with two current shares (one of them in hex). A
+    // Shamir rekey only begins: nothing changes until the new shares come
+    // back, and a restart drops it, the current shares still valid.
+    let old1_hex = hex::encode(base64_decode(&old[1]));
+    let ask =
+        json!({"current_keys": [old[0], old1_hex], "secret_threshold": 3, "secret_shares": 5});
+    let (st, body) = rekey(&s, Some(&co), ask.clone()).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["verification_required"], true, "{body}");
+    let lost = strings(&body["data"]["keys_base64"]);
+    assert_eq!(lost.len(), 5);
+    s.restart();
+    for share in [&old[2], &old[0]] {
+        let (st, body) = put_unseal(&s, json!({"key": share})).await;
+        assert_eq!(st, 200, "the current shares still unseal: {body}");
+    }
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, body) = s
+        .post(
+            &s.client(),
+            "/v1/hsm/rekey/verify",
+            Some(&co),
+            json!({"keys": lost[..3]}),
+        )
+        .await;
+    assert_eq!(st, 400, "nothing pending after a restart: {body}");
+
+    let (st, body) = rekey(&s, Some(&co), ask).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["seal_type"], "shamir");
+    let new_b64 = strings(&body["data"]["keys_base64"]);
+    let new_hex = strings(&body["data"]["keys"]);
+    assert_eq!((new_b64.len(), new_hex.len()), (5, 5));
+    for (b, h) in new_b64.iter().zip(&new_hex) {
+        assert_eq!(hex::encode(base64_decode(b)), *h);
+    }
+    let (_, status) = s.get(&s.client(), "/v1/sys/seal-status", None).await;
+    assert_eq!(
+        (status["t"].as_u64(), status["n"].as_u64()),
+        (Some(2), Some(3)),
+        "unverified: the current split still holds"
+    );
+    // Verify, deny: the old shares, the lost split, too few new ones, a
+    // crypto user. Allow: three new shares in hex, from the officer.
+    let verify = |token: String, keys: Vec<String>| {
+        let s = &s;
+        async move {
+            s.post(
+                &s.client(),
+                "/v1/hsm/rekey/verify",
+                Some(&token),
+                json!({"keys": keys}),
+            )
+            .await
+        }
+    };
+    for (who, keys, want) in [
+        (co.clone(), old.clone(), 400),
+        (co.clone(), lost[..3].to_vec(), 400),
+        (co.clone(), new_b64[..2].to_vec(), 400),
+        (app.clone(), new_b64[..3].to_vec(), 403),
+    ] {
+        let (st, body) = verify(who, keys).await;
+        assert_eq!(st, want, "{body}");
+    }
+    let (st, body) = verify(
+        co.clone(),
+        vec![new_hex[4].clone(), new_hex[0].clone(), new_hex[2].clone()],
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["complete"], true);
+    let (_, status) = s.get(&s.client(), "/v1/sys/seal-status", None).await;
+    assert_eq!(
+        (status["t"].as_u64(), status["n"].as_u64()),
+        (Some(3), Some(5))
+    );
+    assert_eq!(
+        s.audit_records("hsm.rekey.verify")
+            .iter()
+            .filter(|r| r["outcome"] == "success")
+            .count(),
+        1
+    );
+    assert!(
+        s.audit_records("hsm.rekey").len() >= 7,
+        "every rekey attempt is audited"
+    );
+    // The engine keeps serving meanwhile.
+    let app = s.token("app", CU_PASSWORD).await;
+    assert!(decrypts(&s, &app, &ct).await);
+
+    s.restart();
+    let (_, status) = s.get(&s.client(), "/v1/sys/seal-status", None).await;
+    assert_eq!(
+        (
+            status["sealed"].as_bool(),
+            status["t"].as_u64(),
+            status["n"].as_u64()
+        ),
+        (Some(true), Some(3), Some(5))
+    );
+    // Every old share together rebuilds nothing that opens the store.
+    for (i, share) in old.iter().enumerate() {
+        let (st, body) = put_unseal(&s, json!({"key": share})).await;
+        if i < 2 {
+            assert_eq!(st, 200, "{body}");
+        } else {
+            assert_eq!(st, 400, "old shares must not unseal: {body}");
+            assert!(body.to_string().contains("unseal failed"), "{body}");
+        }
+    }
+    // Three new shares, in hex: unsealed.
+    for (i, share) in [&new_hex[4], &new_hex[0], &new_hex[2]]
+        .into_iter()
+        .enumerate()
+    {
+        let (st, body) = put_unseal(&s, json!({"key": share})).await;
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(body["sealed"].as_bool(), Some(i < 2), "{body}");
+    }
+    let app = s.token("app", CU_PASSWORD).await;
+    assert!(decrypts(&s, &app, &ct).await);
+}
+
+/// Passphrase rekey: the old passphrase stops unsealing, the new one
+/// unseals; a wrong current passphrase is refused and counted.
+#[tokio::test]
+async fn passphrase_rekey_old_passphrase_stops_working_new_one_unseals() {
+    const NEW: &str = "a different and also long passphrase";
+    let s = TestServer::start(passphrase());
+    let c = s.client();
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": PASSPHRASE}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (_, ct) = app_key_and_ciphertext(&s, &co).await;
+
+    // Deny: wrong current passphrase (counted, nothing changes), the same
+    // passphrase again, a too-short one, Shamir fields in passphrase mode.
+    let (st, body) = rekey(
+        &s,
+        Some(&co),
+        json!({"current_keys": ["not the passphrase at all"], "new_passphrase": NEW}),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("unseal failed"), "{body}");
+    assert_eq!(s.status().await["unseal_failures"], 1);
+    for bad in [
+        json!({"current_keys": [PASSPHRASE], "new_passphrase": PASSPHRASE}),
+        json!({"current_keys": [PASSPHRASE], "new_passphrase": "short"}),
+        json!({"current_keys": [PASSPHRASE]}),
+        json!({"current_keys": [PASSPHRASE], "new_passphrase": NEW, "secret_shares": 3}),
+        json!({"current_keys": [PASSPHRASE, PASSPHRASE], "new_passphrase": NEW}),
+    ] {
+        let (st, body) = rekey(&s, Some(&co), bad.clone()).await;
+        assert_eq!(st, 400, "{bad} -> {body}");
+    }
+    // Allow.
+    let (st, body) = rekey(
+        &s,
+        Some(&co),
+        json!({"current_keys": [PASSPHRASE], "new_passphrase": NEW}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["seal_type"], "passphrase");
+    assert!(body["data"].get("keys_base64").is_none());
+
+    let (st, _) = s.post(&c, "/v1/hsm/seal", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    let (st, body) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": PASSPHRASE}))
+        .await;
+    assert_eq!(st, 400, "the old passphrase must not unseal: {body}");
+    let (st, body) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": NEW}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["sealed"], false);
+    let app = s.token("app", CU_PASSWORD).await;
+    assert!(decrypts(&s, &app, &ct).await);
+}
+
+/// Auto mode has no operator secret to rekey: 400, and the key file
+/// rotation stays `rotate-master-key`'s.
+#[tokio::test]
+async fn rekey_is_refused_in_auto_mode() {
+    let s = TestServer::start(Opts::default());
+    s.init().await;
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, body) = rekey(
+        &s,
+        Some(&co),
+        json!({"current_keys": ["anything at all here"], "new_passphrase": "another long passphrase"}),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("rotate-master-key"), "{body}");
+}
+
+/// kill -9 while passphrase rekeys run back to back (A → B → A ...): after
+/// every restart the store opens with the last acknowledged passphrase or
+/// the one in flight, never with neither, and every key still decrypts.
+#[tokio::test]
+async fn passphrase_rekey_survives_kill_9_mid_way() {
+    const A: &str = "first long operator passphrase";
+    const B: &str = "second long operator passphrase";
+    let mut s = TestServer::start(passphrase());
+    let (st, body) = s
+        .post(
+            &s.client(),
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": A}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (_, ct) = app_key_and_ciphertext(&s, &co).await;
+    let mut current = A;
+    for round in 0..3u64 {
+        let co = s.token("admin", ADMIN_PASSWORD).await;
+        let (c, url) = (s.client(), s.url("/v1/hsm/rekey"));
+        let start = current;
+        let spam = tokio::spawn(async move {
+            let mut acked = start;
+            let mut acks = 0u32;
+            loop {
+                let next = if acked == A { B } else { A };
+                let r = c
+                    .post(&url)
+                    .header("X-Vault-Token", &co)
+                    .json(&json!({"current_keys": [acked], "new_passphrase": next}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        acked = next;
+                        acks += 1;
+                    }
+                    Ok(r) => panic!("rekey answered {}", r.status()),
+                    Err(_) => return (acked, acks),
+                }
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(600 + 250 * round)).await;
+        s.kill9();
+        let (acked, acks) = spam.await.unwrap();
+        s.start_again();
+        let in_flight = if acked == A { B } else { A };
+        let (st, _) = s
+            .post(&s.client(), "/v1/hsm/unseal", None, json!({"key": acked}))
+            .await;
+        current = if st == 200 {
+            acked
+        } else {
+            let (st, body) = s
+                .post(
+                    &s.client(),
+                    "/v1/hsm/unseal",
+                    None,
+                    json!({"key": in_flight}),
+                )
+                .await;
+            assert_eq!(
+                st, 200,
+                "round {round} ({acks} rekeys acknowledged): neither passphrase opens: {body}"
+            );
+            in_flight
+        };
+        eprintln!(
+            "round {round}: {acks} rekeys acknowledged; opened with the {} one",
+            if current == acked {
+                "acknowledged"
+            } else {
+                "in-flight"
+            }
+        );
+        let app = s.token("app", CU_PASSWORD).await;
+        assert!(decrypts(&s, &app, &ct).await, "round {round}: {}", s.log());
+    }
+}

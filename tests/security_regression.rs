@@ -1505,3 +1505,182 @@ async fn a_node_certificate_without_the_cluster_key_can_neither_forge_writes_nor
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["voters"], json!([1]), "{body}");
 }
+
+/// A stolen crypto-officer session must not be enough to replace the unseal
+/// secret: with a secret of the thief's choosing, a copy of the data dir
+/// would open for them, and the operators would be locked out. A rekey
+/// without the current passphrase is refused and changes nothing (the old
+/// passphrase still unseals); with it, the rekey goes through.
+#[tokio::test]
+async fn a_stolen_officer_session_cannot_rekey_the_seal_without_the_current_secret() {
+    const PASSPHRASE: &str = "operators keep this one offline";
+    const THIEFS: &str = "the thief's own long passphrase";
+    let s = TestServer::start(Opts {
+        engine_extra: "seal = \"passphrase\"\n".into(),
+        ..Opts::default()
+    });
+    let c = s.client();
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/init",
+            None,
+            json!({"admin_password": ADMIN_PASSWORD, "init_token": s.init_token(),
+                   "unseal_passphrase": PASSPHRASE}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let stolen = s.token("admin", ADMIN_PASSWORD).await;
+    for current in [json!([]), json!(["a guess at the passphrase"])] {
+        let (st, body) = s
+            .post(
+                &c,
+                "/v1/hsm/rekey",
+                Some(&stolen),
+                json!({"current_keys": current, "new_passphrase": THIEFS}),
+            )
+            .await;
+        assert_eq!(st, 400, "{body}");
+    }
+    let (st, _) = s.post(&c, "/v1/hsm/seal", Some(&stolen), json!({})).await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": THIEFS}))
+        .await;
+    assert_eq!(st, 400, "the thief's passphrase must not unseal");
+    let (st, body) = s
+        .post(&c, "/v1/hsm/unseal", None, json!({"key": PASSPHRASE}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Allow: the officer who knows the current passphrase.
+    let co = s.token("admin", ADMIN_PASSWORD).await;
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/hsm/rekey",
+            Some(&co),
+            json!({"current_keys": [PASSPHRASE], "new_passphrase": THIEFS}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+}
+
+/// With `[engine] non_exportable_is_final = true` a key created without
+/// `exportable` can never be opened up through `keys/:name/config` (neither
+/// `exportable` nor `allow_plaintext_backup`) and so never leaves; without
+/// the switch Vault's behaviour holds (the allow half).
+#[tokio::test]
+async fn a_key_created_non_exportable_stays_so_when_non_exportable_is_final() {
+    for strict in [true, false] {
+        let s = TestServer::start(Opts {
+            engine_extra: if strict {
+                "non_exportable_is_final = true\n".into()
+            } else {
+                String::new()
+            },
+            ..Opts::default()
+        });
+        let (_co, app) = s.init_with_app_user().await;
+        let c = s.client();
+        let (st, _) = s
+            .post(&c, "/v1/transit/keys/k", Some(&app), json!({}))
+            .await;
+        assert_eq!(st, 200);
+        for field in ["exportable", "allow_plaintext_backup"] {
+            let (st, body) = s
+                .post(
+                    &c,
+                    "/v1/transit/keys/k/config",
+                    Some(&app),
+                    json!({ field: true }),
+                )
+                .await;
+            assert_eq!(st, if strict { 400 } else { 200 }, "{field}: {body}");
+        }
+        let (st, body) = s
+            .get(&c, "/v1/transit/export/encryption-key/k", Some(&app))
+            .await;
+        assert_eq!(st, if strict { 400 } else { 200 }, "{body}");
+        // A key created exportable is unaffected by the switch.
+        let (st, _) = s
+            .post(
+                &c,
+                "/v1/transit/keys/open",
+                Some(&app),
+                json!({"exportable": true}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        let (st, body) = s
+            .get(&c, "/v1/transit/export/encryption-key/open", Some(&app))
+            .await;
+        assert_eq!(st, 200, "{body}");
+    }
+}
+
+/// A forged Transit backup names the reserved BYOK wrapping-key record
+/// (`.transit-wrapping-key`), in the path or inside the file, to replace it
+/// with a key the attacker knows: every later import would then be readable.
+/// Refused both ways, and the wrapping key is unchanged; an ordinary name
+/// restores (the allow half).
+#[tokio::test]
+async fn a_forged_transit_backup_cannot_replace_the_byok_wrapping_key() {
+    use base64::Engine as _;
+    let b64e = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, before) = s.get(&c, "/v1/transit/wrapping_key", Some(&app)).await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/mine",
+            Some(&app),
+            json!({"exportable": true, "allow_plaintext_backup": true, "deletion_allowed": true}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, body) = s.get(&c, "/v1/transit/backup/mine", Some(&app)).await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&backup)
+        .unwrap();
+    let magic = b"hsmgate-transit-backup/1\n";
+    let mut record: serde_json::Value = serde_json::from_slice(&raw[magic.len()..]).unwrap();
+    record["name"] = json!(".transit-wrapping-key");
+    let mut forged = magic.to_vec();
+    forged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    for (path, file) in [
+        ("/v1/transit/restore/.transit-wrapping-key", backup.clone()),
+        ("/v1/transit/restore", b64e(&forged)),
+    ] {
+        for force in [false, true] {
+            let (st, body) = s
+                .post(
+                    &c,
+                    path,
+                    Some(&app),
+                    json!({"backup": file, "force": force}),
+                )
+                .await;
+            assert!(st == 400 || st == 404, "{path} force={force}: {st} {body}");
+        }
+    }
+    let (_, after) = s.get(&c, "/v1/transit/wrapping_key", Some(&app)).await;
+    assert_eq!(
+        before["data"], after["data"],
+        "the wrapping key is unchanged"
+    );
+    // Allow: the same backup under an ordinary name.
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/restore/copy",
+            Some(&app),
+            json!({"backup": backup}),
+        )
+        .await;
+    assert_eq!(st, 204, "{body}");
+}

@@ -583,3 +583,132 @@ async fn export_only_for_exportable_keys() {
     );
     assert_eq!(t.get("/v1/transit/export/whatever/x-ed25519").await.0, 400);
 }
+
+fn encode(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Vault's `backup/:name` and `restore(/:name)`: only for keys with
+/// `exportable` and `allow_plaintext_backup`; every version comes back and
+/// decrypts its old ciphertexts; an existing key is replaced only with
+/// `force`, and only if it could be deleted; bad files change nothing.
+#[tokio::test]
+async fn transit_backup_and_restore_of_one_key() {
+    let t = T::new().await;
+    t.ok(
+        "/v1/transit/keys/src",
+        json!({"exportable": true, "allow_plaintext_backup": true}),
+    )
+    .await;
+    let v1 = t
+        .ok("/v1/transit/encrypt/src", json!({"plaintext": b64(b"one")}))
+        .await["ciphertext"]
+        .clone();
+    t.ok("/v1/transit/keys/src/rotate", json!({})).await;
+    let v2 = t
+        .ok("/v1/transit/encrypt/src", json!({"plaintext": b64(b"two")}))
+        .await["ciphertext"]
+        .clone();
+    let (st, body) = t.get("/v1/transit/backup/src").await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+
+    // Deny: a key without allow_plaintext_backup, or without exportable.
+    t.ok("/v1/transit/keys/closed", json!({"exportable": true}))
+        .await;
+    t.ok(
+        "/v1/transit/keys/closed2",
+        json!({"allow_plaintext_backup": true}),
+    )
+    .await;
+    for name in ["closed", "closed2"] {
+        let (st, body) = t.get(&format!("/v1/transit/backup/{name}")).await;
+        assert_eq!(st, 400, "{name}: {body}");
+        assert!(body.get("data").is_none());
+    }
+
+    // Restore under a new name: both versions decrypt their ciphertexts.
+    let (st, body) = t
+        .post("/v1/transit/restore/copy", json!({"backup": backup}))
+        .await;
+    assert_eq!(st, 204, "{body}");
+    let info = t.get("/v1/transit/keys/copy").await.1;
+    assert_eq!(info["data"]["latest_version"], 2, "{info}");
+    for (ct, pt) in [(&v1, b"one"), (&v2, b"two")] {
+        let back = t
+            .ok("/v1/transit/decrypt/copy", json!({"ciphertext": ct}))
+            .await;
+        assert_eq!(back["plaintext"], b64(pt));
+    }
+
+    // An existing key: refused without force; with force only if it could
+    // be deleted.
+    let (st, body) = t
+        .post("/v1/transit/restore", json!({"backup": backup}))
+        .await;
+    assert_eq!(st, 400, "{body}");
+    let (st, body) = t
+        .post(
+            "/v1/transit/restore/closed",
+            json!({"backup": backup, "force": true}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("deletion_allowed"), "{body}");
+    t.ok(
+        "/v1/transit/keys/closed/config",
+        json!({"deletion_allowed": true}),
+    )
+    .await;
+    let (st, body) = t
+        .post(
+            "/v1/transit/restore/closed",
+            json!({"backup": backup, "force": true}),
+        )
+        .await;
+    assert_eq!(st, 204, "{body}");
+    let back = t
+        .ok("/v1/transit/decrypt/closed", json!({"ciphertext": v1}))
+        .await;
+    assert_eq!(back["plaintext"], b64(b"one"));
+
+    // Bad input: nothing is created.
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&backup)
+        .unwrap();
+    let record: Value =
+        serde_json::from_slice(&raw[b"hsmgate-transit-backup/1\n".len()..]).unwrap();
+    let mut kek_chacha = record.clone();
+    kek_chacha["key_type"] = json!("chacha20-poly1305");
+    kek_chacha["allow_wrap"] = json!(true);
+    let mut not_exportable = record.clone();
+    not_exportable["exportable"] = json!(false);
+    let with_magic = |v: &Value| {
+        let mut b = b"hsmgate-transit-backup/1\n".to_vec();
+        b.extend_from_slice(&serde_json::to_vec(v).unwrap());
+        encode(&b)
+    };
+    for (why, bad) in [
+        ("not base64", "%%%".to_string()),
+        (
+            "Vault's format",
+            encode(br#"{"policy":{},"archived_keys":{}}"#),
+        ),
+        ("truncated", encode(&raw[..raw.len() - 5])),
+        ("a key-wrap key of the wrong type", with_magic(&kek_chacha)),
+        ("not exportable", with_magic(&not_exportable)),
+    ] {
+        let (st, body) = t
+            .post("/v1/transit/restore/bad", json!({"backup": bad}))
+            .await;
+        assert_eq!(st, 400, "{why}: {body}");
+    }
+    let (st, _) = t.post("/v1/transit/restore/bad", json!({})).await;
+    assert_eq!(st, 400, "no backup");
+    assert_eq!(t.get("/v1/transit/keys/bad").await.0, 404);
+    assert_eq!(
+        t.post("/v1/transit/backup/src", json!({})).await.0,
+        405,
+        "backup is a GET"
+    );
+}

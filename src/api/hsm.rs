@@ -75,6 +75,8 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::POST, ["unseal"]) => super::seal::hsm_unseal(call).await,
         (Method::POST, ["seal"]) => super::seal::hsm_seal(call).await,
         (Method::POST, ["rotate-master-key"]) => super::seal::hsm_rotate_master_key(call).await,
+        (Method::POST, ["rekey"]) => super::seal::hsm_rekey(call).await,
+        (Method::POST, ["rekey", "verify"]) => super::seal::hsm_rekey_verify(call).await,
         (Method::POST, ["backup"]) => super::backup::backup(call).await,
         (Method::POST, ["restore"]) => super::backup::restore(call).await,
         (Method::GET, ["cluster"]) => super::cluster::status(call).await,
@@ -85,9 +87,8 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (_, ["cluster"]) | (_, ["cluster", "nodes"]) | (_, ["cluster", "nodes", _]) => {
             Err(ApiError::MethodNotAllowed)
         }
-        (_, ["unseal" | "seal" | "rotate-master-key" | "backup" | "restore"]) => {
-            Err(ApiError::MethodNotAllowed)
-        }
+        (_, ["unseal" | "seal" | "rotate-master-key" | "rekey" | "backup" | "restore"])
+        | (_, ["rekey", "verify"]) => Err(ApiError::MethodNotAllowed),
         (_, ["init" | "login" | "status" | "users" | "zeroize" | "password"])
         | (_, ["users", _])
         | (_, ["users", _, "password"]) => Err(ApiError::MethodNotAllowed),
@@ -109,6 +110,7 @@ async fn init(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let mut data = json!({ "state": "active", "seal_type": outcome.seal_type });
     if !outcome.shares.is_empty() {
         // Vault's sys/init names: returned once, never stored.
+        data["keys"] = json!(crate::engine::seal::shares_hex(&outcome.shares));
         data["keys_base64"] = json!(outcome.shares);
     }
     call.ok(data)

@@ -56,6 +56,10 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
             export(call, kind, name, Some(version))
         }
         ["export", ..] => Err(ApiError::MethodNotAllowed),
+        ["backup", name] if call.method == Method::GET => backup_key(call, name),
+        ["backup", ..] => Err(ApiError::MethodNotAllowed),
+        ["restore"] => post(call, |c| restore_key(c, None)).await,
+        ["restore", name] => post(call, |c| restore_key(c, Some(name))).await,
         ["sign", name] => post(call, |c| async move { sign(c, name, None) }).await,
         ["sign", name, alg] => post(call, |c| async move { sign(c, name, Some(alg)) }).await,
         ["verify", name] => post(call, |c| async move { verify(c, name, None) }).await,
@@ -659,6 +663,30 @@ fn export(
         map.insert(v.to_string(), Value::String(k.as_str().to_owned()));
     }
     call.ok(json!({ "name": name, "type": key_type.as_str(), "keys": map }))
+}
+
+/// Vault's `backup/:name` (see `engine::transit_backup`).
+fn backup_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let backup = call.engine().backup_transit_key(&by, name)?;
+    call.ok(json!({ "backup": backup.as_str() }))
+}
+
+/// Vault's `restore(/:name)`: `backup`, `force`. 204 as in Vault.
+async fn restore_key(
+    call: &Call<'_>,
+    name: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let by = call.principal()?;
+    let body = Body::parse(call)?;
+    let backup = zeroize::Zeroizing::new(required_str(&body, "backup")?.to_string());
+    let force = body.bool("force").map_err(bad)?.unwrap_or(false);
+    let name = name.filter(|n| !n.is_empty()).map(str::to_string);
+    blocking(call.engine(), move |e| {
+        e.restore_transit_key(&by, &backup, name.as_deref(), force)
+    })
+    .await?;
+    Ok(rescue::empty_response(StatusCode::NO_CONTENT))
 }
 
 /// Resolves the key once before a batch, so a missing key or a dead engine

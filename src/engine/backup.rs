@@ -207,6 +207,13 @@ pub fn signer_public_key(pkcs8: &[u8]) -> Result<[u8; 32], BackupError> {
         .map_err(|_| BackupError::Key("ed25519 public key length".into()))
 }
 
+/// Told how far a long backup or restore has come: (stage, done, total).
+/// The CLI prints it as a percentage; the API passes [`no_progress`].
+pub type Progress<'a> = &'a mut dyn FnMut(&'static str, usize, usize);
+
+/// A [`Progress`] that reports nothing.
+pub fn no_progress(_: &'static str, _: usize, _: usize) {}
+
 /// Writes a backup of `contents` for `custodian_public`, signed with `signer_pkcs8`.
 pub fn write(
     contents: &Contents,
@@ -214,6 +221,26 @@ pub fn write(
     signer_pkcs8: &[u8],
     created_at: u64,
 ) -> Result<Vec<u8>, BackupError> {
+    write_with_progress(
+        contents,
+        custodian_public,
+        signer_pkcs8,
+        created_at,
+        &mut no_progress,
+    )
+}
+
+/// [`write`], reporting each record wrapped.
+pub fn write_with_progress(
+    contents: &Contents,
+    custodian_public: &[u8; 32],
+    signer_pkcs8: &[u8],
+    created_at: u64,
+    progress: Progress<'_>,
+) -> Result<Vec<u8>, BackupError> {
+    const STAGE: &str = "wrapping records";
+    let total = contents.users.len() + contents.rings.len();
+    progress(STAGE, 0, total);
     let signer = Ed25519KeyPair::from_pkcs8(signer_pkcs8)
         .map_err(|e| BackupError::Key(format!("signing key is not Ed25519 PKCS#8: {e}")))?;
     let backup_key = crypto::random_bytes(32).map_err(crypto_err("random"))?;
@@ -229,6 +256,7 @@ pub fn write(
             name: u.username.clone(),
             wrapped: b64(&kwp_wrap(&backup_key, &json)?),
         });
+        progress(STAGE, entries.len(), total);
     }
     for (name, plain) in &contents.rings {
         entries.push(Entry {
@@ -236,6 +264,7 @@ pub fn write(
             name: name.clone(),
             wrapped: b64(&kwp_wrap(&backup_key, plain)?),
         });
+        progress(STAGE, entries.len(), total);
     }
     let payload_plain = Zeroizing::new(
         serde_json::to_vec(&Payload { entries })
@@ -301,6 +330,16 @@ pub fn open(
     bytes: &[u8],
     custodian_private: &[u8],
     trusted_signers: &[[u8; 32]],
+) -> Result<(Summary, Contents), BackupError> {
+    open_with_progress(bytes, custodian_private, trusted_signers, &mut no_progress)
+}
+
+/// [`open`], reporting each record unwrapped.
+pub fn open_with_progress(
+    bytes: &[u8],
+    custodian_private: &[u8],
+    trusted_signers: &[[u8; 32]],
+    progress: Progress<'_>,
 ) -> Result<(Summary, Contents), BackupError> {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return Err(BackupError::Magic);
@@ -388,7 +427,10 @@ pub fn open(
         serde_json::from_slice(&plain).map_err(|e| BackupError::Contents(e.to_string()))?;
     let mut users = Vec::new();
     let mut rings = Vec::new();
-    for e in payload.entries {
+    let total = payload.entries.len();
+    progress("unwrapping records", 0, total);
+    for (i, e) in payload.entries.into_iter().enumerate() {
+        progress("unwrapping records", i, total);
         let plain = kwp_unwrap(&backup_key, &unb64("wrapped", &e.wrapped)?)?;
         match e.table.as_str() {
             "users" => {
@@ -406,6 +448,7 @@ pub fn open(
             other => return Err(BackupError::Contents(format!("unknown table {other:?}"))),
         }
     }
+    progress("unwrapping records", total, total);
     if users.len() != header.users || rings.len() != header.keys {
         return Err(BackupError::Contents(
             "record counts differ from the header".into(),
@@ -447,6 +490,15 @@ impl Engine {
     /// user and key ring, encrypted to the configured custodian and signed
     /// with the configured signing key. Blocking.
     pub fn backup(&self, by: &Principal) -> Result<(Summary, Vec<u8>), EngineError> {
+        self.backup_with_progress(by, &mut no_progress)
+    }
+
+    /// [`Engine::backup`], reporting progress (the CLI's percentage).
+    pub fn backup_with_progress(
+        &self,
+        by: &Principal,
+        progress: Progress<'_>,
+    ) -> Result<(Summary, Vec<u8>), EngineError> {
         Self::require(by, Role::CryptoOfficer)?;
         let cfg = &self.config.backup;
         let custodian = cfg.custodian_public_key.ok_or_else(|| {
@@ -464,7 +516,7 @@ impl Engine {
         let (users, rings) = self.with_active(|a| Ok(a.store.snapshot()?))?;
         let contents = Contents { users, rings };
         let created_at = super::now_unix();
-        let bytes = write(&contents, &custodian, &pkcs8, created_at)
+        let bytes = write_with_progress(&contents, &custodian, &pkcs8, created_at, progress)
             .map_err(|e| EngineError::Internal(format!("writing a backup: {e}")))?;
         tracing::warn!(
             user = %by.username,
@@ -545,6 +597,24 @@ impl Engine {
         init_token: &SecretString,
         passphrase: Option<&SecretString>,
     ) -> Result<(Summary, InitOutcome), EngineError> {
+        self.restore_with_progress(
+            bytes,
+            custodian_private,
+            init_token,
+            passphrase,
+            &mut no_progress,
+        )
+    }
+
+    /// [`Engine::restore`], reporting progress (the CLI's percentage).
+    pub fn restore_with_progress(
+        &self,
+        bytes: &[u8],
+        custodian_private: &[u8],
+        init_token: &SecretString,
+        passphrase: Option<&SecretString>,
+        progress: Progress<'_>,
+    ) -> Result<(Summary, InitOutcome), EngineError> {
         let mut inner = super::write(&self.inner);
         if matches!(inner.state, EngineState::Active | EngineState::Sealed) {
             return Err(EngineError::InvalidRequest(
@@ -552,16 +622,20 @@ impl Engine {
             ));
         }
         inner.check_init_token(init_token)?;
-        let (summary, mut contents) = open(
+        let (summary, mut contents) = open_with_progress(
             bytes,
             custodian_private,
             &self.config.backup.trusted_signers,
+            &mut *progress,
         )
         .map_err(refused)?;
-        for (name, plain) in &contents.rings {
+        let rings = contents.rings.len();
+        for (i, (name, plain)) in contents.rings.iter().enumerate() {
+            progress("checking key rings", i, rings);
             KeyRing::from_record(name, plain)
                 .map_err(|e| refused(BackupError::Contents(format!("key ring {name:?}: {e}"))))?;
         }
+        progress("checking key rings", rings, rings);
         let officers = contents
             .users
             .iter()
@@ -581,7 +655,10 @@ impl Engine {
             u.consecutive_failures = 0;
         }
         let (params, kek, shares) = self.new_seal(None, passphrase)?;
+        // One transaction: nothing to count inside it.
+        progress("writing the store", 0, 1);
         self.take_ownership(&mut inner, params, kek, &contents.users, &contents.rings)?;
+        progress("writing the store", 1, 1);
         tracing::warn!(
             users = summary.users,
             keys = summary.keys,

@@ -178,6 +178,30 @@ impl KeyRing {
         Self::with_material(name, opts, material, false, now)
     }
 
+    /// `[engine] non_exportable_is_final`: a key created without
+    /// `exportable` or `allow_plaintext_backup` never gets either (each is
+    /// a way for the key to leave in plaintext). Checked before
+    /// [`KeyRing::reconfigured`] when the switch is on.
+    pub fn refuse_opening_up(&self, change: &KeyConfigChange) -> Result<(), EngineError> {
+        for (asked, has, what) in [
+            (change.exportable, self.exportable, "exportable"),
+            (
+                change.allow_plaintext_backup,
+                self.allow_plaintext_backup,
+                "allow_plaintext_backup",
+            ),
+        ] {
+            if asked == Some(true) && !has {
+                return Err(EngineError::InvalidRequest(format!(
+                    "key {:?} was created without {what}, and with \
+                     engine.non_exportable_is_final on it can never be given it",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A ring whose first version is `material` (generated, or imported:
     /// `imported` marks Vault's `imported_key`).
     pub fn with_material(
@@ -352,6 +376,7 @@ impl KeyRing {
         }
         // As in Vault, these two only ever open up: a key that has been
         // exportable may already be out, so "un-exporting" it would lie.
+        // (Whether they may open up at all: [`KeyRing::refuse_opening_up`].)
         if let Some(v) = change.exportable {
             if !v && self.exportable {
                 return Err(EngineError::InvalidRequest(
@@ -486,6 +511,51 @@ impl KeyRing {
         serde_json::to_vec(&record)
             .map(Zeroizing::new)
             .map_err(|e| EngineError::Internal(format!("serializing key ring: {e}")))
+    }
+
+    /// A ring from a Transit backup's record (untrusted input): renamed to
+    /// `rename` when given, held to the rules creation holds options to,
+    /// and refused unless it carries `exportable` and
+    /// `allow_plaintext_backup` (a backup only ever comes from such a key).
+    pub fn from_backup(bytes: &[u8], rename: Option<&str>) -> Result<KeyRing, EngineError> {
+        let bad = |why: String| EngineError::InvalidRequest(format!("invalid backup: {why}"));
+        let mut record: KeyRingRecord =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("the key record: {e}")))?;
+        if let Some(name) = rename {
+            record.name = name.to_string();
+        }
+        validate_name(&record.name)?;
+        let bytes = Zeroizing::new(
+            serde_json::to_vec(&record).map_err(|e| bad(format!("the key record: {e}")))?,
+        );
+        let ring = KeyRing::from_record(&record.name, &bytes).map_err(|e| match e {
+            EngineError::Internal(m) => bad(m),
+            e => bad(e.to_string()),
+        })?;
+        KeyOptions {
+            key_type: ring.key_type,
+            exportable: ring.exportable,
+            allow_plaintext_backup: ring.allow_plaintext_backup,
+            derived: ring.derived,
+            convergent_encryption: ring.convergent_encryption,
+            allow_wrap: ring.allow_wrap,
+            allow_unwrap: ring.allow_unwrap,
+            allow_rotation: ring.allow_rotation,
+        }
+        .validate()?;
+        if !ring.exportable || !ring.allow_plaintext_backup {
+            return Err(bad(
+                "the key is not marked exportable and allow_plaintext_backup".into(),
+            ));
+        }
+        if ring.min_decryption_version > ring.latest_version
+            || ring.min_encryption_version > ring.latest_version
+        {
+            return Err(bad(
+                "its minimum versions are past its latest version".into()
+            ));
+        }
+        Ok(ring)
     }
 
     pub fn from_record(name: &str, bytes: &[u8]) -> Result<KeyRing, EngineError> {
@@ -818,5 +888,67 @@ mod tests {
         ] {
             assert!(ring.reconfigured(&change).is_err());
         }
+    }
+
+    #[test]
+    fn opening_up_is_refused_only_for_what_the_key_was_created_without() {
+        let closed = KeyRing::new("closed", &KeyOptions::new(KeyType::Aes256Gcm96), 1).unwrap();
+        for change in [
+            KeyConfigChange {
+                exportable: Some(true),
+                ..Default::default()
+            },
+            KeyConfigChange {
+                allow_plaintext_backup: Some(true),
+                ..Default::default()
+            },
+        ] {
+            assert!(closed.refuse_opening_up(&change).is_err());
+            // Vault's behaviour when the switch is off.
+            assert!(closed.reconfigured(&change).is_ok());
+        }
+        // Other changes, and a key created open, are left alone.
+        let unrelated = KeyConfigChange {
+            deletion_allowed: Some(true),
+            exportable: Some(false),
+            ..Default::default()
+        };
+        assert!(closed.refuse_opening_up(&unrelated).is_ok());
+        let open = KeyRing::new(
+            "open",
+            &KeyOptions {
+                exportable: true,
+                allow_plaintext_backup: true,
+                ..KeyOptions::new(KeyType::Aes256Gcm96)
+            },
+            1,
+        )
+        .unwrap();
+        assert!(open
+            .refuse_opening_up(&KeyConfigChange {
+                exportable: Some(true),
+                allow_plaintext_backup: Some(true),
+                ..Default::default()
+            })
+            .is_ok());
+    }
+
+    #[test]
+    fn a_backup_record_restores_renamed_and_bad_ones_are_refused() {
+        let open = KeyOptions {
+            exportable: true,
+            allow_plaintext_backup: true,
+            ..KeyOptions::new(KeyType::Ed25519)
+        };
+        let ring = KeyRing::new("orig", &open, 1).unwrap().rotated(2).unwrap();
+        let record = ring.to_record().unwrap();
+        let same = KeyRing::from_backup(&record, None).unwrap();
+        assert_eq!((same.name.as_str(), same.latest_version), ("orig", 2));
+        let renamed = KeyRing::from_backup(&record, Some("copy")).unwrap();
+        assert_eq!(renamed.name, "copy");
+        assert!(KeyRing::from_backup(&record, Some(".transit-wrapping-key")).is_err());
+        assert!(KeyRing::from_backup(&record[..record.len() - 2], None).is_err());
+        let closed = KeyRing::new("c", &KeyOptions::new(KeyType::Ed25519), 1).unwrap();
+        assert!(KeyRing::from_backup(&closed.to_record().unwrap(), None).is_err());
     }
 }

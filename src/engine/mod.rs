@@ -19,6 +19,7 @@ pub mod seal;
 mod seal_tests;
 pub mod secret;
 pub mod store;
+pub mod transit_backup;
 pub mod users;
 pub mod wrap;
 
@@ -887,7 +888,7 @@ impl Engine {
             .active
             .as_ref()
             .ok_or(EngineError::NotActive(inner.state))?;
-        let auto = *active.store.seal_params() == SealParams::Auto;
+        let auto = active.store.seal_params() == SealParams::Auto;
         let generation = if auto {
             let next = MasterKey::generate()?.into_secret();
             store::write_atomic(&self.paths.master_key_next, next.expose_secret(), 0o600)?;
@@ -1501,8 +1502,12 @@ impl Engine {
         name: &str,
         change: &KeyConfigChange,
     ) -> Result<Arc<KeyRing>, EngineError> {
+        let opening_up_refused = self.config.non_exportable_is_final;
         self.update_ring(by, name, |current| {
             let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
+            if opening_up_refused {
+                ring.refuse_opening_up(change)?;
+            }
             ring.reconfigured(change).map(Some)
         })
     }

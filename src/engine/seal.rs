@@ -12,7 +12,11 @@
 //! - `shamir`: a random KEK split M-of-N (Shamir over GF(256), the `blahaj`
 //!   crate) at init; the shares are returned once and never stored. The
 //!   engine starts `sealed` until M shares are supplied. Shares given so far
-//!   live in memory only.
+//!   live in memory only. A share is read as base64 or hex (Vault's
+//!   `keys_base64` and `keys`).
+//!
+//! The rekey ([`Engine::rekey_seal`], [`Engine::rekey_verify`]) replaces the
+//! passphrase or the split without touching the master key or any record.
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -20,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::crypto;
-use super::secret::SecretBytes;
-use super::EngineError;
+use super::secret::{SecretBytes, SecretString};
+use super::store::StoreError;
+use super::{lock, read, write, Engine, EngineError, Principal, Role};
 
 /// The seal mode chosen in config (`[engine] seal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -184,11 +189,21 @@ pub fn new_shamir_seal(
     ))
 }
 
-/// Decodes one submitted share (base64 of `x || y`, 33 bytes for a 32-byte
-/// KEK). Returns the share bytes.
-pub fn decode_share(b64: &str) -> Result<Zeroizing<Vec<u8>>, EngineError> {
-    let bytes = Zeroizing::new(STANDARD.decode(b64.trim()).map_err(|_| {
-        EngineError::InvalidRequest("an unseal share must be base64 (keys_base64 from init)".into())
+/// Decodes one submitted share: `x || y`, 33 bytes for a 32-byte KEK, as
+/// base64 (`keys_base64` from init) or hex (`keys`), both of which Vault's
+/// unseal takes. 66 hex digits is hex; anything else must be base64 (the
+/// lengths differ, so no share reads both ways).
+pub fn decode_share(text: &str) -> Result<Zeroizing<Vec<u8>>, EngineError> {
+    let text = text.trim();
+    let decoded = if text.len() == 66 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex::decode(text).ok()
+    } else {
+        STANDARD.decode(text).ok()
+    };
+    let bytes = Zeroizing::new(decoded.ok_or_else(|| {
+        EngineError::InvalidRequest(
+            "an unseal share must be base64 (keys_base64 from init) or hex (keys)".into(),
+        )
     })?);
     if bytes.len() != 33 || bytes[0] == 0 {
         return Err(EngineError::InvalidRequest(
@@ -196,6 +211,15 @@ pub fn decode_share(b64: &str) -> Result<Zeroizing<Vec<u8>>, EngineError> {
         ));
     }
     Ok(bytes)
+}
+
+/// The hex form (Vault's `keys`) of base64 shares (`keys_base64`).
+pub fn shares_hex(shares: &[String]) -> Vec<String> {
+    shares
+        .iter()
+        .filter_map(|s| STANDARD.decode(s).ok().map(Zeroizing::new))
+        .map(|b| hex::encode(&*b))
+        .collect()
 }
 
 /// Rebuilds the KEK from `threshold` or more distinct shares. Wrong shares
@@ -215,6 +239,276 @@ pub fn combine_shares(
             .map_err(|e| EngineError::InvalidRequest(format!("unseal shares: {e}")))?,
     );
     Ok(SecretBytes::from_slice(&secret))
+}
+
+/// A rekey: the current unseal secret, and the new seal to wrap the same
+/// master key under (`POST /v1/hsm/rekey`).
+pub struct RekeyRequest {
+    /// The current passphrase (one item), or at least the threshold of
+    /// current shares (base64 or hex).
+    pub current: Vec<SecretString>,
+    /// Passphrase mode: the new passphrase.
+    pub new_passphrase: Option<SecretString>,
+    /// Shamir mode: the new split, M of N.
+    pub new_threshold: Option<u8>,
+    pub new_shares: Option<u8>,
+}
+
+/// What a rekey hands back once: the new shares in Shamir mode.
+pub struct RekeyOutcome {
+    pub seal_type: &'static str,
+    pub threshold: u8,
+    pub shares_total: u8,
+    /// base64 shares (Vault's `keys_base64`); empty in passphrase mode.
+    pub shares: Vec<String>,
+    /// Shamir: the new split takes effect only once `threshold` of the new
+    /// shares come back through [`Engine::rekey_verify`] (Vault's
+    /// `require_verification`); until then the current shares stay valid.
+    pub verification_required: bool,
+}
+
+/// The limits `[engine] shamir_threshold` / `shamir_shares` have in config.
+const SHAMIR_RANGE: std::ops::RangeInclusive<u8> = 2..=16;
+
+impl Engine {
+    /// Rekey: the crypto officer replaces the unseal secret (a new
+    /// passphrase, or a new M-of-N split) without changing the master key
+    /// or any record. The current secret must be supplied and must rebuild
+    /// the KEK that opened the store, so a stolen officer session alone can
+    /// neither lock the operators out nor obtain a secret that opens a copy
+    /// of the data dir. The new seal and the re-wrapped master key are one
+    /// store transaction ([`super::store::Store::rekey`]). A wrong current
+    /// secret is counted in `unseal_failures` and changes nothing.
+    ///
+    /// Passphrase mode takes effect at once (the officer typed the new
+    /// passphrase). Shamir mode only begins: the new shares are returned
+    /// and nothing is written until they come back through
+    /// [`Engine::rekey_verify`], so shares lost on the way (a dropped
+    /// response, a crash) cannot lock the store.
+    pub fn rekey_seal(
+        &self,
+        by: &Principal,
+        req: RekeyRequest,
+    ) -> Result<RekeyOutcome, EngineError> {
+        Engine::require(by, Role::CryptoOfficer)?;
+        let params = {
+            let inner = read(&self.inner);
+            inner
+                .active
+                .as_ref()
+                .ok_or(EngineError::NotActive(inner.state))?
+                .store
+                .seal_params()
+        };
+        // The slow part (argon2id, twice in passphrase mode) runs without
+        // the state lock; the store re-checks the KEK under its own.
+        let (current_kek, new_params, new_kek, shares) = match &params {
+            SealParams::Auto => {
+                return Err(EngineError::InvalidRequest(
+                    "rekey needs seal = \"passphrase\" or \"shamir\"; in auto mode \
+                     POST /v1/hsm/rotate-master-key replaces the key file"
+                        .into(),
+                ))
+            }
+            SealParams::Passphrase { .. } => {
+                if req.new_threshold.is_some() || req.new_shares.is_some() {
+                    return Err(EngineError::InvalidRequest(
+                        "secret_threshold and secret_shares are for seal = \"shamir\"".into(),
+                    ));
+                }
+                let [current] = req.current.as_slice() else {
+                    return Err(EngineError::InvalidRequest(
+                        "current_keys must hold exactly the current passphrase".into(),
+                    ));
+                };
+                let new = req.new_passphrase.as_ref().ok_or_else(|| {
+                    EngineError::InvalidRequest("rekey needs new_passphrase".into())
+                })?;
+                if new.expose_secret() == current.expose_secret() {
+                    return Err(EngineError::InvalidRequest(
+                        "the new passphrase must differ from the current one".into(),
+                    ));
+                }
+                validate_passphrase(new.expose_secret())?;
+                let current_kek = passphrase_kek(&params, current.expose_secret())?;
+                let (new_params, new_kek) = new_passphrase_seal(new.expose_secret())?;
+                (current_kek, new_params, new_kek, Vec::new())
+            }
+            SealParams::Shamir { threshold, .. } => {
+                if req.new_passphrase.is_some() {
+                    return Err(EngineError::InvalidRequest(
+                        "new_passphrase is for seal = \"passphrase\"".into(),
+                    ));
+                }
+                let (Some(t), Some(n)) = (req.new_threshold, req.new_shares) else {
+                    return Err(EngineError::InvalidRequest(
+                        "rekey needs secret_threshold and secret_shares".into(),
+                    ));
+                };
+                if !SHAMIR_RANGE.contains(&t) || !SHAMIR_RANGE.contains(&n) || t > n {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "secret_threshold {t} of secret_shares {n}: both must be 2 to 16 and \
+                         the threshold at most the number of shares"
+                    )));
+                }
+                let mut decoded: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(req.current.len());
+                for share in &req.current {
+                    let share = decode_share(share.expose_secret())?;
+                    if decoded.iter().any(|s| s[0] == share[0]) {
+                        return Err(EngineError::InvalidRequest(
+                            "current_keys holds two shares with the same index".into(),
+                        ));
+                    }
+                    decoded.push(share);
+                }
+                if decoded.len() < *threshold as usize {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "current_keys needs at least {threshold} current shares"
+                    )));
+                }
+                let current_kek = combine_shares(*threshold, &decoded)?;
+                let (new_params, new_kek, shares) = new_shamir_seal(t, n)?;
+                (current_kek, new_params, new_kek, shares)
+            }
+        };
+        // key_writes before the state lock (the order rotation uses), taken
+        // only now so key writes never wait for argon2id; the store's own
+        // key lock orders the rekey against a master-key rotation.
+        let _serial = lock(&self.key_writes);
+        let mut inner = write(&self.inner);
+        let state = inner.state;
+        let store = &inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(state))?
+            .store;
+        let verification_required = matches!(new_params, SealParams::Shamir { .. });
+        let done = if verification_required {
+            store.rekey_begin(&current_kek, &new_kek, new_params.clone())
+        } else {
+            store.rekey(&current_kek, new_kek, new_params.clone())
+        };
+        match done {
+            Ok(()) => {}
+            Err(StoreError::WrongKek) => {
+                inner.unseal_failures += 1;
+                tracing::warn!(
+                    user = %by.username,
+                    failures = inner.unseal_failures,
+                    "rekey refused: the current unseal secret is wrong"
+                );
+                return Err(EngineError::UnsealFailed(
+                    "the current passphrase or shares do not open this store's key; \
+                     nothing changed"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let (threshold, shares_total) = new_params.t_n();
+        let seal_type = new_params.type_name();
+        if verification_required {
+            tracing::warn!(
+                user = %by.username,
+                threshold,
+                shares = shares_total,
+                "rekey begun: new shares issued; the current ones stay valid until \
+                 POST /v1/hsm/rekey/verify"
+            );
+        } else {
+            inner.seal_params = Some(new_params);
+            tracing::warn!(
+                user = %by.username,
+                seal = seal_type,
+                "unseal secret rekeyed; the old one no longer opens the store"
+            );
+        }
+        Ok(RekeyOutcome {
+            seal_type,
+            threshold,
+            shares_total,
+            shares,
+            verification_required,
+        })
+    }
+
+    /// Completes a Shamir rekey: at least the new threshold of the new
+    /// shares (base64 or hex) must rebuild the new KEK, which must open the
+    /// pending wrapped master key; then the new split replaces the current
+    /// one in one store transaction. Wrong shares are counted in
+    /// `unseal_failures` and leave the rekey pending.
+    pub fn rekey_verify(
+        &self,
+        by: &Principal,
+        shares: &[SecretString],
+    ) -> Result<RekeyOutcome, EngineError> {
+        Engine::require(by, Role::CryptoOfficer)?;
+        let _serial = lock(&self.key_writes);
+        let mut inner = write(&self.inner);
+        let state = inner.state;
+        let store = &inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(state))?
+            .store;
+        let Some(SealParams::Shamir { threshold, .. }) = store.pending_rekey() else {
+            return Err(EngineError::InvalidRequest(
+                "no Shamir rekey is pending (POST /v1/hsm/rekey first; a restart, seal or \
+                 master-key rotation drops a pending one)"
+                    .into(),
+            ));
+        };
+        let mut decoded: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(shares.len());
+        for share in shares {
+            let share = decode_share(share.expose_secret())?;
+            if decoded.iter().any(|s| s[0] == share[0]) {
+                return Err(EngineError::InvalidRequest(
+                    "keys holds two shares with the same index".into(),
+                ));
+            }
+            decoded.push(share);
+        }
+        if decoded.len() < threshold as usize {
+            return Err(EngineError::InvalidRequest(format!(
+                "verification needs at least {threshold} of the new shares"
+            )));
+        }
+        let kek = combine_shares(threshold, &decoded)?;
+        let params = match store.rekey_commit(kek) {
+            Ok(p) => p,
+            Err(StoreError::WrongKek) => {
+                inner.unseal_failures += 1;
+                tracing::warn!(
+                    user = %by.username,
+                    failures = inner.unseal_failures,
+                    "rekey verification refused: not the new shares"
+                );
+                return Err(EngineError::UnsealFailed(
+                    "these are not the new shares; the rekey stays pending and the current \
+                     shares stay valid"
+                        .into(),
+                ));
+            }
+            Err(StoreError::Meta(m)) => return Err(EngineError::InvalidRequest(m)),
+            Err(e) => return Err(e.into()),
+        };
+        let (threshold, shares_total) = params.t_n();
+        let seal_type = params.type_name();
+        inner.seal_params = Some(params);
+        tracing::warn!(
+            user = %by.username,
+            threshold,
+            shares = shares_total,
+            "rekey verified; the old shares no longer open the store"
+        );
+        Ok(RekeyOutcome {
+            seal_type,
+            threshold,
+            shares_total,
+            shares: Vec::new(),
+            verification_required: false,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +543,38 @@ mod tests {
         assert!(decode_share(&STANDARD.encode([1u8; 10])).is_err());
         assert!(decode_share(&STANDARD.encode([0u8; 33])).is_err());
         assert!(decode_share(&STANDARD.encode([1u8; 33])).is_ok());
+        // Hex: the right length with a non-hex digit, one digit short, one
+        // too many, a zero index.
+        let good = hex::encode([7u8; 33]);
+        assert!(decode_share(&good).is_ok());
+        assert!(decode_share(&format!("{}g", &good[..65])).is_err());
+        assert!(decode_share(&good[..65]).is_err());
+        assert!(decode_share(&format!("{good}0")).is_err());
+        assert!(decode_share(&hex::encode([0u8; 33])).is_err());
+    }
+
+    #[test]
+    fn a_share_reads_the_same_in_hex_and_base64() {
+        let (_, kek, shares) = new_shamir_seal(2, 3).unwrap();
+        let hexed = shares_hex(&shares);
+        assert_eq!(hexed.len(), 3);
+        for (b, h) in shares.iter().zip(&hexed) {
+            assert_eq!(h.len(), 66);
+            assert_eq!(*decode_share(b).unwrap(), *decode_share(h).unwrap());
+            assert_eq!(
+                *decode_share(&h.to_uppercase()).unwrap(),
+                *decode_share(b).unwrap()
+            );
+        }
+        // One share in each form rebuilds the KEK.
+        let mixed = vec![
+            decode_share(&shares[0]).unwrap(),
+            decode_share(&hexed[2]).unwrap(),
+        ];
+        assert_eq!(
+            combine_shares(2, &mixed).unwrap().expose_secret(),
+            kek.expose_secret()
+        );
     }
 
     #[test]

@@ -272,10 +272,23 @@ impl std::fmt::Debug for UserRecord {
 pub type Unsealed = (String, Zeroizing<Vec<u8>>);
 
 /// The store's keys while it is open: the records' master key, the KEK it
-/// is wrapped under, and its generation.
+/// is wrapped under, its generation, and the seal the KEK comes from (which
+/// a rekey replaces together with the KEK).
 struct Keys {
     master: MasterKey,
     kek: SecretBytes,
+    generation: u64,
+    params: SealParams,
+    /// A Shamir rekey begun and not yet verified (memory only; see
+    /// [`Store::rekey_begin`]). A rotation, a seal or a restart drops it.
+    pending: Option<PendingRekey>,
+}
+
+/// The new seal of a begun rekey and the master key wrapped under its KEK
+/// (not the KEK itself: only the new shares rebuild it).
+struct PendingRekey {
+    params: SealParams,
+    wrapped: Vec<u8>,
     generation: u64,
 }
 
@@ -288,7 +301,6 @@ pub struct Store {
     /// write-locked by a master-key rotation: no record is ever sealed under
     /// a key that is about to be replaced.
     keys: RwLock<Keys>,
-    params: SealParams,
 }
 
 /// An open store whose master key is not (yet) available: the engine's
@@ -430,8 +442,9 @@ impl Store {
                 master,
                 kek,
                 generation: 1,
+                params,
+                pending: None,
             }),
-            params,
         })
     }
 
@@ -490,8 +503,8 @@ impl Store {
         }
     }
 
-    pub fn seal_params(&self) -> &SealParams {
-        &self.params
+    pub fn seal_params(&self) -> SealParams {
+        self.read_keys().params.clone()
     }
 
     pub fn generation(&self) -> u64 {
@@ -554,7 +567,7 @@ impl Store {
                     }
                 }
             }
-            let wrapped = wrap_master(&kek, &new_master, &self.params, generation)?;
+            let wrapped = wrap_master(&kek, &new_master, &keys.params, generation)?;
             {
                 let mut meta = db_err!(txn.open_table(META))?;
                 db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
@@ -562,12 +575,128 @@ impl Store {
             }
             db_err!(txn.commit())
         })?;
+        let params = keys.params.clone();
+        // A pending rekey wrapped the old master key: dropped.
         *keys = Keys {
             master: new_master,
             kek,
             generation,
+            params,
+            pending: None,
         };
         Ok(generation)
+    }
+
+    /// Rekey: the same master key (and records) wrapped under a new KEK
+    /// from a new seal (a new passphrase, or a new Shamir split). The
+    /// caller proves it holds the current seal's secret by handing over the
+    /// KEK it rebuilds, compared in constant time with the one that opened
+    /// this store. The new seal parameters and the re-wrapped master key
+    /// are written in one transaction: after a crash the store opens with
+    /// the old secret or the new one, never neither.
+    pub fn rekey(
+        &self,
+        current_kek: &SecretBytes,
+        new_kek: SecretBytes,
+        new_params: SealParams,
+    ) -> Result<(), StoreError> {
+        let mut keys = self.write_keys();
+        check_rekey(&keys, current_kek, &new_params)?;
+        let wrapped = wrap_master(&new_kek, &keys.master, &new_params, keys.generation)?;
+        self.commit_rekey(&mut keys, new_kek, new_params, wrapped)
+    }
+
+    /// First half of a verified rekey (Shamir): checks the current KEK and
+    /// keeps the new seal and the master key wrapped under the new KEK in
+    /// memory only. Nothing is written: until [`Store::rekey_commit`] the
+    /// current secret keeps opening the store, so new shares that never
+    /// reach their holders (a lost response, a crash) lose nothing.
+    pub fn rekey_begin(
+        &self,
+        current_kek: &SecretBytes,
+        new_kek: &SecretBytes,
+        new_params: SealParams,
+    ) -> Result<(), StoreError> {
+        let mut keys = self.write_keys();
+        check_rekey(&keys, current_kek, &new_params)?;
+        let wrapped = wrap_master(new_kek, &keys.master, &new_params, keys.generation)?;
+        keys.pending = Some(PendingRekey {
+            params: new_params,
+            wrapped,
+            generation: keys.generation,
+        });
+        Ok(())
+    }
+
+    /// The seal of the pending rekey, if one was begun.
+    pub fn pending_rekey(&self) -> Option<SealParams> {
+        self.read_keys().pending.as_ref().map(|p| p.params.clone())
+    }
+
+    /// Second half: `new_kek`, rebuilt from the new shares, must open the
+    /// pending wrapped master key; then the new seal is written (one
+    /// transaction, as [`Store::rekey`]). A wrong KEK leaves it pending.
+    pub fn rekey_commit(&self, new_kek: SecretBytes) -> Result<SealParams, StoreError> {
+        let mut keys = self.write_keys();
+        let Some(pending) = keys.pending.as_ref() else {
+            return Err(StoreError::Meta("no rekey is pending".into()));
+        };
+        if pending.generation != keys.generation {
+            keys.pending = None;
+            return Err(StoreError::Meta(
+                "the master key was rotated since the rekey began; begin again".into(),
+            ));
+        }
+        let opened = unwrap_master(
+            &new_kek,
+            Some(pending.wrapped.clone()),
+            &pending.params,
+            pending.generation,
+        )?;
+        {
+            use subtle::ConstantTimeEq as _;
+            if opened
+                .0
+                .expose_secret()
+                .ct_eq(keys.master.0.expose_secret())
+                .unwrap_u8()
+                != 1
+            {
+                return Err(StoreError::WrongKek);
+            }
+        }
+        let PendingRekey {
+            params, wrapped, ..
+        } = keys
+            .pending
+            .take()
+            .ok_or_else(|| StoreError::Meta("no rekey is pending".into()))?;
+        self.commit_rekey(&mut keys, new_kek, params.clone(), wrapped)?;
+        Ok(params)
+    }
+
+    fn commit_rekey(
+        &self,
+        keys: &mut Keys,
+        new_kek: SecretBytes,
+        new_params: SealParams,
+        wrapped: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let seal_json =
+            serde_json::to_vec(&new_params).map_err(|e| StoreError::Meta(e.to_string()))?;
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_write())?;
+            {
+                let mut meta = db_err!(txn.open_table(META))?;
+                db_err!(meta.insert(META_SEAL, seal_json.as_slice()))?;
+                db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
+            }
+            db_err!(txn.commit())
+        })?;
+        keys.kek = new_kek;
+        keys.params = new_params;
+        keys.pending = None;
+        Ok(())
     }
 
     /// A consistent snapshot of every record's plaintext (for backups):
@@ -889,6 +1018,30 @@ fn parse_seal_params(bytes: Option<Vec<u8>>) -> Result<SealParams, StoreError> {
     }
 }
 
+/// A rekey needs the KEK that opened this store (compared in constant
+/// time) and keeps the seal type.
+fn check_rekey(
+    keys: &Keys,
+    current_kek: &SecretBytes,
+    new_params: &SealParams,
+) -> Result<(), StoreError> {
+    use subtle::ConstantTimeEq as _;
+    let same = current_kek
+        .expose_secret()
+        .ct_eq(keys.kek.expose_secret())
+        .unwrap_u8()
+        == 1;
+    if !same {
+        return Err(StoreError::WrongKek);
+    }
+    if new_params.type_name() != keys.params.type_name() {
+        return Err(StoreError::Meta(
+            "a rekey keeps the seal type; changing it is backup, zeroize, init, restore".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_generation(bytes: Option<Vec<u8>>) -> u64 {
     bytes
         .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
@@ -1011,8 +1164,9 @@ impl LockedStore {
                 master,
                 kek,
                 generation,
+                params,
+                pending: None,
             }),
-            params,
         })
     }
 }
@@ -1113,6 +1267,94 @@ mod tests {
             LockedStore::open(&path).unwrap().seal_params().unwrap(),
             params
         );
+    }
+
+    /// Rekey: the old KEK stops opening the store, the new one opens it with
+    /// every record and the new parameters; a wrong current KEK or a change
+    /// of seal type is refused and changes nothing.
+    #[test]
+    fn a_rekey_rewraps_the_same_master_key_under_the_new_kek_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = kek();
+        let old_params = SealParams::Shamir {
+            threshold: 2,
+            shares: 3,
+        };
+        let store = Store::create(&path, old.duplicate(), old_params.clone()).unwrap();
+        store.put_key("k", b"ring").unwrap();
+        let sealed_before = store.raw_get(KEYS, "k");
+        let new = kek();
+        let new_params = SealParams::Shamir {
+            threshold: 3,
+            shares: 5,
+        };
+        // Deny: a KEK that is not the current one.
+        assert!(matches!(
+            store.rekey(&kek(), new.duplicate(), new_params.clone()),
+            Err(StoreError::WrongKek)
+        ));
+        // Deny: another seal type.
+        assert!(store
+            .rekey(&old, new.duplicate(), SealParams::Auto)
+            .is_err());
+        assert_eq!(store.seal_params(), old_params);
+        // Allow.
+        store
+            .rekey(&old, new.duplicate(), new_params.clone())
+            .unwrap();
+        assert_eq!(store.seal_params(), new_params);
+        assert_eq!(store.generation(), 1, "a rekey is not a rotation");
+        assert_eq!(store.raw_get(KEYS, "k"), sealed_before, "records untouched");
+        drop(store);
+        let locked = LockedStore::open(&path).unwrap();
+        assert_eq!(locked.seal_params().unwrap(), new_params);
+        let (locked, err) = locked.unlock(old).err().unwrap();
+        assert!(matches!(err, StoreError::WrongKek));
+        let store = locked.unlock(new).ok().unwrap();
+        assert_eq!(store.get_key("k").unwrap().unwrap().as_slice(), b"ring");
+    }
+
+    /// A verified rekey writes nothing until the new KEK comes back; a
+    /// wrong one leaves it pending, a rotation drops it.
+    #[test]
+    fn a_begun_rekey_changes_nothing_until_committed_with_the_new_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = kek();
+        let params = |t| SealParams::Shamir {
+            threshold: t,
+            shares: 5,
+        };
+        let store = Store::create(&path, old.duplicate(), params(2)).unwrap();
+        store.put_key("k", b"ring").unwrap();
+        let new = kek();
+        assert!(matches!(
+            store.rekey_begin(&kek(), &new, params(3)),
+            Err(StoreError::WrongKek)
+        ));
+        store.rekey_begin(&old, &new, params(3)).unwrap();
+        assert_eq!(store.pending_rekey(), Some(params(3)));
+        assert_eq!(store.seal_params(), params(2), "nothing applied yet");
+        assert!(matches!(
+            store.rekey_commit(kek()),
+            Err(StoreError::WrongKek)
+        ));
+        assert_eq!(store.pending_rekey(), Some(params(3)), "still pending");
+        // A rotation re-wraps a new master key: the pending one is stale.
+        store.rotate_master(None).unwrap();
+        assert_eq!(store.pending_rekey(), None);
+        assert!(store.rekey_commit(new.duplicate()).is_err());
+        // Begin again, commit with the new KEK: only it opens the store.
+        store.rekey_begin(&old, &new, params(3)).unwrap();
+        assert_eq!(store.rekey_commit(new.duplicate()).unwrap(), params(3));
+        drop(store);
+        let locked = LockedStore::open(&path).unwrap();
+        assert_eq!(locked.seal_params().unwrap(), params(3));
+        let (locked, err) = locked.unlock(old).err().unwrap();
+        assert!(matches!(err, StoreError::WrongKek));
+        let store = locked.unlock(new).ok().unwrap();
+        assert_eq!(store.get_key("k").unwrap().unwrap().as_slice(), b"ring");
     }
 
     /// Many records under the old key; every one reads back after rotation

@@ -188,6 +188,7 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
                 | "unseal"
                 | "seal"
                 | "rotate-master-key"
+                | "rekey"
                 | "backup"
                 | "restore"
         )
@@ -197,6 +198,7 @@ fn hsm_action(path: &str) -> (String, Option<String>) {
     match seg.as_slice() {
         ["users", name, "password"] => ("hsm.users.password".into(), Some(clip(name))),
         ["users", name] if !name.is_empty() => ("hsm.users.delete".into(), Some(clip(name))),
+        ["rekey", "verify"] => ("hsm.rekey.verify".into(), None),
         [first, ..] => (format!("hsm.{}", known(first)), None),
         [] => ("hsm.other".into(), None),
     }
@@ -251,11 +253,20 @@ pub async fn record(
         }
         RouteClass::Transit => {
             let level = state.audit.key_use();
-            // Key material moving in or out (wrapped) is a key lifecycle
-            // event: recorded whatever `key_use` says.
+            // Key material moving in or out (wrapped, or in plaintext by
+            // export or backup) is a key lifecycle event: recorded and
+            // synced whatever `key_use` says.
             let lifecycle = matches!(
                 facts.op,
-                Some("wrap" | "unwrap" | "import" | "import_version")
+                Some(
+                    "wrap"
+                        | "unwrap"
+                        | "import"
+                        | "import_version"
+                        | "export"
+                        | "backup"
+                        | "restore"
+                )
             );
             let key_use = level == KeyUseLevel::All && facts.op.is_some();
             if let (KeyUseLevel::PerMinute, Some(op), false, false) =
