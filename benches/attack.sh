@@ -19,6 +19,7 @@
 #   CONNS=16           allowed client's keep-alive connections (encrypt 1 KiB)
 #   FLOOD_CONC=128     concurrent attacker connections
 #   HALF_OPEN=1000     c: half-open connections from one allowed source
+#   SLOW_RETRY_MS=1000 c: how long a refused half-open connection waits to retry
 #   KEEPALIVE=10000    d: kept-alive TLS connections for the memory figure
 #   MEM_FLOOD=1000000  d: distinct untrusted sources for the memory figure
 #   SCENARIOS="a b c d"

@@ -732,11 +732,16 @@ fn bare_accept() -> Res<()> {
     rt.block_on(async {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         println!("listening {}", l.local_addr()?);
-        loop {
-            if let Ok((s, _)) = l.accept().await {
-                drop(s);
+        // On a worker thread, like hsmgate's accept loops.
+        tokio::spawn(async move {
+            loop {
+                if let Ok((s, _)) = l.accept().await {
+                    drop(s);
+                }
             }
-        }
+        })
+        .await?;
+        Ok(())
     })
 }
 
@@ -776,12 +781,13 @@ async fn half_open(
     tls_done: bool,
     stop: Arc<AtomicBool>,
     s: Arc<Slow>,
+    retry: Duration,
 ) {
     let mut first = true;
     while !stop.load(Ordering::Relaxed) {
         // An attacker retries, but not in a tight loop (that is scenario b).
         if !first {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(retry).await;
         }
         first = false;
         let Ok(mut tcp) = tcp_from(source, to).await else {
@@ -1012,6 +1018,10 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
 
     let mut t = Table { rows: Vec::new() };
 
+    // The bare accept-and-close loop: b's baseline, a's control.
+    let (mut bare_child, bare) = spawn_bare()?;
+    let bare_pid = bare_child.id();
+
     // (a) brute force from outside.
     if k.wants("a") {
         let before = scrape(server.metrics).await?;
@@ -1020,6 +1030,7 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         let (mut with, mut without, mut ratio, mut rate) = (vec![], vec![], vec![], vec![]);
         let (mut p99w, mut p99o) = (vec![], vec![]);
         let (mut srv_cpu, mut att_cpu, mut srv_cpu_o) = (vec![], vec![], vec![]);
+        let (mut with_control, mut ratio_control) = (vec![], vec![]);
         let totals = FloodCount::default();
         let mut load_errors = 0u64;
         let mut done = 0;
@@ -1062,14 +1073,41 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
                     (cpu_seconds(&pid.to_string()) - s0) / t0.elapsed().as_secs_f64(),
                 )
             };
-            let (c, took, lw, lo, cpu, cpu_o);
+            // The control: the same flood for as long, aimed at the bare
+            // accept loop while the allowed load runs against hsmgate.
+            let control = |d: Duration| {
+                let hello = hello.clone();
+                let setup = setup.clone();
+                async move {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let l = load_thread(setup, conns, None, stop.clone());
+                    let _ = flood(
+                        FloodKind::Login,
+                        hello,
+                        bare,
+                        0,
+                        sources,
+                        None,
+                        Some(Instant::now() + d),
+                        conc,
+                    )
+                    .await;
+                    stop.store(true, Ordering::Relaxed);
+                    l.join().unwrap()
+                }
+            };
+            let (c, took, lw, lo, lc, cpu, cpu_o);
             if r % 2 == 0 {
                 (c, took, lw, cpu) = run_flood(0).await;
                 (lo, cpu_o) = alone(took.max(Duration::from_secs(2)));
+                lc = control(took.max(Duration::from_secs(2))).await;
             } else {
+                lc = control(k.duration).await;
                 (lo, cpu_o) = alone(k.duration);
                 (c, took, lw, cpu) = run_flood(0).await;
             }
+            with_control.push(lc.ops_per_s);
+            ratio_control.push(lw.ops_per_s / lc.ops_per_s);
             srv_cpu_o.push(cpu_o);
             say(&format!(
                 "a round {}: {n} attempts in {:.1} s; encrypt/s with {:.0} without {:.0}",
@@ -1150,6 +1188,14 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         t.row("a. allowed encrypt/s during the flood", with);
         t.row("a. allowed encrypt/s without", without);
         t.row("a. ratio with / without (goal ≥ 0.8)", ratio);
+        t.row(
+            "a. control: allowed encrypt/s while the same flood hits the bare accept loop instead",
+            with_control,
+        );
+        t.row(
+            "a. ratio flood on hsmgate / same flood on the bare loop (hsmgate's own share)",
+            ratio_control,
+        );
         t.row("a. allowed p99 ms during the flood", p99w);
         t.row("a. allowed p99 ms without", p99o);
         t.single(
@@ -1160,8 +1206,6 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
 
     // (b) denied-connection flood vs a bare accept-and-close loop.
     if k.wants("b") {
-        let (mut bare_child, bare) = spawn_bare()?;
-        let bare_pid = bare_child.id();
         let (mut h_us, mut b_us) = (vec![], vec![]);
         let (mut hs, mut ba, mut ratio, mut p99w, mut p99o) =
             (vec![], vec![], vec![], vec![], vec![]);
@@ -1223,8 +1267,6 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             p99w.push(lw.p99_ms);
             p99o.push(lo.p99_ms);
         }
-        let _ = bare_child.kill();
-        let _ = bare_child.wait();
         t.row(
             "**b. denied-connection flood**: hsmgate denied connections closed/s",
             hs,
@@ -1250,6 +1292,7 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         let (mut p99w, mut p99o, mut held, mut opsw, mut opso) =
             (vec![], vec![], vec![], vec![], vec![]);
         let (mut closed, mut at_once) = (0, 0);
+        let slow_retry = Duration::from_millis(env_num("SLOW_RETRY_MS", 1000));
         let mut load_errors = 0u64;
         for r in 0..k.rounds {
             let run_with = || async {
@@ -1264,6 +1307,7 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
                         i % 2 == 1,
                         stop.clone(),
                         s.clone(),
+                        slow_retry,
                     )));
                 }
                 // Let them open (handshakes for half of them), then measure.
@@ -1402,6 +1446,8 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         t.single("d. peak (VmHWM) over the whole run", mib(settled.1));
     }
 
+    let _ = bare_child.kill();
+    let _ = bare_child.wait();
     println!();
     t.print(k.rounds);
     drop(server);
