@@ -38,12 +38,12 @@ command -v cargo >/dev/null || {
     exit 1
 }
 
-# 10,000 kept-alive connections plus the floods need file descriptors on
-# both sides (this shell's children inherit the limit).
-want=$(((${KEEPALIVE:-10000} + ${HALF_OPEN:-1000} + ${FLOOD_CONC:-128}) * 2 + 4096))
+# 10,000 kept-alive connections plus the floods need file descriptors in
+# the server and in the harness, each (both inherit this shell's limit).
+want=$((${KEEPALIVE:-10000} + ${HALF_OPEN:-1000} + ${FLOOD_CONC:-128} + 4096))
 hard=$(ulimit -Hn)
 if [[ $hard != unlimited && $hard -lt $want ]]; then
-    ulimit -Hn "$want" 2>/dev/null || say "cannot raise the hard open-file limit above $hard (not root?)"
+    ulimit -Hn "$want" 2>/dev/null || say "cannot raise the hard open-file limit above $hard (needs CAP_SYS_RESOURCE)"
 fi
 ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
 say "open-file limit $(ulimit -n)"
