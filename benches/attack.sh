@@ -22,6 +22,7 @@
 #   SLOW_RETRY_MS=1000 c: how long a refused half-open connection waits to retry
 #   KEEPALIVE=10000    d: kept-alive TLS connections for the memory figure
 #   MEM_FLOOD=1000000  d: distinct untrusted sources for the memory figure
+#   KA_CYCLES=3        d: times the KEEPALIVE connections are opened and closed
 #   SCENARIOS="a b c d"
 #   PROFILE=release    cargo profile to build and run (dev: a quick smoke run)
 #   NO_BUILD=1         skip `cargo build`

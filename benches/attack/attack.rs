@@ -248,6 +248,11 @@ security_groups = ["admins"]
     })
 }
 
+/// Open file descriptors of `pid` (sockets included).
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
 fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -1373,31 +1378,41 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
     // (d) memory.
     if k.wants("d") {
         let before_ka = memory(pid);
-        let mut conns = Vec::new();
-        let mut failed = 0u64;
-        let mut i = 0u64;
-        while (conns.len() as u64) < k.keepalive && i < k.keepalive * 2 {
-            // 200 per source from 127.0.0.10 up (the per-source cap is 256).
-            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + (i / 200) as u8));
-            i += 1;
-            match Http::connect(&tls, source, api).await {
-                Ok(mut c) => match c.request("GET", "/v1/sys/health", None, b"").await {
-                    Ok(_) => conns.push(c),
-                    Err(_) => failed += 1,
-                },
-                Err(_) => failed += 1,
-            }
-        }
+        let fds_before = open_fds(pid);
+        let conns = keepalive_conns(&tls, api, k.keepalive).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let with_ka = memory(pid);
         let held = conns.len();
-        drop(conns);
         say(&format!(
-            "d: {held} keep-alive connections open ({failed} failed): VmRSS {} KiB",
+            "d: {held} keep-alive connections open: VmRSS {} KiB; measuring the load beside them",
             with_ka.0
         ));
+        // The idle flood: others' p99 with the idle connections open, then
+        // without (one round each, not interleaved: reopening 10,000
+        // connections per round would take longer than the measurement).
+        let idle_with = load_for(&setup, k.conns, k.duration);
+        drop(conns);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after_ka = memory(pid);
+        let idle_without = load_for(&setup, k.conns, k.duration);
+        let after_first = memory(pid);
+        let fds_first = open_fds(pid);
+        // Opened and closed again: is the freed memory reused or grown?
+        let mut cycles = Vec::new();
+        for _ in 1..env_num("KA_CYCLES", 3) {
+            let again = keepalive_conns(&tls, api, k.keepalive).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let open = memory(pid);
+            let n = again.len();
+            drop(again);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let closed = memory(pid);
+            let fds = open_fds(pid);
+            say(&format!(
+                "d: {n} opened again: VmRSS {} KiB, closed {} KiB ({fds} fds open)",
+                open.0, closed.0
+            ));
+            cycles.push((n, open.0, closed.0, fds));
+        }
         let (c, took) = flood(
             FloodKind::Connect,
             hello.clone(),
@@ -1424,7 +1439,10 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             "**d. memory** (VmRSS MiB): idle, after init",
             mib(idle_mem.0),
         );
-        t.single("d. before the keep-alive connections", mib(before_ka.0));
+        t.single(
+            &format!("d. before the keep-alive connections (server fds open: {fds_before})"),
+            mib(before_ka.0),
+        );
         t.single(
             &format!(
                 "d. with {held} kept-alive TLS connections open (from {} allowed sources)",
@@ -1432,7 +1450,28 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             ),
             mib(with_ka.0),
         );
-        t.single("d. 3 s after closing them", mib(after_ka.0));
+        t.single(
+            &format!(
+                "d. after closing them and 10 s of the allowed load (server fds open: {fds_first})"
+            ),
+            mib(after_first.0),
+        );
+        for (i, (n, open, closed, fds)) in cycles.iter().enumerate() {
+            t.single(
+                &format!(
+                    "d. cycle {}: {n} kept-alive connections opened again",
+                    i + 2
+                ),
+                mib(*open),
+            );
+            t.single(
+                &format!(
+                    "d. cycle {}: 3 s after closing them (server fds open: {fds})",
+                    i + 2
+                ),
+                mib(*closed),
+            );
+        }
         t.single(
             &format!(
                 "d. right after {} connections from {} distinct untrusted sources ({} closed by the server)",
@@ -1444,6 +1483,26 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         );
         t.single("d. 15 s later (sweep, summary)", mib(settled.0));
         t.single("d. peak (VmHWM) over the whole run", mib(settled.1));
+        t.single(
+            &format!("**idle flood**: others' p99 ms with {held} idle kept-alive connections open"),
+            idle_with.p99_ms,
+        );
+        t.single(
+            "idle flood: others' p99 ms after closing them",
+            idle_without.p99_ms,
+        );
+        t.single(
+            "idle flood: p99 ratio with / without (goal ≤ 2; one round)",
+            idle_with.p99_ms / idle_without.p99_ms,
+        );
+        t.single(
+            "idle flood: others' encrypt/s with / without",
+            idle_with.ops_per_s / idle_without.ops_per_s,
+        );
+        t.single(
+            "idle flood: others' requests that failed",
+            (idle_with.errors + idle_without.errors) as f64,
+        );
     }
 
     let _ = bare_child.kill();
@@ -1452,6 +1511,23 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
     t.print(k.rounds);
     drop(server);
     Ok(())
+}
+
+/// `n` TLS connections, 200 per source from 127.0.0.10 up (the per-source
+/// cap is 256), each kept alive after one `GET /v1/sys/health`.
+async fn keepalive_conns(tls: &TlsConnector, api: SocketAddr, n: u64) -> Vec<Http> {
+    let mut conns = Vec::new();
+    let mut i = 0u64;
+    while (conns.len() as u64) < n && i < n * 2 {
+        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + (i / 200) as u8));
+        i += 1;
+        if let Ok(mut c) = Http::connect(tls, source, api).await {
+            if c.request("GET", "/v1/sys/health", None, b"").await.is_ok() {
+                conns.push(c);
+            }
+        }
+    }
+    conns
 }
 
 /// The admin's consecutive failed logins, from `/v1/hsm/status`.
