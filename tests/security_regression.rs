@@ -1684,3 +1684,155 @@ async fn a_forged_transit_backup_cannot_replace_the_byok_wrapping_key() {
         .await;
     assert_eq!(st, 204, "{body}");
 }
+
+/// Attack (benches/attack.sh scenario a, in small): admin and crypto-user
+/// logins from thirty untrusted loopback sources at once, while an allowed
+/// app keeps encrypting. None reaches HTTP, the engine's counters and
+/// states do not move, and every encrypt of the allowed app succeeds. The
+/// allow: the same wrong guess from the trusted network is counted.
+#[tokio::test]
+async fn a_login_flood_from_many_untrusted_sources_spends_no_attempt_and_apps_keep_working() {
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let allowed = s.client();
+    let (st, body) = s
+        .post(&allowed, "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert!(st == 200 || st == 204, "{st} {body}");
+    let before = s.status().await;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..300u32 {
+        // 127.0.0.2 ... 127.0.0.31: in no group of the default Opts.
+        let c = s.client_from(ip(&format!("127.0.0.{}", 2 + i % 30)));
+        let url = s.url("/v1/hsm/login");
+        let user = if i % 2 == 0 { "admin" } else { "app" };
+        flood.spawn(async move {
+            c.post(url)
+                .json(&json!({"username": user, "password": "guess"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    for n in 0..20 {
+        let (st, body) = s
+            .post(
+                &allowed,
+                "/v1/transit/encrypt/k",
+                Some(&app),
+                json!({"plaintext": "aGVsbG8="}),
+            )
+            .await;
+        assert_eq!(st, 200, "encrypt {n} during the flood: {body}");
+    }
+    for r in flood.join_all().await {
+        assert!(r.is_err(), "an untrusted login reached HTTP: {r:?}");
+    }
+    let after = s.status().await;
+    assert_eq!(after["users"], before["users"], "{before}\n{after}");
+    assert_eq!(after["state"], "active");
+    assert_eq!(after["zeroizations"], 0);
+    assert_eq!(s.failures("admin").await, 0);
+    assert_eq!(s.failures("app").await, 0);
+    assert_eq!(s.login("admin", "guess").await.0, 401);
+    assert_eq!(s.failures("admin").await, 1);
+}
+
+/// The benchmark-only `[bench] dangerous_unfenced_listener` (BENCH=peer):
+/// through the real binary it serves Transit over plain HTTP to a valid
+/// token and nothing without one, no route but Transit, and `hsmgate check`
+/// refuses the same config with a non-loopback address.
+#[tokio::test]
+async fn the_dangerous_unfenced_bench_listener_needs_a_token_serves_only_transit_and_only_on_loopback(
+) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let s = TestServer::start(Opts {
+        extra_config: format!("[bench]\ndangerous_unfenced_listener = \"127.0.0.1:{port}\"\n"),
+        ..Opts::default()
+    });
+    assert!(
+        s.log()
+            .contains("DANGER: [bench] dangerous_unfenced_listener is set"),
+        "no start-up warning:\n{}",
+        s.log()
+    );
+    let (_co, app) = s.init_with_app_user().await;
+    let (st, body) = s
+        .post(&s.client(), "/v1/transit/keys/k", Some(&app), json!({}))
+        .await;
+    assert!(st == 200 || st == 204, "{st} {body}");
+    let plain = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let encrypt = |token: Option<&str>| {
+        let mut req = plain
+            .post(format!("{base}/v1/transit/encrypt/k"))
+            .json(&json!({"plaintext": "aGVsbG8="}));
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t);
+        }
+        req.send()
+    };
+    // The allow: a crypto user's token encrypts over plain HTTP, and the
+    // fenced front door decrypts the result.
+    let resp = encrypt(Some(&app)).await.expect("plain HTTP request");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let ct = body["data"]["ciphertext"].as_str().unwrap().to_string();
+    assert!(ct.starts_with("vault:v1:"), "{body}");
+    let (st, body) = s
+        .post(
+            &s.client(),
+            "/v1/transit/decrypt/k",
+            Some(&app),
+            json!({"ciphertext": ct}),
+        )
+        .await;
+    assert_eq!(
+        (st, body["data"]["plaintext"].as_str()),
+        (200, Some("aGVsbG8="))
+    );
+    // The denies: no token, a forged token, and any route outside Transit.
+    let st = encrypt(None).await.unwrap().status().as_u16();
+    assert!(st == 401 || st == 403, "no token: {st}");
+    let st = encrypt(Some("hvs.forged")).await.unwrap().status().as_u16();
+    assert!(st == 401 || st == 403, "forged token: {st}");
+    for path in ["/v1/hsm/status", "/v1/sys/health", "/v1/hsm/login"] {
+        let st = plain
+            .get(format!("{base}{path}"))
+            .header("X-Vault-Token", &app)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(st, 404, "{path} through the unfenced listener");
+    }
+    // `hsmgate check` on the same config with the listener off loopback.
+    let config = std::fs::read_to_string(&s.config_path).unwrap();
+    let exposed = s.config_dir().join("exposed.toml");
+    std::fs::write(
+        &exposed,
+        config.replace(
+            &format!("\"127.0.0.1:{port}\""),
+            &format!("\"0.0.0.0:{port}\""),
+        ),
+    )
+    .unwrap();
+    let check = |path: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+            .args(["check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = check(&s.config_path);
+    assert!(out.status.success(), "{out:?}");
+    let out = check(&exposed);
+    assert!(!out.status.success(), "check accepted 0.0.0.0");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a loopback address"),
+        "{out:?}"
+    );
+}
