@@ -218,6 +218,14 @@ fn unavailable(detail: impl std::fmt::Display) -> EngineError {
     EngineError::Cluster(detail.to_string())
 }
 
+/// A write that reached a leader whose answer was lost: it may have been
+/// committed. Said so, so nobody blindly repeats a non-idempotent write.
+fn outcome_unknown(detail: impl std::fmt::Display) -> EngineError {
+    EngineError::Cluster(format!(
+        "{detail}; the write may or may not have been applied: read before retrying"
+    ))
+}
+
 impl Cluster {
     /// Loads the cluster's TLS material, binds the cluster port and hooks
     /// the engine; starts Raft at once when the engine is active (a
@@ -341,7 +349,9 @@ impl Cluster {
                 return Ok(r);
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(unavailable("this node's Raft is not running"));
+                return Err(unavailable(
+                    "this node's Raft is not running; nothing was changed",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -354,12 +364,19 @@ impl Cluster {
         let mac = hex::encode(self.engine.entry_mac(&ops)?);
         let req = Request { ops, mac };
         loop {
-            let leader = match raft.client_write(req.clone()).await {
-                Ok(resp) => return conflict_to_error(resp.data.conflict),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            let written =
+                tokio::time::timeout(WRITE_DEADLINE, raft.client_write(req.clone())).await;
+            let leader = match written {
+                Ok(Ok(resp)) => return conflict_to_error(resp.data.conflict),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                     f.leader_id.zip(f.leader_node.map(|n| n.addr))
                 }
-                Err(e) => return Err(unavailable(e)),
+                Ok(Err(e)) => return Err(outcome_unknown(e)),
+                Err(_) => {
+                    return Err(outcome_unknown(
+                        "this leader could not commit within 10 s (has it lost its majority?)",
+                    ))
+                }
             };
             if let Some((id, addr)) = leader {
                 let answer: Result<WriteAnswer, NetError> = self
@@ -372,14 +389,16 @@ impl Cluster {
                             .await?;
                         return conflict_to_error(conflict);
                     }
-                    Ok(WriteAnswer::Failed(e)) => return Err(unavailable(e)),
+                    Ok(WriteAnswer::Failed(e)) => return Err(outcome_unknown(e)),
+                    // Never delivered: safe to try again.
                     Ok(WriteAnswer::NotLeader { .. }) | Err(NetError::Unreachable { .. }) => {}
-                    Err(e) => return Err(unavailable(e)),
+                    Err(e) => return Err(outcome_unknown(e)),
                 }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(unavailable(
-                    "no leader could commit the write (is a majority of members up?)",
+                    "no leader could be reached to commit the write (is a majority of members \
+                     up?); nothing was changed, retry",
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -397,7 +416,12 @@ impl Cluster {
             .applied_index_at_least(Some(index), "read your writes")
             .await
             .map(|_| ())
-            .map_err(|e| unavailable(format!("this node has not caught up with the leader: {e}")))
+            .map_err(|e| {
+                unavailable(format!(
+                    "the write committed, but this node has not applied it yet ({e}); it is \
+                     visible on the leader"
+                ))
+            })
     }
 
     /// Waits until this node has applied what the leader has committed.

@@ -40,6 +40,13 @@ pub enum NetError {
         addr: String,
         detail: String,
     },
+    /// Sent, but no (readable) answer: the request may have taken effect.
+    #[error("node {node} at {addr} did not answer: {detail}")]
+    Lost {
+        node: NodeId,
+        addr: String,
+        detail: String,
+    },
     #[error("node {node} answered {status}: {detail}")]
     Refused {
         node: NodeId,
@@ -123,7 +130,13 @@ impl Peers {
             addr: addr.to_string(),
             detail,
         };
+        let lost = |detail: String| NetError::Lost {
+            node,
+            addr: addr.to_string(),
+            detail,
+        };
         let bytes = serde_json::to_vec(body).map_err(|e| unreachable(e.to_string()))?;
+        let sent = std::sync::atomic::AtomicBool::new(false);
         let work = async {
             let key = (node, addr.to_string());
             let cached = self.conns.lock().await.get(&key).cloned();
@@ -143,18 +156,19 @@ impl Peers {
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(bytes)))
                 .map_err(|e| unreachable(e.to_string()))?;
+            sent.store(true, std::sync::atomic::Ordering::Release);
             let resp = match sender.send_request(req).await {
                 Ok(r) => r,
                 Err(e) => {
                     self.conns.lock().await.remove(&key);
-                    return Err(unreachable(e.to_string()));
+                    return Err(lost(e.to_string()));
                 }
             };
             let status = resp.status().as_u16();
             let body = Limited::new(resp.into_body(), MAX_RESPONSE)
                 .collect()
                 .await
-                .map_err(|e| unreachable(e.to_string()))?
+                .map_err(|e| lost(e.to_string()))?
                 .to_bytes();
             if status != 200 {
                 return Err(NetError::Refused {
@@ -171,7 +185,10 @@ impl Peers {
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
-            Err(_) => Err(unreachable(format!("no answer within {timeout:?}"))),
+            Err(_) if sent.load(std::sync::atomic::Ordering::Acquire) => {
+                Err(lost(format!("no answer within {timeout:?}")))
+            }
+            Err(_) => Err(unreachable(format!("not reached within {timeout:?}"))),
         }
     }
 }

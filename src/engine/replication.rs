@@ -148,8 +148,12 @@ impl Engine {
 
     /// Installs a snapshot: replaces every replicated record, then reloads
     /// the key rings and drops every session (users may have changed).
+    ///
+    /// Takes no `key_writes`: a local write may be holding it while it
+    /// waits for this very state machine to apply its entry. Installs and
+    /// applies are serialized by the state machine itself, and a local
+    /// write racing an install fails its precondition and is recomputed.
     pub fn install_replicated(&self, state: &ReplicatedState) -> Result<(), EngineError> {
-        let _serial = lock(&self.key_writes);
         let inner = read(&self.inner);
         let active = inner
             .active

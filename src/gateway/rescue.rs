@@ -52,9 +52,9 @@ pub enum ApiError {
     #[error("internal error")]
     Internal(String),
     /// A cluster member could not commit a write now (no leader, no
-    /// quorum, or a concurrent write on another member): 503, retryable,
-    /// nothing changed by this request.
-    #[error("{0}; nothing was changed, retry")]
+    /// quorum, or a concurrent write on another member): 503. The message
+    /// says whether the write is known not to have happened.
+    #[error("{0}")]
     ClusterUnavailable(String),
     /// The audit log cannot be written: admin requests and logins are
     /// refused before they act (503), so none goes unaudited.

@@ -115,7 +115,7 @@ mod opt_b64 {
 
 /// Why a batch did not apply: the first op whose precondition failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("record {table}/{name} changed since it was read (a concurrent write); try again")]
+#[error("record {table}/{name} changed since it was read (a concurrent write); nothing was changed, try again")]
 pub struct Conflict {
     pub table: &'static str,
     pub name: String,
