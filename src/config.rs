@@ -2770,6 +2770,59 @@ admin_groups = ["admins"]
     }
 
     #[test]
+    fn cluster_section_is_validated_at_its_lines() {
+        assert_eq!(load_ok(MAIN, GROUPS).cluster, None);
+        let cluster = |extra: &str| {
+            format!(
+                "{MAIN}\n[cluster]\nnode_id = 2\nca_file = \"c/ca.pem\"\ncert_file = \"c/n.pem\"\n\
+                 key_file = \"c/n-key.pem\"\nsecurity_groups = [\"admins\"]\n{extra}"
+            )
+        };
+        // Allowed: the defaults filled in.
+        let c = load_ok(&cluster(""), GROUPS).cluster.unwrap();
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.address, "127.0.0.1:8201".parse().unwrap());
+        assert_eq!(c.advertise, "127.0.0.1:8201");
+        assert_eq!(c.election_timeout_ms, (1500, 3000));
+        // Denied, each at its line: node 0, a bad address, an undefined
+        // group, an inverted timeout, a sealed engine.
+        for (extra, needle) in [
+            ("node_id = 0\n", "cluster.node_id"),
+            ("address = \"localhost\"\n", "cluster.address"),
+            ("advertise = \"nohost\"\n", "cluster.advertise"),
+            (
+                "election_timeout_ms = [3000, 1000]\n",
+                "election_timeout_ms",
+            ),
+            ("heartbeat_ms = 0\n", "heartbeat_ms"),
+        ] {
+            let main = cluster(extra).replacen(
+                "node_id = 2\n",
+                "",
+                usize::from(extra.starts_with("node_id")),
+            );
+            let found = errors(&main, &[("sg.toml", GROUPS)]);
+            assert!(
+                found.iter().any(|e| e.2.contains(needle) && e.1.is_some()),
+                "{extra}: {found:#?}"
+            );
+        }
+        let main = cluster("").replace(
+            "security_groups = [\"admins\"]\n",
+            "security_groups = [\"nobody\"]\n",
+        );
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(found[0].2.contains("cluster.security_groups"), "{found:#?}");
+        let main = format!("[engine]\nseal = \"passphrase\"\n{}", cluster(""));
+        let found = errors(&main, &[("sg.toml", GROUPS)]);
+        assert!(
+            found.iter().any(|e| e.2.contains("seal = \"auto\"")),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
     fn dangerous_unfenced_listener_is_off_by_default_and_loopback_only() {
         assert_eq!(load_ok(MAIN, GROUPS).dangerous_unfenced_listener, None);
         // Allowed: loopback, IPv4 and IPv6.
