@@ -39,6 +39,8 @@
 #   WRITES=100     creations per target per round (x ROUNDS: 300 each)
 #   KEYS=10000     keys in the cluster before the timed rejoin
 #   KEY_CONC=16    concurrent creations while filling (curl --parallel)
+#   FILL_VIA="1"   the nodes the filling creations go to, round-robin
+#                  ("1 2": leader and follower, races between members)
 #   PROFILE=release | dev-o3   build profile (dev-o3: `cargo build` with
 #                  CARGO_PROFILE_DEV_OPT_LEVEL=3; binary in target/debug)
 #   NO_BUILD=1     skip the build;  BIN=path/to/hsmgate  use that binary
@@ -55,6 +57,7 @@ OPS=${OPS:-encrypt sign-ecdsa-p256}
 WRITES=${WRITES:-100}
 KEYS=${KEYS:-10000}
 KEY_CONC=${KEY_CONC:-16}
+FILL_VIA=${FILL_VIA:-1}
 PROFILE=${PROFILE:-release}
 NET=127.0.60
 
@@ -367,11 +370,13 @@ check_alive
 
 # --- 3. rejoin of a zeroized node ------------------------------------------
 fill_keys() { # count: creates fill-1..count through the leader, KEY_CONC at a time
-    local n=$1 cfg=$TMP/fill.curl out=$TMP/fill.txt i t0 t1
+    local n=$1 cfg=$TMP/fill.curl out=$TMP/fill.txt i t0 t1 via id
+    read -r -a via <<<"$FILL_VIA"
     for i in $(seq 1 "$n"); do
         if ((i > 1)); then echo next; fi
+        id=${via[i % ${#via[@]}]}
         printf 'url = "%s/v1/transit/keys/fill-%s"\ncacert = "%s"\nheader = "X-Vault-Token: %s"\nheader = "Content-Type: application/json"\ndata = "{\\"type\\":\\"aes256-gcm96\\"}"\noutput = "/dev/null"\nwrite-out = "%%{http_code} %%{url_effective}\\n"\n' \
-            "${URL[1]}" "$i" "${CA[1]}" "${TOK[1]}"
+            "${URL[$id]}" "$i" "${CA[$id]}" "${TOK[$id]}"
     done >"$cfg"
     t0=$(now)
     curl -sS --no-progress-meter --parallel --parallel-max "$KEY_CONC" -K "$cfg" >"$out" 2>"$TMP/fill.err" || true
@@ -379,7 +384,7 @@ fill_keys() { # count: creates fill-1..count through the leader, KEY_CONC at a t
     FILL_S=$(elapsed "$t0" "$t1")
     FILL_CODES=$(awk '{ c[$1]++ } END { for (k in c) printf "%s:%d ", k, c[k] }' "$out")
     # Anything but 200 (a write that lost a race answers 503: retry) is
-    # retried one at a time, and counted.
+    # retried one at a time through the leader, and counted.
     FILL_RETRIED=0
     local url
     while read -r url; do
@@ -434,7 +439,7 @@ rejoin() { # label: zeroize VICTIM, re-add it, time it -> REJOIN_POST, REJOIN_RE
 LAST_KEY=bench
 rejoin small
 SMALL=("$REJOIN_KEYS" "$REJOIN_POST" "$REJOIN_READY")
-say "3. filling the cluster with $KEYS keys ($KEY_CONC concurrent creations through the leader)"
+say "3. filling the cluster with $KEYS keys ($KEY_CONC concurrent creations through node(s) $FILL_VIA)"
 fill_keys "$KEYS"
 say "filled in ${FILL_S}s (first-pass answers: $FILL_CODES; retried one at a time: $FILL_RETRIED)"
 for id in 1 2 3; do
@@ -447,7 +452,7 @@ check_alive
 # --- report -------------------------------------------------------------
 echo
 echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) cores  load before: $LOAD_BEFORE  after: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "benches/cluster.sh PROFILE=$PROFILE ROUNDS=$ROUNDS WRITES=$WRITES KEYS=$KEYS KEY_CONC=$KEY_CONC; wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') ${WRK_ARGS[*]} -d$WRK_DURATION, keep-alive, HTTP/1.1 over TLS 1.3 on loopback; HSMGATE_LOG=${HSMGATE_LOG:-info}; audit fsync=every"
+echo "benches/cluster.sh PROFILE=$PROFILE ROUNDS=$ROUNDS WRITES=$WRITES KEYS=$KEYS KEY_CONC=$KEY_CONC FILL_VIA=\"$FILL_VIA\"; wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') ${WRK_ARGS[*]} -d$WRK_DURATION, keep-alive, HTTP/1.1 over TLS 1.3 on loopback; HSMGATE_LOG=${HSMGATE_LOG:-info}; audit fsync=every"
 echo
 echo "Crypto operations through one node's API (1-node: a cluster of one; 3-node: the leader or a follower of three):"
 echo
@@ -484,7 +489,7 @@ for t in "${TARGETS[@]}"; do
     echo "| create via $t | $(wc -l <"$f") | $(pct 0.50 "$f") | $(pct 0.99 "$f") | $(pct 1 "$f") |"
 done
 echo
-echo "Filling: $KEYS creations through the leader, $KEY_CONC concurrent: ${FILL_S} s ($(awk -v n="$KEYS" -v s="$FILL_S" 'BEGIN { printf "%.0f", n / s }') keys/s); first-pass answers $FILL_CODES; retried: $FILL_RETRIED"
+echo "Filling: $KEYS creations through node(s) $FILL_VIA, $KEY_CONC concurrent: ${FILL_S} s ($(awk -v n="$KEYS" -v s="$FILL_S" 'BEGIN { printf "%.0f", n / s }') keys/s); first-pass answers $FILL_CODES; retried: $FILL_RETRIED"
 echo
 echo "Rejoin of a zeroized follower (node $VICTIM), re-added through the leader:"
 echo
