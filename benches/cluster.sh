@@ -265,7 +265,8 @@ LEADER=$(jq -er .data.leader <<<"$status")
 [[ $LEADER == 1 ]] || die "expected node 1 (the founder) to lead, got $LEADER: $status"
 FOLLOWER=2
 VICTIM=3
-say "cluster formed: leader 1, voters $(jq -c .data.voters <<<"$status")"
+TERM_START=$(jq -er .data.term <<<"$status")
+say "cluster formed: leader 1, term $TERM_START, voters $(jq -c .data.voters <<<"$status")"
 # The keys work through every member (read-your-writes).
 for id in 9 1 2 3; do
     api "$id" POST /v1/transit/encrypt/bench "${TOK[$id]}" '{"plaintext":"aGk="}' >/dev/null
@@ -448,11 +449,16 @@ done
 rejoin full
 FULL=("$REJOIN_KEYS" "$REJOIN_POST" "$REJOIN_READY")
 check_alive
+# A leader change mid-run (an election under load) would mislabel the
+# leader/follower figures: say so in the report.
+status=$(api 1 GET /v1/hsm/cluster "${CO[1]}")
+TERM_END="leader $(jq -r .data.leader <<<"$status"), term $(jq -r .data.term <<<"$status")"
 
 # --- report -------------------------------------------------------------
 echo
 echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) cores  load before: $LOAD_BEFORE  after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "benches/cluster.sh PROFILE=$PROFILE ROUNDS=$ROUNDS WRITES=$WRITES KEYS=$KEYS KEY_CONC=$KEY_CONC FILL_VIA=\"$FILL_VIA\"; wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') ${WRK_ARGS[*]} -d$WRK_DURATION, keep-alive, HTTP/1.1 over TLS 1.3 on loopback; HSMGATE_LOG=${HSMGATE_LOG:-info}; audit fsync=every"
+echo "three-node cluster: leader 1, term $TERM_START at the start; $TERM_END at the end"
 echo
 echo "Crypto operations through one node's API (1-node: a cluster of one; 3-node: the leader or a follower of three):"
 echo
