@@ -13,7 +13,7 @@
 #![no_main]
 use std::sync::OnceLock;
 
-use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use aws_lc_rs::signature::Ed25519KeyPair;
 use hsmgate::engine::backup::{keygen, open, write, Contents, NewKeys};
 use hsmgate::engine::store::UserRecord;
 use hsmgate::engine::Role;
