@@ -710,6 +710,18 @@ async fn cluster_metrics_name_the_leader_and_count_who_holds_the_keys() {
         "{text}"
     );
     assert_eq!(sample(&text, "hsmgate_cluster_voters"), Some(3.0), "{text}");
+
+    // Restarted, it is counted again.
+    nodes[fi].server.start_again();
+    let l = &nodes[li];
+    let t = leader_token.clone();
+    wait_for("the leader to count 3 members again", || {
+        let t = t.clone();
+        async move {
+            sample(&scrape(l, &t).await, "hsmgate_cluster_members_holding_keys") == Some(3.0)
+        }
+    })
+    .await;
 }
 
 /// `hsmgate backup-keygen` into `dir`; the `[backup]` lines it prints.
