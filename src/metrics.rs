@@ -12,7 +12,9 @@
 //! Hot-path handles (per-listener connection counters, per-class request
 //! counters and latency histograms) are resolved once at startup; engine
 //! state, key counts and the officer's attempts left are read from the
-//! engine at scrape time.
+//! engine at scrape time. With `[cluster]`, the `hsmgate_cluster_*`
+//! gauges (labels: node ids only) live in `cluster::metrics`, registered
+//! on this registry.
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

@@ -530,3 +530,338 @@ async fn a_partitioned_minority_refuses_writes_and_reconverges_after_healing() {
         );
     }
 }
+
+/// `GET /v1/sys/metrics?format=prometheus` on a node (any session token).
+async fn scrape(n: &Node, token: &str) -> String {
+    let resp = n
+        .server
+        .client()
+        .get(n.server.url("/v1/sys/metrics?format=prometheus"))
+        .header("X-Vault-Token", token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "metrics on node {}", n.id);
+    resp.text().await.unwrap()
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// promtool from Debian's `prometheus` package; skipped loudly without it
+/// unless HSMGATE_REQUIRE_ALL=1 (as in tests/metrics.rs).
+fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("HSMGATE_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("promtool is required (HSMGATE_REQUIRE_ALL=1): apt-get install prometheus");
+        }
+        eprintln!("SKIPPED: promtool not found (apt-get install prometheus)");
+    }
+    found
+}
+
+/// Every `hsmgate_cluster_*` name the shipped dashboard and alerts use.
+fn shipped_cluster_metric_names() -> std::collections::BTreeSet<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["hsmgate.json", "alerts.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut rest = text.as_str();
+        while let Some(pos) = rest.find("hsmgate_cluster_") {
+            let tail = &rest[pos..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_metrics_name_the_leader_and_count_who_holds_the_keys() {
+    let certs = certs(&[1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3).map(|id| start(50, id, certs.path())).collect();
+    let co = form(&nodes).await;
+    let leader = cluster_status(&nodes[0], &co).await["leader"]
+        .as_u64()
+        .unwrap();
+    let li = nodes.iter().position(|n| n.id == leader).unwrap();
+    let (fi, other) = ((li + 1) % 3, (li + 2) % 3);
+    let leader_token = co_token(&nodes[li]).await;
+
+    // The leader: itself and both followers hold the keys.
+    {
+        let l = &nodes[li];
+        let t = leader_token.clone();
+        wait_for("the leader to count 3 members holding the keys", || {
+            let t = t.clone();
+            async move {
+                sample(&scrape(l, &t).await, "hsmgate_cluster_members_holding_keys") == Some(3.0)
+            }
+        })
+        .await;
+    }
+    let text = scrape(&nodes[li], &leader_token).await;
+    assert_eq!(
+        sample(&text, "hsmgate_cluster_is_leader"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "hsmgate_cluster_voters"), Some(3.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            &format!("hsmgate_cluster_node_info{{node_id=\"{leader}\"}}")
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "hsmgate_cluster_term").unwrap() >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "hsmgate_cluster_last_applied_index").unwrap() >= 1.0,
+        "{text}"
+    );
+    for peer in [nodes[fi].id, nodes[other].id] {
+        let lag = sample(
+            &text,
+            &format!("hsmgate_cluster_replication_lag_entries{{peer=\"{peer}\"}}"),
+        );
+        assert!(lag.is_some(), "no lag series for node {peer}: {text}");
+    }
+    // Every cluster metric the dashboard and alerts use is exported, and
+    // the scrape passes promtool.
+    let shipped = shipped_cluster_metric_names();
+    assert!(shipped.len() >= 5, "{shipped:?}");
+    for name in &shipped {
+        assert!(
+            text.lines().any(|l| l.starts_with(name.as_str())),
+            "{name} (used in dashboards/) is not exported by the leader: {text}"
+        );
+    }
+    if let Some(promtool) = promtool() {
+        let path = certs.path().join("scrape.prom");
+        std::fs::write(&path, &text).unwrap();
+        let out = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&path).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A follower exports its own view, and nothing only the leader knows.
+    let follower_text = scrape(&nodes[fi], &co_token(&nodes[fi]).await).await;
+    assert_eq!(
+        sample(&follower_text, "hsmgate_cluster_is_leader"),
+        Some(0.0),
+        "{follower_text}"
+    );
+    assert_eq!(
+        sample(&follower_text, "hsmgate_cluster_voters"),
+        Some(3.0),
+        "{follower_text}"
+    );
+    assert!(
+        !follower_text.contains("hsmgate_cluster_members_holding_keys"),
+        "{follower_text}"
+    );
+    assert!(
+        !follower_text.contains("hsmgate_cluster_replication_lag_entries{"),
+        "{follower_text}"
+    );
+
+    // kill -9 a follower: the leader counts 2 (its matched index alone
+    // would not show it: nothing is written meanwhile).
+    nodes[fi].server.kill9();
+    {
+        let l = &nodes[li];
+        let t = leader_token.clone();
+        wait_for("the leader to count 2 members holding the keys", || {
+            let t = t.clone();
+            async move {
+                sample(&scrape(l, &t).await, "hsmgate_cluster_members_holding_keys") == Some(2.0)
+            }
+        })
+        .await;
+    }
+    let text = scrape(&nodes[li], &leader_token).await;
+    assert_eq!(
+        sample(&text, "hsmgate_cluster_is_leader"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "hsmgate_cluster_voters"), Some(3.0), "{text}");
+
+    // Restarted, it is counted again.
+    nodes[fi].server.start_again();
+    let l = &nodes[li];
+    let t = leader_token.clone();
+    wait_for("the leader to count 3 members again", || {
+        let t = t.clone();
+        async move {
+            sample(&scrape(l, &t).await, "hsmgate_cluster_members_holding_keys") == Some(3.0)
+        }
+    })
+    .await;
+}
+
+/// `hsmgate backup-keygen` into `dir`; the `[backup]` lines it prints.
+fn backup_keygen(dir: &Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+        .args(["backup-keygen", "--out-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let start = text.find("[backup]").expect("config lines");
+    text[start..].to_string()
+}
+
+fn start_with(net: u8, id: u64, certs: &Path, extra: &str) -> Node {
+    let mut opts = node_opts(net, id, certs);
+    opts.extra_config.push_str(extra);
+    Node {
+        id,
+        server: TestServer::start(opts),
+        cluster_addr: format!("127.0.{net}.{id}:8201"),
+    }
+}
+
+fn backups_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.ends_with(".hsmbak"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_backup_seeds_a_new_cluster_whose_leader_alone_takes_scheduled_backups() {
+    let net = 51;
+    let certs = certs(&[1, 2, 3]);
+    let keys = tempfile::tempdir().unwrap();
+    let backup_lines = backup_keygen(keys.path());
+    let custodian = b64(&std::fs::read(keys.path().join("custodian.key")).unwrap());
+
+    // The old cluster (one member): a key, a ciphertext, a backup.
+    let mut old = start_with(net, 1, certs.path(), &backup_lines);
+    let (co, app) = old.server.init_with_app_user().await;
+    let (status, body) = create_key(&old, &app, "ledger").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = encrypt(&old, &app, "ledger", b"before the disaster").await;
+    assert_eq!(status, 200, "{body}");
+    let old_ct = body["data"]["ciphertext"].as_str().unwrap().to_string();
+    let (status, body) = old
+        .server
+        .post(&old.server.client(), "/v1/hsm/backup", Some(&co), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    old.server.kill9();
+
+    // Two fresh nodes with scheduled backups every second, each to its own dir.
+    let dirs = tempfile::tempdir().unwrap();
+    let schedule = |id: u64| {
+        let dir = dirs.path().join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        format!(
+            "{backup_lines}schedule_dir = \"{}\"\nschedule_interval_seconds = 1\nschedule_keep = 2\n",
+            dir.display()
+        )
+    };
+    let seed = start_with(net, 2, certs.path(), &schedule(2));
+    let joiner = start_with(net, 3, certs.path(), &schedule(3));
+
+    // The restore founds a cluster of one on node 2.
+    let (status, body) = seed
+        .server
+        .post(
+            &seed.server.client(),
+            "/v1/hsm/restore",
+            None,
+            json!({"backup": backup, "custodian_key": custodian, "init_token": seed.server.init_token()}),
+        )
+        .await;
+    assert_eq!(status, 200, "restore: {body}");
+    let co = co_token(&seed).await;
+    {
+        let (s, c) = (&seed, co.clone());
+        wait_for("the restored node to lead a cluster of one", || {
+            let c = c.clone();
+            async move {
+                let st = cluster_status(s, &c).await;
+                st["leader"] == json!(2) && st["voters"] == json!([2])
+            }
+        })
+        .await;
+    }
+    let t = app_token(&seed).await;
+    let (status, body) = decrypt(&seed, &t, "ledger", &old_ct).await;
+    assert_eq!(status, 200, "old ciphertext on the restored node: {body}");
+
+    // A second node added through the HSM API decrypts the old ciphertext.
+    let (status, body) = add(&seed, &co, &joiner).await;
+    assert_eq!(status, 200, "adding node 3: {body}");
+    let t3 = app_token(&joiner).await;
+    let (status, body) = decrypt(&joiner, &t3, "ledger", &old_ct).await;
+    assert_eq!(status, 200, "old ciphertext on the added node: {body}");
+    assert_eq!(body["data"]["plaintext"], b64(b"before the disaster"));
+    let st = cluster_status(&seed, &co).await;
+    assert_eq!(st["voters"], json!([2, 3]), "{st}");
+
+    // Scheduled backups: the leader writes them; the follower, ticking
+    // every second as well, writes none.
+    let leader = st["leader"].as_u64().unwrap();
+    let (lead_dir, follow_dir) = if leader == 2 {
+        (dirs.path().join("node-2"), dirs.path().join("node-3"))
+    } else {
+        (dirs.path().join("node-3"), dirs.path().join("node-2"))
+    };
+    let before: std::collections::BTreeSet<String> = backups_in(&lead_dir).into_iter().collect();
+    let mut fresh = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        fresh.extend(
+            backups_in(&lead_dir)
+                .into_iter()
+                .filter(|n| !before.contains(n)),
+        );
+        if fresh.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fresh.len() >= 3, "the leader wrote only {fresh:?}");
+    assert_eq!(
+        backups_in(&follow_dir),
+        Vec::<String>::new(),
+        "a follower wrote a scheduled backup"
+    );
+    let status = cluster_status(&seed, &co).await;
+    assert_eq!(status["leader"].as_u64(), Some(leader), "leadership moved");
+}

@@ -17,12 +17,15 @@
 //! - `server`: the cluster port (default 8201): Raft RPCs, forwarded
 //!   writes and read-index, join, status; node certificates only.
 //! - `certs`: roles in certificates, and `hsmgate cluster certs`.
+//! - `metrics`: the `hsmgate_cluster_*` gauges and the task refreshing them
+//!   (on the leader it also probes each voter: who holds the keys).
 // openraft's storage and RPC error types are as large as openraft makes
 // them; its traits fix them as our return types.
 #![allow(clippy::result_large_err)]
 
 pub mod certs;
 mod log_store;
+pub mod metrics;
 mod network;
 mod server;
 mod state_machine;
@@ -280,6 +283,13 @@ impl Cluster {
 
     pub fn node_id(&self) -> u64 {
         self.cfg.node_id
+    }
+
+    /// Whether this member is the leader now (scheduled backups run on
+    /// the leader only).
+    pub fn is_leader(&self) -> bool {
+        self.raft()
+            .is_some_and(|r| r.metrics().borrow().current_leader == Some(self.cfg.node_id))
     }
 
     fn raft(&self) -> Option<Raft> {

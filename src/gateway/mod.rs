@@ -181,6 +181,8 @@ pub struct Server {
     unfenced_listener: Option<TcpListener>,
     /// The cluster port (`[cluster]`), bound at start.
     cluster_listener: Option<TcpListener>,
+    /// The `hsmgate_cluster_*` gauges (`[cluster]` only).
+    cluster_metrics: Option<crate::cluster::metrics::ClusterMetrics>,
 }
 
 impl Server {
@@ -244,6 +246,13 @@ impl Server {
             }
             None => (None, None),
         };
+        let cluster_metrics = match &cluster {
+            Some(_) => Some(
+                crate::cluster::metrics::ClusterMetrics::register(metrics.registry())
+                    .map_err(MetricsError::from)?,
+            ),
+            None => None,
+        };
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
         let snapshot = Snapshot::new(config, cert.server_config(), digest)?;
         let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
@@ -270,6 +279,7 @@ impl Server {
             metrics_listener,
             unfenced_listener,
             cluster_listener,
+            cluster_metrics,
         })
     }
 
@@ -419,6 +429,17 @@ impl Server {
                         _ = stop.changed() => break,
                         _ = tick.tick() => {}
                     }
+                    // In a cluster, one member writes the scheduled backup:
+                    // the leader (docs/CLUSTER.md).
+                    if let Some(cluster) = &state.cluster {
+                        if !cluster.is_leader() {
+                            tracing::debug!(
+                                node = cluster.node_id(),
+                                "scheduled backup skipped: this member is not the cluster's leader"
+                            );
+                            continue;
+                        }
+                    }
                     let engine = state.engine.clone();
                     let done = tokio::task::spawn_blocking(move || engine.scheduled_backup()).await;
                     let event = match done {
@@ -445,6 +466,9 @@ impl Server {
                 self.state.clone(),
                 stop_rx.clone(),
             ));
+        }
+        if let (Some(m), Some(cluster)) = (self.cluster_metrics, self.state.cluster.clone()) {
+            tasks.spawn(crate::cluster::metrics::run(cluster, m, stop_rx.clone()));
         }
         if let (Some(socket), Some(cluster)) = (self.cluster_listener, self.state.cluster.clone()) {
             let allowed = crate::metrics::cidrs_of_groups(
