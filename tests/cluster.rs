@@ -865,3 +865,61 @@ async fn a_restored_backup_seeds_a_new_cluster_whose_leader_alone_takes_schedule
     let status = cluster_status(&seed, &co).await;
     assert_eq!(status["leader"].as_u64(), Some(leader), "leadership moved");
 }
+
+/// A node that never ran Raft (initialized before `[cluster]` was added —
+/// the same start-up path as a store written by `hsmgate restore` on a
+/// stopped node) founds a cluster of one when it starts with `[cluster]`,
+/// and a node added to it gets its keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_never_ran_raft_founds_a_cluster_when_started_with_one() {
+    let net = 47;
+    let certs = certs(&[1, 2]);
+    let mut first = TestServer::start(Opts::default());
+    let (_, app) = first.init_with_app_user().await;
+    let client = first.client();
+    let (status, body) = first
+        .post(&client, "/v1/transit/keys/legacy", Some(&app), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = first
+        .post(
+            &client,
+            "/v1/transit/encrypt/legacy",
+            Some(&app),
+            json!({"plaintext": b64(b"from before the cluster")}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ct = body["data"]["ciphertext"].as_str().unwrap().to_string();
+
+    // Stopped, given a [cluster] table and its group, started again.
+    first.kill9();
+    let opts = node_opts(net, 1, certs.path());
+    let config = std::fs::read_to_string(&first.config_path).unwrap();
+    first.replace_file("hsmgate.toml", &format!("{config}\n{}", opts.extra_config));
+    let groups_path = first.config_dir().join("policies/security-groups.toml");
+    let groups = std::fs::read_to_string(&groups_path).unwrap();
+    first.replace_file(
+        "policies/security-groups.toml",
+        &format!("{groups}\n{}", opts.extra_groups),
+    );
+    first.start_again();
+    let n1 = Node {
+        id: 1,
+        server: first,
+        cluster_addr: format!("127.0.{net}.1:8201"),
+    };
+    let co = co_token(&n1).await;
+    wait_for("the restarted node to lead a cluster of one", || async {
+        let s = cluster_status(&n1, &co).await;
+        s["leader"] == 1 && s["voters"] == json!([1])
+    })
+    .await;
+    let n2 = start(net, 2, certs.path());
+    let (status, body) = add(&n1, &co, &n2).await;
+    assert_eq!(status, 200, "{body}");
+    let t2 = app_token(&n2).await;
+    let (status, body) = decrypt(&n2, &t2, "legacy", &ct).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["plaintext"], b64(b"from before the cluster"));
+}

@@ -271,7 +271,21 @@ impl Cluster {
         });
         engine.set_replicator(Arc::new(Hook(cluster.clone())));
         match engine.state() {
-            EngineState::Active => cluster.start_raft(false).await?,
+            EngineState::Active => {
+                // An active store that never ran Raft (no log, nothing
+                // applied: restored by `hsmgate restore` while stopped, or
+                // initialized before `[cluster]` was configured) founds a
+                // cluster of one; otherwise Raft resumes from its log. (A
+                // joining node creates its log right after the join, in
+                // `start_raft`; a crash inside that instant would make it a
+                // founder: zeroize it and add it again.)
+                let never_clustered = !cluster.log_path.exists()
+                    && engine
+                        .replicated_meta()
+                        .map(|(applied, _)| applied.is_none())
+                        .unwrap_or(false);
+                cluster.start_raft(never_clustered).await?
+            }
             _ => {
                 // A log left by a zeroization that crashed before its shred.
                 crate::engine::store::shred_file(&cluster.log_path)
