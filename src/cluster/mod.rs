@@ -42,6 +42,7 @@ use base64::Engine as _;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::engine::secret::{SecretBytes, SecretString};
 use crate::engine::store::RecordOp;
@@ -139,8 +140,9 @@ enum IndexAnswer {
 
 #[derive(Serialize, Deserialize)]
 struct JoinRequest {
-    init_token: String,
-    cluster_key: String,
+    init_token: Zeroizing<String>,
+    /// base64 of the 32-byte cluster key.
+    cluster_key: Zeroizing<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -568,8 +570,8 @@ impl Cluster {
         }
         let key = self.engine.cluster_key()?.into_secret();
         let join = JoinRequest {
-            init_token: init_token.expose_secret().to_string(),
-            cluster_key: STANDARD.encode(key.expose_secret()),
+            init_token: Zeroizing::new(init_token.expose_secret().to_string()),
+            cluster_key: Zeroizing::new(STANDARD.encode(key.expose_secret())),
         };
         let joined: Result<Done, NetError> = self
             .peers
@@ -707,7 +709,10 @@ impl Cluster {
             .decode(req.cluster_key.as_bytes())
             .map_err(|_| EngineError::InvalidRequest("cluster key is not base64".into()))?;
         self.engine
-            .join_cluster(&SecretString::new(req.init_token), SecretBytes::new(key))
+            .join_cluster(
+                &SecretString::new(req.init_token.to_string()),
+                SecretBytes::new(key),
+            )
     }
 }
 
