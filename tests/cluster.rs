@@ -923,3 +923,63 @@ async fn a_store_that_never_ran_raft_founds_a_cluster_when_started_with_one() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["plaintext"], b64(b"from before the cluster"));
 }
+
+/// HSM session tokens verify on every member (signed with a key derived
+/// from the cluster key); a logout on one member ends the token on all of
+/// them, and a password reset ends the user's older tokens everywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_token_works_on_every_member_until_logout_or_password_reset() {
+    let certs = certs(&[1, 2, 3]);
+    let nodes: Vec<Node> = (1..=3).map(|id| start(48, id, certs.path())).collect();
+    let co = form(&nodes).await;
+    let t1 = app_token(&nodes[0]).await;
+    let (status, body) = create_key(&nodes[0], &t1, "shared").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Issued on node 1, used on nodes 2 and 3.
+    let (status, body) = encrypt(&nodes[2], &t1, "shared", b"x").await;
+    assert_eq!(status, 200, "app token from node 1 on node 3: {body}");
+    let (status, body) = nodes[1]
+        .server
+        .get(&nodes[1].server.client(), "/v1/hsm/status", Some(&co))
+        .await;
+    assert_eq!(status, 200, "officer token from node 1 on node 2: {body}");
+
+    // Logout on node 1: refused on node 2 once node 2 has applied it.
+    let logout = nodes[0]
+        .server
+        .client()
+        .post(nodes[0].server.url("/v1/hsm/logout"))
+        .header("X-Vault-Token", &t1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 204);
+    wait_for("the logout to reach node 2", || async {
+        encrypt(&nodes[1], &t1, "shared", b"x").await.0 == 403
+    })
+    .await;
+
+    // A password reset on node 1 ends older tokens of that user on node 3.
+    let t2 = app_token(&nodes[1]).await;
+    assert_eq!(encrypt(&nodes[2], &t2, "shared", b"x").await.0, 200);
+    let (status, body) = nodes[0]
+        .server
+        .post(
+            &nodes[0].server.client(),
+            "/v1/hsm/users/app/password",
+            Some(&co),
+            json!({"password": "a brand new app password"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("the reset to end the old token on node 3", || async {
+        encrypt(&nodes[2], &t2, "shared", b"x").await.0 == 403
+    })
+    .await;
+    let fresh = nodes[2]
+        .server
+        .token("app", "a brand new app password")
+        .await;
+    assert_eq!(encrypt(&nodes[0], &fresh, "shared", b"x").await.0, 200);
+}

@@ -1836,3 +1836,54 @@ async fn the_dangerous_unfenced_bench_listener_needs_a_token_serves_only_transit
         "{out:?}"
     );
 }
+
+/// Attack: a crypto user edits the claims of its cluster session token
+/// (role crypto-user → crypto-officer) and keeps the old tag. The tag is an
+/// HMAC under a key derived from the cluster key: the edited token is
+/// refused; the untouched one works.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edited_cluster_session_token_is_refused() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let certs = tempfile::tempdir().unwrap();
+    hsmgate::cluster::certs::generate(certs.path(), &[1], &[]).unwrap();
+    let file = |n: &str| certs.path().join(n).display().to_string();
+    let s = TestServer::start(Opts {
+        extra_groups: "[group.cluster]\nrules = [ { source = \"127.0.0.0/8\" } ]\n".into(),
+        extra_config: format!(
+            "[cluster]\nnode_id = 1\naddress = \"127.0.49.1:8201\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nsecurity_groups = [\"cluster\"]\nheartbeat_ms = 100\nelection_timeout_ms = [500, 1000]\n",
+            file("ca.pem"),
+            file("node-1.pem"),
+            file("node-1-key.pem")
+        ),
+        ..Opts::default()
+    });
+    let (_, app) = s.init_with_app_user().await;
+    let client = s.client();
+    assert!(app.starts_with("hsmc."), "{app}");
+    // Allowed: the token as issued.
+    assert_eq!(
+        s.get(&client, "/v1/auth/token/lookup-self", Some(&app))
+            .await
+            .0,
+        200
+    );
+    let (status, _) = s.get(&client, "/v1/hsm/users", Some(&app)).await;
+    assert_eq!(status, 403, "a crypto user is no officer");
+    // Denied: the same token with its role edited.
+    let rest = app.strip_prefix("hsmc.").unwrap();
+    let (claims, tag) = rest.split_once('.').unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+    c["r"] = json!("crypto-officer");
+    let forged = format!(
+        "hsmc.{}.{tag}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap())
+    );
+    let (status, body) = s.get(&client, "/v1/hsm/users", Some(&forged)).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = s
+        .get(&client, "/v1/auth/token/lookup-self", Some(&forged))
+        .await;
+    assert_eq!(status, 403, "{body}");
+}

@@ -286,6 +286,9 @@ impl Cluster {
                         .replicated_meta()
                         .map(|(applied, _)| applied.is_none())
                         .unwrap_or(false);
+                engine
+                    .reload_revocations()
+                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
                 cluster.start_raft(never_clustered).await?
             }
             _ => {
@@ -708,11 +711,10 @@ impl Cluster {
         let key = STANDARD
             .decode(req.cluster_key.as_bytes())
             .map_err(|_| EngineError::InvalidRequest("cluster key is not base64".into()))?;
-        self.engine
-            .join_cluster(
-                &SecretString::new(req.init_token.to_string()),
-                SecretBytes::new(key),
-            )
+        self.engine.join_cluster(
+            &SecretString::new(req.init_token.to_string()),
+            SecretBytes::new(key),
+        )
     }
 }
 

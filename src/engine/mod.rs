@@ -349,6 +349,9 @@ pub struct Engine {
     key_writes: Mutex<()>,
     /// Set when this engine is a cluster member (`crate::cluster`).
     replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
+    /// Cluster session tokens logged out anywhere in the cluster (SHA-256
+    /// of the token), from the replicated `.revoked.` records.
+    revoked: Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 // A poisoned lock means a panic mid-update of in-memory state; the durable
@@ -409,6 +412,7 @@ impl Engine {
             sessions: Mutex::new(HashMap::new()),
             key_writes: Mutex::new(()),
             replicator: std::sync::OnceLock::new(),
+            revoked: Mutex::new(std::collections::HashSet::new()),
             paths,
         };
         let has_key = engine.paths.master_key.exists() || engine.paths.master_key_next.exists();
@@ -1082,7 +1086,7 @@ impl Engine {
             expires_at: now + self.config.session_ttl,
             app_policies: Vec::new(),
         };
-        let token = self.issue_session(principal.clone())?;
+        let token = self.issue_session_for(principal.clone(), Some(&record.password_hash))?;
         Ok(LoginSuccess { token, principal })
     }
 
@@ -1098,14 +1102,24 @@ impl Engine {
         principal.role = Role::CryptoUser;
         principal.issued_at = now;
         principal.expires_at = principal.expires_at.min(now + self.config.session_ttl);
-        self.issue_session(principal)
+        self.issue_session_for(principal, None)
     }
 
-    /// Registers a fresh random token for `principal`. Only the token's
-    /// SHA-256 is kept; expired sessions are dropped on the way.
-    fn issue_session(&self, principal: Principal) -> Result<SecretString, EngineError> {
-        let raw = crypto::random_bytes(32)?;
-        let token = SecretString::new(format!("hsm.{}", URL_SAFE_NO_PAD.encode(&*raw)));
+    /// Registers a fresh token for `principal`. Only the token's SHA-256 is
+    /// kept; expired sessions are dropped on the way. Alone: a random
+    /// token. On a cluster member: a token every member can verify
+    /// (`replication::Engine::cluster_session_token`), registered here too.
+    fn issue_session_for(
+        &self,
+        principal: Principal,
+        password_hash: Option<&str>,
+    ) -> Result<SecretString, EngineError> {
+        let token = if self.clustered() {
+            self.cluster_session_token(&principal, password_hash)?
+        } else {
+            let raw = crypto::random_bytes(32)?;
+            SecretString::new(format!("hsm.{}", URL_SAFE_NO_PAD.encode(&*raw)))
+        };
         let now = SystemTime::now();
         let mut sessions = lock(&self.sessions);
         sessions.retain(|_, p| p.expires_at > now);
@@ -1113,9 +1127,15 @@ impl Engine {
         Ok(token)
     }
 
-    /// Revokes one session token (logout). Unknown tokens are ignored.
+    /// Revokes one session token (logout). Unknown tokens are ignored. A
+    /// cluster token is revoked on every member (a replicated record).
     pub fn revoke_session(&self, token: &str) {
         lock(&self.sessions).remove(&crypto::sha256(token.as_bytes()));
+        if self.clustered() {
+            if let Err(e) = self.revoke_cluster_session(token) {
+                tracing::error!(error = %e, "cluster: could not replicate a logout");
+            }
+        }
     }
 
     fn revoke_user_sessions(&self, username: &str) {
@@ -1130,11 +1150,19 @@ impl Engine {
             return Err(EngineError::NotActive(state));
         }
         let digest = crypto::sha256(token.as_bytes());
-        let sessions = lock(&self.sessions);
-        match sessions.get(&digest) {
-            Some(p) if p.expires_at > SystemTime::now() => Ok(p.clone()),
-            _ => Err(EngineError::PermissionDenied),
+        {
+            let sessions = lock(&self.sessions);
+            match sessions.get(&digest) {
+                Some(p) if p.expires_at > SystemTime::now() => return Ok(p.clone()),
+                Some(_) => return Err(EngineError::PermissionDenied),
+                None => {}
+            }
         }
+        // A token another cluster member issued: verified once, then
+        // kept like a local session (dropped by the same revocations).
+        let principal = self.verify_cluster_session(token, &digest)?;
+        lock(&self.sessions).insert(digest, principal.clone());
+        Ok(principal)
     }
 
     pub fn session_ttl(&self) -> Duration {
@@ -1320,6 +1348,7 @@ impl Engine {
         inner.state = EngineState::Zeroized;
         inner.zeroizations = zeroizations;
         lock(&self.sessions).clear();
+        lock(&self.revoked).clear();
         lock(&self.user_locks).clear();
         // Overwritten, not just unlinked: in sealed mode the store holds the
         // wrapped master key, and the passphrase or shares still exist.

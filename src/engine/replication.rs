@@ -23,6 +23,40 @@ use crate::engine::secret::{SecretBytes, SecretString};
 
 /// The purpose of the key that authenticates Raft entries.
 const ENTRY_MAC: &str = "cluster/entry-mac";
+/// The purpose of the key that authenticates cluster session tokens.
+const SESSION_MAC: &str = "cluster/session-mac";
+/// Reserved key-table records naming logged-out cluster tokens:
+/// `.revoked.<hex SHA-256 of the token>`, value: its expiry (unix seconds).
+const REVOKED_PREFIX: &str = ".revoked.";
+const CLUSTER_TOKEN_PREFIX: &str = "hsmc.";
+
+/// What a cluster session token carries (MAC'd; not secret, not encrypted:
+/// names, role, times, policies and a digest of the password hash).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SessionClaims {
+    u: String,
+    r: super::Role,
+    iat: u64,
+    exp: u64,
+    #[serde(default)]
+    p: Vec<String>,
+    /// HSM users: hex of the first 16 bytes of SHA-256(password hash), so
+    /// a password reset or change ends every token issued before it.
+    #[serde(default)]
+    h: Option<String>,
+    /// Random: two logins in the same second get different tokens.
+    n: String,
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn password_tag(hash: &str) -> String {
+    hex::encode(&crate::engine::crypto::sha256(hash.as_bytes())[..16])
+}
 
 /// A cluster, as the engine sees it (implemented by `crate::cluster`).
 pub trait Replicator: Send + Sync {
@@ -135,6 +169,122 @@ impl Engine {
         self.with_active(|a| Ok(a.store.mac(ENTRY_MAC, &bytes)))
     }
 
+    /// A session token every member can verify: `hsmc.<claims>.<tag>`,
+    /// base64url, the tag an HMAC under a key derived from the cluster key.
+    pub(super) fn cluster_session_token(
+        &self,
+        principal: &super::Principal,
+        password_hash: Option<&str>,
+    ) -> Result<SecretString, EngineError> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        let claims = SessionClaims {
+            u: principal.username.clone(),
+            r: principal.role,
+            iat: unix(principal.issued_at),
+            exp: unix(principal.expires_at),
+            p: principal.app_policies.clone(),
+            h: password_hash.map(password_tag),
+            n: hex::encode(&*crate::engine::crypto::random_bytes(12)?),
+        };
+        let body = URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&claims).map_err(|e| EngineError::Internal(e.to_string()))?);
+        let tag = self.with_active(|a| Ok(a.store.mac(SESSION_MAC, body.as_bytes())))?;
+        Ok(SecretString::new(format!(
+            "{CLUSTER_TOKEN_PREFIX}{body}.{}",
+            URL_SAFE_NO_PAD.encode(tag)
+        )))
+    }
+
+    /// Verifies a cluster session token issued by any member: its tag,
+    /// expiry, no replicated logout; for an HSM user, that the user still
+    /// exists with that role and password and is not locked on this node.
+    pub(super) fn verify_cluster_session(
+        &self,
+        token: &str,
+        digest: &[u8; 32],
+    ) -> Result<super::Principal, EngineError> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        let denied = || EngineError::PermissionDenied;
+        if !self.clustered() {
+            return Err(denied());
+        }
+        let rest = token
+            .strip_prefix(CLUSTER_TOKEN_PREFIX)
+            .ok_or_else(denied)?;
+        let (body, tag) = rest.split_once('.').ok_or_else(denied)?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| denied())?;
+        let authentic =
+            self.with_active(|a| Ok(a.store.verify_mac(SESSION_MAC, body.as_bytes(), &tag)))?;
+        if !authentic {
+            return Err(denied());
+        }
+        let claims: SessionClaims = URL_SAFE_NO_PAD
+            .decode(body)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(denied)?;
+        let now = unix(std::time::SystemTime::now());
+        if claims.exp <= now || lock(&self.revoked).contains(digest) {
+            return Err(denied());
+        }
+        if let Some(h) = &claims.h {
+            let user = self
+                .with_active(|a| Ok(a.store.get_user(&claims.u)?))?
+                .ok_or_else(denied)?;
+            if user.role != claims.r || user.locked || password_tag(&user.password_hash) != *h {
+                return Err(denied());
+            }
+        } else if claims.p.is_empty() {
+            // Neither an HSM user nor an app: nothing this engine issues.
+            return Err(denied());
+        }
+        let at = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        Ok(super::Principal {
+            username: claims.u,
+            role: claims.r,
+            issued_at: at(claims.iat),
+            expires_at: at(claims.exp),
+            app_policies: claims.p,
+        })
+    }
+
+    /// Logs a cluster token out on every member: a replicated record
+    /// naming its digest (kept until the store is re-created; one small
+    /// record per logout).
+    pub(super) fn revoke_cluster_session(&self, token: &str) -> Result<(), EngineError> {
+        if !token.starts_with(CLUSTER_TOKEN_PREFIX) {
+            return Ok(());
+        }
+        let digest = crate::engine::crypto::sha256(token.as_bytes());
+        let name = format!("{REVOKED_PREFIX}{}", hex::encode(digest));
+        let op = self.with_active(|a| {
+            Ok(a.store.put_op(
+                Table::Keys,
+                &name,
+                unix(std::time::SystemTime::now()).to_string().as_bytes(),
+                super::store::Expect::Any,
+            )?)
+        })?;
+        lock(&self.revoked).insert(digest);
+        self.commit(vec![op])
+    }
+
+    /// Re-reads the replicated logouts (activation, snapshot install).
+    pub fn reload_revocations(&self) -> Result<(), EngineError> {
+        let names =
+            self.with_active(|a| Ok(a.store.names_with_prefix(Table::Keys, REVOKED_PREFIX)?))?;
+        let mut set = std::collections::HashSet::new();
+        for name in names {
+            if let Some(d) = revoked_digest(&name) {
+                set.insert(d);
+            }
+        }
+        *lock(&self.revoked) = set;
+        Ok(())
+    }
+
     /// The state machine's stored metadata (last applied, membership).
     #[allow(clippy::type_complexity)]
     pub fn replicated_meta(&self) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), EngineError> {
@@ -164,7 +314,7 @@ impl Engine {
         *write(&active.keys) = rings;
         drop(inner);
         lock(&self.sessions).clear();
-        Ok(())
+        self.reload_revocations()
     }
 
     /// The cluster key (this store's master key), for a node joining.
@@ -233,6 +383,12 @@ impl Engine {
     fn refresh(&self, active: &Active, ops: &[RecordOp]) {
         for op in ops {
             match op.table {
+                Table::Keys if op.name.starts_with(REVOKED_PREFIX) => {
+                    if let Some(d) = revoked_digest(&op.name) {
+                        lock(&self.revoked).insert(d);
+                        lock(&self.sessions).remove(&d);
+                    }
+                }
                 Table::Keys if op.name.starts_with('.') => {}
                 Table::Keys => {
                     let ring = op.sealed.as_ref().and_then(|sealed| {
@@ -262,4 +418,9 @@ impl Engine {
             }
         }
     }
+}
+
+fn revoked_digest(name: &str) -> Option<[u8; 32]> {
+    let hex_digest = name.strip_prefix(REVOKED_PREFIX)?;
+    hex::decode(hex_digest).ok()?.try_into().ok()
 }

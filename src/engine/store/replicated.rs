@@ -407,6 +407,24 @@ impl Store {
         })
     }
 
+    /// The names in `table` that start with `prefix` (no record opened).
+    pub fn names_with_prefix(&self, table: Table, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.with_db(|db| {
+            let txn = db_err!(db.begin_read())?;
+            let t = db_err!(txn.open_table(table.def()))?;
+            let mut out = Vec::new();
+            for entry in db_err!(t.range(prefix..))? {
+                let (k, _) = db_err!(entry)?;
+                let name = k.value();
+                if !name.starts_with(prefix) {
+                    break;
+                }
+                out.push(name.to_string());
+            }
+            Ok(out)
+        })
+    }
+
     /// Writes this node's failure counters for a user (local table).
     pub fn put_user_counters(&self, user: &UserRecord) -> Result<(), StoreError> {
         let json = serde_json::to_vec(&Counters {
