@@ -13,6 +13,11 @@ use std::time::Duration;
 use common::{b64, into_parts, Opts, TestServer, ADMIN_PASSWORD, CU_PASSWORD};
 use serde_json::{json, Value};
 
+/// One cluster test at a time: each starts three server processes with
+/// sub-second Raft timers, and a 2-core CI machine running them all at once
+/// would measure CPU starvation, not the cluster.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Node {
     id: u64,
     server: TestServer,
@@ -171,6 +176,7 @@ where
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_created_on_one_node_works_on_every_node_and_a_killed_node_catches_up() {
+    let _serial = SERIAL.lock().await;
     let certs = certs(&[1, 2, 3]);
     let mut nodes: Vec<Node> = (1..=3).map(|id| start(41, id, certs.path())).collect();
     let co = form(&nodes).await;
@@ -200,6 +206,7 @@ async fn a_key_created_on_one_node_works_on_every_node_and_a_killed_node_catches
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_zeroized_by_wrong_officer_logins_costs_the_cluster_nothing_and_rejoins() {
+    let _serial = SERIAL.lock().await;
     let certs = certs(&[1, 2, 3]);
     let nodes: Vec<Node> = (1..=3).map(|id| start(42, id, certs.path())).collect();
     let co = form(&nodes).await;
@@ -253,6 +260,7 @@ async fn a_node_zeroized_by_wrong_officer_logins_costs_the_cluster_nothing_and_r
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_leader_mid_stream_loses_no_acknowledged_key() {
+    let _serial = SERIAL.lock().await;
     let certs = certs(&[1, 2, 3]);
     let mut nodes: Vec<Node> = (1..=3).map(|id| start(43, id, certs.path())).collect();
     let co = form(&nodes).await;
@@ -343,6 +351,7 @@ async fn cluster_port_answers(addr: &str, node: u64, ca: &Path, cert: &Path, key
 
 #[tokio::test(flavor = "multi_thread")]
 async fn only_a_node_certificate_from_the_cluster_ca_gets_anything_from_the_cluster_port() {
+    let _serial = SERIAL.lock().await;
     let good = certs(&[1, 2, 3]);
     let other = certs(&[2]);
     let node = start(44, 1, good.path());
@@ -469,6 +478,7 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partitioned_minority_refuses_writes_and_reconverges_after_healing() {
+    let _serial = SERIAL.lock().await;
     let net = 46;
     let certs = certs(&[1, 2, 3]);
     let cut = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
@@ -590,6 +600,7 @@ fn shipped_cluster_metric_names() -> std::collections::BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_metrics_name_the_leader_and_count_who_holds_the_keys() {
+    let _serial = SERIAL.lock().await;
     let certs = certs(&[1, 2, 3]);
     let mut nodes: Vec<Node> = (1..=3).map(|id| start(50, id, certs.path())).collect();
     let co = form(&nodes).await;
@@ -763,6 +774,7 @@ fn backups_in(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restored_backup_seeds_a_new_cluster_whose_leader_alone_takes_scheduled_backups() {
+    let _serial = SERIAL.lock().await;
     let net = 51;
     let certs = certs(&[1, 2, 3]);
     let keys = tempfile::tempdir().unwrap();
@@ -872,6 +884,7 @@ async fn a_restored_backup_seeds_a_new_cluster_whose_leader_alone_takes_schedule
 /// and a node added to it gets its keys.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_that_never_ran_raft_founds_a_cluster_when_started_with_one() {
+    let _serial = SERIAL.lock().await;
     let net = 47;
     let certs = certs(&[1, 2]);
     let mut first = TestServer::start(Opts::default());
@@ -929,6 +942,7 @@ async fn a_store_that_never_ran_raft_founds_a_cluster_when_started_with_one() {
 /// them, and a password reset ends the user's older tokens everywhere.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_token_works_on_every_member_until_logout_or_password_reset() {
+    let _serial = SERIAL.lock().await;
     let certs = certs(&[1, 2, 3]);
     let nodes: Vec<Node> = (1..=3).map(|id| start(48, id, certs.path())).collect();
     let co = form(&nodes).await;
