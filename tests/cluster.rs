@@ -997,3 +997,51 @@ async fn a_session_token_works_on_every_member_until_logout_or_password_reset() 
         .await;
     assert_eq!(encrypt(&nodes[0], &fresh, "shared", b"x").await.0, 200);
 }
+
+/// `hsmgate check` loads `[cluster]`'s certificate as the cluster port
+/// would: node 1's certificate passes as node 1 and is refused as node 2.
+#[test]
+fn check_refuses_a_certificate_for_another_node() {
+    let certs = certs(&[1]);
+    let run = |id: u64| {
+        let opts = node_opts(52, id, certs.path());
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(
+            policies.join("groups.toml"),
+            format!(
+                "[group.loop]\nrules = [ {{ source = \"127.0.0.1\" }} ]\n{}",
+                opts.extra_groups
+            ),
+        )
+        .unwrap();
+        let config = dir.path().join("hsmgate.toml");
+        let extra = opts.extra_config.replace(&format!("node-{id}"), "node-1");
+        std::fs::write(
+            &config,
+            format!(
+                "policies_dir = \"policies\"\n[[listener]]\nname = \"api\"\naddress = \"127.0.0.1:0\"\nsecurity_groups = [\"loop\"]\n{extra}"
+            ),
+        )
+        .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_hsmgate"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let ok = run(1);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = run(2);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("is not a certificate for node 2"),
+        "{stderr}"
+    );
+}

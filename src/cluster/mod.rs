@@ -725,6 +725,12 @@ fn conflict_to_error(conflict: Option<String>) -> Result<(), EngineError> {
     }
 }
 
+/// Checks `[cluster]`'s TLS files as the cluster port would load them
+/// (`hsmgate check` and reload validation run this).
+pub fn check_tls(cfg: &ClusterConfig) -> Result<(), ClusterError> {
+    tls_configs(cfg).map(|_| ())
+}
+
 /// The cluster port's server config (client certificates required, from
 /// the cluster CA) and the client config for dialling members (this
 /// node's certificate; servers checked against the cluster CA). TLS 1.3 only.

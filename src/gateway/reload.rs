@@ -72,6 +72,18 @@ pub fn validate(path: &Path) -> Result<Validated, ConfigErrors> {
         ),
         _ => None,
     };
+    if let Some(cluster) = &config.cluster {
+        // The same checks the cluster port makes at start: readable PEM,
+        // a certificate naming this node id, a key that matches it.
+        crate::cluster::check_tls(cluster).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: cluster.cert_file.clone(),
+                line: None,
+                column: None,
+                message: e.to_string(),
+            }])
+        })?;
+    }
     Ok(Validated { config, cert })
 }
 
