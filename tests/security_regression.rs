@@ -1753,6 +1753,16 @@ async fn the_dangerous_unfenced_bench_listener_needs_a_token_serves_only_transit
         extra_config: format!("[bench]\ndangerous_unfenced_listener = \"127.0.0.1:{port}\"\n"),
         ..Opts::default()
     });
+    // The warning follows the "listening" lines on another stream: wait
+    // for it rather than race it.
+    for _ in 0..100 {
+        if s.log()
+            .contains("DANGER: [bench] dangerous_unfenced_listener is set")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         s.log()
             .contains("DANGER: [bench] dangerous_unfenced_listener is set"),
