@@ -22,6 +22,8 @@
 //!   HSM administration API [`api::hsm`].
 //! - [`engine`]: the software HSM: state machine, users and the login counters,
 //!   the sealed crash-safe store, the cryptography, zeroization.
+//! - [`cluster`]: many HSMs: engine nodes replicating the store with Raft
+//!   (openraft, used only there), the cluster port, joining and zeroization.
 //! - [`audit`]: the hash-chained audit log (append, sync, offline verify).
 //! - [`metrics`]: Prometheus metrics and the metrics listener.
 //!
