@@ -44,6 +44,9 @@ struct SessionClaims {
     /// a password reset or change ends every token issued before it.
     #[serde(default)]
     h: Option<String>,
+    /// An app principal (`auth/jwt/login`): no HSM user behind it.
+    #[serde(default)]
+    a: bool,
     /// Random: two logins in the same second get different tokens.
     n: String,
 }
@@ -185,6 +188,7 @@ impl Engine {
             exp: unix(principal.expires_at),
             p: principal.app_policies.clone(),
             h: password_hash.map(password_tag),
+            a: password_hash.is_none(),
             n: hex::encode(&*crate::engine::crypto::random_bytes(12)?),
         };
         let body = URL_SAFE_NO_PAD
@@ -236,7 +240,7 @@ impl Engine {
             if user.role != claims.r || user.locked || password_tag(&user.password_hash) != *h {
                 return Err(denied());
             }
-        } else if claims.p.is_empty() {
+        } else if !claims.a {
             // Neither an HSM user nor an app: nothing this engine issues.
             return Err(denied());
         }
