@@ -29,28 +29,7 @@ fn node_opts(net: u8, id: u64, certs: &Path) -> Opts {
 }
 
 fn node_opts_advertising(net: u8, id: u64, certs: &Path, advertise: &str) -> Opts {
-    let cert = |name: &str| certs.join(name).display().to_string();
-    Opts {
-        extra_groups: "[group.cluster]\nrules = [ { source = \"127.0.0.0/8\", description = \"test cluster\" } ]\n".into(),
-        extra_config: format!(
-            r#"
-[cluster]
-node_id = {id}
-address = "127.0.{net}.{id}:8201"
-advertise = "{advertise}"
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-security_groups = ["cluster"]
-heartbeat_ms = 100
-election_timeout_ms = [1000, 2000]
-"#,
-            ca = cert("ca.pem"),
-            cert = cert(&format!("node-{id}.pem")),
-            key = cert(&format!("node-{id}-key.pem")),
-        ),
-        ..Opts::default()
-    }
+    common::cluster_node_opts(net, id, certs, advertise)
 }
 
 fn certs(ids: &[u64]) -> tempfile::TempDir {

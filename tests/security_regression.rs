@@ -1433,19 +1433,7 @@ async fn truncating_the_audit_log_and_its_sidecar_together_is_caught_by_the_stor
 /// cluster port at all. The key keeps working; nothing is added.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_certificate_without_the_cluster_key_can_neither_forge_writes_nor_join_itself() {
-    let certs = tempfile::tempdir().unwrap();
-    hsmgate::cluster::certs::generate(certs.path(), &[1, 2], &[]).unwrap();
-    let file = |n: &str| certs.path().join(n).display().to_string();
-    let s = TestServer::start(Opts {
-        extra_groups: "[group.cluster]\nrules = [ { source = \"127.0.0.0/8\" } ]\n".into(),
-        extra_config: format!(
-            "[cluster]\nnode_id = 1\naddress = \"127.0.45.1:8201\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nsecurity_groups = [\"cluster\"]\nheartbeat_ms = 100\nelection_timeout_ms = [500, 1000]\n",
-            file("ca.pem"),
-            file("node-1.pem"),
-            file("node-1-key.pem")
-        ),
-        ..Opts::default()
-    });
+    let (s, certs) = common::cluster_of_one(45, &[1, 2]);
     let (_, app) = s.init_with_app_user().await;
     let client = s.client();
     let (status, body) = s
@@ -1855,19 +1843,7 @@ async fn the_dangerous_unfenced_bench_listener_needs_a_token_serves_only_transit
 async fn an_edited_cluster_session_token_is_refused() {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine as _;
-    let certs = tempfile::tempdir().unwrap();
-    hsmgate::cluster::certs::generate(certs.path(), &[1], &[]).unwrap();
-    let file = |n: &str| certs.path().join(n).display().to_string();
-    let s = TestServer::start(Opts {
-        extra_groups: "[group.cluster]\nrules = [ { source = \"127.0.0.0/8\" } ]\n".into(),
-        extra_config: format!(
-            "[cluster]\nnode_id = 1\naddress = \"127.0.49.1:8201\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nsecurity_groups = [\"cluster\"]\nheartbeat_ms = 100\nelection_timeout_ms = [500, 1000]\n",
-            file("ca.pem"),
-            file("node-1.pem"),
-            file("node-1-key.pem")
-        ),
-        ..Opts::default()
-    });
+    let (s, _certs) = common::cluster_of_one(49, &[1]);
     let (_, app) = s.init_with_app_user().await;
     let client = s.client();
     assert!(app.starts_with("hsmc."), "{app}");

@@ -557,13 +557,7 @@ impl Cluster {
         }
         // A zeroized member lost its Raft state: it leaves the membership
         // and re-enters as a new learner, never as a voter with amnesia.
-        let voters: BTreeSet<u64> = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters: BTreeSet<u64> = voter_set(raft);
         if voters.contains(&node_id) {
             let remaining: BTreeSet<u64> =
                 voters.iter().copied().filter(|v| *v != node_id).collect();
@@ -593,13 +587,7 @@ impl Cluster {
         raft.add_learner(node_id, BasicNode::new(address), true)
             .await
             .map_err(unavailable)?;
-        let mut voters: BTreeSet<u64> = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let mut voters: BTreeSet<u64> = voter_set(raft);
         voters.insert(node_id);
         raft.change_membership(voters, false)
             .await
@@ -617,13 +605,7 @@ impl Cluster {
     }
 
     async fn remove_node_as_leader(&self, raft: &Raft, node_id: u64) -> Result<(), EngineError> {
-        let voters: BTreeSet<u64> = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters: BTreeSet<u64> = voter_set(raft);
         if !voters.contains(&node_id) {
             return Err(EngineError::InvalidRequest(format!(
                 "node {node_id} is not a voting member"
@@ -716,6 +698,16 @@ impl Cluster {
             SecretBytes::new(key),
         )
     }
+}
+
+/// The voting members, as this node's Raft knows them now.
+fn voter_set(raft: &Raft) -> BTreeSet<u64> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
 }
 
 fn conflict_to_error(conflict: Option<String>) -> Result<(), EngineError> {

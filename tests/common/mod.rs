@@ -687,3 +687,41 @@ pub async fn cluster_post(
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Some((status, value))
 }
+
+/// Options for a cluster node: its cluster port on 127.0.<net>.<id>:8201
+/// (one `net` per test), advertised as `advertise`, certificates from
+/// `certs` (written by `hsmgate::cluster::certs::generate`), a `cluster`
+/// security group of 127.0.0.0/8, fast Raft timers.
+pub fn cluster_node_opts(net: u8, id: u64, certs: &Path, advertise: &str) -> Opts {
+    let cert = |name: &str| certs.join(name).display().to_string();
+    Opts {
+        extra_groups: "[group.cluster]\nrules = [ { source = \"127.0.0.0/8\", description = \"test cluster\" } ]\n".into(),
+        extra_config: format!(
+            r#"
+[cluster]
+node_id = {id}
+address = "127.0.{net}.{id}:8201"
+advertise = "{advertise}"
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+security_groups = ["cluster"]
+heartbeat_ms = 100
+election_timeout_ms = [1000, 2000]
+"#,
+            ca = cert("ca.pem"),
+            cert = cert(&format!("node-{id}.pem")),
+            key = cert(&format!("node-{id}-key.pem")),
+        ),
+        ..Opts::default()
+    }
+}
+
+/// A cluster of one (node 1 on 127.0.<net>.1:8201) with certificates for
+/// `ids` in a temp dir (kept alive by the returned handle).
+pub fn cluster_of_one(net: u8, ids: &[u64]) -> (TestServer, tempfile::TempDir) {
+    let certs = tempfile::tempdir().unwrap();
+    hsmgate::cluster::certs::generate(certs.path(), ids, &[]).unwrap();
+    let opts = cluster_node_opts(net, 1, certs.path(), &format!("127.0.{net}.1:8201"));
+    (TestServer::start(opts), certs)
+}
