@@ -338,40 +338,29 @@ async fn only_a_node_certificate_from_the_cluster_ca_gets_anything_from_the_clus
     let addr = node.cluster_addr.clone();
     let p = |d: &tempfile::TempDir, f: &str| -> PathBuf { d.path().join(f) };
 
+    // Who asks, trusting the cluster CA: `name`'s certificate from `dir`.
+    let answers = |dir: &tempfile::TempDir, name: &str| {
+        let (ca, cert, key) = (
+            p(&good, "ca.pem"),
+            p(dir, &format!("{name}.pem")),
+            p(dir, &format!("{name}-key.pem")),
+        );
+        let addr = addr.clone();
+        async move { cluster_port_answers(&addr, 1, &ca, &cert, &key).await }
+    };
     // Allowed: node 2's certificate from the cluster CA.
     assert!(
-        cluster_port_answers(
-            &addr,
-            1,
-            &p(&good, "ca.pem"),
-            &p(&good, "node-2.pem"),
-            &p(&good, "node-2-key.pem")
-        )
-        .await,
+        answers(&good, "node-2").await,
         "a member's certificate must be served"
     );
     // Denied: a gateway's certificate from the same CA (wrong role).
     assert!(
-        !cluster_port_answers(
-            &addr,
-            1,
-            &p(&good, "ca.pem"),
-            &p(&good, "gateway-edge.pem"),
-            &p(&good, "gateway-edge-key.pem")
-        )
-        .await,
+        !answers(&good, "gateway-edge").await,
         "a gateway certificate must get nothing from the cluster port"
     );
     // Denied: a node certificate from another CA.
     assert!(
-        !cluster_port_answers(
-            &addr,
-            1,
-            &p(&good, "ca.pem"),
-            &p(&other, "node-2.pem"),
-            &p(&other, "node-2-key.pem")
-        )
-        .await,
+        !answers(&other, "node-2").await,
         "a certificate from another CA must get nothing"
     );
 
@@ -398,6 +387,23 @@ async fn only_a_node_certificate_from_the_cluster_ca_gets_anything_from_the_clus
     // With its own token it joins (the allow beside the denies above).
     let (status, body) = add(&node, &co, &rightful).await;
     assert_eq!(status, 200, "{body}");
+    // Denied: adding it again now that it holds keys (it would be cut out
+    // of its own cluster), and any membership change through a follower.
+    let (status, body) = node
+        .server
+        .post(
+            &node.server.client(),
+            "/v1/hsm/cluster/nodes",
+            Some(&co),
+            json!({"node_id": 3, "address": rightful.cluster_addr, "init_token": "spent"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("is active"), "{body}");
+    let follower_co = co_token(&rightful).await;
+    let (status, body) = add(&rightful, &follower_co, &stranger).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("not the leader"), "{body}");
 }
 
 /// A TCP relay in front of one node's cluster port that the test can cut:

@@ -148,7 +148,6 @@ struct JoinRequest {
 #[derive(Debug, Serialize, Deserialize)]
 enum Done {
     Ok,
-    NotLeader { leader: Option<(u64, String)> },
     Failed(String),
 }
 
@@ -581,7 +580,6 @@ impl Cluster {
                     "node {node_id} refused to join: {e}"
                 )))
             }
-            Ok(Done::NotLeader { .. }) => return Err(unavailable("unexpected answer")),
             Err(e) => return Err(unavailable(e)),
         }
         raft.add_learner(node_id, BasicNode::new(address), true)
