@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use super::listener::ConnInfo;
 use super::rescue::{self, ApiError};
 use super::router::{self, RouteClass};
-use super::{observe, AppState, InFlight};
+use super::{observe, AppState};
 use crate::api::{self, Call};
 use crate::engine::Channel;
 use crate::netfilter;
@@ -79,8 +79,10 @@ pub async fn serve(socket: TcpListener, state: Arc<AppState>, mut stop: watch::R
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, peer, port, req).await) }
+                // Detached like the gateway's requests: a hang-up cannot cut
+                // a key rotation off from its audit record.
+                let answer = router::detach(&state, handle(state.clone(), peer, port, req));
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -99,7 +101,6 @@ async fn handle(
     port: u16,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
-    let _in_flight = InFlight::enter(&state);
     let started = Instant::now();
     let request_id = router::new_request_id();
     let method = req.method().clone();

@@ -269,8 +269,10 @@ pub async fn serve(
                 let state = state.clone();
                 let conn_info = conn_info.clone();
                 let busy = service_activity.begin();
+                // Spawned now, not at the first poll (see `router::handle`).
+                let answer = router::handle(state, conn_info, req);
                 async move {
-                    let response = router::handle(state, conn_info, req).await;
+                    let response = answer.await;
                     drop(busy);
                     Ok::<_, Infallible>(response)
                 }

@@ -1,5 +1,6 @@
 //! Phases 4–10 of a request: route class, the class's networks, body
 //! limits, identity and dispatch — then, always, the access log.
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -67,28 +68,45 @@ pub fn classify(path: &str) -> RouteClass {
     }
 }
 
-/// Handles one request on a task of its own: if the client hangs up (hyper
-/// then drops this future), the request still runs to its end — the engine
-/// call *and* its audit record — so no action can be cut off from its
-/// record by a disconnect. Shutdown waits for these tasks
-/// ([`super::InFlight`]).
-pub async fn handle(
+/// Handles one request on a task of its own (see [`detach`]).
+pub fn handle(
     state: Arc<AppState>,
     conn: ConnInfo,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let guard = super::InFlight::enter(&state);
+) -> impl Future<Output = Response<Full<Bytes>>> + Send + 'static {
+    detach(&state.clone(), handle_detached(state, conn, req))
+}
+
+/// Runs `request` on a task of its own: if the client hangs up (hyper then
+/// drops the returned future), the request still runs to its end — the
+/// engine call *and* its audit record — so no action can be cut off from
+/// its record by a disconnect. Shutdown waits for these tasks
+/// ([`super::InFlight`]).
+///
+/// Not an `async fn` on purpose: the task is spawned when hyper calls the
+/// service, not when it first polls the answer. A client that writes its
+/// request and hangs up at once makes hyper drop the answer unpolled; an
+/// `async fn` would then never have started the request at all, and a
+/// request is either refused before it starts or run to its end, never cut
+/// short. Must be called inside the Tokio runtime.
+pub fn detach(
+    state: &Arc<AppState>,
+    request: impl Future<Output = Response<Full<Bytes>>> + Send + 'static,
+) -> impl Future<Output = Response<Full<Bytes>>> + Send + 'static {
+    let guard = super::InFlight::enter(state);
     let task = tokio::spawn(async move {
-        let response = handle_detached(state, conn, req).await;
+        let response = request.await;
         drop(guard);
         response
     });
-    match task.await {
-        Ok(response) => response,
-        Err(e) => {
-            // A panic in a handler: the caller gets a plain 500.
-            tracing::error!(error = %e, "request task failed");
-            rescue::respond(&ApiError::Internal(e.to_string()), "")
+    async move {
+        match task.await {
+            Ok(response) => response,
+            Err(e) => {
+                // A panic in a handler: the caller gets a plain 500.
+                tracing::error!(error = %e, "request task failed");
+                rescue::respond(&ApiError::Internal(e.to_string()), "")
+            }
         }
     }
 }
