@@ -84,6 +84,10 @@ pub struct Config {
     /// `[cluster]`: this node is a member of a replicated cluster of engine
     /// nodes (see [`crate::cluster`], docs/CLUSTER.md). `None`: a single node.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// `[upstream]`: this server is a gateway without an engine, forwarding
+    /// to remote engine nodes (see [`crate::upstream`]). `None`: the
+    /// built-in engine answers.
+    pub upstream: Option<crate::upstream::UpstreamConfig>,
 }
 
 /// Login-failure thresholds and session lifetime for the engine.
@@ -488,6 +492,27 @@ struct RawConfig {
     #[serde(default)]
     bench: RawBench,
     cluster: Option<Spanned<RawCluster>>,
+    upstream: Option<Spanned<RawUpstream>>,
+}
+
+/// `[upstream]`: a gateway without an engine, forwarding to engine nodes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    nodes: Spanned<Vec<Spanned<RawUpstreamNode>>>,
+    ca_file: Spanned<String>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    health_interval_ms: Option<Spanned<i64>>,
+    timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamNode {
+    id: Spanned<i64>,
+    address: Spanned<String>,
+    server_name: Option<Spanned<String>>,
 }
 
 /// `[cluster]`: engine-node membership of a replicated cluster.
@@ -986,6 +1011,40 @@ fn assemble(
                 &mut errors,
             )
         });
+        let upstream = raw.upstream.as_ref().and_then(|u| {
+            let engine_side = [
+                (
+                    acl.enabled(),
+                    "access policies ([[policy]], [[user_policy]])",
+                ),
+                (!jwt.is_empty(), "[[jwt_issuer]]"),
+                (!cert_principals.is_empty(), "[[cert_principal]]"),
+                (
+                    dangerous_unfenced_listener.is_some(),
+                    "[bench] dangerous_unfenced_listener",
+                ),
+            ];
+            for (declared, what) in engine_side {
+                if declared {
+                    // Silently unenforced rules are worse than none.
+                    errors.push(main.error_at(
+                        u.span(),
+                        format!(
+                            "[upstream] with {what}: a gateway forwards identity to the engine \
+                             nodes, which enforce it; declare it in the nodes' config"
+                        ),
+                    ));
+                }
+            }
+            upstream_section(
+                main,
+                u,
+                raw.cluster.is_some(),
+                &listeners,
+                fs_checks,
+                &mut errors,
+            )
+        });
         let metrics = match &raw.metrics {
             Some(m) => metrics_section(main, m, &fence.groups, groups_complete, &mut errors),
             None => crate::metrics::MetricsConfig::default(),
@@ -1008,6 +1067,7 @@ fn assemble(
             acl,
             dangerous_unfenced_listener,
             cluster,
+            upstream,
         }
     });
 
@@ -1855,6 +1915,155 @@ fn cluster_section(
         security_groups: dedup(c.security_groups.get_ref()),
         heartbeat_ms,
         election_timeout_ms,
+    })
+}
+
+/// `[upstream]`: at least one node (unique id ≥ 1, an IP literal and port),
+/// the CA file the nodes' API certificates chain to, optionally this
+/// gateway's client certificate and key (both or neither), timing. Not with
+/// `[cluster]` (a gateway is not a node) nor with a break-glass listener
+/// (break-glass reaches the nodes directly).
+fn upstream_section(
+    main: &Source<'_>,
+    raw: &Spanned<RawUpstream>,
+    has_cluster: bool,
+    listeners: &[ListenerConfig],
+    fs_checks: FsChecks,
+    errors: &mut Vec<ConfigError>,
+) -> Option<crate::upstream::UpstreamConfig> {
+    let u = raw.get_ref();
+    let before = errors.len();
+    if has_cluster {
+        errors.push(main.error_at(
+            raw.span(),
+            "[upstream] and [cluster] exclude each other: a gateway forwards to engine \
+             nodes and holds no engine itself",
+        ));
+    }
+    if let Some(l) = listeners
+        .iter()
+        .find(|l| l.channel == crate::engine::Channel::BreakGlass)
+    {
+        errors.push(main.error_at(
+            raw.span(),
+            format!(
+                "[upstream] with break-glass listener {}: a gateway has no break-glass door; \
+                 officers reach the engine nodes' break-glass listeners directly",
+                quoted(&l.name)
+            ),
+        ));
+    }
+    if u.nodes.get_ref().is_empty() {
+        errors.push(main.error_at(
+            u.nodes.span(),
+            "upstream.nodes needs at least one engine node",
+        ));
+    }
+    let mut nodes = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for n in u.nodes.get_ref() {
+        let n = n.get_ref();
+        let id = *n.id.get_ref();
+        if id < 1 {
+            errors.push(main.error_at(
+                n.id.span(),
+                format!("upstream node id must be 1 or more (found {id})"),
+            ));
+        } else if !ids.insert(id) {
+            errors.push(main.error_at(n.id.span(), format!("upstream node id {id} appears twice")));
+        }
+        let address = match n.address.get_ref().parse::<SocketAddr>() {
+            Ok(a) if !a.ip().is_unspecified() && a.port() != 0 => Some(a),
+            _ => {
+                errors.push(main.error_at(
+                    n.address.span(),
+                    format!(
+                        "upstream node address {} is not an IP address and port of a node's \
+                         API listener (e.g. 10.0.2.11:8200)",
+                        quoted(n.address.get_ref())
+                    ),
+                ));
+                None
+            }
+        };
+        let server_name = match (&n.server_name, address) {
+            (Some(name), _) => {
+                if rustls_pki_types::ServerName::try_from(name.get_ref().as_str()).is_err() {
+                    errors.push(main.error_at(
+                        name.span(),
+                        format!(
+                            "upstream node server_name {} is not a DNS name or IP address",
+                            quoted(name.get_ref())
+                        ),
+                    ));
+                }
+                name.get_ref().clone()
+            }
+            (None, Some(a)) => a.ip().to_string(),
+            (None, None) => String::new(),
+        };
+        if let Some(address) = address {
+            nodes.push(crate::upstream::UpstreamNode {
+                id: id.max(0) as u64,
+                address,
+                server_name,
+            });
+        }
+    }
+    let mut file = |key: &str, v: &Spanned<String>| {
+        if v.get_ref().trim().is_empty() {
+            errors.push(main.error_at(v.span(), format!("upstream.{key} must not be empty")));
+        }
+        let path = base_dir(main.path).join(v.get_ref());
+        if fs_checks == FsChecks::Yes && !path.is_file() {
+            errors.push(main.error_at(
+                v.span(),
+                format!("upstream.{key}: {} cannot be read", path.display()),
+            ));
+        }
+        path
+    };
+    let ca_file = file("ca_file", &u.ca_file);
+    let client_cert = match (&u.cert_file, &u.key_file) {
+        (Some(c), Some(k)) => Some((file("cert_file", c), file("key_file", k))),
+        (None, None) => None,
+        (Some(v), None) | (None, Some(v)) => {
+            errors.push(main.error_at(
+                v.span(),
+                "upstream.cert_file and upstream.key_file go together (this gateway's client \
+                 certificate for the nodes' mutual TLS)",
+            ));
+            None
+        }
+    };
+    let mut millis = |v: &Option<Spanned<i64>>, key: &str, default: u64, range: (u64, u64)| match v
+    {
+        None => default,
+        Some(x) if (range.0 as i64..=range.1 as i64).contains(x.get_ref()) => *x.get_ref() as u64,
+        Some(x) => {
+            errors.push(main.error_at(
+                x.span(),
+                format!("upstream.{key} must be between {} and {}", range.0, range.1),
+            ));
+            default
+        }
+    };
+    let health_interval_ms = millis(
+        &u.health_interval_ms,
+        "health_interval_ms",
+        1_000,
+        (50, 60_000),
+    );
+    let timeout_ms = millis(&u.timeout_ms, "timeout_ms", 15_000, (100, 300_000));
+    if errors.len() > before {
+        return None;
+    }
+    Some(crate::upstream::UpstreamConfig {
+        nodes,
+        ca_file,
+        client_cert,
+        health_interval: Duration::from_millis(health_interval_ms),
+        timeout: Duration::from_millis(timeout_ms),
     })
 }
 
@@ -2767,6 +2976,81 @@ admin_groups = ["admins"]
         // The default group must exist when metrics are on.
         let found = errors(&format!("{MAIN}\n[metrics]\n"), &[("sg.toml", GROUPS)]);
         assert!(found[0].2.contains("`monitoring`"), "{found:#?}");
+    }
+
+    #[test]
+    fn upstream_section_is_validated_at_its_lines() {
+        assert_eq!(load_ok(MAIN, GROUPS).upstream, None);
+        let upstream = |nodes: &str, extra: &str| {
+            format!("{MAIN}\n[upstream]\nca_file = \"c/ca.pem\"\n{extra}nodes = [\n{nodes}]\n")
+        };
+        let two = "{ id = 1, address = \"10.0.2.11:8200\" },\n\
+                   { id = 2, address = \"10.0.2.12:8200\", server_name = \"node-2.example\" },\n";
+        // Allowed: defaults filled in, the server name defaults to the IP.
+        let u = load_ok(&upstream(two, ""), GROUPS).upstream.unwrap();
+        assert_eq!(u.nodes.len(), 2);
+        assert_eq!(u.nodes[0].server_name, "10.0.2.11");
+        assert_eq!(u.nodes[1].server_name, "node-2.example");
+        assert_eq!(u.health_interval, Duration::from_millis(1000));
+        assert_eq!(u.client_cert, None);
+        let with_cert = upstream(
+            two,
+            "cert_file = \"c/gw.pem\"\nkey_file = \"c/gw-key.pem\"\n",
+        );
+        assert!(load_ok(&with_cert, GROUPS)
+            .upstream
+            .unwrap()
+            .client_cert
+            .is_some());
+        // Denied, each at its line.
+        for (nodes, extra, needle) in [
+            ("", "", "at least one engine node"),
+            ("{ id = 0, address = \"10.0.2.11:8200\" },\n", "", "node id must be 1"),
+            (
+                "{ id = 1, address = \"10.0.2.11:8200\" },\n{ id = 1, address = \"10.0.2.12:8200\" },\n",
+                "",
+                "appears twice",
+            ),
+            ("{ id = 1, address = \"node1:8200\" },\n", "", "not an IP address"),
+            ("{ id = 1, address = \"0.0.0.0:8200\" },\n", "", "not an IP address"),
+            (two, "cert_file = \"c/gw.pem\"\n", "go together"),
+            (two, "health_interval_ms = 5\n", "health_interval_ms"),
+            (two, "timeout_ms = 0\n", "timeout_ms"),
+        ] {
+            let found = errors(&upstream(nodes, extra), &[("sg.toml", GROUPS)]);
+            assert!(
+                found.iter().any(|e| e.2.contains(needle) && e.1.is_some()),
+                "{nodes}{extra}: {found:#?}"
+            );
+        }
+        // Denied: rules a gateway would not enforce, and a break-glass door.
+        let jwt_free_conflicts = [
+            (
+                "[[listener]]\nname = \"bg\"\naddress = \"127.0.0.1:8210\"\n\
+                 security_groups = [\"admins\"]\nadmin_groups = [\"admins\"]\n\
+                 channel = \"break-glass\"\n",
+                "no break-glass door",
+            ),
+            (
+                "[bench]\ndangerous_unfenced_listener = \"127.0.0.1:18200\"\n",
+                "dangerous_unfenced_listener",
+            ),
+        ];
+        for (extra, needle) in jwt_free_conflicts {
+            let main = format!("{extra}{}", upstream(two, ""));
+            let found = errors(&main, &[("sg.toml", GROUPS)]);
+            assert!(found.iter().any(|e| e.2.contains(needle)), "{found:#?}");
+        }
+        let policy = "[[policy]]\nname = \"p\"\n[[policy.path]]\npath = \"transit/encrypt/p\"\n\
+                      capabilities = [\"update\"]\n";
+        let found = errors(
+            &upstream(two, ""),
+            &[("sg.toml", GROUPS), ("acl.toml", policy)],
+        );
+        assert!(
+            found.iter().any(|e| e.2.contains("access policies")),
+            "{found:#?}"
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //!   the sealed crash-safe store, the cryptography, zeroization.
 //! - [`cluster`]: many HSMs: engine nodes replicating the store with Raft
 //!   (openraft, used only there), the cluster port, joining and zeroization.
+//! - [`upstream`]: a gateway without an engine (`[upstream]`): decides which
+//!   remote engine node gets a request, health checks and ejects nodes.
 //! - [`audit`]: the hash-chained audit log (append, sync, offline verify).
 //! - [`metrics`]: Prometheus metrics and the metrics listener.
 //!
@@ -42,3 +44,4 @@ pub mod gateway;
 pub mod metrics;
 pub mod netfilter;
 pub mod ratelimit;
+pub mod upstream;

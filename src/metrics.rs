@@ -493,15 +493,21 @@ impl Metrics {
     /// Reads the engine's state, counters and key inventory into gauges.
     pub fn refresh(&self, engine: &Engine, audit: &AuditLog) {
         let state = engine.state();
-        for s in [
-            EngineState::Uninitialized,
-            EngineState::Sealed,
-            EngineState::Active,
-            EngineState::Zeroized,
-        ] {
-            self.engine_state
-                .with_label_values(&[s.as_str()])
-                .set(i64::from(s == state));
+        // A gateway (`[upstream]`) has no engine: no state is true of it
+        // (its nodes' states are theirs; the pool's gauges say who is up).
+        if engine.is_absent() {
+            self.engine_state.reset();
+        } else {
+            for s in [
+                EngineState::Uninitialized,
+                EngineState::Sealed,
+                EngineState::Active,
+                EngineState::Zeroized,
+            ] {
+                self.engine_state
+                    .with_label_values(&[s.as_str()])
+                    .set(i64::from(s == state));
+            }
         }
         if let Ok(status) = engine.status() {
             // Monotonic: the durable count never decreases.

@@ -883,6 +883,7 @@ mod tests {
             acl: Default::default(),
             dangerous_unfenced_listener: None,
             cluster: None,
+            upstream: None,
             listeners: listeners
                 .iter()
                 .enumerate()

@@ -668,12 +668,12 @@ async fn a_real_prometheus_evaluates_every_panel_and_alert() {
     for (what, expr) in &queries {
         let v = query(expr.clone()).await.expect("query answer");
         assert_eq!(v["status"], "success", "{what}: {expr} is invalid: {v}");
-        // `hsmgate_cluster_*` is exported only with `[cluster]`: the
-        // cluster metrics test (tests/cluster.rs) checks those names against
-        // a real cluster's scrape.
+        // `hsmgate_cluster_*` is exported only with `[cluster]` and
+        // `hsmgate_upstream_*` only with `[upstream]`: tests/cluster.rs and
+        // tests/upstream.rs check those names against real scrapes.
         for name in metric_names(expr)
             .into_iter()
-            .filter(|n| !n.starts_with("hsmgate_cluster_"))
+            .filter(|n| !n.starts_with("hsmgate_cluster_") && !n.starts_with("hsmgate_upstream_"))
         {
             let seen = query(format!("count({{__name__=~\"{name}(_bucket)?\"}})"))
                 .await

@@ -32,11 +32,19 @@ pub fn health(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    // A cluster follower serves reads and crypto itself and forwards writes
+    // to its leader: Vault's performance standby. Gateways (`[upstream]`)
+    // read this to send writes to the leader; the status code stays 200.
+    let follower = call
+        .state
+        .cluster
+        .as_ref()
+        .is_some_and(|c| state == EngineState::Active && !c.is_leader());
     let body = json!({
         "initialized": state != EngineState::Uninitialized,
         "sealed": state != EngineState::Active,
         "standby": false,
-        "performance_standby": false,
+        "performance_standby": follower,
         "replication_performance_mode": "disabled",
         "replication_dr_mode": "disabled",
         "server_time_utc": now,

@@ -374,6 +374,51 @@ fn now_unix() -> u64 {
 }
 
 impl Engine {
+    /// The engine of a gateway that has none (`[upstream]`): never
+    /// initialized, owning no file (every path is empty, so a stray write
+    /// fails instead of landing anywhere), and reached by no route — the
+    /// gateway forwards every request to remote nodes (`crate::upstream`).
+    pub fn absent(config: EngineConfig) -> Engine {
+        let none = PathBuf::new();
+        let paths = Paths {
+            store: none.clone(),
+            store_tmp: none.clone(),
+            master_key: none.clone(),
+            master_key_next: none.clone(),
+            state: none.clone(),
+            init_token: none,
+        };
+        Engine::with_paths(paths, config, 0)
+    }
+
+    /// Whether this is [`Engine::absent`] (a gateway's).
+    pub fn is_absent(&self) -> bool {
+        self.paths.store.as_os_str().is_empty()
+    }
+
+    fn with_paths(paths: Paths, config: EngineConfig, zeroizations: u64) -> Engine {
+        Engine {
+            config,
+            inner: RwLock::new(Inner {
+                state: EngineState::Uninitialized,
+                active: None,
+                init_token: None,
+                zeroizations,
+                locked: None,
+                seal_params: None,
+                unseal_shares: Vec::new(),
+                unseal_nonce: String::new(),
+                unseal_failures: 0,
+            }),
+            user_locks: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            key_writes: Mutex::new(()),
+            replicator: std::sync::OnceLock::new(),
+            revoked: Mutex::new(std::collections::HashSet::new()),
+            paths,
+        }
+    }
+
     /// Opens (or creates) the engine in `data_dir`, finishing any zeroization
     /// a crash interrupted, and writing a fresh init token when the engine
     /// has no owner.
@@ -395,26 +440,7 @@ impl Engine {
         };
         let state_file = read_state_file(&paths.state)?;
         let zeroizations = state_file.as_ref().map(|s| s.zeroizations).unwrap_or(0);
-        let engine = Engine {
-            config,
-            inner: RwLock::new(Inner {
-                state: EngineState::Uninitialized,
-                active: None,
-                init_token: None,
-                zeroizations,
-                locked: None,
-                seal_params: None,
-                unseal_shares: Vec::new(),
-                unseal_nonce: String::new(),
-                unseal_failures: 0,
-            }),
-            user_locks: Mutex::new(HashMap::new()),
-            sessions: Mutex::new(HashMap::new()),
-            key_writes: Mutex::new(()),
-            replicator: std::sync::OnceLock::new(),
-            revoked: Mutex::new(std::collections::HashSet::new()),
-            paths,
-        };
+        let engine = Engine::with_paths(paths, config, zeroizations);
         let has_key = engine.paths.master_key.exists() || engine.paths.master_key_next.exists();
         let has_store = engine.paths.store.exists();
         let marked_zeroized = matches!(&state_file, Some(s) if s.state == EngineState::Zeroized);

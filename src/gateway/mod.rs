@@ -94,6 +94,9 @@ pub struct AppState {
     pub in_flight: InFlight,
     /// This node's cluster, when `[cluster]` is configured.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The engine nodes this gateway forwards to, when `[upstream]` is
+    /// configured (then `engine` is [`Engine::absent`]).
+    pub upstream: Option<Arc<crate::upstream::Pool>>,
 }
 
 /// Counts requests in flight; [`InFlight::idle`] waits until none is.
@@ -161,6 +164,8 @@ pub enum ServeError {
     ConfigTree(std::io::Error),
     #[error("{0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("{0}")]
+    Upstream(#[from] crate::upstream::UpstreamError),
     #[error("binding listener {name} on {address}: {source}")]
     Bind {
         name: String,
@@ -191,9 +196,14 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let data_dir = config.data_dir.clone();
         let engine_config = config.engine.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::open(&data_dir, engine_config))
-            .await
-            .map_err(|e| EngineError::Internal(format!("engine open task: {e}")))??;
+        let engine = if config.upstream.is_some() {
+            // A gateway: the engine is on the nodes (`crate::upstream`).
+            Engine::absent(engine_config)
+        } else {
+            tokio::task::spawn_blocking(move || Engine::open(&data_dir, engine_config))
+                .await
+                .map_err(|e| EngineError::Internal(format!("engine open task: {e}")))??
+        };
         let audit_path = config.audit.log_path(&config.data_dir);
         let audit_config = config.audit.clone();
         let audit = tokio::task::spawn_blocking(move || AuditLog::open(&audit_path, &audit_config))
@@ -253,6 +263,10 @@ impl Server {
             ),
             None => None,
         };
+        let upstream = match &config.upstream {
+            Some(u) => Some(Arc::new(crate::upstream::Pool::new(u, metrics.registry())?)),
+            None => None,
+        };
         let fence = Arc::new(crate::ratelimit::Fence::new(&config.limits.rate));
         let snapshot = Snapshot::new(config, cert.server_config(), digest)?;
         let reloader = reload::Reloader::new(source, reload_metrics, &snapshot);
@@ -264,6 +278,7 @@ impl Server {
             metrics: Arc::new(metrics),
             in_flight: InFlight::default(),
             cluster,
+            upstream,
         });
         // Recorded once everything is bound, before the caller announces the
         // listeners: whoever sees "listening" finds the start in the log.
@@ -415,7 +430,12 @@ impl Server {
                 }
             });
         }
-        if self.state.engine.config().backup.schedule_dir.is_some() {
+        if let Some(pool) = &self.state.upstream {
+            tasks.spawn(pool.clone().run_health_checks(stop_rx.clone()));
+        }
+        // A gateway has no engine to back up: its nodes' leader does it.
+        if self.state.upstream.is_none() && self.state.engine.config().backup.schedule_dir.is_some()
+        {
             let state = self.state.clone();
             let interval = state.engine.config().backup.schedule_interval;
             let mut stop = stop_rx.clone();

@@ -84,6 +84,17 @@ pub fn validate(path: &Path) -> Result<Validated, ConfigErrors> {
             }])
         })?;
     }
+    if let Some(upstream) = &config.upstream {
+        // The pool's TLS at start: readable roots, a key matching its certificate.
+        crate::upstream::check_tls(upstream).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: upstream.ca_file.clone(),
+                line: None,
+                column: None,
+                message: e.to_string(),
+            }])
+        })?;
+    }
     Ok(Validated { config, cert })
 }
 
@@ -127,6 +138,12 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         out.push(format!(
             "[engine] settings changed (login thresholds, guard reserve or session TTL): \
              the engine runs under the values it opened with; {restart}"
+        ));
+    }
+    if old.upstream != new.upstream {
+        out.push(format!(
+            "[upstream] changed (nodes, certificates or timing): the pool was built at \
+             start; {restart}"
         ));
     }
     if old.cluster != new.cluster {

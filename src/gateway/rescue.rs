@@ -56,6 +56,14 @@ pub enum ApiError {
     /// says whether the write is known not to have happened.
     #[error("{0}")]
     ClusterUnavailable(String),
+    /// A gateway (`[upstream]`) found no engine node to answer: 503. The
+    /// message says whether anything was sent.
+    #[error("{0}")]
+    UpstreamUnavailable(String),
+    /// A gateway sent a write to a node that never answered: 502, and the
+    /// write may have taken effect (the message says so).
+    #[error("{0}")]
+    UpstreamLost(String),
     /// The audit log cannot be written: admin requests and logins are
     /// refused before they act (503), so none goes unaudited.
     #[error("the audit log cannot be written; admin requests are refused until it recovers")]
@@ -110,7 +118,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_)
             | ApiError::StorageUnavailable(_)
-            | ApiError::ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::ClusterUnavailable(_)
+            | ApiError::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UpstreamLost(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) | ApiError::AuditFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -309,6 +309,18 @@ async fn phases(
             return Err(ApiError::AuditUnavailable);
         }
     }
+    // A gateway (`[upstream]`): everything past the fence is the nodes'
+    // (identity, access policies, the engine, the login guard).
+    if let Some(pool) = &state.upstream {
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        return pool
+            .forward(&parts.method, target, &parts.headers, body, conn.client)
+            .await;
+    }
     let call = Call {
         state,
         method: &parts.method,

@@ -42,6 +42,11 @@ pub struct Opts {
     pub break_glass_extra: String,
     /// Appended to `policies/security-groups.toml` (e.g. a `[group.cluster]`).
     pub extra_groups: String,
+    /// The API listener's address (default `127.0.0.1:0`).
+    pub api_address: String,
+    /// Whether the config has a break-glass listener (default yes; a
+    /// gateway with `[upstream]` has none).
+    pub break_glass: bool,
 }
 
 /// Limits no other test reaches; tests/ratelimit.rs sets its own.
@@ -72,6 +77,8 @@ impl Default for Opts {
             api_listener_extra: String::new(),
             break_glass_extra: String::new(),
             extra_groups: String::new(),
+            api_address: "127.0.0.1:0".into(),
+            break_glass: true,
         }
     }
 }
@@ -85,6 +92,8 @@ pub struct TestServer {
     /// The break-glass listener (group `break-glass`: 127.0.0.1 only).
     pub break_glass_addr: SocketAddr,
     child: Option<Child>,
+    /// How many "listening" lines a start waits for.
+    listeners: usize,
 }
 
 fn rules(nets: &[&str]) -> String {
@@ -147,17 +156,11 @@ session_ttl_seconds = 3600
 max_body_bytes = {b}
 [[listener]]
 name = "api"
-address = "127.0.0.1:0"
+address = "{api_address}"
 security_groups = ["apps", "admins"]
 admin_groups = ["admins"]
 {api_extra}
-[[listener]]
-name = "break-glass"
-address = "127.0.0.1:0"
-security_groups = ["break-glass"]
-admin_groups = ["break-glass"]
-channel = "break-glass"
-{break_glass_extra}
+{break_glass}
 {extra}
 "#,
                 data = data_dir.display(),
@@ -168,7 +171,17 @@ channel = "break-glass"
                 b = opts.max_body_bytes,
                 extra = opts.extra_config,
                 api_extra = opts.api_listener_extra,
-                break_glass_extra = opts.break_glass_extra,
+                api_address = opts.api_address,
+                break_glass = if opts.break_glass {
+                    format!(
+                        "[[listener]]\nname = \"break-glass\"\naddress = \"127.0.0.1:0\"\n\
+                         security_groups = [\"break-glass\"]\nadmin_groups = [\"break-glass\"]\n\
+                         channel = \"break-glass\"\n{}",
+                        opts.break_glass_extra
+                    )
+                } else {
+                    String::new()
+                },
             ),
         )
         .unwrap();
@@ -179,6 +192,7 @@ channel = "break-glass"
             addr: "127.0.0.1:0".parse().unwrap(),
             break_glass_addr: "127.0.0.1:0".parse().unwrap(),
             child: None,
+            listeners: if opts.break_glass { 2 } else { 1 },
         };
         server.spawn();
         server
@@ -209,7 +223,7 @@ channel = "break-glass"
                 }
             }
         });
-        for _ in 0..2 {
+        for _ in 0..self.listeners {
             let (name, addr) = rx
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("server did not start; log:\n{}", self.log()));
