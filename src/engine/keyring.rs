@@ -1116,6 +1116,13 @@ mod tests {
         forced.auto_rotate_period = 3600;
         assert!(forced.due_for_rotation(3_601));
         assert!(forced.rotated(3_601).is_err());
+        // A Transit backup record saying so is refused on restore.
+        forced.exportable = true;
+        forced.allow_plaintext_backup = true;
+        let err = KeyRing::from_backup(&forced.to_record().unwrap(), None).unwrap_err();
+        assert!(err.to_string().contains("allow_rotation"), "{err}");
+        forced.auto_rotate_period = 0;
+        assert!(KeyRing::from_backup(&forced.to_record().unwrap(), None).is_ok());
     }
 
     #[test]
