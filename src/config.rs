@@ -119,6 +119,11 @@ pub struct EngineConfig {
     /// `CKA_EXTRACTABLE = false`. Off by default: Vault lets
     /// `keys/:name/config` turn both on.
     pub non_exportable_is_final: bool,
+    /// `auto_rotate_check_seconds`: how often the server looks for keys
+    /// whose `auto_rotate_period` has elapsed. A key rotates at most this
+    /// long after it is due; periods are at least an hour, so the bound
+    /// keeps the delay small against any period.
+    pub auto_rotate_check_interval: Duration,
 }
 
 /// `[backup]` (docs/BACKUP.md).
@@ -161,6 +166,7 @@ impl Default for EngineConfig {
             seal: crate::engine::seal::SealMode::Auto,
             backup: BackupConfig::default(),
             non_exportable_is_final: false,
+            auto_rotate_check_interval: Duration::from_secs(60),
         }
     }
 }
@@ -579,6 +585,7 @@ struct RawEngine {
     shamir_threshold: Option<Spanned<i64>>,
     shamir_shares: Option<Spanned<i64>>,
     non_exportable_is_final: Option<bool>,
+    auto_rotate_check_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -830,6 +837,9 @@ const LOGIN_GUARD_RESERVE: RangeInclusive<i64> = 0..=9;
 const LOCK_USER_AFTER_FAILURES: RangeInclusive<i64> = 1..=100;
 const SESSION_TTL_SECONDS: RangeInclusive<i64> = 60..=86_400;
 const MIN_PASSWORD_LENGTH: RangeInclusive<i64> = 8..=128;
+/// Up to an hour (the shortest `auto_rotate_period`): a longer check would
+/// let a key outlive its period by more than the period itself.
+const AUTO_ROTATE_CHECK_SECONDS: RangeInclusive<i64> = 1..=3600;
 const MAX_BODY_BYTES: RangeInclusive<i64> = 1..=67_108_864;
 const MAX_HEADER_BYTES: RangeInclusive<i64> = 1024..=1_048_576;
 const TIMEOUT_MS: RangeInclusive<i64> = 100..=600_000;
@@ -903,6 +913,15 @@ fn assemble(
             non_exportable_is_final: e
                 .non_exportable_is_final
                 .unwrap_or(engine_defaults.non_exportable_is_final),
+            auto_rotate_check_interval: bounded(
+                main,
+                &mut errors,
+                "engine.auto_rotate_check_seconds",
+                &e.auto_rotate_check_seconds,
+                AUTO_ROTATE_CHECK_SECONDS,
+            )
+            .map(Duration::from_secs)
+            .unwrap_or(engine_defaults.auto_rotate_check_interval),
         };
         if engine.login_guard_reserve >= engine.zeroize_after_failures {
             let span = e
@@ -2827,7 +2846,7 @@ admin_groups = ["admins"]
         let main = format!(
             "[engine]\ndata_dir = \"/var/lib/hsmgate\"\nzeroize_after_failures = 10\n\
              lock_user_after_failures = 1\nsession_ttl_seconds = 60\n\
-             non_exportable_is_final = true\n\
+             non_exportable_is_final = true\nauto_rotate_check_seconds = 3600\n\
              [limits]\nmax_body_bytes = 1\nmax_header_bytes = 1024\n\
              header_read_timeout_ms = 100\ntls_handshake_timeout_ms = 600000\n{MAIN}"
         );
@@ -2844,6 +2863,7 @@ admin_groups = ["admins"]
                 seal: crate::engine::seal::SealMode::Auto,
                 backup: BackupConfig::default(),
                 non_exportable_is_final: true,
+                auto_rotate_check_interval: Duration::from_secs(3600),
             }
         );
         assert_eq!(
@@ -3277,6 +3297,9 @@ admin_groups = ["admins"]
             ("lock_user_after_failures", "engine", "101", "100"),
             ("session_ttl_seconds", "engine", "59", "60"),
             ("session_ttl_seconds", "engine", "86401", "86400"),
+            ("auto_rotate_check_seconds", "engine", "0", "1"),
+            ("auto_rotate_check_seconds", "engine", "3601", "3600"),
+            ("auto_rotate_check_seconds", "engine", "-60", "60"),
             ("max_body_bytes", "limits", "0", "67108864"),
             ("max_body_bytes", "limits", "-1", "1"),
             ("max_header_bytes", "limits", "1023", "1048576"),

@@ -1030,3 +1030,100 @@ fn check_refuses_a_certificate_for_another_node() {
         "{stderr}"
     );
 }
+
+/// Vault's `auto_rotate_period` in a cluster: every member ticks every
+/// second, but only the leader rotates a due key (one rotation, one audit
+/// record, on the leader), and the new version reaches every member like
+/// any write. The due key is restored two hours old from a Transit backup
+/// (a test cannot wait an hour); a fresh key with the same period stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_leader_rotates_a_due_key_and_every_member_gets_the_new_version() {
+    use base64::Engine as _;
+    let _serial = SERIAL.lock().await;
+    let net = 61;
+    let certs = certs(&[1, 2, 3]);
+    let nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            let mut opts = node_opts(net, id, certs.path());
+            opts.engine_extra = "auto_rotate_check_seconds = 1\n".into();
+            Node {
+                id,
+                server: TestServer::start(opts),
+                cluster_addr: format!("127.0.{net}.{id}:8201"),
+            }
+        })
+        .collect();
+    let co = form(&nodes).await;
+    let app = app_token(&nodes[0]).await;
+    let n0 = &nodes[0].server;
+    let (status, body) = n0
+        .post(
+            &n0.client(),
+            "/v1/transit/keys/fresh",
+            Some(&app),
+            json!({"exportable": true, "allow_plaintext_backup": true, "auto_rotate_period": "1h"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = n0
+        .get(&n0.client(), "/v1/transit/backup/fresh", Some(&app))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let b64e = base64::engine::general_purpose::STANDARD;
+    let raw = b64e
+        .decode(body["data"]["backup"].as_str().unwrap())
+        .unwrap();
+    let split = raw.iter().position(|b| *b == b'\n').unwrap() + 1;
+    let mut record: Value = serde_json::from_slice(&raw[split..]).unwrap();
+    let created = record["versions"][0]["created"].as_u64().unwrap();
+    record["versions"][0]["created"] = json!(created - 7200);
+    let mut aged = raw[..split].to_vec();
+    aged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    let (status, body) = n0
+        .post(
+            &n0.client(),
+            "/v1/transit/restore/aged",
+            Some(&app),
+            json!({"backup": b64e.encode(&aged)}),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+
+    let rotations = |n: &Node| n.server.audit_records("transit.keys.auto_rotate");
+    wait_for("an automatic rotation record", || async {
+        nodes.iter().any(|n| !rotations(n).is_empty())
+    })
+    .await;
+    for n in &nodes {
+        let token = app_token(n).await;
+        wait_for(&format!("version 2 of aged on node {}", n.id), || {
+            let token = token.clone();
+            async move {
+                let (_, read) = n
+                    .server
+                    .get(&n.server.client(), "/v1/transit/keys/aged", Some(&token))
+                    .await;
+                read["data"]["latest_version"] == json!(2)
+            }
+        })
+        .await;
+        let (_, read) = n
+            .server
+            .get(&n.server.client(), "/v1/transit/keys/fresh", Some(&token))
+            .await;
+        assert_eq!(read["data"]["latest_version"], 1, "node {}: {read}", n.id);
+    }
+    let leader = cluster_status(&nodes[0], &co).await["leader"]
+        .as_u64()
+        .unwrap();
+    for n in &nodes {
+        let records = rotations(n);
+        if n.id == leader {
+            assert_eq!(records.len(), 1, "leader {}: {records:?}", n.id);
+            assert_eq!(records[0]["detail"]["key"], "aged");
+            assert_eq!(records[0]["detail"]["version"], 2);
+        } else {
+            assert!(records.is_empty(), "follower {} rotated: {records:?}", n.id);
+        }
+    }
+}

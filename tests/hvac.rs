@@ -198,7 +198,7 @@ async fn hvac_engine_depth() {
         server.log()
     );
     assert!(
-        stdout.contains("checks passed"),
+        stdout.contains("checks passed") && stdout.contains("ok auto_rotate_period"),
         "no summary line:\n{stdout}"
     );
 }

@@ -1893,3 +1893,66 @@ async fn an_edited_cluster_session_token_is_refused() {
         .await;
     assert_eq!(status, 403, "{body}");
 }
+
+/// Guards against key-version churn through a forged Transit backup: a
+/// record edited to carry a one-second `auto_rotate_period` (which the API
+/// refuses) would have the server generate a new version every check,
+/// growing the store and burning key-generation CPU. Restore holds the
+/// record to the API's rules: refused, nothing created; the same record
+/// with a period of an hour restores.
+#[tokio::test]
+async fn a_forged_transit_backup_cannot_set_an_auto_rotate_period_under_an_hour() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let s = TestServer::start(Opts::default());
+    let (_co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/src",
+            Some(&app),
+            json!({"exportable": true, "allow_plaintext_backup": true, "auto_rotate_period": "1h"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, body) = s.get(&c, "/v1/transit/backup/src", Some(&app)).await;
+    assert_eq!(st, 200, "{body}");
+    let raw = b64
+        .decode(body["data"]["backup"].as_str().unwrap())
+        .unwrap();
+    let magic = b"hsmgate-transit-backup/1\n";
+    let record: serde_json::Value = serde_json::from_slice(&raw[magic.len()..]).unwrap();
+    assert_eq!(record["auto_rotate_period"], 3600);
+    let with_period = |p: serde_json::Value| {
+        let mut r = record.clone();
+        r["auto_rotate_period"] = p;
+        let mut out = magic.to_vec();
+        out.extend_from_slice(&serde_json::to_vec(&r).unwrap());
+        b64.encode(out)
+    };
+    for bad in [json!(1), json!(3599), json!(-1), json!("1s")] {
+        let (st, body) = s
+            .post(
+                &c,
+                "/v1/transit/restore/churn",
+                Some(&app),
+                json!({"backup": with_period(bad.clone())}),
+            )
+            .await;
+        assert_eq!(st, 400, "{bad}: {body}");
+        let (st, _) = s.get(&c, "/v1/transit/keys/churn", Some(&app)).await;
+        assert_eq!(st, 404, "{bad}: nothing restored");
+    }
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/restore/churn",
+            Some(&app),
+            json!({"backup": with_period(json!(3600))}),
+        )
+        .await;
+    assert_eq!(st, 204, "{body}");
+    let (_, read) = s.get(&c, "/v1/transit/keys/churn", Some(&app)).await;
+    assert_eq!(read["data"]["auto_rotate_period"], 3600);
+}

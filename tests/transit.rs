@@ -712,3 +712,213 @@ async fn transit_backup_and_restore_of_one_key() {
         "backup is a GET"
     );
 }
+
+/// Vault's `auto_rotate_period` through the API: set on create and on
+/// `keys/:name/config` as a duration, read back in seconds; 0 turns it
+/// off; under an hour, negative or malformed → 400 and nothing changes.
+/// (The rotation itself is the engine's `rotate_due_keys`, tested there
+/// with an injected clock: a test cannot wait an hour.)
+#[tokio::test]
+async fn auto_rotate_period_is_set_read_and_validated_like_vaults() {
+    let t = T::new().await;
+    let period = |d: &Value| d["auto_rotate_period"].clone();
+    let created = t
+        .ok("/v1/transit/keys/k", json!({"auto_rotate_period": "1h"}))
+        .await;
+    assert_eq!(period(&created), 3600, "{created}");
+    let (st, read) = t.get("/v1/transit/keys/k").await;
+    assert_eq!(st, 200);
+    assert_eq!(period(&read["data"]), 3600);
+    let set = t
+        .ok(
+            "/v1/transit/keys/k/config",
+            json!({"auto_rotate_period": "2h"}),
+        )
+        .await;
+    assert_eq!(period(&set), 7200);
+
+    for (what, value) in [
+        ("under an hour", json!("30m")),
+        ("one second", json!(1)),
+        ("negative", json!("-1h")),
+        ("negative seconds", json!(-3600)),
+        ("garbage", json!("garbage")),
+        ("a float", json!(3600.5)),
+        ("a boolean", json!(true)),
+        ("too large", json!("999999999d")),
+    ] {
+        let (st, body) = t
+            .post(
+                "/v1/transit/keys/k/config",
+                json!({"auto_rotate_period": value}),
+            )
+            .await;
+        assert_eq!(st, 400, "{what}: {body}");
+        assert!(
+            body["errors"][0].as_str().unwrap().contains("auto"),
+            "{what}: {body}"
+        );
+        let (_, read) = t.get("/v1/transit/keys/k").await;
+        assert_eq!(period(&read["data"]), 7200, "{what} changed the key");
+        assert_eq!(read["data"]["latest_version"], 1);
+    }
+    // A refused period refuses the whole config call: nothing else changes.
+    let (st, _) = t
+        .post(
+            "/v1/transit/keys/k/config",
+            json!({"deletion_allowed": true, "auto_rotate_period": "30m"}),
+        )
+        .await;
+    assert_eq!(st, 400);
+    let (_, read) = t.get("/v1/transit/keys/k").await;
+    assert_eq!(read["data"]["deletion_allowed"], false);
+
+    // Plain seconds (number or string), days, Go durations; 0 and "0" disable.
+    for (value, want) in [
+        (json!(86400), 86_400),
+        (json!("3600"), 3600),
+        (json!("30d"), 2_592_000),
+        (json!("1h30m"), 5400),
+        (json!(0), 0),
+        (json!("4h"), 14_400),
+        (json!("0"), 0),
+    ] {
+        let set = t
+            .ok(
+                "/v1/transit/keys/k/config",
+                json!({"auto_rotate_period": value}),
+            )
+            .await;
+        assert_eq!(period(&set), want, "{value}");
+    }
+    // A config call without the field leaves it alone.
+    t.ok(
+        "/v1/transit/keys/k/config",
+        json!({"auto_rotate_period": "24h"}),
+    )
+    .await;
+    let set = t
+        .ok(
+            "/v1/transit/keys/k/config",
+            json!({"deletion_allowed": true}),
+        )
+        .await;
+    assert_eq!(period(&set), 86_400);
+
+    // Refused on create: no key is made.
+    for value in [json!("30m"), json!("nope"), json!("-2h")] {
+        let (st, body) = t
+            .post(
+                "/v1/transit/keys/short",
+                json!({"auto_rotate_period": value}),
+            )
+            .await;
+        assert_eq!(st, 400, "{value}: {body}");
+        let (st, _) = t.get("/v1/transit/keys/short").await;
+        assert_eq!(st, 404, "{value} created a key");
+    }
+    // Keys made without it report 0 (off).
+    let plain = t.ok("/v1/transit/keys/plain", json!({})).await;
+    assert_eq!(period(&plain), 0);
+    // Rotating by hand still works on a key with a period.
+    let rotated = t.ok("/v1/transit/keys/k/rotate", json!({})).await;
+    assert_eq!(rotated["latest_version"], 2);
+    assert_eq!(period(&rotated), 86_400);
+}
+
+/// The server's own timer rotates a due key, once, and audits it. A key
+/// whose latest version is two hours old comes in the way real ones can:
+/// restored from a Transit backup made elsewhere (here: this server's own
+/// backup with the version's creation time set two hours back). With
+/// `auto_rotate_check_seconds = 1` the next check rotates it; a key made
+/// just now with the same period is left alone.
+#[tokio::test]
+async fn the_server_rotates_a_due_key_by_itself_and_audits_it() {
+    use base64::engine::general_purpose::STANDARD;
+    let s = TestServer::start(Opts {
+        engine_extra: "auto_rotate_check_seconds = 1\n".into(),
+        ..Opts::default()
+    });
+    let (_co, app) = s.init_with_app_user().await;
+    let t = T {
+        c: s.client(),
+        s,
+        app,
+    };
+    let fresh = t
+        .ok(
+            "/v1/transit/keys/fresh",
+            json!({"auto_rotate_period": "1h", "exportable": true, "allow_plaintext_backup": true}),
+        )
+        .await;
+    assert_eq!(fresh["auto_rotate_period"], 3600);
+    let old_ct = t
+        .ok(
+            "/v1/transit/encrypt/fresh",
+            json!({"plaintext": b64(b"before")}),
+        )
+        .await["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, backup) = t.get("/v1/transit/backup/fresh").await;
+    assert_eq!(st, 200, "{backup}");
+    let raw = STANDARD
+        .decode(backup["data"]["backup"].as_str().unwrap())
+        .unwrap();
+    let split = raw.iter().position(|b| *b == b'\n').unwrap() + 1;
+    let mut record: Value = serde_json::from_slice(&raw[split..]).unwrap();
+    let created = record["versions"][0]["created"].as_u64().unwrap();
+    record["versions"][0]["created"] = json!(created - 7200);
+    let mut aged = raw[..split].to_vec();
+    aged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    let (st, body) = t
+        .post(
+            "/v1/transit/restore/aged",
+            json!({"backup": STANDARD.encode(&aged)}),
+        )
+        .await;
+    assert_eq!(st, 204, "{body}");
+
+    let mut record = None;
+    for _ in 0..300 {
+        record =
+            t.s.audit_records("transit.keys.auto_rotate")
+                .into_iter()
+                .find(|r| r["detail"]["key"] == "aged");
+        if record.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let record = record.unwrap_or_else(|| panic!("no auto-rotation record; log:\n{}", t.s.log()));
+    assert_eq!(record["outcome"], "success", "{record}");
+    assert_eq!(record["actor"], "auto-rotate", "{record}");
+    assert_eq!(record["detail"]["version"], 2, "{record}");
+
+    let (_, aged) = t.get("/v1/transit/keys/aged").await;
+    assert_eq!(aged["data"]["latest_version"], 2, "{aged}");
+    // The rotation is a real version: new ciphertexts use it, old ones open.
+    let new_ct = t
+        .ok(
+            "/v1/transit/encrypt/aged",
+            json!({"plaintext": b64(b"after")}),
+        )
+        .await;
+    assert!(new_ct["ciphertext"]
+        .as_str()
+        .unwrap()
+        .starts_with("vault:v2:"));
+    let opened = t
+        .ok("/v1/transit/decrypt/aged", json!({"ciphertext": old_ct}))
+        .await;
+    assert_eq!(opened["plaintext"], b64(b"before"));
+    // The check that rotated "aged" saw "fresh" too: not yet due.
+    let (_, fresh) = t.get("/v1/transit/keys/fresh").await;
+    assert_eq!(fresh["data"]["latest_version"], 1, "{fresh}");
+    assert!(t
+        .s
+        .audit_records("transit.keys.auto_rotate")
+        .iter()
+        .all(|r| r["detail"]["key"] == "aged"));
+}

@@ -247,6 +247,22 @@ async fn byok_import_with_each_hash_function_and_import_version() {
     )
     .await;
     t.ok("/v1/transit/keys/rot/rotate", json!({})).await;
+    // Automatic rotation of an imported key, too, needs allow_rotation.
+    let info = t
+        .ok(
+            "/v1/transit/keys/autorot/import",
+            json!({"ciphertext": vault_wrap(&pem, &random(32), &OAEP_SHA256_MGF1SHA256),
+                   "allow_rotation": true, "auto_rotate_period": "24h"}),
+        )
+        .await;
+    assert_eq!(info["auto_rotate_period"], 86_400, "{info}");
+    let (st, body) = t
+        .post(
+            "/v1/transit/keys/h1/config",
+            json!({"auto_rotate_period": "24h"}),
+        )
+        .await;
+    assert_eq!(st, 400, "h1 was imported without allow_rotation: {body}");
     // import_version on a generated key is refused, as in Vault.
     t.ok("/v1/transit/keys/generated", json!({})).await;
     let (st, _) = t
@@ -391,6 +407,18 @@ async fn byok_import_refusals_change_nothing() {
         (
             "public key",
             json!({"public_key": "-----BEGIN PUBLIC KEY-----"}),
+        ),
+        (
+            "auto-rotation of a key that may not rotate",
+            json!({"ciphertext": good, "auto_rotate_period": "24h"}),
+        ),
+        (
+            "auto-rotation under an hour",
+            json!({"ciphertext": good, "allow_rotation": true, "auto_rotate_period": "30m"}),
+        ),
+        (
+            "auto-rotation garbage",
+            json!({"ciphertext": good, "allow_rotation": true, "auto_rotate_period": "soon"}),
         ),
     ] {
         let (st, body) = t.post("/v1/transit/keys/k/import", body).await;

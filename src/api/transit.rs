@@ -155,6 +155,12 @@ impl Body {
             .ok_or_else(|| format!("{k} must be a non-negative integer"))
     }
 
+    /// A Vault duration field (`TypeDurationSecond`) in whole seconds; see
+    /// [`duration_seconds`].
+    fn duration(&self, k: &str) -> Result<Option<u64>, String> {
+        self.get(k).map(|v| duration_seconds(k, v)).transpose()
+    }
+
     fn b64(&self, k: &str) -> Result<Option<Vec<u8>>, String> {
         match self.str(k)? {
             None => Ok(None),
@@ -177,6 +183,107 @@ impl Body {
 
 fn bad(msg: String) -> ApiError {
     ApiError::BadRequest(msg)
+}
+
+/// Vault's `TypeDurationSecond` (go-secure-stdlib `ParseDurationSecond`),
+/// in whole seconds: a JSON integer of seconds, or a string that is empty
+/// (0), an integer of seconds (`"3600"`), an integer of days (`"30d"`) or a
+/// Go duration (`"1h"`, `"90m"`, `"1h30m"`, `"1.5h"`), truncated to the
+/// second as Vault does. Anything else, a negative value, or more than Go's
+/// `time.Duration` holds (about 292 years) is refused.
+fn duration_seconds(k: &str, v: &Value) -> Result<u64, String> {
+    const NANOS: i128 = 1_000_000_000;
+    let malformed = || {
+        format!(
+            "{k} must be a duration: seconds (3600), days (\"30d\") or a Go duration \
+             (\"1h\", \"90m\", \"1h30m\")"
+        )
+    };
+    let nanos: i128 = match v {
+        Value::Number(n) => i128::from(n.as_i64().ok_or_else(malformed)?) * NANOS,
+        Value::String(s) if s.is_empty() => 0,
+        Value::String(s) => {
+            if let Ok(secs) = s.parse::<i64>() {
+                i128::from(secs) * NANOS
+            } else if let Some(days) = s.strip_suffix('d') {
+                i128::from(days.parse::<i64>().map_err(|_| malformed())?) * 86_400 * NANOS
+            } else {
+                parse_go_duration(s).ok_or_else(malformed)?
+            }
+        }
+        _ => return Err(malformed()),
+    };
+    if nanos.abs() > i128::from(i64::MAX) {
+        return Err(format!("{k} is too large"));
+    }
+    // A negative period falls under Vault's "0 or at least an hour" rule.
+    u64::try_from(nanos / NANOS).map_err(|_| {
+        format!("auto rotate period must be 0 to disable or at least an hour; {k} is negative")
+    })
+}
+
+/// Go's `time.ParseDuration`, in nanoseconds: an optional sign, then one or
+/// more decimal numbers each with a unit (`ns`, `us`, `µs`, `μs`, `ms`,
+/// `s`, `m`, `h`); `"0"` alone needs no unit. `None` for anything else.
+fn parse_go_duration(s: &str) -> Option<i128> {
+    let (negative, mut rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if rest == "0" {
+        return Some(0);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let digits = |t: &str| t.bytes().take_while(u8::is_ascii_digit).count();
+    let mut total: i128 = 0;
+    while !rest.is_empty() {
+        let (int, after) = rest.split_at(digits(rest));
+        rest = after;
+        let mut frac = "";
+        if let Some(after) = rest.strip_prefix('.') {
+            let (f, after) = after.split_at(digits(after));
+            frac = f;
+            rest = after;
+        }
+        if int.is_empty() && frac.is_empty() {
+            return None;
+        }
+        let unit_len = rest
+            .find(|c: char| c == '.' || c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (unit, after) = rest.split_at(unit_len);
+        rest = after;
+        let scale: i128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return None,
+        };
+        // More integer digits than an i64 holds overflow in Go too.
+        let whole: i128 = if int.is_empty() {
+            0
+        } else {
+            i128::from(int.parse::<i64>().ok()?)
+        };
+        let mut value = whole.checked_mul(scale)?;
+        if !frac.is_empty() {
+            // Digits past the 18th are below a nanosecond for every unit.
+            let kept = &frac[..frac.len().min(18)];
+            let f: i128 = kept.parse().ok()?;
+            value += f * scale / 10i128.pow(kept.len() as u32);
+        }
+        total = total.checked_add(value)?;
+        if total > i128::from(i64::MAX) {
+            return None;
+        }
+    }
+    Some(if negative { -total } else { total })
 }
 
 // ----- keys -----------------------------------------------------------
@@ -208,7 +315,7 @@ fn key_info(ring: &KeyRing) -> Result<Value, ApiError> {
         "exportable": ring.exportable,
         "allow_plaintext_backup": ring.allow_plaintext_backup,
         "imported_key": ring.imported_key,
-        "auto_rotate_period": 0,
+        "auto_rotate_period": ring.auto_rotate_period,
         "supports_encryption": t.supports_encryption(),
         "supports_decryption": t.supports_encryption(),
         "supports_derivation": t.supports_derivation(),
@@ -268,6 +375,10 @@ fn key_options(body: &Body) -> Result<KeyOptions, ApiError> {
         allow_wrap: flag("allow_wrap")?,
         allow_unwrap: flag("allow_unwrap")?,
         allow_rotation: flag("allow_rotation")?,
+        auto_rotate_period: body
+            .duration("auto_rotate_period")
+            .map_err(bad)?
+            .unwrap_or(0),
     })
 }
 
@@ -303,16 +414,6 @@ async fn import_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>
         return Err(bad(
             "import cannot be used on keys with convergent encryption enabled".into(),
         ));
-    }
-    // Vault's duration: only "off" (0, "0", "0s") is supported here.
-    let rotate_off = match body.get("auto_rotate_period") {
-        None => true,
-        Some(Value::Number(n)) => n.as_u64() == Some(0),
-        Some(Value::String(v)) => matches!(v.as_str(), "" | "0" | "0s"),
-        Some(_) => false,
-    };
-    if !rotate_off {
-        return Err(bad("auto_rotate_period is not supported".into()));
     }
     let opts = key_options(&body)?;
     let hash = OaepHash::parse(body.str("hash_function").map_err(bad)?)?;
@@ -442,6 +543,7 @@ async fn configure_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Byte
         deletion_allowed: body.bool("deletion_allowed").map_err(bad)?,
         exportable: body.bool("exportable").map_err(bad)?,
         allow_plaintext_backup: body.bool("allow_plaintext_backup").map_err(bad)?,
+        auto_rotate_period: body.duration("auto_rotate_period").map_err(bad)?,
     };
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| e.configure_key(&by, &name, &change)).await?;
@@ -897,4 +999,74 @@ fn random(call: &Call<'_>, path_arg: Option<&str>) -> Result<Response<Full<Bytes
         }
     };
     call.ok(json!({ "random_bytes": encoded }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(v: Value) -> Result<u64, String> {
+        duration_seconds("auto_rotate_period", &v)
+    }
+
+    #[test]
+    fn durations_read_as_vault_reads_them() {
+        for (input, want) in [
+            (json!(0), 0),
+            (json!(3600), 3600),
+            (json!(""), 0),
+            (json!("0"), 0),
+            (json!("0s"), 0),
+            (json!("3600"), 3600),
+            (json!("1"), 1),
+            (json!("1h"), 3600),
+            (json!("+1h"), 3600),
+            (json!("2h"), 7200),
+            (json!("30m"), 1800),
+            (json!("90m"), 5400),
+            (json!("1h30m"), 5400),
+            (json!("1.5h"), 5400),
+            (json!(".5h"), 1800),
+            (json!("3600.9s"), 3600),
+            (json!("3600000ms"), 3600),
+            (json!("1h0.5s"), 3600),
+            (json!("30d"), 2_592_000),
+            (json!("0d"), 0),
+            (json!("2562047h"), 2_562_047 * 3600),
+        ] {
+            assert_eq!(secs(input.clone()), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn bad_durations_are_refused_with_a_clear_message() {
+        for input in [
+            json!("garbage"),
+            json!("h"),
+            json!("."),
+            json!(".h"),
+            json!("1x"),
+            json!("1hh"),
+            json!("1 h"),
+            json!(" 1h"),
+            json!("1.5d"),
+            json!("d"),
+            json!("-"),
+            json!(1.5),
+            json!(3600.0),
+            json!(true),
+            json!([3600]),
+            json!({"h": 1}),
+            json!("99999999999999999999h"),
+            json!("3000000h"),
+            json!("200000d"),
+        ] {
+            let err = secs(input.clone()).unwrap_err();
+            assert!(err.contains("auto_rotate_period"), "{input}: {err}");
+        }
+        for negative in [json!(-1), json!("-3600"), json!("-1h"), json!("-30d")] {
+            let err = secs(negative.clone()).unwrap_err();
+            assert!(err.contains("at least an hour"), "{negative}: {err}");
+        }
+    }
 }

@@ -53,6 +53,25 @@ pub struct KeyRing {
     pub allow_wrap: bool,
     /// A key-encryption key that may unwrap keys in (PKCS#11 `CKA_UNWRAP`).
     pub allow_unwrap: bool,
+    /// Vault's `auto_rotate_period`, in seconds: the server rotates the key
+    /// once its latest version is this old (0: never). Either 0 or at least
+    /// [`MIN_AUTO_ROTATE_PERIOD`]; see [`KeyRing::due_for_rotation`].
+    pub auto_rotate_period: u64,
+}
+
+/// Vault's floor for `auto_rotate_period` (one hour): a shorter non-zero
+/// period is refused wherever a period is set.
+pub const MIN_AUTO_ROTATE_PERIOD: u64 = 3600;
+
+/// Vault's rule for `auto_rotate_period`: 0 (off) or at least an hour.
+pub fn validate_auto_rotate_period(seconds: u64) -> Result<(), EngineError> {
+    if seconds != 0 && seconds < MIN_AUTO_ROTATE_PERIOD {
+        return Err(EngineError::InvalidRequest(format!(
+            "auto rotate period must be 0 to disable or at least an hour \
+             ({MIN_AUTO_ROTATE_PERIOD} seconds); got {seconds} seconds"
+        )));
+    }
+    Ok(())
 }
 
 /// The material an operation uses: the version's own, or one derived from it
@@ -96,6 +115,8 @@ pub struct KeyOptions {
     pub allow_unwrap: bool,
     /// See [`KeyRing::allow_rotation`]; only meaningful for imported keys.
     pub allow_rotation: bool,
+    /// See [`KeyRing::auto_rotate_period`] (seconds, 0: off).
+    pub auto_rotate_period: u64,
 }
 
 impl KeyOptions {
@@ -109,6 +130,7 @@ impl KeyOptions {
             allow_wrap: false,
             allow_unwrap: false,
             allow_rotation: false,
+            auto_rotate_period: 0,
         }
     }
 
@@ -140,7 +162,7 @@ impl KeyOptions {
                     .into(),
             ));
         }
-        Ok(())
+        validate_auto_rotate_period(self.auto_rotate_period)
     }
 }
 
@@ -152,6 +174,8 @@ pub struct KeyConfigChange {
     pub deletion_allowed: Option<bool>,
     pub exportable: Option<bool>,
     pub allow_plaintext_backup: Option<bool>,
+    /// Seconds; `Some(0)` turns automatic rotation off.
+    pub auto_rotate_period: Option<u64>,
 }
 
 /// Key names end up in URLs, logs and record identities: keep them boring.
@@ -215,6 +239,9 @@ impl KeyRing {
         if material.key_type != opts.key_type {
             return Err(EngineError::KeyTypeMismatch(name.into()));
         }
+        if imported {
+            refuse_auto_rotation_without_rotation(opts.allow_rotation, opts.auto_rotate_period)?;
+        }
         let mut versions = BTreeMap::new();
         versions.insert(
             1,
@@ -240,7 +267,26 @@ impl KeyRing {
             allow_rotation: !imported || opts.allow_rotation,
             allow_wrap: opts.allow_wrap,
             allow_unwrap: opts.allow_unwrap,
+            auto_rotate_period: opts.auto_rotate_period,
         })
+    }
+
+    /// Whether automatic rotation is due at `now` (Unix seconds): it is on
+    /// and the latest version is at least `auto_rotate_period` old (Vault's
+    /// `rotateIfRequired`). A clock set back makes nothing due. Whether the
+    /// key may be rotated at all is [`KeyRing::rotated`]'s to decide.
+    pub fn due_for_rotation(&self, now: u64) -> bool {
+        if self.auto_rotate_period == 0 {
+            return false;
+        }
+        self.versions
+            .get(&self.latest_version)
+            .is_some_and(|v| now >= v.created.saturating_add(self.auto_rotate_period))
+    }
+
+    /// An imported key gets generated versions only with `allow_rotation`.
+    pub fn may_rotate(&self) -> bool {
+        !self.imported_key || self.allow_rotation
     }
 
     /// A new latest version holding `material` (Vault's `import_version`).
@@ -313,7 +359,7 @@ impl KeyRing {
     }
 
     pub fn rotated(&self, now: u64) -> Result<KeyRing, EngineError> {
-        if self.imported_key && !self.allow_rotation {
+        if !self.may_rotate() {
             return Err(EngineError::InvalidRequest(
                 "imported keys are not rotated unless imported with allow_rotation; \
                  use keys/:name/import_version to add a version"
@@ -392,6 +438,13 @@ impl KeyRing {
                 ));
             }
             next.allow_plaintext_backup = v;
+        }
+        if let Some(v) = change.auto_rotate_period {
+            validate_auto_rotate_period(v)?;
+            if self.imported_key {
+                refuse_auto_rotation_without_rotation(self.allow_rotation, v)?;
+            }
+            next.auto_rotate_period = v;
         }
         Ok(next)
     }
@@ -489,6 +542,7 @@ impl KeyRing {
             allow_rotation: self.allow_rotation,
             allow_wrap: self.allow_wrap,
             allow_unwrap: self.allow_unwrap,
+            auto_rotate_period: self.auto_rotate_period,
             name: self.name.clone(),
             key_type: self.key_type,
             latest_version: self.latest_version,
@@ -541,8 +595,12 @@ impl KeyRing {
             allow_wrap: ring.allow_wrap,
             allow_unwrap: ring.allow_unwrap,
             allow_rotation: ring.allow_rotation,
+            auto_rotate_period: ring.auto_rotate_period,
         }
         .validate()?;
+        if ring.imported_key {
+            refuse_auto_rotation_without_rotation(ring.allow_rotation, ring.auto_rotate_period)?;
+        }
         if !ring.exportable || !ring.allow_plaintext_backup {
             return Err(bad(
                 "the key is not marked exportable and allow_plaintext_backup".into(),
@@ -618,16 +676,36 @@ impl KeyRing {
             allow_rotation: record.allow_rotation,
             allow_wrap: record.allow_wrap,
             allow_unwrap: record.allow_unwrap,
+            auto_rotate_period: record.auto_rotate_period,
         })
     }
+}
+
+/// Vault's import rule: an imported key can be set to rotate automatically
+/// only when it may be rotated at all (`allow_rotation`). Refused rather
+/// than stored and skipped, so a caller never believes a key rotates when
+/// it never will.
+fn refuse_auto_rotation_without_rotation(
+    allow_rotation: bool,
+    auto_rotate_period: u64,
+) -> Result<(), EngineError> {
+    if auto_rotate_period != 0 && !allow_rotation {
+        return Err(EngineError::InvalidRequest(
+            "allow_rotation must be set to true if auto-rotation is enabled \
+             (an imported key without it is never rotated)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The key ring record layout. 1: the first layout (no `format` field, read
 /// as 1). 2: adds `derived`, `convergent_encryption`, `min_available_version`
 /// (absent in format 1 records, read as false/false/0). 3: adds
 /// `imported_key`, `allow_rotation`, `allow_wrap`, `allow_unwrap` (absent
-/// before: false, true, false, false).
-const RECORD_FORMAT: u32 = 3;
+/// before: false, true, false, false). 4: adds `auto_rotate_period`
+/// (absent before: 0, off).
+const RECORD_FORMAT: u32 = 4;
 
 fn yes() -> bool {
     true
@@ -655,6 +733,8 @@ struct KeyRingRecord {
     allow_wrap: bool,
     #[serde(default)]
     allow_unwrap: bool,
+    #[serde(default)]
+    auto_rotate_period: u64,
     name: String,
     key_type: KeyType,
     latest_version: u32,
@@ -931,6 +1011,156 @@ mod tests {
                 ..Default::default()
             })
             .is_ok());
+    }
+
+    #[test]
+    fn auto_rotate_period_is_off_or_at_least_an_hour() {
+        let ring = KeyRing::new("k", &KeyOptions::new(KeyType::Aes256Gcm96), 1).unwrap();
+        assert_eq!(ring.auto_rotate_period, 0);
+        for ok in [0, MIN_AUTO_ROTATE_PERIOD, 7200, u64::MAX] {
+            let set = ring
+                .reconfigured(&KeyConfigChange {
+                    auto_rotate_period: Some(ok),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(set.auto_rotate_period, ok);
+            let created = KeyOptions {
+                auto_rotate_period: ok,
+                ..KeyOptions::new(KeyType::Ed25519)
+            };
+            assert!(created.validate().is_ok(), "{ok}");
+        }
+        for bad in [1, 60, 1800, MIN_AUTO_ROTATE_PERIOD - 1] {
+            let err = ring
+                .reconfigured(&KeyConfigChange {
+                    auto_rotate_period: Some(bad),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(err.to_string().contains("at least an hour"), "{err}");
+            let created = KeyOptions {
+                auto_rotate_period: bad,
+                ..KeyOptions::new(KeyType::Ed25519)
+            };
+            assert!(created.validate().is_err(), "{bad}");
+            assert!(KeyRing::new("k", &created, 1).is_err());
+        }
+    }
+
+    #[test]
+    fn a_key_is_due_once_its_latest_version_is_a_period_old() {
+        let opts = KeyOptions {
+            auto_rotate_period: 3600,
+            ..KeyOptions::new(KeyType::Aes256Gcm96)
+        };
+        let ring = KeyRing::new("k", &opts, 1_000).unwrap();
+        assert!(!ring.due_for_rotation(1_000));
+        assert!(!ring.due_for_rotation(4_599));
+        assert!(ring.due_for_rotation(4_600));
+        assert!(
+            !ring.due_for_rotation(0),
+            "a clock set back makes nothing due"
+        );
+        // The latest version counts, not the first.
+        let rotated = ring.rotated(4_000).unwrap();
+        assert!(!rotated.due_for_rotation(4_600));
+        assert!(rotated.due_for_rotation(7_600));
+        // Off: never due.
+        let off = KeyRing::new("off", &KeyOptions::new(KeyType::Aes256Gcm96), 1).unwrap();
+        assert!(!off.due_for_rotation(u64::MAX));
+        // A huge period saturates instead of wrapping round to "due".
+        let huge = ring
+            .reconfigured(&KeyConfigChange {
+                auto_rotate_period: Some(u64::MAX),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(!huge.due_for_rotation(u64::MAX - 1));
+    }
+
+    #[test]
+    fn an_imported_key_rotates_automatically_only_with_allow_rotation() {
+        let material = || KeyMaterial::generate(KeyType::Aes256Gcm96).unwrap();
+        let asked = KeyOptions {
+            auto_rotate_period: 3600,
+            ..KeyOptions::new(KeyType::Aes256Gcm96)
+        };
+        assert!(KeyRing::with_material("i", &asked, material(), true, 1).is_err());
+        let allowed = KeyOptions {
+            allow_rotation: true,
+            ..asked.clone()
+        };
+        let ring = KeyRing::with_material("i", &allowed, material(), true, 1).unwrap();
+        assert!(ring.due_for_rotation(3_601));
+        let fixed = KeyRing::with_material(
+            "f",
+            &KeyOptions::new(KeyType::Aes256Gcm96),
+            material(),
+            true,
+            1,
+        )
+        .unwrap();
+        let on = KeyConfigChange {
+            auto_rotate_period: Some(3600),
+            ..Default::default()
+        };
+        assert!(fixed.reconfigured(&on).is_err());
+        let off = KeyConfigChange {
+            auto_rotate_period: Some(0),
+            ..Default::default()
+        };
+        assert!(fixed.reconfigured(&off).is_ok());
+        // Even a record that somehow says so is never rotated.
+        let mut forced = fixed.clone();
+        forced.auto_rotate_period = 3600;
+        assert!(forced.due_for_rotation(3_601));
+        assert!(forced.rotated(3_601).is_err());
+        // A Transit backup record saying so is refused on restore.
+        forced.exportable = true;
+        forced.allow_plaintext_backup = true;
+        let err = KeyRing::from_backup(&forced.to_record().unwrap(), None).unwrap_err();
+        assert!(err.to_string().contains("allow_rotation"), "{err}");
+        forced.auto_rotate_period = 0;
+        assert!(KeyRing::from_backup(&forced.to_record().unwrap(), None).is_ok());
+    }
+
+    #[test]
+    fn auto_rotate_period_survives_the_record_and_older_records_read_as_off() {
+        let opts = KeyOptions {
+            auto_rotate_period: 86_400,
+            ..KeyOptions::new(KeyType::Aes256Gcm96)
+        };
+        let ring = KeyRing::new("k", &opts, 1).unwrap();
+        let bytes = ring.to_record().unwrap();
+        assert_eq!(
+            KeyRing::from_record("k", &bytes)
+                .unwrap()
+                .auto_rotate_period,
+            86_400
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let m = v.as_object_mut().unwrap();
+        assert!(m.remove("auto_rotate_period").is_some());
+        m.insert("format".into(), serde_json::json!(3));
+        let old = serde_json::to_vec(&v).unwrap();
+        assert_eq!(
+            KeyRing::from_record("k", &old).unwrap().auto_rotate_period,
+            0
+        );
+        // A Transit backup record is untrusted: a short period is refused.
+        let open = KeyOptions {
+            exportable: true,
+            allow_plaintext_backup: true,
+            auto_rotate_period: 3600,
+            ..KeyOptions::new(KeyType::Aes256Gcm96)
+        };
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&KeyRing::new("b", &open, 1).unwrap().to_record().unwrap())
+                .unwrap();
+        assert!(KeyRing::from_backup(&serde_json::to_vec(&record).unwrap(), None).is_ok());
+        record["auto_rotate_period"] = serde_json::json!(60);
+        assert!(KeyRing::from_backup(&serde_json::to_vec(&record).unwrap(), None).is_err());
     }
 
     #[test]

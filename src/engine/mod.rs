@@ -10,6 +10,7 @@
 //!
 //! Blocking: `login`, `init`, `create_user` and key generation do real work
 //! (argon2, key generation, fsync); async callers run them on a blocking thread.
+pub mod auto_rotate;
 pub mod backup;
 pub mod crypto;
 pub mod keyring;

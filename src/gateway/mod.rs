@@ -480,6 +480,7 @@ impl Server {
                 }
             });
         }
+        tasks.spawn(auto_rotate_forever(self.state.clone(), stop_rx.clone()));
         if let Some(socket) = self.unfenced_listener {
             tasks.spawn(dangerous_unfenced_bench::serve(
                 socket,
@@ -698,6 +699,61 @@ async fn audit_local(state: &AppState, event: Event) {
     if !matches!(written, Ok(Ok(_))) {
         state.metrics.audit_write_failures.inc();
         tracing::error!("audit log: could not record a server event");
+    }
+}
+
+/// Vault's `auto_rotate_period`: every `[engine] auto_rotate_check_seconds`,
+/// rotates the keys that are due (`Engine::rotate_due_keys` with the system
+/// clock) and writes one `transit.keys.auto_rotate` audit record per key
+/// rotated or failed. In a cluster only the leader rotates, as for
+/// scheduled backups; the rotation replicates like any write. A failure is
+/// logged and audited and the next check tries again.
+async fn auto_rotate_forever(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use crate::engine::auto_rotate::{AutoRotation, AUTO_ROTATE_ACTOR};
+    let mut tick = tokio::time::interval(state.engine.config().auto_rotate_check_interval);
+    // A restart after a long stop may find many keys due at once; Delay
+    // keeps a slow pass from being followed by a burst of catch-up ticks.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        if let Some(cluster) = &state.cluster {
+            if !cluster.is_leader() {
+                continue;
+            }
+        }
+        let engine = state.engine.clone();
+        let Ok(done) = tokio::task::spawn_blocking(move || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            engine.rotate_due_keys(now)
+        })
+        .await
+        else {
+            tracing::error!("automatic key rotation task failed");
+            continue;
+        };
+        for result in done {
+            let (key, mut event) = match result {
+                AutoRotation::Rotated { key, version } => {
+                    tracing::info!(key = %key, version, "key rotated automatically (auto_rotate_period)");
+                    let e = Event::new("transit.keys.auto_rotate", Outcome::Success)
+                        .detail("version", version);
+                    (key, e)
+                }
+                AutoRotation::Failed { key, error } => {
+                    tracing::warn!(key = %key, error = %error, "automatic rotation of a due key failed; skipped until the next check");
+                    let e = Event::new("transit.keys.auto_rotate", Outcome::Error)
+                        .detail("error", error.to_string());
+                    (key, e)
+                }
+            };
+            event.actor = Some(AUTO_ROTATE_ACTOR.into());
+            audit_local(&state, event.detail("key", key)).await;
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 Run by tests/hvac.rs (hvac_engine_depth) with the same environment as
 test_walkthrough.py: HSMGATE_ADDR, HSMGATE_CA, HSMGATE_TOKEN (a crypto user).
 Covers rewrap, datakey, batch encrypt/decrypt, sign/verify for each
-signing key type (RSA with both paddings, JWS marshaling), and export of an
-exportable key. Calls go through hvac's own methods; a plain write is used
+signing key type (RSA with both paddings, JWS marshaling), export of an
+exportable key, and auto_rotate_period through hvac's own parameters. Calls go through hvac's own methods; a plain write is used
 only where hvac refuses a type name client-side.
 """
 
@@ -122,12 +122,32 @@ def export(transit, client):
     print("ok export of exportable keys only", flush=True)
 
 
+def auto_rotation(transit, client):
+    # hvac's own parameters: create_key and update_key_configuration send
+    # auto_rotate_period as given; read_key shows it in seconds.
+    transit.create_key(name="auto", auto_rotate_period="1h")
+    check(transit.read_key(name="auto")["data"]["auto_rotate_period"] == 3600, "create 1h")
+    transit.update_key_configuration(name="auto", auto_rotate_period="2h")
+    check(transit.read_key(name="auto")["data"]["auto_rotate_period"] == 7200, "config 2h")
+    try:
+        transit.update_key_configuration(name="auto", auto_rotate_period="30m")
+    except exceptions.InvalidRequest:
+        check(True, "30m is refused")
+    else:
+        raise AssertionError("an auto_rotate_period under an hour was accepted")
+    check(transit.read_key(name="auto")["data"]["auto_rotate_period"] == 7200, "unchanged")
+    transit.update_key_configuration(name="auto", auto_rotate_period="0")
+    check(transit.read_key(name="auto")["data"]["auto_rotate_period"] == 0, "0 turns it off")
+    print("ok auto_rotate_period", flush=True)
+
+
 def main():
     client = hvac.Client(url=ADDR, token=TOKEN, verify=CA)
     transit = client.secrets.transit
     encryption_types(transit, client)
     signing_types(transit, client)
     export(transit, client)
+    auto_rotation(transit, client)
     print(f"hvac engine-depth: {checks} checks passed against {ADDR}")
     return 0
 
