@@ -665,7 +665,17 @@ async fn cluster_metrics_name_the_leader_and_count_who_holds_the_keys() {
     }
 
     // A follower exports its own view, and nothing only the leader knows.
-    let follower_text = scrape(&nodes[fi], &co_token(&nodes[fi]).await).await;
+    // (Its gauges refresh every 2 s: a brief election on a loaded machine
+    // may show for one period, so wait for the settled view.)
+    let follower_token = co_token(&nodes[fi]).await;
+    let mut follower_text = String::new();
+    for _ in 0..50 {
+        follower_text = scrape(&nodes[fi], &follower_token).await;
+        if sample(&follower_text, "hsmgate_cluster_is_leader") == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(
         sample(&follower_text, "hsmgate_cluster_is_leader"),
         Some(0.0),

@@ -480,7 +480,10 @@ impl Server {
                 }
             });
         }
-        tasks.spawn(auto_rotate_forever(self.state.clone(), stop_rx.clone()));
+        // A gateway's keys are on its nodes, and their leader rotates them.
+        if self.state.upstream.is_none() {
+            tasks.spawn(auto_rotate_forever(self.state.clone(), stop_rx.clone()));
+        }
         if let Some(socket) = self.unfenced_listener {
             tasks.spawn(dangerous_unfenced_bench::serve(
                 socket,

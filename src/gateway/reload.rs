@@ -136,8 +136,9 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.engine != new.engine {
         out.push(format!(
-            "[engine] settings changed (login thresholds, guard reserve or session TTL): \
-             the engine runs under the values it opened with; {restart}"
+            "[engine] settings changed (login thresholds, guard reserve, session TTL, seal, \
+             backups or auto-rotate checks): the engine runs under the values it opened \
+             with; {restart}"
         ));
     }
     if old.upstream != new.upstream {
