@@ -91,6 +91,17 @@ async fn form(nodes: &[Node]) -> String {
     co
 }
 
+/// The cluster key id node `n` reports, with a fresh officer login (a
+/// rotation ends every session, so an older token may be gone).
+async fn key_id_on(n: &Node) -> Value {
+    let co = co_token(n).await;
+    let (_, body) = n
+        .server
+        .get(&n.server.client(), "/v1/hsm/cluster", Some(&co))
+        .await;
+    body["data"]["cluster_key_id"].clone()
+}
+
 async fn app_token(n: &Node) -> String {
     // Users are replicated: the app user logs in on any member.
     n.server.token("app", CU_PASSWORD).await
@@ -228,8 +239,25 @@ async fn a_node_zeroized_by_wrong_officer_logins_costs_the_cluster_nothing_and_r
     assert_eq!(nodes[0].server.failures("admin").await, 0);
 
     // The officer re-admits it with its new init token; it is re-synced.
+    // Taking the zeroized member out first rotates the cluster key: the
+    // remaining members re-seal everything, and every session ends.
+    let old_key_id = cluster_status(&nodes[0], &co).await["cluster_key_id"].clone();
+    assert!(old_key_id.is_string(), "{old_key_id}");
     let (status, body) = add(&nodes[0], &co, victim).await;
     assert_eq!(status, 200, "rejoin: {body}");
+    let co = co_token(&nodes[0]).await;
+    let new_key_id = cluster_status(&nodes[0], &co).await["cluster_key_id"].clone();
+    assert_ne!(new_key_id, old_key_id, "the cluster key was not rotated");
+    for n in &nodes {
+        wait_for("every member on the new cluster key", || {
+            let want = new_key_id.clone();
+            async move { key_id_on(n).await == want }
+        })
+        .await;
+    }
+    // Deny: a token issued before the rotation is over.
+    let (status, body) = decrypt(&nodes[1], &t2, "payroll", &old_ct).await;
+    assert_eq!(status, 403, "a session from before the rotation: {body}");
     let t3 = app_token(victim).await;
     let (status, body) = decrypt(victim, &t3, "payroll", &old_ct).await;
     assert_eq!(status, 200, "old ciphertext on the rejoined node: {body}");
@@ -1135,5 +1163,98 @@ async fn only_the_leader_rotates_a_due_key_and_every_member_gets_the_new_version
         } else {
             assert!(records.is_empty(), "follower {} rotated: {records:?}", n.id);
         }
+    }
+}
+
+/// A member that leaves takes the old cluster key with it: removing it
+/// rotates the key on everyone left; a member that was down during a
+/// rotation applies it from the log when it comes back; old ciphertexts
+/// keep decrypting everywhere. A follower cannot start a rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_a_member_rotates_the_cluster_key_and_a_member_that_was_down_catches_up() {
+    let _serial = SERIAL.lock().await;
+    let net = 62;
+    let certs = certs(&[1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3).map(|id| start(net, id, certs.path())).collect();
+    let co = form(&nodes).await;
+    let t1 = app_token(&nodes[0]).await;
+    let (status, body) = create_key(&nodes[0], &t1, "ledger").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = encrypt(&nodes[0], &t1, "ledger", b"before rotation").await;
+    assert_eq!(status, 200, "{body}");
+    let old_ct = body["data"]["ciphertext"].as_str().unwrap().to_string();
+    let key_id = |body: &Value| body["data"]["cluster_key_id"].clone();
+    let (_, before) = nodes[0]
+        .server
+        .get(&nodes[0].server.client(), "/v1/hsm/cluster", Some(&co))
+        .await;
+
+    // Deny: a follower refuses to start a rotation.
+    let co2 = co_token(&nodes[1]).await;
+    let (status, body) = nodes[1]
+        .server
+        .post(
+            &nodes[1].server.client(),
+            "/v1/hsm/cluster/rotate-key",
+            Some(&co2),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("leader"), "{body}");
+
+    // Node 2 is down while the officer rotates on the leader (1 and 3 are
+    // a majority).
+    nodes[1].server.kill9();
+    let (status, body) = nodes[0]
+        .server
+        .post(
+            &nodes[0].server.client(),
+            "/v1/hsm/cluster/rotate-key",
+            Some(&co),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rotated = key_id(&body);
+    assert_ne!(rotated, key_id(&before));
+    nodes[1].server.start_again();
+    wait_for("node 2 to apply the rotation from the log", || {
+        let (n, want) = (&nodes[1], rotated.clone());
+        async move { key_id_on(n).await == want }
+    })
+    .await;
+    roundtrip(&nodes[1], &nodes[2], "ledger").await;
+
+    // Removing node 3 rotates again, on the two left.
+    let co = co_token(&nodes[0]).await;
+    let resp = nodes[0]
+        .server
+        .client()
+        .delete(nodes[0].server.url("/v1/hsm/cluster/nodes/3"))
+        .header("X-Vault-Token", &co)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = into_parts(resp).await;
+    assert_eq!(status, 200, "{body}");
+    let after_removal = key_id(&body);
+    assert_ne!(
+        after_removal, rotated,
+        "removing a member did not rotate the key"
+    );
+    wait_for("node 2 on the key after the removal", || {
+        let (n, want) = (&nodes[1], after_removal.clone());
+        async move { key_id_on(n).await == want }
+    })
+    .await;
+    // The removed node kept the key it had: not the cluster's any more.
+    assert_ne!(key_id_on(&nodes[2]).await, after_removal);
+    // Old ciphertexts decrypt on the members left.
+    for n in &nodes[..2] {
+        let t = app_token(n).await;
+        let (status, body) = decrypt(n, &t, "ledger", &old_ct).await;
+        assert_eq!(status, 200, "node {}: {body}", n.id);
+        assert_eq!(body["data"]["plaintext"], b64(b"before rotation"));
     }
 }

@@ -1512,6 +1512,28 @@ async fn a_node_certificate_without_the_cluster_key_can_neither_forge_writes_nor
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["voters"], json!([1]), "{body}");
+
+    // No cluster-key rotation of the thief's making: refused at the port.
+    let key_before = body["data"]["cluster_key_id"].clone();
+    let rotation = json!({"ops": [], "mac": "00".repeat(32), "rotate": common::b64(&[7u8; 60])});
+    let answer = common::cluster_post(
+        "127.0.45.1:8201",
+        1,
+        identity,
+        "/cluster/v1/write",
+        &rotation,
+    )
+    .await
+    .expect("served");
+    assert_eq!(answer.0, 403, "{answer:?}");
+    let (_, body) = s
+        .get(
+            &client,
+            "/v1/hsm/cluster",
+            Some(&s.token("admin", common::ADMIN_PASSWORD).await),
+        )
+        .await;
+    assert_eq!(body["data"]["cluster_key_id"], key_before, "{body}");
 }
 
 /// A stolen crypto-officer session must not be enough to replace the unseal

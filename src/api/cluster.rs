@@ -6,7 +6,10 @@
 //! - `POST /v1/hsm/cluster/nodes` `{node_id, address, init_token}`: add (or
 //!   re-add, after a zeroization) a node; `init_token` is the joining
 //!   node's own, from its data dir: proof the officer controls that machine.
-//! - `DELETE /v1/hsm/cluster/nodes/{node_id}`: remove a node.
+//! - `DELETE /v1/hsm/cluster/nodes/{node_id}`: remove a node (then the
+//!   cluster key is rotated).
+//! - `POST /v1/hsm/cluster/rotate-key`: rotate the cluster key now (every
+//!   session ends).
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Response;
@@ -75,5 +78,11 @@ pub async fn remove_node(call: &Call<'_>, id: &str) -> Result<Response<Full<Byte
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a node id")))?;
     let status = cluster.remove_node(id).await?;
+    status_response(call, &status)
+}
+
+pub async fn rotate_key(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let cluster = officer(call)?;
+    let status = cluster.rotate_key().await?;
     status_response(call, &status)
 }

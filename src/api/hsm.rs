@@ -84,9 +84,11 @@ pub async fn handle(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> 
         (Method::DELETE, ["cluster", "nodes", id]) if !id.is_empty() => {
             super::cluster::remove_node(call, id).await
         }
-        (_, ["cluster"]) | (_, ["cluster", "nodes"]) | (_, ["cluster", "nodes", _]) => {
-            Err(ApiError::MethodNotAllowed)
-        }
+        (Method::POST, ["cluster", "rotate-key"]) => super::cluster::rotate_key(call).await,
+        (_, ["cluster"])
+        | (_, ["cluster", "nodes"])
+        | (_, ["cluster", "nodes", _])
+        | (_, ["cluster", "rotate-key"]) => Err(ApiError::MethodNotAllowed),
         (_, ["unseal" | "seal" | "rotate-master-key" | "rekey" | "backup" | "restore"])
         | (_, ["rekey", "verify"]) => Err(ApiError::MethodNotAllowed),
         (_, ["init" | "login" | "status" | "users" | "zeroize" | "password"])

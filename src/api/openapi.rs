@@ -79,6 +79,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/hsm/cluster"),
     ("POST", "/v1/hsm/cluster/nodes"),
     ("DELETE", "/v1/hsm/cluster/nodes/{node_id}"),
+    ("POST", "/v1/hsm/cluster/rotate-key"),
     ("GET", PATH),
     ("POST", "/v1/auth/jwt/login"),
     ("GET", "/v1/auth/token/lookup-self"),

@@ -243,6 +243,7 @@ mod tests {
             learners: vec![],
             nodes: BTreeMap::new(),
             replication: BTreeMap::from([(1, Some(500)), (2, Some(500)), (3, Some(350))]),
+            cluster_key_id: None,
         }
     }
 

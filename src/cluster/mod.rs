@@ -116,6 +116,10 @@ pub struct ClusterStatus {
     pub nodes: BTreeMap<u64, String>,
     /// Leader only: each member's last replicated index.
     pub replication: BTreeMap<u64, Option<u64>>,
+    /// The first 8 bytes (hex) of this member's cluster key id: equal on
+    /// every member that has applied the same rotations.
+    #[serde(default)]
+    pub cluster_key_id: Option<String>,
 }
 
 /// Answers on the cluster port.
@@ -390,7 +394,11 @@ impl Cluster {
         let raft = self.ready_raft().await?;
         let deadline = tokio::time::Instant::now() + WRITE_DEADLINE;
         let mac = hex::encode(self.engine.entry_mac(&ops)?);
-        let req = Request { ops, mac };
+        let req = Request {
+            ops,
+            mac,
+            rotate: None,
+        };
         loop {
             let written =
                 tokio::time::timeout(WRITE_DEADLINE, raft.client_write(req.clone())).await;
@@ -563,6 +571,10 @@ impl Cluster {
             raft.change_membership(remaining, false)
                 .await
                 .map_err(unavailable)?;
+            // The member zeroized; rotating makes sure nothing it might have
+            // kept (before its erase) opens what is written from now on. It
+            // rejoins with the new key below.
+            self.rotate_key_as_leader(raft).await?;
         }
         let key = self.engine.cluster_key()?.into_secret();
         let join = JoinRequest {
@@ -594,6 +606,45 @@ impl Cluster {
         Ok(())
     }
 
+    /// Rotates the cluster key (on the leader only): see
+    /// [`Cluster::rotate_key_as_leader`].
+    pub async fn rotate_key(&self) -> Result<ClusterStatus, EngineError> {
+        let raft = self.ready_raft().await?;
+        self.require_leader(&raft)?;
+        self.rotate_key_as_leader(&raft).await?;
+        Ok(self.status())
+    }
+
+    /// Commits a cluster-key rotation: a fresh key, sealed under one
+    /// derived from the current key, in one entry every member applies by
+    /// re-sealing its whole store (`Engine::apply_rotation`). Run after a
+    /// member leaves (removed, or a zeroized member taken out before it
+    /// rejoins), so the copy of the key a departed node had (on a stolen
+    /// disk, say) opens nothing written after. Every session ends.
+    async fn rotate_key_as_leader(&self, raft: &Raft) -> Result<(), EngineError> {
+        let engine = self.engine.clone();
+        let (wrapped, mac) = tokio::task::spawn_blocking(move || engine.cluster_key_rotation())
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))??;
+        let req = Request {
+            ops: Vec::new(),
+            mac: hex::encode(mac),
+            rotate: Some(STANDARD.encode(wrapped)),
+        };
+        let written = tokio::time::timeout(WRITE_DEADLINE, raft.client_write(req))
+            .await
+            .map_err(|_| {
+                outcome_unknown("the key rotation could not commit within 10 s (lost majority?)")
+            })?
+            .map_err(outcome_unknown)?;
+        conflict_to_error(written.data.conflict)?;
+        tracing::warn!(
+            key_id = self.engine.cluster_key_id().unwrap_or_default(),
+            "cluster: cluster key rotated"
+        );
+        Ok(())
+    }
+
     /// Removes node `node_id` from the membership (on the leader only).
     pub async fn remove_node(&self, node_id: u64) -> Result<ClusterStatus, EngineError> {
         let raft = self.ready_raft().await?;
@@ -619,7 +670,8 @@ impl Cluster {
             .await
             .map_err(unavailable)?;
         tracing::warn!(node = node_id, "cluster: node removed");
-        Ok(())
+        // What it held opens nothing written from now on.
+        self.rotate_key_as_leader(raft).await
     }
 
     /// This node's view of the cluster.
@@ -639,6 +691,7 @@ impl Cluster {
                 learners: Vec::new(),
                 nodes: BTreeMap::new(),
                 replication: BTreeMap::new(),
+                cluster_key_id: None,
             };
         };
         let m = raft.metrics().borrow().clone();
@@ -670,6 +723,7 @@ impl Cluster {
                 .as_ref()
                 .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
                 .unwrap_or_default(),
+            cluster_key_id: self.engine.cluster_key_id().ok(),
         }
     }
 

@@ -187,6 +187,10 @@ async fn route(cluster: Arc<Cluster>, from: u64, req: Request<Incoming>) -> Resp
         }
         ("/cluster/v1/write", Some(raft)) => {
             let write: super::types::Request = try_body!(req);
+            if write.rotate.is_some() {
+                // Rotations start on the leader only (`Cluster::rotate_key`).
+                return text(StatusCode::FORBIDDEN, "a key rotation is never forwarded");
+            }
             use openraft::error::{ClientWriteError, RaftError};
             let answer = match raft.client_write(write).await {
                 Ok(resp) => WriteAnswer::Applied {

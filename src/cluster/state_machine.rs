@@ -11,7 +11,8 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta};
 
 use super::types::{
-    read_err, write_err, Entry, LogId, Response, StorageError, StoredMembership, TypeConfig,
+    read_err, write_err, Entry, LogId, Request, Response, StorageError, StoredMembership,
+    TypeConfig,
 };
 use crate::engine::store::ReplicatedState;
 use crate::engine::Engine;
@@ -87,6 +88,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut out = Vec::new();
         for entry in entries {
             let applied = serde_json::to_vec(&Some(entry.log_id)).map_err(write_err)?;
+            if let EntryPayload::Normal(Request {
+                rotate: Some(wrapped),
+                mac,
+                ..
+            }) = &entry.payload
+            {
+                use base64::Engine as _;
+                let wrapped = base64::engine::general_purpose::STANDARD
+                    .decode(wrapped)
+                    .unwrap_or_default();
+                let mac = hex::decode(mac).unwrap_or_default();
+                let outcome = tokio::task::block_in_place(|| {
+                    self.engine.apply_rotation(&wrapped, &mac, &applied, None)
+                })
+                .map_err(write_err)?;
+                out.push(Response {
+                    conflict: outcome.err().map(|c| c.to_string()),
+                });
+                continue;
+            }
             let (ops, mac, membership) = match &entry.payload {
                 EntryPayload::Blank => (&[][..], Vec::new(), None),
                 EntryPayload::Normal(req) => (

@@ -12,8 +12,14 @@ use crate::engine::store::RecordOp;
 pub struct Request {
     pub ops: Vec<RecordOp>,
     /// HMAC-SHA256 of `ops` under a key derived from the cluster key
-    /// (`Engine::entry_mac`), hex: checked by every member on apply.
+    /// (`Engine::entry_mac`), hex: checked by every member on apply. For a
+    /// rotation: the tag of `rotate` (`Engine::cluster_key_rotation`).
     pub mac: String,
+    /// A cluster-key rotation (then `ops` is empty): the new cluster key
+    /// sealed under a key derived from the current one, base64. Only the
+    /// leader proposes one; the cluster port refuses it from anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate: Option<String>,
 }
 
 /// What applying an entry gave: `conflict` names the record whose

@@ -907,7 +907,8 @@ impl Engine {
         if self.clustered() {
             return Err(EngineError::InvalidRequest(
                 "a cluster member's master key is the cluster key: rotating it on one node \
-                 would cut it off from the others (cluster key rotation is not built yet)"
+                 would cut it off from the others; rotate it for the whole cluster with \
+                 POST /v1/hsm/cluster/rotate-key on the leader"
                     .into(),
             ));
         }

@@ -23,6 +23,8 @@ use crate::engine::secret::{SecretBytes, SecretString};
 
 /// The purpose of the key that authenticates Raft entries.
 const ENTRY_MAC: &str = "cluster/entry-mac";
+/// What a cluster-key rotation entry's tag is derived for.
+const ROTATION_MAC: &str = "cluster/rotation-mac";
 /// The purpose of the key that authenticates cluster session tokens.
 const SESSION_MAC: &str = "cluster/session-mac";
 /// Reserved key-table records naming logged-out cluster tokens:
@@ -163,6 +165,67 @@ impl Engine {
             self.refresh(active, ops);
         }
         Ok(outcome)
+    }
+
+    /// A cluster-key rotation entry's payload and tag: a fresh key sealed
+    /// under a key derived from the current cluster key, and an HMAC over
+    /// it under another (only members can make either).
+    pub fn cluster_key_rotation(&self) -> Result<(Vec<u8>, [u8; 32]), EngineError> {
+        self.with_active(|a| {
+            let wrapped = a.store.next_cluster_key()?;
+            let mac = a.store.mac(ROTATION_MAC, &wrapped);
+            Ok((wrapped, mac))
+        })
+    }
+
+    /// The state machine's side of a cluster-key rotation (see
+    /// [`crate::engine::store::Store::rotate_cluster_key`]): every record
+    /// re-sealed under the new key in one transaction, then every session
+    /// on this member ends — cluster session tokens are tagged under the
+    /// cluster key, and the point of rotating is that a member that left
+    /// (zeroized, removed, or stolen with its disk) holds only the old one.
+    /// An entry whose tag does not verify applies as a refused no-op.
+    pub fn apply_rotation(
+        &self,
+        wrapped: &[u8],
+        mac: &[u8],
+        applied: &[u8],
+        membership: Option<&[u8]>,
+    ) -> Result<Result<(), Conflict>, EngineError> {
+        let inner = read(&self.inner);
+        let active = inner
+            .active
+            .as_ref()
+            .ok_or(EngineError::NotActive(inner.state))?;
+        if !active.store.verify_mac(ROTATION_MAC, wrapped, mac) {
+            tracing::error!("cluster: a key rotation entry without a valid member tag was refused");
+            let _noop_applied = active.store.apply_ops(&[], Some(applied), membership)?;
+            return Ok(Err(Conflict {
+                table: "entry",
+                name: "unauthenticated".into(),
+            }));
+        }
+        let outcome = active
+            .store
+            .rotate_cluster_key(wrapped, Some(applied), membership)?;
+        drop(inner);
+        Ok(match outcome {
+            Ok(generation) => {
+                lock(&self.sessions).clear();
+                tracing::warn!(
+                    generation,
+                    "cluster: the cluster key was rotated; every record is re-sealed under the \
+                     new key and every session ended"
+                );
+                Ok(())
+            }
+            Err(c) => Err(c),
+        })
+    }
+
+    /// This member's cluster key id (public: names the key, not the key).
+    pub fn cluster_key_id(&self) -> Result<String, EngineError> {
+        self.with_active(|a| Ok(hex::encode(&a.store.key_id()[..8])))
     }
 
     /// The tag that authenticates a batch of ops as written by a member

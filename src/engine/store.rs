@@ -536,6 +536,21 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let mut keys = self.write_keys();
         let new_master = MasterKey::generate()?;
+        self.reseal_under(&mut keys, new_master, new_kek, &|_| Ok(()), interrupt_after)
+    }
+
+    /// Re-seals every record under `new_master`, wraps it under `new_kek`
+    /// (or the current KEK) as the next generation, and runs `extra` in the
+    /// same write transaction; then swaps the keys in memory. The caller
+    /// holds the keys' write lock (`keys`).
+    fn reseal_under(
+        &self,
+        keys: &mut Keys,
+        new_master: MasterKey,
+        new_kek: Option<SecretBytes>,
+        extra: &dyn Fn(&redb::WriteTransaction) -> Result<(), StoreError>,
+        interrupt_after: Option<usize>,
+    ) -> Result<u64, StoreError> {
         let kek = new_kek.unwrap_or_else(|| keys.kek.duplicate());
         let generation = keys.generation + 1;
         self.with_db(|db| {
@@ -573,6 +588,7 @@ impl Store {
                 db_err!(meta.insert(META_MASTER, wrapped.as_slice()))?;
                 db_err!(meta.insert(META_GENERATION, generation.to_be_bytes().as_slice()))?;
             }
+            extra(&txn)?;
             db_err!(txn.commit())
         })?;
         let params = keys.params.clone();
@@ -1203,6 +1219,91 @@ mod tests {
             consecutive_failures: 2,
             locked: false,
         }
+    }
+
+    /// Three members of one cluster: stores sharing one master key, each
+    /// under its own KEK.
+    fn members(dir: &Path, n: usize) -> Vec<Store> {
+        let first = Store::create(&dir.join("m0.redb"), kek(), SealParams::Auto).unwrap();
+        let mut out = vec![];
+        for i in 1..n {
+            let m = Store::create_member(
+                &dir.join(format!("m{i}.redb")),
+                kek(),
+                SealParams::Auto,
+                first.cluster_key(),
+            )
+            .unwrap();
+            out.push(m);
+        }
+        out.insert(0, first);
+        out
+    }
+
+    fn put_everywhere(stores: &[&Store], name: &str) {
+        let op = stores[0]
+            .user_op(&user(name), Expect::Absent, true)
+            .unwrap();
+        for s in stores {
+            s.apply_ops(std::slice::from_ref(&op), None, None)
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_cluster_key_rotation_reseals_every_member_and_a_stale_snapshot_catches_up_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = members(dir.path(), 3);
+        let (a, b, c) = (&stores[0], &stores[1], &stores[2]);
+        put_everywhere(&[a, b, c], "alice");
+        let old_id = a.key_id();
+        let old_key = a.cluster_key();
+        let wrapped = a.next_cluster_key().unwrap();
+        // a and b apply the rotation; c is down.
+        for s in [a, b] {
+            assert!(s
+                .rotate_cluster_key(&wrapped, Some(b"1"), None)
+                .unwrap()
+                .is_ok());
+            assert_eq!(s.get_user("alice").unwrap().unwrap().username, "alice");
+        }
+        assert_eq!(a.key_id(), b.key_id());
+        assert_ne!(a.key_id(), old_id);
+        // Deny: a record written after the rotation does not open under the
+        // key a departed member kept.
+        put_everywhere(&[a, b], "bob");
+        let sealed = a.export_replicated().unwrap();
+        let bob = sealed.records.iter().find(|r| r.name == "bob").unwrap();
+        assert!(open_record(&old_key, "users", "bob", &bob.sealed).is_err());
+        // Replaying the rotation (its key now opens nothing) is a refused no-op.
+        assert!(a
+            .rotate_cluster_key(&wrapped, Some(b"2"), None)
+            .unwrap()
+            .is_err());
+        assert_eq!(a.get_user("bob").unwrap().unwrap().username, "bob");
+        // Allow: c, one rotation behind, installs a snapshot taken after it.
+        c.install_replicated(&sealed).unwrap();
+        assert_eq!(c.key_id(), a.key_id());
+        assert_eq!(c.get_user("bob").unwrap().unwrap().username, "bob");
+        // Deny: a member two rotations behind must rejoin; nothing changes.
+        let d = Store::create_member(
+            &dir.path().join("d.redb"),
+            kek(),
+            SealParams::Auto,
+            MasterKey(old_key.0.duplicate()),
+        )
+        .unwrap();
+        let wrapped2 = a.next_cluster_key().unwrap();
+        a.rotate_cluster_key(&wrapped2, Some(b"3"), None)
+            .unwrap()
+            .unwrap();
+        let err = d.install_replicated(&a.export_replicated().unwrap());
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .contains("more than one rotation"));
+        assert_eq!(d.key_id(), old_id);
     }
 
     #[test]

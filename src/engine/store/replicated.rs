@@ -19,7 +19,9 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{decode, open_record, Store, StoreError, UserRecord, KEYS, USERS};
+use super::{
+    decode, open_record, seal_record, MasterKey, Store, StoreError, UserRecord, KEYS, USERS,
+};
 
 /// Local, never replicated: per-user failure counters of this node.
 pub(super) const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
@@ -137,6 +139,25 @@ pub struct ReplicatedState {
     pub applied: Option<Vec<u8>>,
     #[serde(with = "opt_b64")]
     pub membership: Option<Vec<u8>>,
+    /// The exporter's cluster key id ([`Store::key_id`]); absent in
+    /// snapshots from before cluster-key rotation existed.
+    #[serde(default, with = "opt_b64")]
+    pub key_id: Option<Vec<u8>>,
+    /// The last cluster-key rotation ([`Rotation`], JSON), so a member one
+    /// rotation behind can install a snapshot taken after it.
+    #[serde(default, with = "opt_b64")]
+    pub rotation: Option<Vec<u8>>,
+}
+
+/// What a cluster-key rotation leaves in the state machine's metadata
+/// (not sealed: it is itself a wrapped key): the id of the key it replaced
+/// and the new key sealed under a key derived from the old one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rotation {
+    #[serde(with = "b64")]
+    pub from: Vec<u8>,
+    #[serde(with = "b64")]
+    pub wrapped: Vec<u8>,
 }
 
 mod b64 {
@@ -166,6 +187,29 @@ pub struct SealedRecord {
 
 const SM_APPLIED: &str = "applied";
 const SM_MEMBERSHIP: &str = "membership";
+const SM_ROTATION: &str = "rotation";
+/// The purpose a rotation's wrapping key is derived for.
+const ROTATION_WRAP: &str = "cluster-key-rotation";
+
+/// A key derived from `master` for `purpose` (HMAC-SHA256).
+fn derived(master: &MasterKey, purpose: &str) -> MasterKey {
+    use aws_lc_rs::hmac;
+    let root = hmac::Key::new(hmac::HMAC_SHA256, master.0.expose_secret());
+    let tag = hmac::sign(&root, format!("hsmgate/v1/{purpose}").as_bytes());
+    MasterKey(crate::engine::secret::SecretBytes::from_slice(tag.as_ref()))
+}
+
+/// The public id of a master key (cluster key): which key, never the key.
+fn key_id_of(master: &MasterKey) -> Vec<u8> {
+    use aws_lc_rs::hmac;
+    let key = derived(master, "cluster-key-id");
+    hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, key.0.expose_secret()),
+        b"",
+    )
+    .as_ref()
+    .to_vec()
+}
 
 pub fn digest(sealed: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sealed);
@@ -188,9 +232,8 @@ impl Store {
     pub fn mac(&self, purpose: &str, data: &[u8]) -> [u8; 32] {
         use aws_lc_rs::hmac;
         let keys = self.read_keys();
-        let root = hmac::Key::new(hmac::HMAC_SHA256, keys.master.0.expose_secret());
-        let derived = hmac::sign(&root, format!("hsmgate/v1/{purpose}").as_bytes());
-        let key = hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref());
+        let derived = derived(&keys.master, purpose);
+        let key = hmac::Key::new(hmac::HMAC_SHA256, derived.0.expose_secret());
         let tag = hmac::sign(&key, data);
         let mut out = [0u8; 32];
         out.copy_from_slice(tag.as_ref());
@@ -202,6 +245,81 @@ impl Store {
         use subtle::ConstantTimeEq;
         let expected = self.mac(purpose, data);
         tag.len() == 32 && bool::from(expected.ct_eq(tag))
+    }
+
+    /// This store's cluster key id (see [`key_id_of`]).
+    pub fn key_id(&self) -> Vec<u8> {
+        key_id_of(&self.read_keys().master)
+    }
+
+    /// A fresh cluster key, sealed under a key derived from the current
+    /// one: the payload of a rotation entry ([`Store::rotate_cluster_key`]).
+    pub fn next_cluster_key(&self) -> Result<Vec<u8>, StoreError> {
+        let keys = self.read_keys();
+        let next = MasterKey::generate()?;
+        seal_record(
+            &derived(&keys.master, ROTATION_WRAP),
+            "rotation",
+            "next",
+            next.0.expose_secret(),
+        )
+    }
+
+    /// Applies a cluster-key rotation entry: the new key opened from
+    /// `wrapped` with the current one, every record (replicated and local)
+    /// re-sealed under it, the wrapped master key, the [`Rotation`] record
+    /// and the state machine's metadata written, in ONE transaction (a
+    /// crash leaves the old key or the new one, never a mix). A payload
+    /// that does not open under this member's key applies as a refused
+    /// no-op (the metadata still advances), like an unauthenticated entry.
+    pub fn rotate_cluster_key(
+        &self,
+        wrapped: &[u8],
+        applied: Option<&[u8]>,
+        membership: Option<&[u8]>,
+    ) -> Result<Result<u64, Conflict>, StoreError> {
+        let mut keys = self.write_keys();
+        let opened = open_record(
+            &derived(&keys.master, ROTATION_WRAP),
+            "rotation",
+            "next",
+            wrapped,
+        )
+        .ok()
+        .filter(|k| k.len() == 32);
+        let Some(next) = opened else {
+            drop(keys);
+            // No ops: nothing can conflict; only the metadata advances.
+            let _ = self.apply_ops(&[], applied, membership)?;
+            return Ok(Err(Conflict {
+                table: "entry",
+                name: "cluster key rotation that does not open under this member's key".into(),
+            }));
+        };
+        let rotation = serde_json::to_vec(&Rotation {
+            from: key_id_of(&keys.master),
+            wrapped: wrapped.to_vec(),
+        })
+        .map_err(|e| StoreError::Meta(e.to_string()))?;
+        let next = MasterKey(crate::engine::secret::SecretBytes::from_slice(&next));
+        let generation = self.reseal_under(
+            &mut keys,
+            next,
+            None,
+            &|txn| {
+                let mut sm = db_err!(txn.open_table(RAFT_SM))?;
+                if let Some(a) = applied {
+                    db_err!(sm.insert(SM_APPLIED, a))?;
+                }
+                if let Some(m) = membership {
+                    db_err!(sm.insert(SM_MEMBERSHIP, m))?;
+                }
+                db_err!(sm.insert(SM_ROTATION, rotation.as_slice()))?;
+                Ok(())
+            },
+            None,
+        )?;
+        Ok(Ok(generation))
     }
 
     /// Reads one replicated record for an update: its digest and plaintext.
@@ -352,7 +470,11 @@ impl Store {
 
     /// Every replicated record and the metadata, from one read transaction.
     pub fn export_replicated(&self) -> Result<ReplicatedState, StoreError> {
+        // Held through the read: the records and the key id agree.
+        let keys = self.read_keys();
+        let key_id = key_id_of(&keys.master);
         self.with_db(|db| {
+            let key_id = key_id.clone();
             let txn = db_err!(db.begin_read())?;
             let mut state = ReplicatedState::default();
             for table in [Table::Keys, Table::Users] {
@@ -369,7 +491,9 @@ impl Store {
             if let Ok(sm) = txn.open_table(RAFT_SM) {
                 state.applied = db_err!(sm.get(SM_APPLIED))?.map(|v| v.value().to_vec());
                 state.membership = db_err!(sm.get(SM_MEMBERSHIP))?.map(|v| v.value().to_vec());
+                state.rotation = db_err!(sm.get(SM_ROTATION))?.map(|v| v.value().to_vec());
             }
+            state.key_id = Some(key_id);
             Ok(state)
         })
     }
@@ -377,14 +501,50 @@ impl Store {
     /// Replaces every replicated record and the metadata with `state` (a
     /// Raft snapshot being installed), in one transaction. Every record
     /// must open under this store's master key first: a snapshot sealed
-    /// under another key is refused whole and changes nothing.
+    /// under another key is refused whole and changes nothing. A snapshot
+    /// taken one cluster-key rotation after this store's key carries that
+    /// rotation: the new key is opened with the current one, and the local
+    /// tables (audit head, counters) are re-sealed under it in the same
+    /// transaction. Further behind, the member must be removed and re-added.
     pub fn install_replicated(&self, state: &ReplicatedState) -> Result<(), StoreError> {
-        let keys = self.read_keys();
+        let mut keys = self.write_keys();
+        let local_id = key_id_of(&keys.master);
+        let next = match &state.key_id {
+            Some(id) if *id != local_id => {
+                let rotation: Option<Rotation> = state
+                    .rotation
+                    .as_ref()
+                    .and_then(|r| serde_json::from_slice(r).ok());
+                let next = rotation
+                    .filter(|r| r.from == local_id)
+                    .and_then(|r| {
+                        open_record(
+                            &derived(&keys.master, ROTATION_WRAP),
+                            "rotation",
+                            "next",
+                            &r.wrapped,
+                        )
+                        .ok()
+                    })
+                    .filter(|k| k.len() == 32)
+                    .ok_or_else(|| {
+                        StoreError::Meta(
+                            "this snapshot is sealed under a cluster key more than one rotation \
+                             newer than this member's: remove this member and add it again"
+                                .into(),
+                        )
+                    })?;
+                Some(MasterKey(crate::engine::secret::SecretBytes::from_slice(
+                    &next,
+                )))
+            }
+            _ => None,
+        };
+        let records_key = next.as_ref().unwrap_or(&keys.master);
         for r in &state.records {
-            open_record(&keys.master, r.table.name(), &r.name, &r.sealed)?;
+            open_record(records_key, r.table.name(), &r.name, &r.sealed)?;
         }
-        self.with_db(|db| {
-            let txn = db_err!(db.begin_write())?;
+        let install = |txn: &redb::WriteTransaction| -> Result<(), StoreError> {
             for table in [Table::Keys, Table::Users] {
                 let mut t = db_err!(txn.open_table(table.def()))?;
                 db_err!(t.retain(|_, _| false))?;
@@ -393,18 +553,30 @@ impl Store {
                 let mut t = db_err!(txn.open_table(r.table.def()))?;
                 db_err!(t.insert(r.name.as_str(), r.sealed.as_slice()))?;
             }
-            {
-                let mut sm = db_err!(txn.open_table(RAFT_SM))?;
-                db_err!(sm.retain(|_, _| false))?;
-                if let Some(a) = &state.applied {
-                    db_err!(sm.insert(SM_APPLIED, a.as_slice()))?;
-                }
-                if let Some(m) = &state.membership {
-                    db_err!(sm.insert(SM_MEMBERSHIP, m.as_slice()))?;
+            let mut sm = db_err!(txn.open_table(RAFT_SM))?;
+            db_err!(sm.retain(|_, _| false))?;
+            for (key, value) in [
+                (SM_APPLIED, &state.applied),
+                (SM_MEMBERSHIP, &state.membership),
+                (SM_ROTATION, &state.rotation),
+            ] {
+                if let Some(v) = value {
+                    db_err!(sm.insert(key, v.as_slice()))?;
                 }
             }
-            db_err!(txn.commit())
-        })
+            Ok(())
+        };
+        match next {
+            // Local tables re-sealed, replicated ones replaced: one transaction.
+            Some(next) => self
+                .reseal_under(&mut keys, next, None, &install, None)
+                .map(|_| ()),
+            None => self.with_db(|db| {
+                let txn = db_err!(db.begin_write())?;
+                install(&txn)?;
+                db_err!(txn.commit())
+            }),
+        }
     }
 
     /// The names in `table` that start with `prefix` (no record opened).
