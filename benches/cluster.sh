@@ -11,11 +11,13 @@
 # cluster of three (nodes 1, 2, 3); cluster ports 127.0.60.<id>:8201, API
 # listeners on 127.0.0.1 — forms both clusters through the HSM API (init on
 # the founder, then POST /v1/hsm/cluster/nodes with each joining node's own
-# init token), and measures:
+# init token), starts two gateways (`[upstream]`, docs/CLUSTER.md
+# "Gateways"): g1 in front of the cluster of one, g3 in front of the three,
+# and measures:
 #
 #  1. crypto: Transit encrypt (1 KiB, aes256-gcm96) and ecdsa-p256 sign
-#     req/s and p99 through one node's API: the cluster of one, the leader
-#     of three and a follower of three (wrk keep-alive, WRK_CONNS
+#     req/s and p99 through one node's API (the cluster of one, the leader
+#     of three, a follower of three) and through each gateway (wrk keep-alive, WRK_CONNS
 #     connections, like benches/run.sh); rounds interleaved, order reversed
 #     every other round, medians and per-round ratios;
 #  2. writes: create-key (POST /v1/transit/keys/:name) latency, one client,
@@ -46,6 +48,9 @@
 #   NO_BUILD=1     skip the build;  BIN=path/to/hsmgate  use that binary
 #   HSMGATE_LOG    passed to the nodes (default "info")
 #   KEEP=1         keep the temp dir (data dirs, configs, logs, raw output)
+#   DEMO=1         measure nothing: start the nodes and gateways, print their
+#                  URLs, a token and a curl line, and wait for Ctrl-C (the
+#                  "three nodes and a gateway on one machine" of CLUSTER.md)
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -165,6 +170,9 @@ name = "api"
 address = "127.0.0.1:$api_port"
 security_groups = ["loopback"]
 admin_groups = ["loopback"]
+# The gateways (on loopback too) name their client in X-Forwarded-For.
+trusted_proxy_groups = ["loopback"]
+xff_hops = 1
 
 [[listener]]
 name = "break-glass"
@@ -273,6 +281,90 @@ for id in 9 1 2 3; do
     api "$id" POST /v1/transit/sign/bench-p256 "${TOK[$id]}" '{"input":"aGk="}' >/dev/null
 done
 
+# --- gateways ------------------------------------------------------------
+start_gateway() { # name node-ids...: a gateway ([upstream]) in front of them
+    local name=$1 dir=$TMP/gateway-$1 api_port id nodes=""
+    shift
+    free_port 18500; api_port=$FREE_PORT
+    mkdir -p "$dir"
+    : >"$dir/nodes-ca.pem"
+    for id in "$@"; do
+        cat "${CA[$id]}" >>"$dir/nodes-ca.pem"
+        nodes+="  { id = $id, address = \"${URL[$id]#https://}\" },"$'\n'
+    done
+    cat >"$dir/hsmgate.toml" <<TOML
+policies_dir = "$TMP/policies"
+
+[engine]
+data_dir = "$dir/data"
+
+[[listener]]
+name = "api"
+address = "127.0.0.1:$api_port"
+security_groups = ["loopback"]
+admin_groups = ["loopback"]
+
+[audit]
+fsync = "every"
+key_use = "all"
+
+[upstream]
+ca_file = "$dir/nodes-ca.pem"
+nodes = [
+$nodes]
+TOML
+    "$HSMGATE" check --config "$dir/hsmgate.toml" >"$dir/check.out" 2>&1 \
+        || { cat "$dir/check.out" >&2; die "hsmgate check refused gateway $name's config"; }
+    HSMGATE_LOG=${HSMGATE_LOG:-info} "$HSMGATE" serve --config "$dir/hsmgate.toml" \
+        >"$dir/hsmgate.out" 2>"$dir/hsmgate.log" &
+    PID[$name]=$!
+    local i
+    for i in $(seq 1 600); do
+        grep -q 'listening api' "$dir/hsmgate.out" 2>/dev/null && break
+        kill -0 "${PID[$name]}" 2>/dev/null || die "gateway $name exited early; see $dir/hsmgate.log (KEEP=1)"
+        sleep 0.1
+    done
+    URL[$name]=$(sed -n 's/^hsmgate: listening api \(https:[^ ]*\).*/\1/p' "$dir/hsmgate.out" | head -n1)
+    [[ -n ${URL[$name]} ]] || die "gateway $name did not start listening within 60 s"
+    CA[$name]=$dir/data/tls/cert.pem
+    DIR[$name]=$dir
+}
+# Tokens after a cluster-key rotation (it ends every session).
+refresh_tokens() {
+    local id
+    CO[1]=$(login 1 admin "$ADMIN_PW")
+    for id in 1 2 3; do TOK[$id]=$(login "$id" bench "$APP_PW"); done
+    TOK[g3]=${TOK[1]}
+}
+say "starting gateway g1 (in front of node 9) and g3 (in front of nodes 1, 2, 3)"
+start_gateway g1 9
+start_gateway g3 1 2 3
+TOK[g1]=${TOK[9]}
+TOK[g3]=${TOK[1]}
+for g in g1 g3; do
+    for i in $(seq 1 100); do
+        [[ $(call "$g" POST /v1/transit/encrypt/bench "${TOK[$g]}" '{"plaintext":"aGk="}' >/dev/null; code) == 200 ]] && break
+        ((i < 100)) || die "gateway $g never answered encrypt: $(code) $(cat "$TMP/body")"
+        sleep 0.1
+    done
+done
+
+if [[ -n ${DEMO:-} ]]; then
+    cat >&2 <<EOF
+== DEMO: a cluster of three (nodes 1, 2, 3) behind gateway g3, a cluster of one (node 9) behind g1
+   gateway g3: ${URL[g3]}  (CA: ${CA[g3]})
+   gateway g1: ${URL[g1]}  (CA: ${CA[g1]})
+   nodes: 1 ${URL[1]}  2 ${URL[2]}  3 ${URL[3]}  9 ${URL[9]}
+   app token (user bench, valid on every member): ${TOK[1]}
+   try: curl -s --cacert ${CA[g3]} -H "X-Vault-Token: ${TOK[1]}" \\
+          ${URL[g3]}/v1/transit/encrypt/bench -d '{"plaintext":"aGk="}'
+   (the officer's password is in $TMP/admin-password)
+   Ctrl-C stops everything.
+EOF
+    printf '%s\n' "$ADMIN_PW" >"$TMP/admin-password"
+    wait
+fi
+
 check_alive() {
     local n
     for n in "${!PID[@]}"; do kill -0 "${PID[$n]}" 2>/dev/null || die "node $n died; see ${DIR[$n]}/hsmgate.log (KEEP=1)"; done
@@ -306,8 +398,8 @@ order_for_round() { # round labels... -> ORDER (reversed every other round)
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 # Targets: label -> node id.
-declare -A NODE_OF=([1-node]=9 [3-node-leader]=1 [3-node-follower]=$FOLLOWER)
-TARGETS=(1-node 3-node-leader 3-node-follower)
+declare -A NODE_OF=([1-node]=9 [3-node-leader]=1 [3-node-follower]=$FOLLOWER [gw-1-node]=g1 [gw-3-node]=g3)
+TARGETS=(1-node 3-node-leader 3-node-follower gw-1-node gw-3-node)
 
 # --- 1. crypto throughput -------------------------------------------------
 WRK_ARGS=(-t"$WRK_THREADS" -c"$WRK_CONNS" --latency)
@@ -430,6 +522,8 @@ rejoin() { # label: zeroize VICTIM, re-add it, time it -> REJOIN_POST, REJOIN_RE
     done
     t1=$(now)
     REJOIN_READY=$(elapsed "$t0" "$t1")
+    # The rejoin rotated the cluster key: every older session ended.
+    refresh_tokens
     TOK[$VICTIM]=$tok
     REJOIN_KEYS=$(count_keys "$VICTIM")
     local leader_keys
@@ -470,11 +564,12 @@ for op in $OPS; do
         vals=(); for r in $(seq 1 "$ROUNDS"); do vals+=("${P99[$t,$op,$r]}"); done
         row "$op via $t p99 ms" "${vals[@]}"
     done
-    for t in 3-node-leader 3-node-follower; do
+    for pair in 3-node-leader/1-node 3-node-follower/1-node gw-1-node/1-node gw-3-node/gw-1-node gw-3-node/3-node-leader; do
+        a=${pair%/*} b=${pair#*/}
         vals=(); for r in $(seq 1 "$ROUNDS"); do
-            vals+=("$(awk -v a="${RPS[$t,$op,$r]}" -v b="${RPS[1-node,$op,$r]}" 'BEGIN { printf "%.3f", a / b }')")
+            vals+=("$(awk -v a="${RPS[$a,$op,$r]}" -v b="${RPS[$b,$op,$r]}" 'BEGIN { printf "%.3f", a / b }')")
         done
-        row "ratio $op $t / 1-node (req/s)" "${vals[@]}"
+        row "ratio $op $a / $b (req/s)" "${vals[@]}"
     done
 done
 echo

@@ -4,9 +4,10 @@
 //! :8201. The nodes trust 127.0.0.1 (where the gateway connects from) as a
 //! proxy naming the client in `X-Forwarded-For`, and ask for an optional
 //! client certificate from the cluster CA, which the gateway presents.
-//! What must hold: crypto spreads over the healthy nodes, writes go to the
-//! leader, a killed or zeroized node leaves the pool at once (no client
-//! sees its failure) and a restarted one returns.
+//! What must hold: keys created through the gateway, crypto spread over
+//! the healthy nodes, writes to the leader; a killed or zeroized node
+//! leaves the pool at once (no client sees its failure); a restarted one
+//! catches up (a key created while it was down) and returns.
 mod common;
 
 use std::collections::BTreeSet;
@@ -199,12 +200,22 @@ where
 /// Encrypts `n` times through the gateway: every answer must be 200; the
 /// nodes that answered.
 async fn encrypt_many(gw: &TestServer, token: &str, n: usize) -> (BTreeSet<u64>, Vec<String>) {
+    encrypt_many_with(gw, token, "payroll", n).await
+}
+
+/// Like [`encrypt_many`] with key `key`.
+async fn encrypt_many_with(
+    gw: &TestServer,
+    token: &str,
+    key: &str,
+    n: usize,
+) -> (BTreeSet<u64>, Vec<String>) {
     let mut nodes = BTreeSet::new();
     let mut cts = Vec::new();
     for i in 0..n {
         let (status, body, node) = post(
             gw,
-            "/v1/transit/encrypt/payroll",
+            &format!("/v1/transit/encrypt/{key}"),
             Some(token),
             json!({"plaintext": b64(format!("secret {i}").as_bytes())}),
         )
@@ -317,11 +328,27 @@ async fn a_gateway_spreads_crypto_sends_writes_to_the_leader_and_loses_no_reques
         sample(&text, "hsmgate_upstream_ejections_total{node=\"3\"}").is_some_and(|n| n >= 1.0),
         "{text}"
     );
-    // It restarts at the same address and returns to the pool.
+    // A key created through the gateway while node 3 is down...
+    let (status, body, _) = post(
+        &gw,
+        "/v1/transit/keys/ledger",
+        Some(&token),
+        json!({"type": "aes256-gcm96"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // ...is served by node 3 once it restarts (same address), catches up
+    // and returns to the pool.
     nodes[2].start_again();
-    wait_for("the restarted node back in the pool", || async {
-        encrypt_many(&gw, &token, 6).await.0.contains(&3)
-    })
+    wait_for(
+        "the restarted node back in the pool, serving the new key",
+        || async {
+            encrypt_many_with(&gw, &token, "ledger", 6)
+                .await
+                .0
+                .contains(&3)
+        },
+    )
     .await;
 
     // Node 2 zeroizes (wrong officer passwords at its own break-glass
