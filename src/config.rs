@@ -835,7 +835,9 @@ enum FsChecks {
 const ZEROIZE_AFTER_FAILURES: RangeInclusive<i64> = 1..=10;
 const LOGIN_GUARD_RESERVE: RangeInclusive<i64> = 0..=9;
 const LOCK_USER_AFTER_FAILURES: RangeInclusive<i64> = 1..=100;
-const SESSION_TTL_SECONDS: RangeInclusive<i64> = 60..=86_400;
+/// The longest a session token may live (`engine.session_ttl_seconds`).
+pub const MAX_SESSION_TTL_SECS: u64 = 86_400;
+const SESSION_TTL_SECONDS: RangeInclusive<i64> = 60..=MAX_SESSION_TTL_SECS as i64;
 const MIN_PASSWORD_LENGTH: RangeInclusive<i64> = 8..=128;
 /// Up to an hour (the shortest `auto_rotate_period`): a longer check would
 /// let a key outlive its period by more than the period itself.

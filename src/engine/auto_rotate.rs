@@ -76,7 +76,7 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs;
     use std::time::{Duration, SystemTime};
 
@@ -97,7 +97,7 @@ mod tests {
         }
     }
 
-    fn active_engine(dir: &std::path::Path) -> Engine {
+    pub(crate) fn active_engine(dir: &std::path::Path) -> Engine {
         let engine = Engine::open(dir, EngineConfig::default()).unwrap();
         let token = SecretString::new(fs::read_to_string(dir.join("init-token")).unwrap());
         engine

@@ -338,6 +338,48 @@ impl Engine {
         self.commit(vec![op])
     }
 
+    /// Deletes the replicated logout records that no token can need any
+    /// more: a record is written at logout and a session lives at most
+    /// [`crate::config::MAX_SESSION_TTL_SECS`], so once that long (and a
+    /// day of clock-skew margin) has passed, the token it revokes has
+    /// expired on every member whatever its TTL. One batch, replicated like
+    /// any write; a record that changed meanwhile is left for the next
+    /// pass. Run on the leader by the server's timer. Returns how many
+    /// records were deleted.
+    pub fn prune_logouts(&self, now: u64) -> Result<usize, EngineError> {
+        const MARGIN_SECS: u64 = 86_400;
+        if self.state() != super::EngineState::Active {
+            return Ok(0);
+        }
+        let names =
+            self.with_active(|a| Ok(a.store.names_with_prefix(Table::Keys, REVOKED_PREFIX)?))?;
+        let mut ops = Vec::new();
+        for name in names {
+            let read = self.with_active(|a| Ok(a.store.read_for_update(Table::Keys, &name)?))?;
+            let logged_out = read
+                .plaintext
+                .as_deref()
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .and_then(|t| t.parse::<u64>().ok());
+            let Some(at) = logged_out else { continue };
+            if now > at.saturating_add(crate::config::MAX_SESSION_TTL_SECS + MARGIN_SECS) {
+                ops.push(RecordOp {
+                    table: Table::Keys,
+                    name,
+                    sealed: None,
+                    expect: read.expect,
+                    clear_counters: false,
+                });
+            }
+        }
+        let pruned = ops.len();
+        if pruned > 0 {
+            self.commit(ops)?;
+            self.reload_revocations()?;
+        }
+        Ok(pruned)
+    }
+
     /// Re-reads the replicated logouts (activation, snapshot install).
     pub fn reload_revocations(&self) -> Result<(), EngineError> {
         let names =
@@ -490,4 +532,30 @@ impl Engine {
 fn revoked_digest(name: &str) -> Option<[u8; 32]> {
     let hex_digest = name.strip_prefix(REVOKED_PREFIX)?;
     hex::decode(hex_digest).ok()?.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::auto_rotate::tests::active_engine;
+
+    #[test]
+    fn a_logout_record_is_pruned_only_once_no_token_can_need_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = active_engine(dir.path());
+        engine.revoke_cluster_session("hsmc.a-token").unwrap();
+        let now = super::unix(std::time::SystemTime::now());
+        let horizon = crate::config::MAX_SESSION_TTL_SECS + 86_400;
+        // Keep: a token logged out within the longest TTL (+ margin) may
+        // still be presented.
+        assert_eq!(engine.prune_logouts(now + horizon - 10).unwrap(), 0);
+        assert!(engine
+            .revoked
+            .lock()
+            .unwrap()
+            .contains(&crate::engine::crypto::sha256(b"hsmc.a-token")));
+        // Drop: past it, the token has expired everywhere.
+        assert_eq!(engine.prune_logouts(now + horizon + 10).unwrap(), 1);
+        assert!(engine.revoked.lock().unwrap().is_empty());
+        assert_eq!(engine.prune_logouts(now + horizon + 10).unwrap(), 0);
+    }
 }

@@ -705,7 +705,8 @@ async fn audit_local(state: &AppState, event: Event) {
     }
 }
 
-/// Vault's `auto_rotate_period`: every `[engine] auto_rotate_check_seconds`,
+/// Vault's `auto_rotate_period` (and, in a cluster, pruning expired logout
+/// records, `Engine::prune_logouts`): every `[engine] auto_rotate_check_seconds`,
 /// rotates the keys that are due (`Engine::rotate_due_keys` with the system
 /// clock) and writes one `transit.keys.auto_rotate` audit record per key
 /// rotated or failed. In a cluster only the leader rotates, as for
@@ -732,6 +733,15 @@ async fn auto_rotate_forever(state: Arc<AppState>, mut stop: tokio::sync::watch:
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
+            // The same leader-only timer drops logout records no token can
+            // need any more (a cluster's replicated logouts).
+            if engine.clustered() {
+                match engine.prune_logouts(now) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(records = n, "cluster: expired logout records pruned"),
+                    Err(e) => tracing::warn!(error = %e, "cluster: pruning logout records failed; next check retries"),
+                }
+            }
             engine.rotate_due_keys(now)
         })
         .await
