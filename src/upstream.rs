@@ -12,10 +12,14 @@
 //!   and cluster administration) go to the Raft leader when one is known
 //!   healthy, else to any healthy node (a follower forwards to its leader).
 //!   A write moves on to another node only if it was never sent.
-//! * **Logins** go to one node chosen by the username (rendezvous hashing
-//!   over the healthy nodes): login counters are per node, so a guesser
-//!   cannot spread one user's attempts over the cluster. Never resent once
-//!   sent: a resent wrong password would count twice.
+//! * **Password logins** (`/v1/hsm/login`) go to one node chosen by the
+//!   username (rendezvous hashing over the healthy nodes): login counters
+//!   are per node, so a guesser cannot spread one user's attempts over the
+//!   cluster. Never resent once sent: a resent wrong password would count
+//!   twice. (JWT logins count nothing: retry-safe.)
+//!
+//! "Sent" is hyper's word: a request it hands back unwritten
+//! (`try_send_request`) or one whose connection never opened was not sent.
 //!
 //! Health: every `health_interval` each node's `GET /v1/sys/health` is read;
 //! healthy means 200 (initialized, unsealed, active), `performance_standby:
@@ -86,8 +90,13 @@ pub enum Kind {
 
 impl Kind {
     /// Classifies a request the fence let through (`path` without query).
+    /// Password logins stick to a node; a JWT login (`/v1/auth/jwt/login`)
+    /// counts nothing anywhere, so it is retry-safe.
     pub fn of(method: &Method, path: &str, body: &[u8]) -> Kind {
-        if path == "/v1/hsm/login" || path.starts_with("/v1/auth/") && path.ends_with("/login") {
+        if path.starts_with("/v1/auth/") && path.ends_with("/login") {
+            return Kind::RetrySafe;
+        }
+        if path == "/v1/hsm/login" {
             let username = serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
                 .and_then(|v| v.get("username").and_then(|u| u.as_str()).map(String::from));
@@ -397,15 +406,18 @@ impl Pool {
                     }
                 }
             };
-            let resp = match sender.send_request(req).await {
+            let resp = match sender.try_send_request(req).await {
                 Ok(r) => r,
-                Err(e) => {
+                Err(mut e) => {
                     *node.conn.lock().await = None;
-                    // hyper reports a request it never wrote as canceled.
-                    return Err(if e.is_canceled() {
-                        Failure::Unsent(e.to_string())
+                    // hyper hands back a request it never began to write;
+                    // any other failure may have reached the node.
+                    let unsent = e.take_message().is_some();
+                    let detail = e.into_error().to_string();
+                    return Err(if unsent {
+                        Failure::Unsent(detail)
                     } else {
-                        Failure::Lost(e.to_string())
+                        Failure::Lost(detail)
                     });
                 }
             };
@@ -606,6 +618,10 @@ mod tests {
         );
         assert_eq!(
             Kind::of(&post, "/v1/auth/jwt/login", b"{}"),
+            Kind::RetrySafe
+        );
+        assert_eq!(
+            Kind::of(&post, "/v1/hsm/login", b"not json"),
             Kind::Login { username: None }
         );
     }
