@@ -1294,7 +1294,12 @@ impl Engine {
             Ok(op)
         })?;
         match self.commit(vec![op]) {
-            Err(EngineError::Conflict(_)) => Err(EngineError::UserExists(username.into())),
+            // Only the user record's own precondition means "exists"; an
+            // entry refused for another reason (a cluster-key rotation
+            // committed first) keeps its "try again".
+            Err(EngineError::Conflict(c)) if c.starts_with("record users/") => {
+                Err(EngineError::UserExists(username.into()))
+            }
             r => r,
         }
     }

@@ -537,6 +537,29 @@ fn revoked_digest(name: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use crate::engine::auto_rotate::tests::active_engine;
+    use crate::engine::{EngineError, Principal, Role};
+
+    #[test]
+    fn creating_an_existing_user_says_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = active_engine(dir.path());
+        let now = std::time::SystemTime::now();
+        let co = Principal {
+            username: "admin".into(),
+            role: Role::CryptoOfficer,
+            issued_at: now,
+            expires_at: now + std::time::Duration::from_secs(60),
+            app_policies: Vec::new(),
+        };
+        let pw = crate::engine::secret::SecretString::new("a long enough password".into());
+        engine
+            .create_user(&co, "carol", &pw, Role::CryptoUser)
+            .unwrap();
+        assert!(matches!(
+            engine.create_user(&co, "carol", &pw, Role::CryptoUser),
+            Err(EngineError::UserExists(_))
+        ));
+    }
 
     #[test]
     fn a_logout_record_is_pruned_only_once_no_token_can_need_it() {
