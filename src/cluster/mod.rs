@@ -571,9 +571,12 @@ impl Cluster {
             raft.change_membership(remaining, false)
                 .await
                 .map_err(unavailable)?;
+        }
+        if voters.contains(&node_id) || status.engine_state == EngineState::Zeroized.as_str() {
             // The member zeroized; rotating makes sure nothing it might have
             // kept (before its erase) opens what is written from now on. It
-            // rejoins with the new key below.
+            // rejoins with the new key below. (Also when an earlier attempt
+            // already took it out but failed before rotating.)
             self.rotate_key_as_leader(raft).await?;
         }
         let key = self.engine.cluster_key()?.into_secret();
