@@ -193,21 +193,25 @@ cert_file = "$TMP/certs/node-$id.pem"
 key_file = "$TMP/certs/node-$id-key.pem"
 security_groups = ["cluster"]
 TOML
+    launch "$id" "$dir" "node $id"
+}
+
+launch() { # key dir what: checks and serves $dir/hsmgate.toml, sets URL/CA/DIR/PID[key]
+    local key=$1 dir=$2 what=$3 i
     "$HSMGATE" check --config "$dir/hsmgate.toml" >"$dir/check.out" 2>&1 \
-        || { cat "$dir/check.out" >&2; die "hsmgate check refused node $id's config"; }
+        || { cat "$dir/check.out" >&2; die "hsmgate check refused $what's config"; }
     HSMGATE_LOG=${HSMGATE_LOG:-info} "$HSMGATE" serve --config "$dir/hsmgate.toml" \
         >"$dir/hsmgate.out" 2>"$dir/hsmgate.log" &
-    PID[$id]=$!
-    local i
+    PID[$key]=$!
     for i in $(seq 1 600); do
         grep -q 'listening api' "$dir/hsmgate.out" 2>/dev/null && break
-        kill -0 "${PID[$id]}" 2>/dev/null || die "node $id exited early; see $dir/hsmgate.log (KEEP=1)"
+        kill -0 "${PID[$key]}" 2>/dev/null || die "$what exited early; see $dir/hsmgate.log (KEEP=1)"
         sleep 0.1
     done
-    URL[$id]=$(sed -n 's/^hsmgate: listening api \(https:[^ ]*\).*/\1/p' "$dir/hsmgate.out" | head -n1)
-    [[ -n ${URL[$id]} ]] || die "node $id did not start listening within 60 s"
-    CA[$id]=$dir/data/tls/cert.pem
-    DIR[$id]=$dir
+    URL[$key]=$(sed -n 's/^hsmgate: listening api \(https:[^ ]*\).*/\1/p' "$dir/hsmgate.out" | head -n1)
+    [[ -n ${URL[$key]} ]] || die "$what did not start listening within 60 s"
+    CA[$key]=$dir/data/tls/cert.pem
+    DIR[$key]=$dir
 }
 
 # call ID METHOD PATH [TOKEN] [BODY] -> body on stdout, HTTP status in CODE_FILE
@@ -313,21 +317,7 @@ ca_file = "$dir/nodes-ca.pem"
 nodes = [
 $nodes]
 TOML
-    "$HSMGATE" check --config "$dir/hsmgate.toml" >"$dir/check.out" 2>&1 \
-        || { cat "$dir/check.out" >&2; die "hsmgate check refused gateway $name's config"; }
-    HSMGATE_LOG=${HSMGATE_LOG:-info} "$HSMGATE" serve --config "$dir/hsmgate.toml" \
-        >"$dir/hsmgate.out" 2>"$dir/hsmgate.log" &
-    PID[$name]=$!
-    local i
-    for i in $(seq 1 600); do
-        grep -q 'listening api' "$dir/hsmgate.out" 2>/dev/null && break
-        kill -0 "${PID[$name]}" 2>/dev/null || die "gateway $name exited early; see $dir/hsmgate.log (KEEP=1)"
-        sleep 0.1
-    done
-    URL[$name]=$(sed -n 's/^hsmgate: listening api \(https:[^ ]*\).*/\1/p' "$dir/hsmgate.out" | head -n1)
-    [[ -n ${URL[$name]} ]] || die "gateway $name did not start listening within 60 s"
-    CA[$name]=$dir/data/tls/cert.pem
-    DIR[$name]=$dir
+    launch "$name" "$dir" "gateway $name"
 }
 # Tokens after a cluster-key rotation (it ends every session).
 refresh_tokens() {

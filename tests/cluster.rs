@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{b64, into_parts, Opts, TestServer, ADMIN_PASSWORD, CU_PASSWORD};
+use common::{b64, into_parts, wait_for, Opts, TestServer, ADMIN_PASSWORD, CU_PASSWORD};
 use serde_json::{json, Value};
 
 /// One cluster test at a time: each starts three server processes with
@@ -148,20 +148,6 @@ async fn roundtrip(via_enc: &Node, via_dec: &Node, key: &str) {
     let (status, body) = decrypt(via_dec, &t2, key, &ct).await;
     assert_eq!(status, 200, "decrypt {key} on node {}: {body}", via_dec.id);
     assert_eq!(body["data"]["plaintext"], b64(b"cluster secret"));
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..150 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{b64, Opts, TestServer, CU_PASSWORD};
+use common::{b64, wait_for, Opts, TestServer, CU_PASSWORD};
 use serde_json::{json, Value};
 
 /// One test at a time: each runs four server processes.
@@ -181,20 +181,6 @@ async fn post(
     let status = resp.status().as_u16();
     let body = resp.json().await.unwrap_or(Value::Null);
     (status, body, node)
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..150 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Encrypts `n` times through the gateway: every answer must be 200; the

@@ -152,13 +152,10 @@ impl Engine {
             tracing::error!(
                 ops = ops.len(),
                 "cluster: an entry without a valid member tag was refused (forged by a \
-                 certificate holder without the cluster key?)"
+                 certificate holder without the cluster key, or tagged under the key a \
+                 rotation just replaced)"
             );
-            let _noop_applied = active.store.apply_ops(&[], Some(applied), membership)?;
-            return Ok(Err(Conflict {
-                table: "entry",
-                name: "unauthenticated".into(),
-            }));
+            return refuse_entry(&active.store, applied, membership);
         }
         let outcome = active.store.apply_ops(ops, Some(applied), membership)?;
         if outcome.is_ok() {
@@ -199,11 +196,7 @@ impl Engine {
             .ok_or(EngineError::NotActive(inner.state))?;
         if !active.store.verify_mac(ROTATION_MAC, wrapped, mac) {
             tracing::error!("cluster: a key rotation entry without a valid member tag was refused");
-            let _noop_applied = active.store.apply_ops(&[], Some(applied), membership)?;
-            return Ok(Err(Conflict {
-                table: "entry",
-                name: "unauthenticated".into(),
-            }));
+            return refuse_entry(&active.store, applied, membership);
         }
         let outcome = active
             .store
@@ -532,6 +525,20 @@ impl Engine {
 fn revoked_digest(name: &str) -> Option<[u8; 32]> {
     let hex_digest = name.strip_prefix(REVOKED_PREFIX)?;
     hex::decode(hex_digest).ok()?.try_into().ok()
+}
+
+/// Applies an entry that failed its tag as a no-op (the state machine's
+/// metadata still advances), the same refusal on every member.
+fn refuse_entry(
+    store: &Store,
+    applied: &[u8],
+    membership: Option<&[u8]>,
+) -> Result<Result<(), Conflict>, EngineError> {
+    let _noop_applied = store.apply_ops(&[], Some(applied), membership)?;
+    Ok(Err(Conflict {
+        table: "entry",
+        name: "unauthenticated".into(),
+    }))
 }
 
 #[cfg(test)]

@@ -739,3 +739,19 @@ pub fn cluster_of_one(net: u8, ids: &[u64]) -> (TestServer, tempfile::TempDir) {
     let opts = cluster_node_opts(net, 1, certs.path(), &format!("127.0.{net}.1:8201"));
     (TestServer::start(opts), certs)
 }
+
+/// Polls `f` every 200 ms until it answers true; panics naming `what`
+/// after 30 s.
+pub async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..150 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
