@@ -755,14 +755,16 @@ struct VersionRecord {
 }
 
 /// `vault:v{N}:` + standard base64, Vault's envelope for ciphertexts,
-/// signatures and HMACs.
+/// signatures and HMACs. The base64 is SIMD (`base64-simd`: on a 1 KiB
+/// ciphertext the scalar encoder cost as much as AES-GCM itself); the
+/// output is the same padded standard alphabet (tested against `base64`).
 pub fn format_vault(version: u32, bytes: &[u8]) -> String {
     // One allocation of the final size instead of encode + format!.
     let mut out = String::with_capacity(20 + bytes.len().div_ceil(3) * 4);
     out.push_str("vault:v");
     out.push_str(&version.to_string());
     out.push(':');
-    STANDARD.encode_string(bytes, &mut out);
+    base64_simd::STANDARD.encode_append(bytes, &mut out);
     out
 }
 
@@ -817,6 +819,16 @@ mod tests {
     fn vault_format_round_trips_and_rejects_garbage() {
         let s = format_vault(3, b"abc");
         assert_eq!(s, "vault:v3:YWJj");
+        // The SIMD encoder writes exactly what the scalar one does, at
+        // every length around its block sizes and padding cases.
+        for len in (0..200).chain([1023, 1024, 1025, 1052, 4096, 65_537]) {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            assert_eq!(
+                format_vault(2, &bytes),
+                format!("vault:v2:{}", STANDARD.encode(&bytes)),
+                "length {len}"
+            );
+        }
         assert_eq!(parse_vault(&s, "ciphertext").unwrap(), (3, b"abc".to_vec()));
         for bad in [
             "",
