@@ -341,6 +341,9 @@ impl Pool {
             ));
         }
         let mut last = String::new();
+        // A node's own 503 (sealed, zeroized, no quorum) is passed on when no
+        // other node answers: its message says more than ours would.
+        let mut last_503 = None;
         for node in candidates.into_iter().take(3) {
             let req = upstream_request(method, path_and_query, headers, body.clone(), client, node)
                 .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -351,6 +354,7 @@ impl Pool {
                         // Sealed, zeroized or without quorum: let the health
                         // check judge it, and try another node meanwhile.
                         last = format!("node {} answered 503", node.cfg.id);
+                        last_503 = Some(downstream_response(status, &head, answer, node.cfg.id));
                         continue;
                     }
                     return Ok(downstream_response(status, &head, answer, node.cfg.id));
@@ -375,6 +379,9 @@ impl Pool {
             }
         }
         tracing::warn!(detail = last, "no engine node answered");
+        if let Some(resp) = last_503 {
+            return Ok(resp);
+        }
         Err(ApiError::UpstreamUnavailable(match kind {
             Kind::RetrySafe => "no engine node could answer; retry".into(),
             _ => "no engine node could be reached; nothing was sent, retry".into(),
