@@ -21,6 +21,9 @@
 #                 line per request, written to a file)
 #   WITH_UNFENCED=1  BENCH=peer: also measure the unfenced bench listener
 #                 directly (plain HTTP, no fence: the engine's own ceiling)
+#   AUDIT_FSYNC=every | batched   AUDIT_KEY_USE=all | per_minute | off
+#                 the servers' [audit] settings (default every / all: one
+#                 durable record per operation; see docs/OPERATIONS.md)
 #   KEEP=1        keep the temp dir (data dirs, configs, logs, raw wrk output)
 #   NO_BUILD=1    skip `cargo build` (use the existing release binaries)
 #   BIN_DIR       where hsmgate and examples/hello_tls are (default
@@ -29,6 +32,8 @@ set -euo pipefail
 
 BENCH=${BENCH:-ops}
 ROUNDS=${ROUNDS:-3}
+AUDIT_FSYNC=${AUDIT_FSYNC:-every}
+AUDIT_KEY_USE=${AUDIT_KEY_USE:-all}
 WRK_THREADS=${WRK_THREADS:-1}
 WRK_CONNS=${WRK_CONNS:-64}
 WRK_DURATION=${WRK_DURATION:-10s}
@@ -314,8 +319,8 @@ admin_groups = $bg
 channel = "break-glass"
 
 [audit]
-fsync = "every"
-key_use = "all"
+fsync = "$AUDIT_FSYNC"
+key_use = "$AUDIT_KEY_USE"
 
 [metrics]
 enabled = true
@@ -467,7 +472,7 @@ measure() {
 header() {
     echo
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) cores  load before: $LOAD_BEFORE  after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "BENCH=$BENCH ROUNDS=$ROUNDS; wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') ${WRK_ARGS[*]} -d$WRK_DURATION, keep-alive, HTTP/1.1 over TLS 1.3 on loopback; HSMGATE_LOG=${HSMGATE_LOG:-info}"
+    echo "BENCH=$BENCH ROUNDS=$ROUNDS; wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') ${WRK_ARGS[*]} -d$WRK_DURATION, keep-alive, HTTP/1.1 over TLS 1.3 on loopback; HSMGATE_LOG=${HSMGATE_LOG:-info}; audit fsync=$AUDIT_FSYNC key_use=$AUDIT_KEY_USE"
     echo
     printf '| | '; for r in $(seq 1 "$ROUNDS"); do printf 'round %s | ' "$r"; done; echo 'median |'
     printf '|---|'; for r in $(seq 1 "$ROUNDS"); do printf -- '---:|'; done; echo '---:|'
