@@ -578,25 +578,6 @@ fn promtool() -> Option<PathBuf> {
     found
 }
 
-/// Every `hsmgate_cluster_*` name the shipped dashboard and alerts use.
-fn shipped_cluster_metric_names() -> std::collections::BTreeSet<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
-    let mut names = std::collections::BTreeSet::new();
-    for file in ["hsmgate.json", "alerts.yml"] {
-        let text = std::fs::read_to_string(root.join(file)).unwrap();
-        let mut rest = text.as_str();
-        while let Some(pos) = rest.find("hsmgate_cluster_") {
-            let tail = &rest[pos..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            names.insert(tail[..end].to_string());
-            rest = &tail[end..];
-        }
-    }
-    names
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_metrics_name_the_leader_and_count_who_holds_the_keys() {
     let _serial = SERIAL.lock().await;
@@ -654,7 +635,7 @@ async fn cluster_metrics_name_the_leader_and_count_who_holds_the_keys() {
     }
     // Every cluster metric the dashboard and alerts use is exported, and
     // the scrape passes promtool.
-    let shipped = shipped_cluster_metric_names();
+    let shipped = common::shipped_metric_names("hsmgate_cluster_");
     assert!(shipped.len() >= 5, "{shipped:?}");
     for name in &shipped {
         assert!(

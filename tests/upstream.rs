@@ -135,26 +135,6 @@ fn plain(text: &str) -> String {
     out
 }
 
-/// Every `hsmgate_upstream_*` name the shipped dashboard and alerts use.
-fn shipped_upstream_metric_names() -> BTreeSet<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
-    let mut names = BTreeSet::new();
-    for file in ["hsmgate.json", "alerts.yml"] {
-        let text = std::fs::read_to_string(root.join(file)).unwrap();
-        let mut rest = text.as_str();
-        while let Some(pos) = rest.find("hsmgate_upstream_") {
-            let tail = &rest[pos..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            names.insert(tail[..end].to_string());
-            rest = &tail[end..];
-        }
-    }
-    assert!(!names.is_empty(), "the shipped alerts watch the pool");
-    names
-}
-
 fn rand_suffix() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -296,7 +276,9 @@ async fn a_gateway_spreads_crypto_sends_writes_to_the_leader_and_loses_no_reques
     let leader_series = format!("hsmgate_upstream_node_leader{{node=\"{leader}\"}}");
     assert_eq!(sample(&text, &leader_series), Some(1.0), "{text}");
     assert!(!text.contains("hsmgate_engine_state{"), "{text}");
-    for name in shipped_upstream_metric_names() {
+    let shipped = common::shipped_metric_names("hsmgate_upstream_");
+    assert!(!shipped.is_empty(), "the shipped alerts watch the pool");
+    for name in shipped {
         assert!(text.contains(&name), "{name} is not exported: {text}");
     }
 

@@ -189,31 +189,28 @@ impl Engine {
         applied: &[u8],
         membership: Option<&[u8]>,
     ) -> Result<Result<(), Conflict>, EngineError> {
-        let inner = read(&self.inner);
-        let active = inner
-            .active
-            .as_ref()
-            .ok_or(EngineError::NotActive(inner.state))?;
-        if !active.store.verify_mac(ROTATION_MAC, wrapped, mac) {
-            tracing::error!("cluster: a key rotation entry without a valid member tag was refused");
-            return refuse_entry(&active.store, applied, membership);
-        }
-        let outcome = active
-            .store
-            .rotate_cluster_key(wrapped, Some(applied), membership)?;
-        drop(inner);
-        Ok(match outcome {
-            Ok(generation) => {
-                lock(&self.sessions).clear();
+        let outcome = self.with_active(|active| {
+            if !active.store.verify_mac(ROTATION_MAC, wrapped, mac) {
+                tracing::error!(
+                    "cluster: a key rotation entry without a valid member tag was refused"
+                );
+                return refuse_entry(&active.store, applied, membership);
+            }
+            let rotated = active
+                .store
+                .rotate_cluster_key(wrapped, Some(applied), membership)?;
+            Ok(rotated.map(|generation| {
                 tracing::warn!(
                     generation,
                     "cluster: the cluster key was rotated; every record is re-sealed under the \
                      new key and every session ended"
                 );
-                Ok(())
-            }
-            Err(c) => Err(c),
-        })
+            }))
+        })?;
+        if outcome.is_ok() {
+            lock(&self.sessions).clear();
+        }
+        Ok(outcome)
     }
 
     /// This member's cluster key id (public: names the key, not the key).

@@ -755,3 +755,23 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// Every metric name starting with `prefix` that the shipped dashboard
+/// (`dashboards/hsmgate.json`) and alerts (`dashboards/alerts.yml`) use.
+pub fn shipped_metric_names(prefix: &str) -> std::collections::BTreeSet<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["hsmgate.json", "alerts.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut rest = text.as_str();
+        while let Some(pos) = rest.find(prefix) {
+            let tail = &rest[pos..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
