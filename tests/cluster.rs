@@ -1043,7 +1043,6 @@ fn check_refuses_a_certificate_for_another_node() {
 /// (a test cannot wait an hour); a fresh key with the same period stays.
 #[tokio::test(flavor = "multi_thread")]
 async fn only_the_leader_rotates_a_due_key_and_every_member_gets_the_new_version() {
-    use base64::Engine as _;
     let _serial = SERIAL.lock().await;
     let net = 61;
     let certs = certs(&[1, 2, 3]);
@@ -1074,22 +1073,13 @@ async fn only_the_leader_rotates_a_due_key_and_every_member_gets_the_new_version
         .get(&n0.client(), "/v1/transit/backup/fresh", Some(&app))
         .await;
     assert_eq!(status, 200, "{body}");
-    let b64e = base64::engine::general_purpose::STANDARD;
-    let raw = b64e
-        .decode(body["data"]["backup"].as_str().unwrap())
-        .unwrap();
-    let split = raw.iter().position(|b| *b == b'\n').unwrap() + 1;
-    let mut record: Value = serde_json::from_slice(&raw[split..]).unwrap();
-    let created = record["versions"][0]["created"].as_u64().unwrap();
-    record["versions"][0]["created"] = json!(created - 7200);
-    let mut aged = raw[..split].to_vec();
-    aged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    let aged = common::aged_transit_backup(body["data"]["backup"].as_str().unwrap(), 7200);
     let (status, body) = n0
         .post(
             &n0.client(),
             "/v1/transit/restore/aged",
             Some(&app),
-            json!({"backup": b64e.encode(&aged)}),
+            json!({"backup": aged}),
         )
         .await;
     assert_eq!(status, 204, "{body}");

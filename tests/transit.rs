@@ -834,7 +834,6 @@ async fn auto_rotate_period_is_set_read_and_validated_like_vaults() {
 /// just now with the same period is left alone.
 #[tokio::test]
 async fn the_server_rotates_a_due_key_by_itself_and_audits_it() {
-    use base64::engine::general_purpose::STANDARD;
     let s = TestServer::start(Opts {
         engine_extra: "auto_rotate_check_seconds = 1\n".into(),
         ..Opts::default()
@@ -863,20 +862,9 @@ async fn the_server_rotates_a_due_key_by_itself_and_audits_it() {
         .to_string();
     let (st, backup) = t.get("/v1/transit/backup/fresh").await;
     assert_eq!(st, 200, "{backup}");
-    let raw = STANDARD
-        .decode(backup["data"]["backup"].as_str().unwrap())
-        .unwrap();
-    let split = raw.iter().position(|b| *b == b'\n').unwrap() + 1;
-    let mut record: Value = serde_json::from_slice(&raw[split..]).unwrap();
-    let created = record["versions"][0]["created"].as_u64().unwrap();
-    record["versions"][0]["created"] = json!(created - 7200);
-    let mut aged = raw[..split].to_vec();
-    aged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    let aged = aged_transit_backup(backup["data"]["backup"].as_str().unwrap(), 7200);
     let (st, body) = t
-        .post(
-            "/v1/transit/restore/aged",
-            json!({"backup": STANDARD.encode(&aged)}),
-        )
+        .post("/v1/transit/restore/aged", json!({"backup": aged}))
         .await;
     assert_eq!(st, 204, "{body}");
 

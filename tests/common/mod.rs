@@ -775,3 +775,19 @@ pub fn shipped_metric_names(prefix: &str) -> std::collections::BTreeSet<String> 
     }
     names
 }
+
+/// A Transit backup (`GET /v1/transit/backup/:name`'s base64) of a key with
+/// one version, edited so that version was created `secs` earlier: how the
+/// tests age a key for `auto_rotate_period` without a test-only knob.
+pub fn aged_transit_backup(backup: &str, secs: u64) -> String {
+    use base64::Engine as _;
+    let b64e = base64::engine::general_purpose::STANDARD;
+    let raw = b64e.decode(backup).unwrap();
+    let split = raw.iter().position(|b| *b == b'\n').unwrap() + 1;
+    let mut record: Value = serde_json::from_slice(&raw[split..]).unwrap();
+    let created = record["versions"][0]["created"].as_u64().unwrap();
+    record["versions"][0]["created"] = json!(created - secs);
+    let mut aged = raw[..split].to_vec();
+    aged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    b64e.encode(&aged)
+}
