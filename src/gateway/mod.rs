@@ -209,6 +209,8 @@ impl Server {
         let audit = tokio::task::spawn_blocking(move || AuditLog::open(&audit_path, &audit_config))
             .await
             .map_err(|e| EngineError::Internal(format!("audit open task: {e}")))??;
+        let audit = Arc::new(audit);
+        audit.start_writer()?;
         let metrics = Metrics::new(&config)?;
         let reload_metrics =
             reload::ReloadMetrics::register(metrics.registry()).map_err(MetricsError::from)?;
@@ -274,7 +276,7 @@ impl Server {
             fence,
             snapshot: ArcSwap::from_pointee(snapshot),
             engine,
-            audit: Arc::new(audit),
+            audit,
             metrics: Arc::new(metrics),
             in_flight: InFlight::default(),
             cluster,
@@ -682,14 +684,7 @@ async fn audit_deny_summaries(state: &AppState) {
                 .detail("interval_secs", interval),
         );
     }
-    let audit = state.audit.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        events
-            .into_iter()
-            .try_for_each(|e| audit.append(e).map(|_| ()))
-    })
-    .await;
-    if !matches!(written, Ok(Ok(()))) {
+    if state.audit.append_all(events).await.is_err() {
         state.metrics.audit_write_failures.inc();
         tracing::error!("audit log: could not record a denial summary");
     }
@@ -697,9 +692,7 @@ async fn audit_deny_summaries(state: &AppState) {
 
 /// Records a server-side event (no peer, no actor).
 async fn audit_local(state: &AppState, event: Event) {
-    let audit = state.audit.clone();
-    let written = tokio::task::spawn_blocking(move || audit.append(event)).await;
-    if !matches!(written, Ok(Ok(_))) {
+    if state.audit.append_all(vec![event]).await.is_err() {
         state.metrics.audit_write_failures.inc();
         tracing::error!("audit log: could not record a server event");
     }

@@ -330,18 +330,9 @@ pub async fn record(
     if events.is_empty() {
         return Ok(());
     }
-    let audit = state.audit.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        for e in events {
-            audit.append(e)?;
-        }
-        Ok::<(), crate::audit::AuditError>(())
-    })
-    .await;
-    let failure = match written {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => format!("audit task failed: {e}"),
+    let failure = match state.audit.append_all(events).await {
+        Ok(_) => return Ok(()),
+        Err(e) => e.to_string(),
     };
     state.metrics.audit_write_failures.inc();
     tracing::error!(request_id, error = %failure, "audit write failed");

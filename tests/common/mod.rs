@@ -240,6 +240,21 @@ admin_groups = ["admins"]
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// The server log once `ready` holds for it (or after 10 s, for the
+    /// caller's assertion to report). The server writes its log through a
+    /// background thread, so a line can land a moment after the answer or
+    /// the "listening" line that followed it.
+    pub fn log_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        for _ in 0..200 {
+            let log = self.log();
+            if ready(&log) {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.log()
+    }
+
     /// SIGTERM, wait, start again (on a new port).
     pub fn restart(&mut self) {
         if let Some(mut child) = self.child.take() {
