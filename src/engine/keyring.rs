@@ -289,14 +289,78 @@ impl KeyRing {
         !self.imported_key || self.allow_rotation
     }
 
-    /// A new latest version holding `material` (Vault's `import_version`).
-    pub fn with_imported_version(
+    /// Vault's `import_version` with imported `material` (a full key, or a
+    /// public key only), following Vault's rules (`ImportPublicOrPrivate`,
+    /// `KeyVersionCanBeUpdated`, `ImportPrivateKeyForVersion`):
+    /// - `version` given: that version must hold only a public key, and
+    ///   `material` must be the matching private key, which completes it
+    ///   (same version number, creation time and HMAC key); anything else is
+    ///   refused;
+    /// - no `version`, a private key, and the latest version public-only
+    ///   with the matching public key: the latest version is completed;
+    /// - otherwise `material` becomes a new latest version.
+    ///
+    /// Nothing else ever gives a public-key-only version a private key.
+    pub fn with_import(
         &self,
         material: KeyMaterial,
+        version: Option<u32>,
         now: u64,
     ) -> Result<KeyRing, EngineError> {
         if material.key_type != self.key_type {
             return Err(EngineError::KeyTypeMismatch(self.name.clone()));
+        }
+        if material.is_public_only() && self.derived {
+            return Err(EngineError::InvalidRequest(format!(
+                "key {:?} is derived: a derived {} key is an HKDF key, not a key pair, so \
+                 a public key alone cannot be imported into it",
+                self.name, self.key_type
+            )));
+        }
+        let complete = |v: u32, kv: &KeyVersion, material: &KeyMaterial| {
+            let done = kv.material.with_private_key(material)?;
+            let mut next = self.clone();
+            next.versions.insert(
+                v,
+                Arc::new(KeyVersion {
+                    created: kv.created,
+                    material: done,
+                }),
+            );
+            Ok::<KeyRing, EngineError>(next)
+        };
+        if let Some(v) = version {
+            let (_, kv) = self.version(v)?;
+            if !self.key_type.supports_signing() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "key type {} has no public keys: import_version with version only \
+                     completes a public-key-only version; omit version to add a new one",
+                    self.key_type
+                )));
+            }
+            if !kv.material.is_public_only() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "version {v} already holds its private key: it cannot be updated"
+                )));
+            }
+            if material.is_public_only() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "version {v} already holds a public key: only its private key (ciphertext) \
+                     can be imported into it"
+                )));
+            }
+            return complete(v, kv, &material);
+        }
+        if !material.is_public_only() {
+            if let Some(latest) = self.versions.get(&self.latest_version) {
+                if latest.material.is_public_only() {
+                    // Vault: a private key that does not match the latest
+                    // public-only version becomes a new version instead.
+                    if let Ok(next) = complete(self.latest_version, latest, &material) {
+                        return Ok(next);
+                    }
+                }
+            }
         }
         let mut next = self.clone();
         next.latest_version += 1;
@@ -554,13 +618,26 @@ impl KeyRing {
             versions: self
                 .versions
                 .iter()
-                .map(|(v, kv)| VersionRecord {
-                    version: *v,
-                    created: kv.created,
-                    secret: Zeroizing::new(STANDARD.encode(kv.material.secret.expose_secret())),
-                    hmac_key: Zeroizing::new(STANDARD.encode(kv.material.hmac_key.expose_secret())),
+                .map(|(v, kv)| {
+                    let public_key = if kv.material.is_public_only() {
+                        let spki = kv.material.public_key_spki()?.ok_or_else(|| {
+                            EngineError::Internal("a public-only version without a key".into())
+                        })?;
+                        Some(STANDARD.encode(spki))
+                    } else {
+                        None
+                    };
+                    Ok(VersionRecord {
+                        version: *v,
+                        created: kv.created,
+                        secret: Zeroizing::new(STANDARD.encode(kv.material.secret.expose_secret())),
+                        hmac_key: Zeroizing::new(
+                            STANDARD.encode(kv.material.hmac_key.expose_secret()),
+                        ),
+                        public_key,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, EngineError>>()?,
         };
         serde_json::to_vec(&record)
             .map(Zeroizing::new)
@@ -643,11 +720,33 @@ impl KeyRing {
                     .decode(v.hmac_key.as_bytes())
                     .map_err(|e| malformed(e.to_string()))?,
             );
-            let material = KeyMaterial::from_parts(
-                record.key_type,
-                SecretBytes::from_slice(&secret),
-                SecretBytes::from_slice(&hmac),
-            )?;
+            // A version holds its key material or (format 5) only a
+            // public key: never both, never neither.
+            let material = match (&v.public_key, secret.is_empty()) {
+                (None, false) => KeyMaterial::from_parts(
+                    record.key_type,
+                    SecretBytes::from_slice(&secret),
+                    SecretBytes::from_slice(&hmac),
+                )?,
+                (Some(public), true) if record.format >= 5 && !record.derived => {
+                    let spki = STANDARD
+                        .decode(public.as_bytes())
+                        .map_err(|e| malformed(e.to_string()))?;
+                    KeyMaterial::public_only(
+                        record.key_type,
+                        &spki,
+                        SecretBytes::from_slice(&hmac),
+                    )?
+                }
+                (Some(_), _) => {
+                    return Err(malformed(format!(
+                        "version {} holds a public key beside a secret, in a derived key or \
+                         in a format {} record",
+                        v.version, record.format
+                    )))
+                }
+                (None, true) => return Err(malformed(format!("version {} has no key", v.version))),
+            };
             versions.insert(
                 v.version,
                 Arc::new(KeyVersion {
@@ -704,8 +803,11 @@ fn refuse_auto_rotation_without_rotation(
 /// (absent in format 1 records, read as false/false/0). 3: adds
 /// `imported_key`, `allow_rotation`, `allow_wrap`, `allow_unwrap` (absent
 /// before: false, true, false, false). 4: adds `auto_rotate_period`
-/// (absent before: 0, off).
-const RECORD_FORMAT: u32 = 4;
+/// (absent before: 0, off). 5: a version may hold only a public key
+/// (Vault's `public_key` import): `public_key` (base64 of the DER
+/// SubjectPublicKeyInfo) instead of `secret`; absent before, where every
+/// version has its `secret`.
+const RECORD_FORMAT: u32 = 5;
 
 fn yes() -> bool {
     true
@@ -750,8 +852,18 @@ struct KeyRingRecord {
 struct VersionRecord {
     version: u32,
     created: u64,
+    /// Empty (and not written) for a public-key-only version.
+    #[serde(default, skip_serializing_if = "is_empty")]
     secret: Zeroizing<String>,
     hmac_key: Zeroizing<String>,
+    /// Format 5: base64 of the DER SubjectPublicKeyInfo of a version that
+    /// holds only a public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    public_key: Option<String>,
+}
+
+fn is_empty(s: &Zeroizing<String>) -> bool {
+    s.is_empty()
 }
 
 /// `vault:v{N}:` + standard base64, Vault's envelope for ciphertexts,
