@@ -1305,4 +1305,210 @@ mod tests {
         let closed = KeyRing::new("c", &KeyOptions::new(KeyType::Ed25519), 1).unwrap();
         assert!(KeyRing::from_backup(&closed.to_record().unwrap(), None).is_err());
     }
+
+    fn public_of(m: &KeyMaterial) -> KeyMaterial {
+        let spki = m.public_key_spki().unwrap().unwrap();
+        KeyMaterial::public_only(
+            m.key_type,
+            &spki,
+            SecretBytes::from_slice(&crate::engine::crypto::random_bytes(32).unwrap()),
+        )
+        .unwrap()
+    }
+
+    fn signs(ring: &KeyRing, v: u32) -> bool {
+        ring.versions[&v]
+            .material
+            .sign(b"m", crate::engine::crypto::HashAlgorithm::Sha2_256)
+            .is_ok()
+    }
+
+    #[test]
+    fn public_only_versions_survive_the_record_as_format_5() {
+        let pair = KeyMaterial::generate(KeyType::EcdsaP256).unwrap();
+        let opts = KeyOptions {
+            exportable: true,
+            allow_plaintext_backup: true,
+            ..KeyOptions::new(KeyType::EcdsaP256)
+        };
+        let ring = KeyRing::with_material("p", &opts, public_of(&pair), true, 1)
+            .unwrap()
+            .with_import(KeyMaterial::generate(KeyType::EcdsaP256).unwrap(), None, 2)
+            .unwrap();
+        assert_eq!(ring.latest_version, 2);
+        let bytes = ring.to_record().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["format"], 5);
+        let v1 = &v["versions"][0];
+        assert!(v1.get("secret").is_none(), "no secret written: {v1}");
+        assert!(v1["public_key"].is_string());
+        assert!(v["versions"][1].get("public_key").is_none());
+        let back = KeyRing::from_record("p", &bytes).unwrap();
+        assert!(back.versions[&1].material.is_public_only());
+        assert!(!back.versions[&2].material.is_public_only());
+        assert!(!signs(&back, 1) && signs(&back, 2));
+        assert_eq!(
+            back.versions[&1].material.public_key().unwrap(),
+            pair.public_key().unwrap()
+        );
+        // A Transit backup of it restores as it was: still public-only.
+        let restored = KeyRing::from_backup(&bytes, Some("copy")).unwrap();
+        assert!(restored.versions[&1].material.is_public_only());
+
+        // Records no build writes are refused rather than misread: a
+        // version with both a secret and a public key (a backup cannot
+        // smuggle a private key into a public-only version beside it),
+        // with neither, a public key in a format 4 record or in a derived
+        // key.
+        let full_secret = v["versions"][1]["secret"].clone();
+        let mut both = v.clone();
+        both["versions"][0]["secret"] = full_secret;
+        let mut neither = v.clone();
+        neither["versions"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("public_key");
+        let mut old = v.clone();
+        old["format"] = serde_json::json!(4);
+        let mut derived = v.clone();
+        derived["derived"] = serde_json::json!(true);
+        for (what, bad) in [
+            ("both", both),
+            ("neither", neither),
+            ("format 4", old),
+            ("derived", derived),
+        ] {
+            let bad = serde_json::to_vec(&bad).unwrap();
+            assert!(KeyRing::from_record("p", &bad).is_err(), "{what}");
+            assert!(KeyRing::from_backup(&bad, None).is_err(), "{what}");
+        }
+        // A public key of another curve than the type is refused too.
+        let mut curve = v.clone();
+        let p384 = KeyMaterial::generate(KeyType::EcdsaP384).unwrap();
+        curve["versions"][0]["public_key"] =
+            serde_json::json!(STANDARD.encode(p384.public_key_spki().unwrap().unwrap()));
+        assert!(KeyRing::from_record("p", &serde_json::to_vec(&curve).unwrap()).is_err());
+        // Format 4 records (every version with its secret) still read.
+        let full = KeyRing::new("f", &KeyOptions::new(KeyType::Ed25519), 1).unwrap();
+        let mut v4: serde_json::Value = serde_json::from_slice(&full.to_record().unwrap()).unwrap();
+        v4["format"] = serde_json::json!(4);
+        let back = KeyRing::from_record("f", &serde_json::to_vec(&v4).unwrap()).unwrap();
+        assert!(signs(&back, 1));
+    }
+
+    #[test]
+    fn import_version_follows_vaults_rules_for_public_only_versions() {
+        let t = KeyType::Ed25519;
+        let opts = KeyOptions::new(t);
+        let pair1 = KeyMaterial::generate(t).unwrap();
+        let ring = KeyRing::with_material("k", &opts, public_of(&pair1), true, 1).unwrap();
+        assert!(!signs(&ring, 1));
+        let hmac1 = ring.versions[&1].material.hmac_key.duplicate();
+        // Another public key: a new (public-only) version.
+        let pair2 = KeyMaterial::generate(t).unwrap();
+        let two = ring.with_import(public_of(&pair2), None, 2).unwrap();
+        assert_eq!(two.latest_version, 2);
+        assert!(!signs(&two, 1) && !signs(&two, 2));
+        // The latest version's private key, without `version`: completes it.
+        let done = two
+            .with_import(
+                KeyMaterial::from_parts(t, pair2.secret.duplicate(), pair2.hmac_key.duplicate())
+                    .unwrap(),
+                None,
+                3,
+            )
+            .unwrap();
+        assert_eq!(done.latest_version, 2, "completed, not added");
+        assert!(signs(&done, 2) && !signs(&done, 1));
+        assert_eq!(
+            done.versions[&2].created, 2,
+            "the version keeps its creation time"
+        );
+        // Version 1's private key without `version`: the latest is complete,
+        // so it becomes a new version (Vault); with `version: 1` it
+        // completes version 1, keeping its HMAC key.
+        let copy1 = || {
+            KeyMaterial::from_parts(t, pair1.secret.duplicate(), pair1.hmac_key.duplicate())
+                .unwrap()
+        };
+        let added = done.with_import(copy1(), None, 4).unwrap();
+        assert_eq!(added.latest_version, 3);
+        assert!(!signs(&added, 1));
+        let completed = done.with_import(copy1(), Some(1), 4).unwrap();
+        assert_eq!(completed.latest_version, 2);
+        assert!(signs(&completed, 1));
+        assert_eq!(
+            completed.versions[&1].material.hmac_key.expose_secret(),
+            hmac1.expose_secret()
+        );
+        // Refused: a key that does not match; a public key into a version
+        // that has one; anything into a complete version; a missing version.
+        let stranger = KeyMaterial::generate(t).unwrap();
+        let err = two.with_import(stranger, Some(1), 5).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(two.with_import(public_of(&pair1), Some(1), 5).is_err());
+        assert!(completed.with_import(copy1(), Some(1), 5).is_err());
+        assert!(two.with_import(copy1(), Some(9), 5).is_err());
+        assert!(two
+            .with_import(KeyMaterial::generate(KeyType::EcdsaP256).unwrap(), None, 5)
+            .is_err());
+        // A private key that does not match the public-only latest version
+        // becomes a new version (Vault's ImportPublicOrPrivate falls through).
+        let other = two
+            .with_import(KeyMaterial::generate(t).unwrap(), None, 5)
+            .unwrap();
+        assert_eq!(other.latest_version, 3);
+        assert!(!signs(&other, 2) && signs(&other, 3));
+        // `version` on a symmetric key: nothing to complete.
+        let aes = KeyRing::with_material(
+            "a",
+            &KeyOptions::new(KeyType::Aes256Gcm96),
+            KeyMaterial::generate(KeyType::Aes256Gcm96).unwrap(),
+            true,
+            1,
+        )
+        .unwrap();
+        assert!(aes
+            .with_import(
+                KeyMaterial::generate(KeyType::Aes256Gcm96).unwrap(),
+                Some(1),
+                2
+            )
+            .is_err());
+        // A derived (ed25519) key takes no public key.
+        let derived = KeyRing::with_material(
+            "d",
+            &KeyOptions {
+                derived: true,
+                ..KeyOptions::new(t)
+            },
+            KeyMaterial::generate(t).unwrap(),
+            true,
+            1,
+        )
+        .unwrap();
+        assert!(derived.with_import(public_of(&pair1), None, 2).is_err());
+    }
+
+    #[test]
+    fn a_public_only_key_rotates_only_with_allow_rotation_into_a_generated_version() {
+        let t = KeyType::EcdsaP384;
+        let pair = KeyMaterial::generate(t).unwrap();
+        let fixed =
+            KeyRing::with_material("f", &KeyOptions::new(t), public_of(&pair), true, 1).unwrap();
+        assert!(
+            fixed.rotated(2).is_err(),
+            "Vault: no rotation without allow_rotation"
+        );
+        let opts = KeyOptions {
+            allow_rotation: true,
+            ..KeyOptions::new(t)
+        };
+        let rotating = KeyRing::with_material("r", &opts, public_of(&pair), true, 1).unwrap();
+        let rotated = rotating.rotated(2).unwrap();
+        assert_eq!(rotated.latest_version, 2);
+        // The new version is the engine's own key pair; version 1 stays a
+        // verification key.
+        assert!(signs(&rotated, 2) && !signs(&rotated, 1));
+    }
 }

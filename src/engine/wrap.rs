@@ -753,6 +753,20 @@ mod tests {
     }
 
     #[test]
+    fn a_public_only_version_has_no_payload_to_wrap() {
+        let pair = KeyMaterial::generate(KeyType::Ed25519).unwrap();
+        let spki = pair.public_key_spki().unwrap().unwrap();
+        let public =
+            KeyMaterial::public_only(KeyType::Ed25519, &spki, SecretBytes::from_slice(&[3u8; 32]))
+                .unwrap();
+        assert!(matches!(
+            key_payload(&public),
+            Err(CryptoError::PublicKeyOnly { .. })
+        ));
+        assert!(key_payload(&pair).is_ok());
+    }
+
+    #[test]
     fn mechanisms_and_hashes_parse() {
         assert_eq!(Mechanism::parse("aes-kwp").unwrap(), Mechanism::AesKwp);
         assert!(Mechanism::parse("AES-KWP").is_err());
