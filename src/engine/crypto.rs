@@ -580,7 +580,8 @@ impl KeyMaterial {
         Self::with_public(key_type, public, random_secret()?)
     }
 
-    /// Rebuilds a public-key-only version from its stored SubjectPublicKeyInfo.
+    /// Rebuilds a public-key-only version from its stored SubjectPublicKeyInfo,
+    /// held to the checks of an import (a Transit backup is untrusted input).
     pub fn public_only(
         key_type: KeyType,
         spki: &[u8],
@@ -588,10 +589,6 @@ impl KeyMaterial {
     ) -> Result<KeyMaterial, CryptoError> {
         let public =
             parse_public_only(key_type, spki).map_err(|_| CryptoError::InvalidKeyMaterial)?;
-        // The stored form is the canonical one this build writes.
-        if public.spki != spki {
-            return Err(CryptoError::InvalidKeyMaterial);
-        }
         Self::with_public(key_type, public, hmac_key)
     }
 
@@ -1165,10 +1162,10 @@ fn public_key_pem_der(pem: &str) -> Result<Vec<u8>, CryptoError> {
     match label {
         "PUBLIC KEY" => {}
         l if l.contains("PRIVATE KEY") => {
-            return Err(bad(&format!(
-                "this is a private key ({l}), not a public key: send only the public key \
-                 (BEGIN PUBLIC KEY), or import the private key wrapped, as ciphertext"
-            )))
+            return Err(bad(
+                "this is a private key, not a public key: send only the public key \
+                 (BEGIN PUBLIC KEY), or import the private key wrapped, as ciphertext",
+            ));
         }
         "RSA PUBLIC KEY" => {
             return Err(bad(
@@ -1183,9 +1180,10 @@ fn public_key_pem_der(pem: &str) -> Result<Vec<u8>, CryptoError> {
             ))
         }
         l => {
+            let shown: String = l.chars().take(40).collect();
             return Err(bad(&format!(
-                "unexpected PEM label {l:?} (expected PUBLIC KEY)"
-            )))
+                "unexpected PEM label {shown:?} (expected PUBLIC KEY)"
+            )));
         }
     }
     let Some(body) = rest.strip_suffix("-----END PUBLIC KEY-----") else {
