@@ -290,3 +290,69 @@ async fn scheduled_backups_rotate_and_restore() {
     assert_eq!(st, 200, "{body}");
     assert!(decrypts(&other, &ct).await);
 }
+
+/// A public-key-only key (Vault's `public_key` import) goes through an
+/// encrypted backup, zeroize and restore as what it was: it verifies the
+/// holder's signatures and still cannot sign.
+#[tokio::test]
+async fn a_public_only_key_survives_backup_and_restore_as_a_verification_key() {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let keys = tempfile::tempdir().unwrap();
+    let s = TestServer::start(with_backup(&keygen(keys.path())));
+    let (co, app) = s.init_with_app_user().await;
+    let c = s.client();
+    let rng = SystemRandom::new();
+    let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let holder = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, doc.as_ref()).unwrap();
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        b64(holder.public_key().as_der().unwrap().as_ref())
+    );
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/keys/pub/import",
+            Some(&app),
+            json!({"type": "ecdsa-p256", "public_key": pem}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let shown = body["data"]["keys"]["1"]["public_key"].clone();
+    let msg = b"signed by the holder";
+    let sig = format!("vault:v1:{}", b64(holder.sign(&rng, msg).unwrap().as_ref()));
+    let (st, body) = s.post(&c, "/v1/hsm/backup", Some(&co), json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    let (st, _) = s.post(&c, "/v1/hsm/zeroize", Some(&co), json!({})).await;
+    assert_eq!(st, 200);
+    let (st, body) = restore(&s, &backup, &custodian_key(keys.path()), &s.init_token()).await;
+    assert_eq!(st, 200, "{body}");
+    let app = s.token("app", CU_PASSWORD).await;
+    let (st, body) = s.get(&c, "/v1/transit/keys/pub", Some(&app)).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["keys"]["1"]["public_key"], shown);
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/verify/pub",
+            Some(&app),
+            json!({"input": b64(msg), "signature": sig}),
+        )
+        .await;
+    assert_eq!(
+        (st, body["data"]["valid"].clone()),
+        (200, json!(true)),
+        "{body}"
+    );
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/sign/pub",
+            Some(&app),
+            json!({"input": b64(msg)}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+}

@@ -1975,3 +1975,289 @@ async fn a_forged_transit_backup_cannot_set_an_auto_rotate_period_under_an_hour(
     let (_, read) = s.get(&c, "/v1/transit/keys/churn", Some(&app)).await;
     assert_eq!(read["data"]["auto_rotate_period"], 3600);
 }
+
+/// A key imported with only its public key (Vault's `public_key` import) is
+/// a verification key: no path may make the engine sign or decrypt with it,
+/// or hand out key material for it. Tried here: sign (plain, a given
+/// version, batch, JWS, prehashed, hash in the path), decrypt and rewrap of
+/// its own RSA ciphertext, HMAC, every private export, wrap under a KEK,
+/// rotation, `import_version` with someone else's private key (with and
+/// without `version`), a Transit backup restored under another name, a
+/// forged backup putting a private key beside the public one, and a
+/// restart. The allow: it verifies the outside holder's signatures and
+/// encrypts to them throughout.
+#[tokio::test]
+async fn a_public_only_imported_key_can_never_sign_or_decrypt() {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::rsa::{KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey};
+    use aws_lc_rs::signature::{KeyPair, RsaKeyPair, RSA_PSS_SHA256};
+    use base64::Engine as _;
+    let b64e = base64::engine::general_purpose::STANDARD;
+
+    let mut s = TestServer::start(Opts::default());
+    let (_co, mut app) = s.init_with_app_user().await;
+    let mut c = s.client();
+    // The holder's key pair, made outside the engine.
+    let holder = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+    let spki = holder.public_key().as_der().unwrap();
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        b64e.encode(spki.as_ref())
+    );
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/keys/pub/import",
+            Some(&app),
+            json!({"type": "rsa-2048", "public_key": pem, "exportable": true,
+                   "allow_plaintext_backup": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let msg = b"a release signed by the holder";
+    let mut sig = vec![0u8; holder.public_modulus_len()];
+    holder
+        .sign(&RSA_PSS_SHA256, &SystemRandom::new(), msg, &mut sig)
+        .unwrap();
+    let holder_sig = format!("vault:v1:{}", b64e.encode(&sig));
+
+    // The allow, checked again after every attempt below.
+    async fn still_only_verifies(
+        s: &TestServer,
+        c: &reqwest::Client,
+        app: &str,
+        key: &str,
+        msg: &[u8],
+        sig: &str,
+    ) {
+        let (st, body) = s
+            .post(
+                c,
+                &format!("/v1/transit/verify/{key}"),
+                Some(app),
+                json!({"input": b64(msg), "signature": sig}),
+            )
+            .await;
+        assert_eq!(
+            (st, body["data"]["valid"].clone()),
+            (200, json!(true)),
+            "{body}"
+        );
+        // Version 1 is the public-only one (a later version may be full).
+        for (path, req) in [
+            (format!("/v1/transit/sign/{key}"), json!({})),
+            (format!("/v1/transit/sign/{key}/sha2-512"), json!({})),
+            (
+                format!("/v1/transit/sign/{key}"),
+                json!({"marshaling_algorithm": "jws", "signature_algorithm": "pkcs1v15"}),
+            ),
+            (
+                format!("/v1/transit/sign/{key}"),
+                json!({"input": b64(&[7u8; 32]), "prehashed": true}),
+            ),
+            (format!("/v1/transit/hmac/{key}"), json!({})),
+            (
+                format!("/v1/transit/sign/{key}"),
+                json!({"batch_input": [{"input": b64(msg)}, {"input": b64(b"x")}]}),
+            ),
+        ] {
+            let mut req = req;
+            req["key_version"] = json!(1);
+            if req.get("input").is_none() && req.get("batch_input").is_none() {
+                req["input"] = json!(b64(msg));
+            }
+            let (st, body) = s.post(c, &path, Some(app), req.clone()).await;
+            assert_eq!(st, 400, "{path} {req}: {body}");
+            let text = body.to_string();
+            assert!(!text.contains("vault:v"), "{path}: {body}");
+            assert!(text.contains("only a public key"), "{path}: {body}");
+        }
+        for kind in ["signing-key", "encryption-key", "hmac-key"] {
+            let (st, body) = s
+                .get(c, &format!("/v1/transit/export/{kind}/{key}"), Some(app))
+                .await;
+            assert_eq!(st, 400, "{kind}: {body}");
+        }
+    }
+    still_only_verifies(&s, &c, &app, "pub", msg, &holder_sig).await;
+
+    // Its own RSA ciphertext: encrypting works (to the holder), opening it
+    // in the engine does not.
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/encrypt/pub",
+            Some(&app),
+            json!({"plaintext": b64(b"to the holder")}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let ct = body["data"]["ciphertext"].as_str().unwrap().to_string();
+    let dec = OaepPrivateDecryptingKey::new(
+        PrivateDecryptingKey::from_pkcs8(holder.as_der().unwrap().as_ref()).unwrap(),
+    )
+    .unwrap();
+    let mut out = vec![0u8; dec.min_output_size()];
+    let raw_ct = b64e.decode(ct.splitn(3, ':').nth(2).unwrap()).unwrap();
+    let pt = dec
+        .decrypt(
+            &aws_lc_rs::rsa::OAEP_SHA256_MGF1SHA256,
+            &raw_ct,
+            &mut out,
+            None,
+        )
+        .unwrap();
+    assert_eq!(pt, b"to the holder");
+    for path in ["/v1/transit/decrypt/pub", "/v1/transit/rewrap/pub"] {
+        let (st, body) = s
+            .post(&c, path, Some(&app), json!({"ciphertext": ct}))
+            .await;
+        assert_eq!(st, 400, "{path}: {body}");
+        assert!(
+            body.to_string().contains("only a public key"),
+            "{path}: {body}"
+        );
+    }
+    // Wrap (a wrap carries the private key) and rotation.
+    let (st, _) = s
+        .post(
+            &c,
+            "/v1/transit/keys/kek",
+            Some(&app),
+            json!({"allow_wrap": true}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/keys/pub/wrap",
+            Some(&app),
+            json!({"wrapping_key": "kek"}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    let (st, body) = s
+        .post(&c, "/v1/transit/keys/pub/rotate", Some(&app), json!({}))
+        .await;
+    assert_eq!(st, 400, "imported without allow_rotation: {body}");
+
+    // Someone else's private key, wrapped properly: refused for version 1;
+    // without `version` it becomes version 2 (Vault's rule), and version 1
+    // still only verifies.
+    let (_, wk) = s.get(&c, "/v1/transit/wrapping_key", Some(&app)).await;
+    let wk_pem = wk["data"]["public_key"].as_str().unwrap();
+    let wk_der: String = wk_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let wk = aws_lc_rs::rsa::OaepPublicEncryptingKey::new(
+        aws_lc_rs::rsa::PublicEncryptingKey::from_der(&b64e.decode(wk_der).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let stranger = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+    let wrap_for_import = |pkcs8: &[u8]| {
+        use aes_kw::{KeyInit, KwpAes256};
+        let eph = [9u8; 32];
+        let mut block = vec![0u8; wk.ciphertext_size()];
+        let n = wk
+            .encrypt(
+                &aws_lc_rs::rsa::OAEP_SHA256_MGF1SHA256,
+                &eph,
+                &mut block,
+                None,
+            )
+            .unwrap()
+            .len();
+        block.truncate(n);
+        let mut w = vec![0u8; pkcs8.len().div_ceil(8) * 8 + 8];
+        let w = KwpAes256::new_from_slice(&eph)
+            .unwrap()
+            .wrap_key(pkcs8, &mut w)
+            .unwrap()
+            .to_vec();
+        b64e.encode([block, w].concat())
+    };
+    let stranger_ct = wrap_for_import(stranger.as_der().unwrap().as_ref());
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/keys/pub/import_version",
+            Some(&app),
+            json!({"ciphertext": stranger_ct, "version": 1}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("does not match"), "{body}");
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/keys/pub/import_version",
+            Some(&app),
+            json!({"ciphertext": stranger_ct}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["latest_version"], 2);
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/sign/pub",
+            Some(&app),
+            json!({"input": b64(msg), "key_version": 1}),
+        )
+        .await;
+    assert_eq!(st, 400, "version 1 still cannot sign: {body}");
+
+    // A Transit backup restores as what it was: a verification key.
+    let (st, body) = s.get(&c, "/v1/transit/backup/pub", Some(&app)).await;
+    assert_eq!(st, 200, "{body}");
+    let backup = body["data"]["backup"].as_str().unwrap().to_string();
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/restore/copy",
+            Some(&app),
+            json!({"backup": backup}),
+        )
+        .await;
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/sign/copy",
+            Some(&app),
+            json!({"input": b64(msg), "key_version": 1}),
+        )
+        .await;
+    assert_eq!(
+        st, 400,
+        "the restored copy cannot sign with version 1: {body}"
+    );
+    // A forged backup giving version 1 a private key beside its public key
+    // is refused, and nothing is restored.
+    let raw = b64e.decode(&backup).unwrap();
+    let magic = b"hsmgate-transit-backup/1\n";
+    let mut record: serde_json::Value = serde_json::from_slice(&raw[magic.len()..]).unwrap();
+    let v2_secret = record["versions"][1]["secret"].clone();
+    assert!(record["versions"][0].get("secret").is_none(), "{record}");
+    record["versions"][0]["secret"] = v2_secret;
+    let mut forged = magic.to_vec();
+    forged.extend_from_slice(&serde_json::to_vec(&record).unwrap());
+    let (st, body) = s
+        .post(
+            &c,
+            "/v1/transit/restore/forged",
+            Some(&app),
+            json!({"backup": b64e.encode(forged)}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    let (st, _) = s.get(&c, "/v1/transit/keys/forged", Some(&app)).await;
+    assert_eq!(st, 404, "nothing restored");
+
+    // Durable as it was: after a restart, still only a verification key.
+    s.restart();
+    c = s.client();
+    app = s.token("app", CU_PASSWORD).await;
+    still_only_verifies(&s, &c, &app, "pub", msg, &holder_sig).await;
+    still_only_verifies(&s, &c, &app, "copy", msg, &holder_sig).await;
+}

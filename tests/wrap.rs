@@ -14,8 +14,10 @@ use aws_lc_rs::rsa::{
     OAEP_SHA256_MGF1SHA256, OAEP_SHA384_MGF1SHA384, OAEP_SHA512_MGF1SHA512,
 };
 use aws_lc_rs::signature::{
-    EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
-    ECDSA_P256_SHA256_ASN1_SIGNING, ED25519, RSA_PSS_2048_8192_SHA256,
+    EcdsaKeyPair, EcdsaSigningAlgorithm, Ed25519KeyPair, KeyPair, RsaKeyPair, UnparsedPublicKey,
+    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING,
+    ECDSA_P521_SHA512_ASN1_SIGNING, ED25519, RSA_PKCS1_SHA256, RSA_PSS_2048_8192_SHA256,
+    RSA_PSS_SHA256,
 };
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -89,10 +91,24 @@ fn vault_wrap(pem: &str, target: &[u8], oaep: &'static OaepAlgorithm) -> String 
         .unwrap()
         .len();
     rsa_block.truncate(n);
-    let kwp = KwpAes256::new_from_slice(&ephemeral).unwrap();
+    STANDARD.encode([rsa_block, kwp_wrap(&ephemeral, target)].concat())
+}
+
+/// `vault_wrap` with `hash_function: SHA224`: OAEP and MGF1 with SHA-224,
+/// which aws-lc-rs does not offer, done with the `oaep-sha224` crate's
+/// encryption (aws-lc's EVP API; its decryption side is checked against
+/// Wycheproof's SHA-224 vectors).
+fn vault_wrap_sha224(pem: &str, target: &[u8]) -> String {
+    let ephemeral = random(32);
+    let rsa_block = oaep_sha224::encrypt(&pem_der(pem), &ephemeral).expect("OAEP-SHA224");
+    assert_eq!(rsa_block.len(), 512, "Vault's wrapping key is RSA-4096");
+    STANDARD.encode([rsa_block, kwp_wrap(&ephemeral, target)].concat())
+}
+
+fn kwp_wrap(ephemeral: &[u8], target: &[u8]) -> Vec<u8> {
+    let kwp = KwpAes256::new_from_slice(ephemeral).unwrap();
     let mut wrapped = vec![0u8; target.len().div_ceil(8) * 8 + 8];
-    let w = kwp.wrap_key(target, &mut wrapped).unwrap().to_vec();
-    STANDARD.encode([rsa_block, w].concat())
+    kwp.wrap_key(target, &mut wrapped).unwrap().to_vec()
 }
 
 /// Opens a Transit `vault:vN:` AES-256-GCM ciphertext with the raw key.
@@ -274,6 +290,72 @@ async fn byok_import_with_each_hash_function_and_import_version() {
     assert_eq!(st, 400);
 }
 
+/// Vault's `hash_function: SHA224` (Go's `rsa.DecryptOAEP` with SHA-224
+/// for OAEP and MGF1): import and import_version of a known key, which then
+/// really is the engine's key; a SHA-224 block under another declared hash,
+/// and another hash's block declared SHA224, are refused.
+#[tokio::test]
+async fn byok_import_with_sha224_imports_the_known_key() {
+    let t = T::new().await;
+    let pem = t.wrapping_key().await;
+    let known = random(32);
+    let wrapped = vault_wrap_sha224(&pem, &known);
+    for other in ["SHA256", "SHA1", "SHA512"] {
+        let (st, body) = t
+            .post(
+                "/v1/transit/keys/h224/import",
+                json!({"ciphertext": wrapped, "hash_function": other}),
+            )
+            .await;
+        assert_eq!(st, 400, "a SHA-224 block declared {other}: {body}");
+    }
+    let (st, body) = t
+        .post(
+            "/v1/transit/keys/h224/import",
+            json!({"ciphertext": vault_wrap(&pem, &known, &OAEP_SHA256_MGF1SHA256),
+                   "hash_function": "SHA224"}),
+        )
+        .await;
+    assert_eq!(st, 400, "a SHA-256 block declared SHA224: {body}");
+    let (st, _) = t.s.get(&t.c, "/v1/transit/keys/h224", Some(&t.app)).await;
+    assert_eq!(st, 404, "the refusals created nothing");
+
+    let info = t
+        .ok(
+            "/v1/transit/keys/h224/import",
+            json!({"ciphertext": wrapped, "hash_function": "SHA224"}),
+        )
+        .await;
+    assert_eq!(info["imported_key"], true, "{info}");
+    let ct = t
+        .ok(
+            "/v1/transit/encrypt/h224",
+            json!({"plaintext": b64(b"wrapped with OAEP-SHA224")}),
+        )
+        .await["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(open_locally(&known, &ct), b"wrapped with OAEP-SHA224");
+
+    let second = random(32);
+    let info = t
+        .ok(
+            "/v1/transit/keys/h224/import_version",
+            json!({"ciphertext": vault_wrap_sha224(&pem, &second), "hash_function": "sha224"}),
+        )
+        .await;
+    assert_eq!(info["latest_version"], 2, "{info}");
+    let ct = t
+        .ok("/v1/transit/encrypt/h224", json!({"plaintext": b64(b"v2")}))
+        .await["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(ct.starts_with("vault:v2:"), "{ct}");
+    assert_eq!(open_locally(&second, &ct), b"v2");
+}
+
 #[tokio::test]
 async fn byok_import_of_asymmetric_keys_takes_pkcs8() {
     let t = T::new().await;
@@ -379,6 +461,10 @@ async fn byok_import_refusals_change_nothing() {
             "wrong hash",
             json!({"ciphertext": good, "hash_function": "SHA512"}),
         ),
+        (
+            "wrong hash (SHA224)",
+            json!({"ciphertext": good, "hash_function": "SHA224"}),
+        ),
     ] {
         let (st, body) = t.post("/v1/transit/keys/k/import", body).await;
         assert_eq!(st, 400, "{what}: {body}");
@@ -396,8 +482,8 @@ async fn byok_import_refusals_change_nothing() {
         ("not base64", json!({"ciphertext": "%%%"})),
         ("missing", json!({})),
         (
-            "SHA224",
-            json!({"ciphertext": good, "hash_function": "SHA224"}),
+            "unknown hash function",
+            json!({"ciphertext": good, "hash_function": "SHA3-256"}),
         ),
         (
             "convergent",
@@ -769,4 +855,469 @@ async fn wrap_unwrap_and_import_are_always_audited() {
         !log.contains(w["data"]["wrapped_key"].as_str().unwrap()),
         "no key bytes"
     );
+}
+
+/// A key pair made outside the engine (aws-lc-rs), as a client holding it
+/// would: its SubjectPublicKeyInfo PEM (what `public_key` imports), its
+/// PKCS#8 (what `ciphertext` wraps) and a signer.
+struct Outside {
+    ty: &'static str,
+    spki: Vec<u8>,
+    pkcs8: Vec<u8>,
+    /// Vault's `hash_algorithm` the signer uses.
+    hash: &'static str,
+    sign: Signer,
+}
+
+/// Signs a message with a key held outside the engine.
+type Signer = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
+impl Outside {
+    fn pem(&self) -> String {
+        let body = STANDARD.encode(&self.spki);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            lines.join("\n")
+        )
+    }
+
+    fn ed25519() -> Outside {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        Outside {
+            ty: "ed25519",
+            spki: pair.public_key().as_der().unwrap().as_ref().to_vec(),
+            pkcs8: doc.as_ref().to_vec(),
+            hash: "sha2-256",
+            sign: Box::new(move |m| pair.sign(m).as_ref().to_vec()),
+        }
+    }
+
+    fn ecdsa(ty: &'static str, alg: &'static EcdsaSigningAlgorithm, hash: &'static str) -> Outside {
+        let rng = SystemRandom::new();
+        let doc = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(alg, doc.as_ref()).unwrap();
+        Outside {
+            ty,
+            spki: pair.public_key().as_der().unwrap().as_ref().to_vec(),
+            pkcs8: doc.as_ref().to_vec(),
+            hash,
+            sign: Box::new(move |m| pair.sign(&rng, m).unwrap().as_ref().to_vec()),
+        }
+    }
+
+    fn rsa2048() -> Outside {
+        let pair = RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let pkcs8 = pair.as_der().unwrap().as_ref().to_vec();
+        Outside {
+            ty: "rsa-2048",
+            spki: pair.public_key().as_der().unwrap().as_ref().to_vec(),
+            pkcs8,
+            hash: "sha2-256",
+            sign: Box::new(move |m| {
+                let mut sig = vec![0u8; pair.public_modulus_len()];
+                pair.sign(&RSA_PSS_SHA256, &SystemRandom::new(), m, &mut sig)
+                    .unwrap();
+                sig
+            }),
+        }
+    }
+
+    fn all() -> Vec<Outside> {
+        vec![
+            Outside::ed25519(),
+            Outside::ecdsa("ecdsa-p256", &ECDSA_P256_SHA256_ASN1_SIGNING, "sha2-256"),
+            Outside::ecdsa("ecdsa-p384", &ECDSA_P384_SHA384_ASN1_SIGNING, "sha2-384"),
+            Outside::ecdsa("ecdsa-p521", &ECDSA_P521_SHA512_ASN1_SIGNING, "sha2-512"),
+            Outside::rsa2048(),
+        ]
+    }
+}
+
+/// Vault's `public_key` import for every asymmetric type, with key pairs
+/// made here: the imported key verifies signatures made outside (and only
+/// those), shows and exports exactly that public key, RSA encrypts to the
+/// outside private key; signing, decryption, HMAC and private exports are
+/// refused naming why. Then `import_version` with the wrapped matching
+/// private key completes version 1, which from then on signs.
+#[tokio::test]
+async fn public_key_import_verifies_outside_signatures_and_signs_only_once_completed() {
+    let t = T::new().await;
+    let wrapping = t.wrapping_key().await;
+    for o in Outside::all() {
+        let name = format!("pub-{}", o.ty);
+        let info = t
+            .ok(
+                &format!("/v1/transit/keys/{name}/import"),
+                json!({"type": o.ty, "public_key": o.pem(), "exportable": true}),
+            )
+            .await;
+        assert_eq!(info["imported_key"], true, "{info}");
+        assert_eq!(info["latest_version"], 1);
+        let shown = info["keys"]["1"]["public_key"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if o.ty == "ed25519" {
+            // Vault shows ed25519 keys as base64 of the raw 32 bytes.
+            assert_eq!(
+                STANDARD.decode(&shown).unwrap(),
+                o.spki[o.spki.len() - 32..]
+            );
+        } else {
+            assert_eq!(
+                pem_der(&shown),
+                o.spki,
+                "{}: keys/:name shows the key",
+                o.ty
+            );
+        }
+        let exported =
+            t.s.get(
+                &t.c,
+                &format!("/v1/transit/export/public-key/{name}/1"),
+                Some(&t.app),
+            )
+            .await;
+        assert_eq!(exported.0, 200, "{}", exported.1);
+        assert_eq!(exported.1["data"]["keys"]["1"], shown.as_str(), "{}", o.ty);
+
+        // Verify: the outside signature is valid, a tampered one is not.
+        let msg = b"signed outside the engine";
+        let sig = format!("vault:v1:{}", STANDARD.encode((o.sign)(msg)));
+        let verify = |input: &[u8], sig: &str| json!({"input": b64(input), "signature": sig, "hash_algorithm": o.hash});
+        let v = t
+            .ok(&format!("/v1/transit/verify/{name}"), verify(msg, &sig))
+            .await;
+        assert_eq!(v["valid"], true, "{}: {v}", o.ty);
+        let v = t
+            .ok(
+                &format!("/v1/transit/verify/{name}"),
+                verify(b"something else", &sig),
+            )
+            .await;
+        assert_eq!(v["valid"], false, "{}", o.ty);
+
+        // Everything that needs the private key is refused, and says why.
+        for (path, body) in [
+            (
+                format!("/v1/transit/sign/{name}"),
+                json!({"input": b64(msg), "hash_algorithm": o.hash}),
+            ),
+            (
+                format!("/v1/transit/hmac/{name}"),
+                json!({"input": b64(msg)}),
+            ),
+        ] {
+            let (st, body) = t.post(&path, body).await;
+            assert_eq!(st, 400, "{path}: {body}");
+            assert!(
+                body["errors"][0]
+                    .as_str()
+                    .unwrap()
+                    .contains("only a public key"),
+                "{path}: {body}"
+            );
+        }
+        for kind in ["signing-key", "hmac-key"] {
+            let (st, body) =
+                t.s.get(
+                    &t.c,
+                    &format!("/v1/transit/export/{kind}/{name}"),
+                    Some(&t.app),
+                )
+                .await;
+            assert_eq!(st, 400, "{kind}: {body}");
+        }
+        if o.ty == "rsa-2048" {
+            // RSA: encrypt to the outside key holder.
+            let ct = t
+                .ok(
+                    &format!("/v1/transit/encrypt/{name}"),
+                    json!({"plaintext": b64(b"for the key holder")}),
+                )
+                .await["ciphertext"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let dec = aws_lc_rs::rsa::PrivateDecryptingKey::from_pkcs8(&o.pkcs8).unwrap();
+            let dec = aws_lc_rs::rsa::OaepPrivateDecryptingKey::new(dec).unwrap();
+            let mut out = vec![0u8; dec.min_output_size()];
+            let pt = dec
+                .decrypt(&OAEP_SHA256_MGF1SHA256, &sig_bytes(&ct), &mut out, None)
+                .unwrap();
+            assert_eq!(pt, b"for the key holder");
+            let (st, body) = t
+                .post(
+                    &format!("/v1/transit/decrypt/{name}"),
+                    json!({"ciphertext": ct}),
+                )
+                .await;
+            assert_eq!(st, 400, "{body}");
+            // PKCS#1 v1.5 signatures made outside verify too.
+            let pair = RsaKeyPair::from_pkcs8(&o.pkcs8).unwrap();
+            let mut sig = vec![0u8; pair.public_modulus_len()];
+            pair.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), msg, &mut sig)
+                .unwrap();
+            let v = t
+                .ok(
+                    &format!("/v1/transit/verify/{name}"),
+                    json!({"input": b64(msg), "signature": format!("vault:v1:{}", STANDARD.encode(&sig)),
+                           "signature_algorithm": "pkcs1v15"}),
+                )
+                .await;
+            assert_eq!(v["valid"], true, "{v}");
+        }
+
+        // The matching private key, wrapped, completes version 1.
+        let info = t
+            .ok(
+                &format!("/v1/transit/keys/{name}/import_version"),
+                json!({"ciphertext": vault_wrap(&wrapping, &o.pkcs8, &OAEP_SHA256_MGF1SHA256)}),
+            )
+            .await;
+        assert_eq!(info["latest_version"], 1, "completed, not added: {info}");
+        assert_eq!(info["keys"]["1"]["public_key"], shown.as_str());
+        let signed = t
+            .ok(
+                &format!("/v1/transit/sign/{name}"),
+                json!({"input": b64(msg), "hash_algorithm": o.hash}),
+            )
+            .await;
+        let sig = signed["signature"].as_str().unwrap();
+        assert!(sig.starts_with("vault:v1:"), "{sig}");
+        let v = t
+            .ok(&format!("/v1/transit/verify/{name}"), verify(msg, sig))
+            .await;
+        assert_eq!(v["valid"], true, "{}", o.ty);
+        if o.ty == "ed25519" {
+            UnparsedPublicKey::new(&ED25519, &o.spki[o.spki.len() - 32..])
+                .verify(msg, &sig_bytes(sig))
+                .expect("the engine signed with the outside key");
+        }
+    }
+}
+
+/// import_version with a public key adds a public-only version; the rules
+/// for `version` (Vault's): only a public-only version takes a private key,
+/// and only its own.
+#[tokio::test]
+async fn import_version_with_public_keys_follows_vaults_rules() {
+    let t = T::new().await;
+    let wrapping = t.wrapping_key().await;
+    let first = Outside::ecdsa("ecdsa-p256", &ECDSA_P256_SHA256_ASN1_SIGNING, "sha2-256");
+    let second = Outside::ecdsa("ecdsa-p256", &ECDSA_P256_SHA256_ASN1_SIGNING, "sha2-256");
+    t.ok(
+        "/v1/transit/keys/k/import",
+        json!({"type": "ecdsa-p256", "public_key": first.pem()}),
+    )
+    .await;
+    let info = t
+        .ok(
+            "/v1/transit/keys/k/import_version",
+            json!({"public_key": second.pem()}),
+        )
+        .await;
+    assert_eq!(info["latest_version"], 2, "{info}");
+    // Each version verifies its own outside signatures.
+    for (v, o) in [(1, &first), (2, &second)] {
+        let sig = format!("vault:v{v}:{}", STANDARD.encode((o.sign)(b"m")));
+        let r = t
+            .ok(
+                "/v1/transit/verify/k",
+                json!({"input": b64(b"m"), "signature": sig}),
+            )
+            .await;
+        assert_eq!(r["valid"], true, "v{v}");
+    }
+    let wrapped = |o: &Outside| vault_wrap(&wrapping, &o.pkcs8, &OAEP_SHA256_MGF1SHA256);
+    for (what, body) in [
+        (
+            "a public key into a version that has one",
+            json!({"public_key": first.pem(), "version": 1}),
+        ),
+        (
+            "the wrong private key for version 1",
+            json!({"ciphertext": wrapped(&second), "version": 1}),
+        ),
+        (
+            "a version that does not exist",
+            json!({"ciphertext": wrapped(&first), "version": 7}),
+        ),
+        (
+            "both fields",
+            json!({"ciphertext": wrapped(&first), "public_key": first.pem()}),
+        ),
+        ("neither field", json!({"version": 1})),
+        (
+            "a public key of another curve",
+            json!({"public_key": Outside::ecdsa("ecdsa-p384", &ECDSA_P384_SHA384_ASN1_SIGNING, "sha2-384").pem()}),
+        ),
+    ] {
+        let (st, body) = t.post("/v1/transit/keys/k/import_version", body).await;
+        assert_eq!(st, 400, "{what}: {body}");
+    }
+    let (_, read) = t.s.get(&t.c, "/v1/transit/keys/k", Some(&t.app)).await;
+    assert_eq!(
+        read["data"]["latest_version"], 2,
+        "the refusals changed nothing"
+    );
+    let (st, _) = t
+        .post(
+            "/v1/transit/sign/k",
+            json!({"input": b64(b"m"), "key_version": 1}),
+        )
+        .await;
+    assert_eq!(st, 400, "version 1 is still public-only");
+    // `version: 1` with its own private key completes version 1 only.
+    let info = t
+        .ok(
+            "/v1/transit/keys/k/import_version",
+            json!({"ciphertext": wrapped(&first), "version": 1}),
+        )
+        .await;
+    assert_eq!(info["latest_version"], 2, "{info}");
+    t.ok(
+        "/v1/transit/sign/k",
+        json!({"input": b64(b"m"), "key_version": 1}),
+    )
+    .await;
+    let (st, _) = t
+        .post("/v1/transit/sign/k", json!({"input": b64(b"m")}))
+        .await;
+    assert_eq!(st, 400, "version 2 (the latest) is still public-only");
+    // Once complete, a version takes nothing more.
+    let (st, body) = t
+        .post(
+            "/v1/transit/keys/k/import_version",
+            json!({"ciphertext": wrapped(&first), "version": 1}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    // Without `version`, the latest version's private key completes it.
+    let info = t
+        .ok(
+            "/v1/transit/keys/k/import_version",
+            json!({"ciphertext": wrapped(&second)}),
+        )
+        .await;
+    assert_eq!(info["latest_version"], 2, "{info}");
+    t.ok("/v1/transit/sign/k", json!({"input": b64(b"m")}))
+        .await;
+}
+
+/// Bad `public_key` imports are refused with a 400 that says why, and
+/// create nothing.
+#[tokio::test]
+async fn public_key_import_refusals_change_nothing() {
+    let t = T::new().await;
+    let wrapping = t.wrapping_key().await;
+    let p256 = Outside::ecdsa("ecdsa-p256", &ECDSA_P256_SHA256_ASN1_SIGNING, "sha2-256");
+    let rsa = Outside::rsa2048();
+    let ed = Outside::ed25519();
+    let private_pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        STANDARD.encode(&p256.pkcs8)
+    );
+    for (what, body, says) in [
+        (
+            "both fields",
+            json!({"type": "ecdsa-p256", "public_key": p256.pem(),
+            "ciphertext": vault_wrap(&wrapping, &p256.pkcs8, &OAEP_SHA256_MGF1SHA256)}),
+            "only one of",
+        ),
+        (
+            "neither field",
+            json!({"type": "ecdsa-p256"}),
+            "one of ciphertext",
+        ),
+        (
+            "another curve",
+            json!({"type": "ecdsa-p384", "public_key": p256.pem()}),
+            "P-256",
+        ),
+        (
+            "another kind",
+            json!({"type": "rsa-2048", "public_key": p256.pem()}),
+            "ECDSA",
+        ),
+        (
+            "another size",
+            json!({"type": "rsa-4096", "public_key": rsa.pem()}),
+            "2048 bits",
+        ),
+        (
+            "ed25519 as ECDSA",
+            json!({"type": "ecdsa-p256", "public_key": ed.pem()}),
+            "Ed25519",
+        ),
+        (
+            "a symmetric type",
+            json!({"type": "aes256-gcm96", "public_key": rsa.pem()}),
+            "does not support public_key",
+        ),
+        (
+            "the default type",
+            json!({"public_key": rsa.pem()}),
+            "does not support public_key",
+        ),
+        (
+            "a private key",
+            json!({"type": "ecdsa-p256", "public_key": private_pem}),
+            "private key",
+        ),
+        (
+            "garbage",
+            json!({"type": "rsa-2048", "public_key": "not a key"}),
+            "PEM",
+        ),
+        (
+            "not a string",
+            json!({"type": "rsa-2048", "public_key": 42}),
+            "public_key",
+        ),
+        (
+            "derived ed25519",
+            json!({"type": "ed25519", "public_key": ed.pem(), "derived": true}),
+            "derived",
+        ),
+        (
+            "convergent",
+            json!({"type": "ed25519", "public_key": ed.pem(), "convergent_encryption": true}),
+            "convergent",
+        ),
+        (
+            "auto-rotation without allow_rotation",
+            json!({"type": "ed25519", "public_key": ed.pem(), "auto_rotate_period": "24h"}),
+            "allow_rotation",
+        ),
+    ] {
+        let (st, resp) = t.post("/v1/transit/keys/k/import", body).await;
+        assert_eq!(st, 400, "{what}: {resp}");
+        let msg = resp["errors"][0].as_str().unwrap_or_default();
+        assert!(msg.contains(says), "{what}: {msg:?} lacks {says:?}");
+        let (st, _) = t.s.get(&t.c, "/v1/transit/keys/k", Some(&t.app)).await;
+        assert_eq!(st, 404, "{what}: nothing was created");
+    }
+    // Not on a key that was not imported, as every import_version.
+    t.ok("/v1/transit/keys/generated", json!({"type": "ecdsa-p256"}))
+        .await;
+    let (st, _) = t
+        .post(
+            "/v1/transit/keys/generated/import_version",
+            json!({"public_key": p256.pem()}),
+        )
+        .await;
+    assert_eq!(st, 400);
+    // The allow: the same key, right type, imports.
+    t.ok(
+        "/v1/transit/keys/k/import",
+        json!({"type": "ecdsa-p256", "public_key": p256.pem()}),
+    )
+    .await;
 }

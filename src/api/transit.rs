@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use super::{blocking, rfc3339, Call};
 use crate::engine::crypto::{ExportKind, HashAlgorithm, KeyType, RsaPadding, SignOptions};
 use crate::engine::keyring::{KeyConfigChange, KeyOptions, KeyRing};
-use crate::engine::wrap::{Mechanism, OaepHash, Unwrap};
+use crate::engine::wrap::{ImportSource, Mechanism, OaepHash, Unwrap};
 use crate::engine::{EngineError, Principal};
 use crate::gateway::rescue::{self, ApiError};
 
@@ -398,17 +398,59 @@ fn required_b64(body: &Body, k: &str) -> Result<Vec<u8>, ApiError> {
         .ok_or_else(|| bad(format!("missing {k}")))
 }
 
+/// What an import carries: exactly one of `ciphertext` (the key wrapped
+/// for the wrapping key, with `hash_function`) and `public_key` (a PEM
+/// SubjectPublicKeyInfo). Vault takes `ciphertext` when both are sent;
+/// hsmgate refuses the ambiguity.
+enum Source {
+    Wrapped { ciphertext: Vec<u8>, hash: OaepHash },
+    PublicKey(String),
+}
+
+impl Source {
+    fn read(body: &Body) -> Result<Source, ApiError> {
+        let given = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
+        match (given("ciphertext"), given("public_key")) {
+            (true, true) => Err(bad(
+                "only one of ciphertext and public_key may be set: ciphertext imports the \
+                 private key (wrapped), public_key only the public key"
+                    .into(),
+            )),
+            (false, false) => Err(bad(
+                "one of ciphertext (the wrapped private key) or public_key (a PEM public key) \
+                 is required"
+                    .into(),
+            )),
+            (true, false) => Ok(Source::Wrapped {
+                hash: OaepHash::parse(body.str("hash_function").map_err(bad)?)?,
+                ciphertext: required_b64(body, "ciphertext")?,
+            }),
+            (false, true) => Ok(Source::PublicKey(
+                body.str("public_key")
+                    .map_err(bad)?
+                    .unwrap_or_default()
+                    .to_string(),
+            )),
+        }
+    }
+
+    fn as_import(&self) -> ImportSource<'_> {
+        match self {
+            Source::Wrapped { ciphertext, hash } => ImportSource::Wrapped {
+                ciphertext,
+                hash: *hash,
+            },
+            Source::PublicKey(pem) => ImportSource::PublicKey(pem),
+        }
+    }
+}
+
 /// Vault's `keys/:name/import`: `ciphertext` = base64(RSA-OAEP(ephemeral
-/// AES-256 key) ‖ AES-KWP(ephemeral key, key)). `public_key` imports are
-/// not supported.
+/// AES-256 key) ‖ AES-KWP(ephemeral key, key)), or `public_key` for a
+/// verification-only key.
 async fn import_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
-    if body.get("public_key").is_some() && body.get("ciphertext").is_none() {
-        return Err(bad(
-            "public_key imports are not supported: import the private key as ciphertext".into(),
-        ));
-    }
     // Vault refuses the field itself, whatever its value.
     if body.0.contains_key("convergent_encryption") {
         return Err(bad(
@@ -416,36 +458,30 @@ async fn import_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>
         ));
     }
     let opts = key_options(&body)?;
-    let hash = OaepHash::parse(body.str("hash_function").map_err(bad)?)?;
-    let ciphertext = required_b64(&body, "ciphertext")?;
+    let source = Source::read(&body)?;
     let name = name.to_string();
-    let ring = blocking(call.engine(), move |e| {
-        e.import_key(&by, &name, &opts, &ciphertext, hash)
+    let ring = blocking(call.engine(), move |e| match &source {
+        Source::Wrapped { ciphertext, hash } => e.import_key(&by, &name, &opts, ciphertext, *hash),
+        Source::PublicKey(pem) => e.import_public_key(&by, &name, &opts, pem),
     })
     .await?;
     call.ok(key_info(&ring)?)
 }
 
-/// Vault's `keys/:name/import_version`: a new version of an imported key.
+/// Vault's `keys/:name/import_version`: a new version of an imported key,
+/// or (`version`, or a matching latest version) the private key of a
+/// public-key-only version.
 async fn import_key_version(
     call: &Call<'_>,
     name: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
-    if body.get("public_key").is_some() && body.get("ciphertext").is_none() {
-        return Err(bad("public_key imports are not supported".into()));
-    }
-    if body.get("version").is_some() {
-        return Err(bad(
-            "version is not supported: import_version always adds a new latest version".into(),
-        ));
-    }
-    let hash = OaepHash::parse(body.str("hash_function").map_err(bad)?)?;
-    let ciphertext = required_b64(&body, "ciphertext")?;
+    let source = Source::read(&body)?;
+    let version = body.u32("version").map_err(bad)?.filter(|v| *v != 0);
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| {
-        e.import_key_version(&by, &name, &ciphertext, hash)
+        e.import_key_version(&by, &name, source.as_import(), version)
     })
     .await?;
     call.ok(key_info(&ring)?)

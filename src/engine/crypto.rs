@@ -28,13 +28,13 @@ use aws_lc_rs::rsa::{
 };
 use aws_lc_rs::signature::{
     EcdsaKeyPair, EcdsaSigningAlgorithm, EcdsaVerificationAlgorithm, Ed25519KeyPair, KeyPair,
-    RsaEncoding, RsaKeyPair, RsaParameters, RsaPssSaltLength, UnparsedPublicKey,
-    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1,
-    ECDSA_P384_SHA384_ASN1_SIGNING, ECDSA_P521_SHA512_ASN1, ECDSA_P521_SHA512_ASN1_SIGNING,
-    ED25519, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384, RSA_PKCS1_2048_8192_SHA512,
-    RSA_PKCS1_SHA256, RSA_PKCS1_SHA384, RSA_PKCS1_SHA512, RSA_PSS_2048_8192_SHA256,
-    RSA_PSS_2048_8192_SHA384, RSA_PSS_2048_8192_SHA512, RSA_PSS_SHA256, RSA_PSS_SHA384,
-    RSA_PSS_SHA512,
+    ParsedPublicKey, RsaEncoding, RsaKeyPair, RsaParameters, RsaPssSaltLength, UnparsedPublicKey,
+    VerificationAlgorithm, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING,
+    ECDSA_P384_SHA384_ASN1, ECDSA_P384_SHA384_ASN1_SIGNING, ECDSA_P521_SHA512_ASN1,
+    ECDSA_P521_SHA512_ASN1_SIGNING, ED25519, RSA_PKCS1_2048_8192_SHA256,
+    RSA_PKCS1_2048_8192_SHA384, RSA_PKCS1_2048_8192_SHA512, RSA_PKCS1_SHA256, RSA_PKCS1_SHA384,
+    RSA_PKCS1_SHA512, RSA_PSS_2048_8192_SHA256, RSA_PSS_2048_8192_SHA384, RSA_PSS_2048_8192_SHA512,
+    RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512,
 };
 use aws_lc_rs::{hkdf, hmac};
 use base64::Engine as _;
@@ -69,6 +69,14 @@ pub enum CryptoError {
     RandomFailure,
     #[error("key generation failed")]
     KeyGeneration,
+    /// A version imported with only its public key (Vault's `public_key`
+    /// import) was asked for something only a full key pair can do.
+    #[error(
+        "this key version holds only a public key (imported with public_key): it can verify \
+         signatures (and, for RSA, encrypt) but not {op}; supply its private key with \
+         keys/:name/import_version to complete it"
+    )]
+    PublicKeyOnly { op: &'static str },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -415,6 +423,23 @@ enum Parsed {
     Ed25519(Ed25519KeyPair),
     Ecdsa(EcdsaKeyPair, Curve),
     Rsa(Box<(RsaKeyPair, OaepPrivateDecryptingKey)>),
+    /// A version imported with only its public key: no private key object
+    /// exists, so every signing, decryption and private-export path has
+    /// nothing to work with (they match the variants above).
+    PublicOnly(Box<PublicOnly>),
+}
+
+/// The public key of a public-key-only version.
+struct PublicOnly {
+    /// SubjectPublicKeyInfo DER as aws-lc marshals it: the stored form, and
+    /// what a private key supplied later is compared with.
+    spki: Vec<u8>,
+    /// What verification takes: the raw 32 bytes (Ed25519), the
+    /// uncompressed point (ECDSA), the PKCS#1 RSAPublicKey (RSA).
+    raw: Vec<u8>,
+    curve: Option<Curve>,
+    /// RSA: the key prepared for OAEP encryption.
+    rsa: Option<OaepPublicEncryptingKey>,
 }
 
 /// Material for one key version.
@@ -538,11 +563,112 @@ impl KeyMaterial {
         })
     }
 
+    /// A public-key-only version (Vault's `keys/:name/import` with
+    /// `public_key`) from a PEM SubjectPublicKeyInfo (`BEGIN PUBLIC KEY`),
+    /// checked against `key_type` (key kind, curve, modulus size) with an
+    /// error that says what is wrong. The version gets a fresh HMAC key, as
+    /// Vault gives it, used once the private key is supplied.
+    pub fn public_only_from_pem(key_type: KeyType, pem: &str) -> Result<KeyMaterial, CryptoError> {
+        if !key_type.supports_signing() {
+            return Err(CryptoError::InvalidInput(format!(
+                "key type {key_type} does not support public_key import (only ed25519, \
+                 ecdsa-p256/p384/p521 and rsa-2048/3072/4096 keys have public keys)"
+            )));
+        }
+        let der = public_key_pem_der(pem)?;
+        let public = parse_public_only(key_type, &der)?;
+        Self::with_public(key_type, public, random_secret()?)
+    }
+
+    /// Rebuilds a public-key-only version from its stored SubjectPublicKeyInfo,
+    /// held to the checks of an import (a Transit backup is untrusted input).
+    pub fn public_only(
+        key_type: KeyType,
+        spki: &[u8],
+        hmac_key: SecretBytes,
+    ) -> Result<KeyMaterial, CryptoError> {
+        let public =
+            parse_public_only(key_type, spki).map_err(|_| CryptoError::InvalidKeyMaterial)?;
+        Self::with_public(key_type, public, hmac_key)
+    }
+
+    fn with_public(
+        key_type: KeyType,
+        public: PublicOnly,
+        hmac_key: SecretBytes,
+    ) -> Result<KeyMaterial, CryptoError> {
+        if !key_type.supports_signing() || hmac_key.len() != KEY_LEN {
+            return Err(CryptoError::InvalidKeyMaterial);
+        }
+        let hmac_sha256 = Box::new(hmac::Key::new(hmac::HMAC_SHA256, hmac_key.expose_secret()));
+        Ok(KeyMaterial {
+            key_type,
+            secret: SecretBytes::new(Vec::new()),
+            hmac_key,
+            parsed: Parsed::PublicOnly(Box::new(public)),
+            aead: None,
+            hmac_sha256,
+        })
+    }
+
+    /// The raw public key of a full RSA version (PKCS#1), for tests.
+    #[cfg(test)]
+    fn public_key_raw(&self) -> &[u8] {
+        match &self.parsed {
+            Parsed::Rsa(rsa) => rsa.0.public_key().as_ref(),
+            _ => &[],
+        }
+    }
+
+    /// Whether this version holds only a public key.
+    pub fn is_public_only(&self) -> bool {
+        matches!(self.parsed, Parsed::PublicOnly(_))
+    }
+
+    /// The SubjectPublicKeyInfo (DER, aws-lc's canonical encoding) of an
+    /// asymmetric version, `None` for symmetric ones. Two versions hold the
+    /// same public key exactly when these are equal.
+    pub fn public_key_spki(&self) -> Result<Option<Vec<u8>>, CryptoError> {
+        let (alg, raw): (&'static dyn VerificationAlgorithm, &[u8]) = match &self.parsed {
+            Parsed::Symmetric => return Ok(None),
+            Parsed::PublicOnly(p) => return Ok(Some(p.spki.clone())),
+            Parsed::Ed25519(pair) => (&ED25519, pair.public_key().as_ref()),
+            Parsed::Ecdsa(pair, curve) => (curve.verifying, pair.public_key().as_ref()),
+            Parsed::Rsa(rsa) => (&RSA_PKCS1_2048_8192_SHA256, rsa.0.public_key().as_ref()),
+        };
+        canonical_spki(alg, raw).map(Some)
+    }
+
+    /// This public-key-only version completed with `private`, a full key of
+    /// the same type whose public key must be this version's (Vault's
+    /// `ImportPrivateKeyForVersion`: "key pair does not match" otherwise).
+    /// The version keeps its HMAC key.
+    pub fn with_private_key(&self, private: &KeyMaterial) -> Result<KeyMaterial, CryptoError> {
+        if !self.is_public_only() || private.is_public_only() || private.key_type != self.key_type {
+            return Err(CryptoError::InvalidInput(
+                "a private key can only complete a public-key-only version of its own type".into(),
+            ));
+        }
+        if private.public_key_spki()? != self.public_key_spki()? {
+            return Err(CryptoError::InvalidInput(
+                "cannot import key, key pair does not match: the private key's public key is \
+                 not this version's public key"
+                    .into(),
+            ));
+        }
+        Self::from_parts(
+            self.key_type,
+            private.secret.duplicate(),
+            self.hmac_key.duplicate(),
+        )
+    }
+
     /// A key derived for one `context` (Vault's derived keys, KDF
     /// `hkdf_sha256`): HKDF-SHA256 with an empty salt, the version's key as
     /// input keying material and the context as info. The HMAC key stays the
     /// version's own.
     pub fn derive(&self, context: &[u8]) -> Result<KeyMaterial, CryptoError> {
+        self.refuse_public_only("key derivation")?;
         if !self.key_type.supports_derivation() {
             return Err(self.unsupported("key derivation"));
         }
@@ -593,6 +719,21 @@ impl KeyMaterial {
                     public_key: pem("PUBLIC KEY", der.as_ref()),
                 })
             }
+            // The same strings a full key of the type shows.
+            Parsed::PublicOnly(p) => Some(match (self.key_type, &p.curve) {
+                (KeyType::Ed25519, _) => PublicKey {
+                    name: "ed25519",
+                    public_key: b64.encode(&p.raw),
+                },
+                (_, Some(curve)) => PublicKey {
+                    name: curve.name,
+                    public_key: pem("PUBLIC KEY", &p.spki),
+                },
+                _ => PublicKey {
+                    name: self.key_type.as_str(),
+                    public_key: pem("PUBLIC KEY", &p.spki),
+                },
+            }),
         })
     }
 
@@ -606,6 +747,17 @@ impl KeyMaterial {
                 ));
             }
             return rsa_oaep_encrypt(&rsa.0, plaintext);
+        }
+        if let Parsed::PublicOnly(p) = &self.parsed {
+            let Some(key) = &p.rsa else {
+                return Err(self.unsupported("encryption"));
+            };
+            if !aad.is_empty() {
+                return Err(CryptoError::InvalidInput(
+                    "associated_data is not supported with RSA keys".into(),
+                ));
+            }
+            return rsa_oaep_encrypt_with(key, plaintext);
         }
         let key = self.prepared_aead("encryption")?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -639,6 +791,7 @@ impl KeyMaterial {
 
     /// One error for every failure (see [`CryptoError::DecryptionFailed`]).
     pub fn decrypt(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.refuse_public_only("decryption")?;
         if let Parsed::Rsa(_) = &self.parsed {
             if !aad.is_empty() {
                 return Err(CryptoError::InvalidInput(
@@ -657,6 +810,7 @@ impl KeyMaterial {
         alg: &'static OaepAlgorithm,
         blob: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.refuse_public_only("decryption")?;
         let Parsed::Rsa(rsa) = &self.parsed else {
             return Err(self.unsupported("RSA-OAEP decryption"));
         };
@@ -668,6 +822,19 @@ impl KeyMaterial {
             .len();
         out.truncate(len);
         Ok(out)
+    }
+
+    /// RSA-OAEP decryption with SHA-224 for OAEP and MGF1 and no label
+    /// (Vault's import `hash_function: SHA224`), which aws-lc-rs does not
+    /// offer: aws-lc's EVP API through the `oaep-sha224` crate, on this
+    /// version's PKCS#8 document. One error for every failure.
+    pub fn rsa_oaep_sha224_decrypt(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.refuse_public_only("decryption")?;
+        let Parsed::Rsa(_) = &self.parsed else {
+            return Err(self.unsupported("RSA-OAEP decryption"));
+        };
+        oaep_sha224::decrypt(self.secret.expose_secret(), blob)
+            .map_err(|_| CryptoError::DecryptionFailed)
     }
 
     /// The RSA modulus length in bytes (the size of an OAEP block), or
@@ -709,6 +876,7 @@ impl KeyMaterial {
                 .map_err(|_| CryptoError::InvalidKeyMaterial)?;
                 Ok(sig)
             }
+            Parsed::PublicOnly(_) => Err(CryptoError::PublicKeyOnly { op: "signing" }),
             Parsed::Symmetric => Err(self.unsupported("signing")),
         }
     }
@@ -727,6 +895,7 @@ impl KeyMaterial {
             Parsed::Ed25519(pair) => pair.public_key().as_ref(),
             Parsed::Ecdsa(pair, _) => pair.public_key().as_ref(),
             Parsed::Rsa(rsa) => rsa.0.public_key().as_ref(),
+            Parsed::PublicOnly(p) => &p.raw,
             Parsed::Symmetric => return Err(self.unsupported("verification")),
         };
         verify_with_public_key(self.key_type, public, input, signature, opts)
@@ -736,22 +905,34 @@ impl KeyMaterial {
     /// ASN.1 DER to the fixed-width `r ‖ s` of JWS (RFC 7518 §3.4); other
     /// types' signatures are the same bytes either way.
     pub fn signature_to_jws(&self, der: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        match &self.parsed {
-            Parsed::Ecdsa(_, curve) => ecdsa_der_to_fixed(der, curve.scalar_len),
-            _ => Ok(der.to_vec()),
+        match self.ecdsa_curve() {
+            Some(curve) => ecdsa_der_to_fixed(der, curve.scalar_len),
+            None => Ok(der.to_vec()),
         }
     }
 
     /// The inverse of [`Self::signature_to_jws`]; `None` for a JWS signature
     /// of the wrong length (which then simply does not verify).
     pub fn signature_from_jws(&self, jws: &[u8]) -> Option<Vec<u8>> {
-        match &self.parsed {
-            Parsed::Ecdsa(_, curve) => ecdsa_fixed_to_der(jws, curve.scalar_len),
-            _ => Some(jws.to_vec()),
+        match self.ecdsa_curve() {
+            Some(curve) => ecdsa_fixed_to_der(jws, curve.scalar_len),
+            None => Some(jws.to_vec()),
         }
     }
 
+    fn ecdsa_curve(&self) -> Option<&Curve> {
+        match &self.parsed {
+            Parsed::Ecdsa(_, curve) => Some(curve),
+            Parsed::PublicOnly(p) => p.curve.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// HMAC with the version's HMAC key. A public-key-only version holds an
+    /// HMAC key (as in Vault) but hsmgate does not use it until the version
+    /// is complete: such a version is a verification key, nothing else.
     pub fn hmac(&self, input: &[u8], hash: HashAlgorithm) -> Result<Vec<u8>, CryptoError> {
+        self.refuse_public_only("HMAC")?;
         self.with_hmac_key(hash, |key| hmac::sign(key, input).as_ref().to_vec())
     }
 
@@ -776,6 +957,7 @@ impl KeyMaterial {
         mac: &[u8],
         hash: HashAlgorithm,
     ) -> Result<bool, CryptoError> {
+        self.refuse_public_only("HMAC")?;
         self.with_hmac_key(hash, |key| hmac::verify(key, input, mac).is_ok())
     }
 
@@ -784,6 +966,9 @@ impl KeyMaterial {
     pub fn export(&self, kind: ExportKind) -> Result<Zeroizing<String>, CryptoError> {
         let b64 = &base64::engine::general_purpose::STANDARD;
         let refuse = || self.unsupported("this export type");
+        if kind != ExportKind::PublicKey {
+            self.refuse_public_only("export of private or HMAC key material")?;
+        }
         match kind {
             ExportKind::HmacKey => Ok(Zeroizing::new(b64.encode(self.hmac_key.expose_secret()))),
             ExportKind::PublicKey => match self.public_key()? {
@@ -818,6 +1003,13 @@ impl KeyMaterial {
                 _ => Err(refuse()),
             },
         }
+    }
+
+    fn refuse_public_only(&self, op: &'static str) -> Result<(), CryptoError> {
+        if self.is_public_only() {
+            return Err(CryptoError::PublicKeyOnly { op });
+        }
+        Ok(())
     }
 
     fn prepared_aead(&self, op: &'static str) -> Result<&LessSafeKey, CryptoError> {
@@ -925,6 +1117,13 @@ fn rsa_oaep_encrypt(pair: &RsaKeyPair, plaintext: &[u8]) -> Result<Vec<u8>, Cryp
     )
     .map_err(|_| CryptoError::InvalidKeyMaterial)?;
     let key = OaepPublicEncryptingKey::new(public).map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    rsa_oaep_encrypt_with(&key, plaintext)
+}
+
+fn rsa_oaep_encrypt_with(
+    key: &OaepPublicEncryptingKey,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     let max = key.max_plaintext_size(&OAEP_SHA256_MGF1SHA256);
     if plaintext.len() > max {
         return Err(CryptoError::InvalidInput(format!(
@@ -938,6 +1137,226 @@ fn rsa_oaep_encrypt(pair: &RsaKeyPair, plaintext: &[u8]) -> Result<Vec<u8>, Cryp
         .len();
     out.truncate(len);
     Ok(out)
+}
+
+/// The largest `public_key` PEM accepted (an RSA-4096 SPKI is 800 bytes of PEM).
+const MAX_PUBLIC_KEY_PEM: usize = 16 * 1024;
+
+/// The DER of a `public_key` PEM: one `BEGIN PUBLIC KEY` block (RFC 7468
+/// SubjectPublicKeyInfo) and nothing else but whitespace. Other labels get
+/// an error naming what was sent instead (a private key above all).
+fn public_key_pem_der(pem: &str) -> Result<Vec<u8>, CryptoError> {
+    let bad = |why: &str| CryptoError::InvalidInput(format!("invalid public_key: {why}"));
+    if pem.len() > MAX_PUBLIC_KEY_PEM {
+        return Err(bad("too long for a public key"));
+    }
+    let text = pem.trim();
+    let Some(rest) = text.strip_prefix("-----BEGIN ") else {
+        return Err(bad(
+            "not in PEM format (expected -----BEGIN PUBLIC KEY-----, a SubjectPublicKeyInfo)",
+        ));
+    };
+    let Some((label, rest)) = rest.split_once("-----") else {
+        return Err(bad("malformed PEM header"));
+    };
+    match label {
+        "PUBLIC KEY" => {}
+        l if l.contains("PRIVATE KEY") => {
+            return Err(bad(
+                "this is a private key, not a public key: send only the public key \
+                 (BEGIN PUBLIC KEY), or import the private key wrapped, as ciphertext",
+            ));
+        }
+        "RSA PUBLIC KEY" => {
+            return Err(bad(
+                "a PKCS#1 RSAPublicKey (BEGIN RSA PUBLIC KEY): send it as a \
+                 SubjectPublicKeyInfo (BEGIN PUBLIC KEY, e.g. openssl rsa -RSAPublicKey_in -pubout)",
+            ))
+        }
+        "CERTIFICATE" => {
+            return Err(bad(
+                "a certificate: send its public key (BEGIN PUBLIC KEY), e.g. from \
+                 openssl x509 -pubkey -noout",
+            ))
+        }
+        l => {
+            let shown: String = l.chars().take(40).collect();
+            return Err(bad(&format!(
+                "unexpected PEM label {shown:?} (expected PUBLIC KEY)"
+            )));
+        }
+    }
+    let Some(body) = rest.strip_suffix("-----END PUBLIC KEY-----") else {
+        return Err(bad(
+            "one PEM block ending in -----END PUBLIC KEY-----, and nothing after it, expected",
+        ));
+    };
+    if body.contains("-----") {
+        return Err(bad("exactly one PEM block expected"));
+    }
+    let b64: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.as_bytes())
+        .map_err(|_| bad("the PEM body is not valid base64"))
+}
+
+/// DER of the algorithm OIDs (with tag and length) a public key may carry.
+const OID_RSA_ENCRYPTION: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+const OID_P521: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
+const DER_NULL: &[u8] = &[0x05, 0x00];
+
+/// Reads one whole TLV (tag, length and contents) off the front of `input`.
+fn der_element(input: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (_, body, rest) = der_tlv(input)?;
+    let len = input.len() - rest.len();
+    debug_assert!(len >= body.len());
+    Some((&input[..len], rest))
+}
+
+/// A SubjectPublicKeyInfo checked against `key_type` (key kind, curve,
+/// modulus size, point encoding), with an error that says what is wrong,
+/// then validated by aws-lc (the ECDSA point on its curve, the RSA key's
+/// modulus and exponent) and re-encoded canonically.
+fn parse_public_only(key_type: KeyType, spki: &[u8]) -> Result<PublicOnly, CryptoError> {
+    let bad = |why: String| CryptoError::InvalidInput(format!("invalid public_key: {why}"));
+    let not_spki = || bad("not a DER SubjectPublicKeyInfo".into());
+    let (0x30, body, rest) = der_tlv(spki).ok_or_else(not_spki)? else {
+        return Err(not_spki());
+    };
+    if !rest.is_empty() {
+        return Err(bad("trailing data after the SubjectPublicKeyInfo".into()));
+    }
+    let (0x30, alg, rest) = der_tlv(body).ok_or_else(not_spki)? else {
+        return Err(not_spki());
+    };
+    let (0x03, bits, rest) = der_tlv(rest).ok_or_else(not_spki)? else {
+        return Err(not_spki());
+    };
+    if !rest.is_empty() {
+        return Err(not_spki());
+    }
+    let Some((&0, key)) = bits.split_first() else {
+        return Err(not_spki());
+    };
+    let (oid, params) = der_element(alg).ok_or_else(not_spki)?;
+    let kind = match oid {
+        OID_RSA_ENCRYPTION => "an RSA",
+        OID_EC_PUBLIC_KEY => "an ECDSA",
+        OID_ED25519 => "an Ed25519",
+        _ => "an unsupported kind of",
+    };
+    let wrong_kind = || bad(format!("this is {kind} public key, not a {key_type} key"));
+    let curve = key_type.curve();
+    let (alg, raw): (&'static dyn VerificationAlgorithm, &[u8]) = match key_type {
+        KeyType::Ed25519 => {
+            if oid != OID_ED25519 {
+                return Err(wrong_kind());
+            }
+            if !params.is_empty() || key.len() != 32 {
+                return Err(bad("a malformed Ed25519 public key".into()));
+            }
+            (&ED25519, key)
+        }
+        KeyType::EcdsaP256 | KeyType::EcdsaP384 | KeyType::EcdsaP521 => {
+            let curve = curve.as_ref().ok_or_else(wrong_kind)?;
+            if oid != OID_EC_PUBLIC_KEY {
+                return Err(wrong_kind());
+            }
+            let named = match params {
+                OID_P256 => "P-256",
+                OID_P384 => "P-384",
+                OID_P521 => "P-521",
+                _ => "a curve hsmgate does not support (or explicit parameters)",
+            };
+            if named != curve.name {
+                return Err(bad(format!(
+                    "the public key is on {named}, but type {key_type} is {}",
+                    curve.name
+                )));
+            }
+            if key.first() != Some(&0x04) || key.len() != 1 + 2 * curve.scalar_len {
+                return Err(bad(format!(
+                    "the {} point must be uncompressed ({} bytes starting 0x04)",
+                    curve.name,
+                    1 + 2 * curve.scalar_len
+                )));
+            }
+            (curve.verifying, key)
+        }
+        KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
+            if oid != OID_RSA_ENCRYPTION {
+                return Err(wrong_kind());
+            }
+            if params != DER_NULL {
+                return Err(bad(
+                    "rsaEncryption needs NULL parameters (RSA-PSS-only keys are not supported)"
+                        .into(),
+                ));
+            }
+            // RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }
+            let pkcs1 = || -> Option<()> {
+                let (0x30, ints, rest) = der_tlv(key)? else {
+                    return None;
+                };
+                let (0x02, _, ints) = der_tlv(ints)? else {
+                    return None;
+                };
+                let (0x02, _, ints) = der_tlv(ints)? else {
+                    return None;
+                };
+                (rest.is_empty() && ints.is_empty()).then_some(())
+            };
+            pkcs1().ok_or_else(|| bad("a malformed RSA public key".into()))?;
+            (&RSA_PKCS1_2048_8192_SHA256, key)
+        }
+        _ => return Err(wrong_kind()),
+    };
+    let canonical =
+        canonical_spki(alg, raw).map_err(|_| bad(format!("not a valid {key_type} public key")))?;
+    let rsa = match key_type.rsa_size() {
+        Some(size) => {
+            let public = PublicEncryptingKey::from_der(&canonical)
+                .map_err(|_| bad(format!("not a valid {key_type} public key")))?;
+            if public.key_size_bytes() != size.len() {
+                return Err(bad(format!(
+                    "the RSA modulus is {} bits, but type {key_type} is {} bits",
+                    public.key_size_bits(),
+                    size.len() * 8
+                )));
+            }
+            Some(
+                OaepPublicEncryptingKey::new(public)
+                    .map_err(|_| bad(format!("not a valid {key_type} public key")))?,
+            )
+        }
+        None => None,
+    };
+    Ok(PublicOnly {
+        spki: canonical,
+        raw: raw.to_vec(),
+        curve,
+        rsa,
+    })
+}
+
+/// aws-lc's SubjectPublicKeyInfo for a public key in verification form
+/// (raw Ed25519 key, uncompressed ECDSA point, PKCS#1 RSA key), validated
+/// by aws-lc on the way.
+fn canonical_spki(
+    alg: &'static dyn VerificationAlgorithm,
+    raw: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let parsed = ParsedPublicKey::new(alg, raw).map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    let der = parsed
+        .as_der()
+        .map_err(|_| CryptoError::InvalidKeyMaterial)?;
+    Ok(der.as_ref().to_vec())
 }
 
 struct HkdfLen(usize);
@@ -1786,5 +2205,274 @@ mod tests {
         let a = random_bytes(32).unwrap();
         assert_eq!(a.len(), 32);
         assert_ne!(*a, *random_bytes(32).unwrap());
+    }
+
+    /// A full key's public key as a `public_key` import sends it: PEM
+    /// SubjectPublicKeyInfo (for ed25519 too).
+    fn public_pem(m: &KeyMaterial) -> String {
+        pem("PUBLIC KEY", &m.public_key_spki().unwrap().unwrap())
+    }
+
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        der_len(&mut out, body.len());
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn public_only_versions_verify_and_encrypt_but_never_sign_decrypt_or_export() {
+        for t in [
+            KeyType::Ed25519,
+            KeyType::EcdsaP256,
+            KeyType::EcdsaP384,
+            KeyType::EcdsaP521,
+            KeyType::Rsa2048,
+        ] {
+            let full = KeyMaterial::generate(t).unwrap();
+            let public = KeyMaterial::public_only_from_pem(t, &public_pem(&full))
+                .unwrap_or_else(|e| panic!("{t}: {e}"));
+            assert!(public.is_public_only() && !full.is_public_only());
+            assert!(public.secret.is_empty(), "{t}: no private material");
+            // Shown, exported and compared exactly as the full key's.
+            assert_eq!(public.public_key().unwrap(), full.public_key().unwrap());
+            assert_eq!(
+                *public.export(ExportKind::PublicKey).unwrap(),
+                *full.export(ExportKind::PublicKey).unwrap()
+            );
+            assert_eq!(
+                public.public_key_spki().unwrap(),
+                full.public_key_spki().unwrap()
+            );
+            // Verifies what the private key signed, and only that.
+            let sig = full.sign(b"message", HashAlgorithm::Sha2_256).unwrap();
+            assert!(public
+                .verify(b"message", &sig, HashAlgorithm::Sha2_256)
+                .unwrap());
+            assert!(!public
+                .verify(b"massage", &sig, HashAlgorithm::Sha2_256)
+                .unwrap());
+            let jws = full.signature_to_jws(&sig).unwrap();
+            assert_eq!(public.signature_to_jws(&sig).unwrap(), jws, "{t}");
+            assert_eq!(public.signature_from_jws(&jws).unwrap(), sig, "{t}");
+            // Everything that needs the private key (or the HMAC key) fails,
+            // naming why.
+            let refused = |r: Result<(), CryptoError>, what: &str| match r {
+                Err(CryptoError::PublicKeyOnly { .. }) => {}
+                other => panic!("{t}: {what}: {other:?}"),
+            };
+            refused(public.sign(b"m", HashAlgorithm::Sha2_256).map(drop), "sign");
+            refused(public.hmac(b"m", HashAlgorithm::Sha2_256).map(drop), "hmac");
+            refused(
+                public
+                    .verify_hmac(b"m", &[0; 32], HashAlgorithm::Sha2_256)
+                    .map(drop),
+                "verify_hmac",
+            );
+            for kind in [
+                ExportKind::SigningKey,
+                ExportKind::EncryptionKey,
+                ExportKind::HmacKey,
+            ] {
+                refused(public.export(kind).map(drop), "export");
+            }
+            refused(public.derive(b"ctx").map(drop), "derive");
+            refused(public.decrypt(&[0; 256], b"").map(drop), "decrypt");
+            refused(
+                public
+                    .rsa_oaep_decrypt_with(&OAEP_SHA256_MGF1SHA256, &[0; 256])
+                    .map(drop),
+                "rsa_oaep_decrypt_with",
+            );
+            refused(
+                public.rsa_oaep_sha224_decrypt(&[0; 256]).map(drop),
+                "rsa_oaep_sha224_decrypt",
+            );
+            let msg = public
+                .sign(b"m", HashAlgorithm::Sha2_256)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("holds only a public key (imported with public_key)"),
+                "{msg}"
+            );
+            if t.is_rsa() {
+                let ct = public.encrypt(b"for the key holder", b"").unwrap();
+                assert_eq!(&*full.decrypt(&ct, b"").unwrap(), b"for the key holder");
+                assert!(public.encrypt(b"x", b"aad").is_err());
+            } else {
+                assert!(public.encrypt(b"x", b"").is_err());
+            }
+            // Stored form: the canonical SPKI, read back as itself only.
+            let spki = public.public_key_spki().unwrap().unwrap();
+            let back = KeyMaterial::public_only(t, &spki, public.hmac_key.duplicate()).unwrap();
+            assert!(back
+                .verify(b"message", &sig, HashAlgorithm::Sha2_256)
+                .unwrap());
+            assert!(KeyMaterial::public_only(t, &spki[1..], hmac_key()).is_err());
+            assert!(KeyMaterial::public_only(t, &spki, SecretBytes::new(vec![1; 5])).is_err());
+            // The matching private key completes the version (keeping its
+            // HMAC key); any other key is refused.
+            let done = public.with_private_key(&full).unwrap();
+            assert!(!done.is_public_only());
+            assert_eq!(
+                done.hmac_key.expose_secret(),
+                public.hmac_key.expose_secret()
+            );
+            let sig2 = done.sign(b"now", HashAlgorithm::Sha2_256).unwrap();
+            assert!(public
+                .verify(b"now", &sig2, HashAlgorithm::Sha2_256)
+                .unwrap());
+            let other = KeyMaterial::generate(t).unwrap();
+            let err = public.with_private_key(&other).unwrap_err();
+            assert!(err.to_string().contains("does not match"), "{t}: {err}");
+            assert!(public.with_private_key(&public).is_err());
+            assert!(full.with_private_key(&full).is_err());
+        }
+    }
+
+    #[test]
+    fn public_key_imports_are_checked_against_the_type() {
+        let p256 = KeyMaterial::generate(KeyType::EcdsaP256).unwrap();
+        let rsa = KeyMaterial::generate(KeyType::Rsa2048).unwrap();
+        let ed = KeyMaterial::generate(KeyType::Ed25519).unwrap();
+        let err = |t: KeyType, pem: &str| {
+            KeyMaterial::public_only_from_pem(t, pem)
+                .map(drop)
+                .unwrap_err()
+                .to_string()
+        };
+        let contains = |msg: String, want: &str| {
+            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+        };
+        contains(err(KeyType::EcdsaP384, &public_pem(&p256)), "on P-256");
+        contains(
+            err(KeyType::EcdsaP521, &public_pem(&p256)),
+            "type ecdsa-p521 is P-521",
+        );
+        contains(
+            err(KeyType::Rsa2048, &public_pem(&p256)),
+            "an ECDSA public key",
+        );
+        contains(
+            err(KeyType::Ed25519, &public_pem(&rsa)),
+            "an RSA public key",
+        );
+        contains(
+            err(KeyType::EcdsaP256, &public_pem(&ed)),
+            "an Ed25519 public key",
+        );
+        contains(
+            err(KeyType::Rsa3072, &public_pem(&rsa)),
+            "modulus is 2048 bits, but type rsa-3072 is 3072 bits",
+        );
+        contains(
+            err(KeyType::Aes256Gcm96, &public_pem(&rsa)),
+            "does not support public_key import",
+        );
+        contains(err(KeyType::Hmac, &public_pem(&rsa)), "does not support");
+        // Not PEM, bad PEM, the wrong PEM.
+        let pkcs8 = pem("PRIVATE KEY", p256.secret.expose_secret());
+        contains(err(KeyType::EcdsaP256, &pkcs8), "this is a private key");
+        contains(
+            err(
+                KeyType::EcdsaP256,
+                &pkcs8.replace("PRIVATE KEY", "EC PRIVATE KEY"),
+            ),
+            "private key",
+        );
+        contains(
+            err(
+                KeyType::Rsa2048,
+                &pem("RSA PUBLIC KEY", rsa.public_key_raw()),
+            ),
+            "PKCS#1",
+        );
+        contains(
+            err(KeyType::Rsa2048, &pem("CERTIFICATE", b"x")),
+            "certificate",
+        );
+        contains(
+            err(KeyType::Rsa2048, &pem("X", b"x")),
+            "unexpected PEM label",
+        );
+        // A private key's DER under a PUBLIC KEY label is no SPKI.
+        contains(
+            err(
+                KeyType::EcdsaP256,
+                &pem("PUBLIC KEY", p256.secret.expose_secret()),
+            ),
+            "invalid public_key",
+        );
+        for garbage in [
+            "",
+            "hello",
+            "-----BEGIN PUBLIC KEY-----",
+            "-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----",
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----",
+        ] {
+            contains(err(KeyType::Rsa2048, garbage), "invalid public_key");
+        }
+        let good = public_pem(&rsa);
+        assert!(KeyMaterial::public_only_from_pem(KeyType::Rsa2048, &good).is_ok());
+        assert!(
+            KeyMaterial::public_only_from_pem(KeyType::Rsa2048, &format!("\n  {good}\n")).is_ok(),
+            "surrounding whitespace is fine"
+        );
+        contains(
+            err(KeyType::Rsa2048, &format!("{good}{good}")),
+            "exactly one PEM block",
+        );
+        contains(
+            err(KeyType::Rsa2048, &format!("{good}junk")),
+            "nothing after it",
+        );
+        contains(
+            err(KeyType::Rsa2048, &"A".repeat(MAX_PUBLIC_KEY_PEM + 1)),
+            "too long",
+        );
+        // DER-level damage: trailing bytes, a truncated key, a compressed or
+        // off-curve point, RSA without its NULL parameters.
+        let spki = p256.public_key_spki().unwrap().unwrap();
+        let mut trailing = spki.clone();
+        trailing.push(0);
+        contains(
+            err(KeyType::EcdsaP256, &pem("PUBLIC KEY", &trailing)),
+            "trailing",
+        );
+        contains(
+            err(
+                KeyType::EcdsaP256,
+                &pem("PUBLIC KEY", &spki[..spki.len() - 1]),
+            ),
+            "invalid public_key",
+        );
+        let (_, body, _) = der_tlv(&spki).unwrap();
+        let (alg, bits) = der_element(body).unwrap();
+        let (_, bits, _) = der_tlv(bits).unwrap();
+        let point = &bits[1..];
+        let mut compressed = vec![0, 0x02 | (point[64] & 1)];
+        compressed.extend_from_slice(&point[1..33]);
+        let spki_c = tlv(0x30, &[alg, &tlv(0x03, &compressed)].concat());
+        contains(
+            err(KeyType::EcdsaP256, &pem("PUBLIC KEY", &spki_c)),
+            "uncompressed",
+        );
+        let mut off = bits.to_vec();
+        off[64] ^= 1;
+        let spki_off = tlv(0x30, &[alg, &tlv(0x03, &off)].concat());
+        contains(
+            err(KeyType::EcdsaP256, &pem("PUBLIC KEY", &spki_off)),
+            "not a valid ecdsa-p256 public key",
+        );
+        let rsa_spki = rsa.public_key_spki().unwrap().unwrap();
+        let (_, body, _) = der_tlv(&rsa_spki).unwrap();
+        let (_, bits) = der_element(body).unwrap();
+        let no_null_alg = tlv(0x30, OID_RSA_ENCRYPTION);
+        let spki_nn = tlv(0x30, &[&no_null_alg[..], bits].concat());
+        contains(
+            err(KeyType::Rsa2048, &pem("PUBLIC KEY", &spki_nn)),
+            "NULL parameters",
+        );
     }
 }

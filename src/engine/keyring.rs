@@ -289,14 +289,78 @@ impl KeyRing {
         !self.imported_key || self.allow_rotation
     }
 
-    /// A new latest version holding `material` (Vault's `import_version`).
-    pub fn with_imported_version(
+    /// Vault's `import_version` with imported `material` (a full key, or a
+    /// public key only), following Vault's rules (`ImportPublicOrPrivate`,
+    /// `KeyVersionCanBeUpdated`, `ImportPrivateKeyForVersion`):
+    /// - `version` given: that version must hold only a public key, and
+    ///   `material` must be the matching private key, which completes it
+    ///   (same version number, creation time and HMAC key); anything else is
+    ///   refused;
+    /// - no `version`, a private key, and the latest version public-only
+    ///   with the matching public key: the latest version is completed;
+    /// - otherwise `material` becomes a new latest version.
+    ///
+    /// Nothing else ever gives a public-key-only version a private key.
+    pub fn with_import(
         &self,
         material: KeyMaterial,
+        version: Option<u32>,
         now: u64,
     ) -> Result<KeyRing, EngineError> {
         if material.key_type != self.key_type {
             return Err(EngineError::KeyTypeMismatch(self.name.clone()));
+        }
+        if material.is_public_only() && self.derived {
+            return Err(EngineError::InvalidRequest(format!(
+                "key {:?} is derived: a derived {} key is an HKDF key, not a key pair, so \
+                 a public key alone cannot be imported into it",
+                self.name, self.key_type
+            )));
+        }
+        let complete = |v: u32, kv: &KeyVersion, material: &KeyMaterial| {
+            let done = kv.material.with_private_key(material)?;
+            let mut next = self.clone();
+            next.versions.insert(
+                v,
+                Arc::new(KeyVersion {
+                    created: kv.created,
+                    material: done,
+                }),
+            );
+            Ok::<KeyRing, EngineError>(next)
+        };
+        if let Some(v) = version {
+            let (_, kv) = self.version(v)?;
+            if !self.key_type.supports_signing() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "key type {} has no public keys: import_version with version only \
+                     completes a public-key-only version; omit version to add a new one",
+                    self.key_type
+                )));
+            }
+            if !kv.material.is_public_only() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "version {v} already holds its private key: it cannot be updated"
+                )));
+            }
+            if material.is_public_only() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "version {v} already holds a public key: only its private key (ciphertext) \
+                     can be imported into it"
+                )));
+            }
+            return complete(v, kv, &material);
+        }
+        if !material.is_public_only() {
+            if let Some(latest) = self.versions.get(&self.latest_version) {
+                if latest.material.is_public_only() {
+                    // Vault: a private key that does not match the latest
+                    // public-only version becomes a new version instead.
+                    if let Ok(next) = complete(self.latest_version, latest, &material) {
+                        return Ok(next);
+                    }
+                }
+            }
         }
         let mut next = self.clone();
         next.latest_version += 1;
@@ -554,13 +618,26 @@ impl KeyRing {
             versions: self
                 .versions
                 .iter()
-                .map(|(v, kv)| VersionRecord {
-                    version: *v,
-                    created: kv.created,
-                    secret: Zeroizing::new(STANDARD.encode(kv.material.secret.expose_secret())),
-                    hmac_key: Zeroizing::new(STANDARD.encode(kv.material.hmac_key.expose_secret())),
+                .map(|(v, kv)| {
+                    let public_key = if kv.material.is_public_only() {
+                        let spki = kv.material.public_key_spki()?.ok_or_else(|| {
+                            EngineError::Internal("a public-only version without a key".into())
+                        })?;
+                        Some(STANDARD.encode(spki))
+                    } else {
+                        None
+                    };
+                    Ok(VersionRecord {
+                        version: *v,
+                        created: kv.created,
+                        secret: Zeroizing::new(STANDARD.encode(kv.material.secret.expose_secret())),
+                        hmac_key: Zeroizing::new(
+                            STANDARD.encode(kv.material.hmac_key.expose_secret()),
+                        ),
+                        public_key,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, EngineError>>()?,
         };
         serde_json::to_vec(&record)
             .map(Zeroizing::new)
@@ -643,11 +720,33 @@ impl KeyRing {
                     .decode(v.hmac_key.as_bytes())
                     .map_err(|e| malformed(e.to_string()))?,
             );
-            let material = KeyMaterial::from_parts(
-                record.key_type,
-                SecretBytes::from_slice(&secret),
-                SecretBytes::from_slice(&hmac),
-            )?;
+            // A version holds its key material or (format 5) only a
+            // public key: never both, never neither.
+            let material = match (&v.public_key, secret.is_empty()) {
+                (None, false) => KeyMaterial::from_parts(
+                    record.key_type,
+                    SecretBytes::from_slice(&secret),
+                    SecretBytes::from_slice(&hmac),
+                )?,
+                (Some(public), true) if record.format >= 5 && !record.derived => {
+                    let spki = STANDARD
+                        .decode(public.as_bytes())
+                        .map_err(|e| malformed(e.to_string()))?;
+                    KeyMaterial::public_only(
+                        record.key_type,
+                        &spki,
+                        SecretBytes::from_slice(&hmac),
+                    )?
+                }
+                (Some(_), _) => {
+                    return Err(malformed(format!(
+                        "version {} holds a public key beside a secret, in a derived key or \
+                         in a format {} record",
+                        v.version, record.format
+                    )))
+                }
+                (None, true) => return Err(malformed(format!("version {} has no key", v.version))),
+            };
             versions.insert(
                 v.version,
                 Arc::new(KeyVersion {
@@ -704,8 +803,11 @@ fn refuse_auto_rotation_without_rotation(
 /// (absent in format 1 records, read as false/false/0). 3: adds
 /// `imported_key`, `allow_rotation`, `allow_wrap`, `allow_unwrap` (absent
 /// before: false, true, false, false). 4: adds `auto_rotate_period`
-/// (absent before: 0, off).
-const RECORD_FORMAT: u32 = 4;
+/// (absent before: 0, off). 5: a version may hold only a public key
+/// (Vault's `public_key` import): `public_key` (base64 of the DER
+/// SubjectPublicKeyInfo) instead of `secret`; absent before, where every
+/// version has its `secret`.
+const RECORD_FORMAT: u32 = 5;
 
 fn yes() -> bool {
     true
@@ -750,8 +852,18 @@ struct KeyRingRecord {
 struct VersionRecord {
     version: u32,
     created: u64,
+    /// Empty (and not written) for a public-key-only version.
+    #[serde(default, skip_serializing_if = "is_empty")]
     secret: Zeroizing<String>,
     hmac_key: Zeroizing<String>,
+    /// Format 5: base64 of the DER SubjectPublicKeyInfo of a version that
+    /// holds only a public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    public_key: Option<String>,
+}
+
+fn is_empty(s: &Zeroizing<String>) -> bool {
+    s.is_empty()
 }
 
 /// `vault:v{N}:` + standard base64, Vault's envelope for ciphertexts,
@@ -1192,5 +1304,211 @@ mod tests {
         assert!(KeyRing::from_backup(&record[..record.len() - 2], None).is_err());
         let closed = KeyRing::new("c", &KeyOptions::new(KeyType::Ed25519), 1).unwrap();
         assert!(KeyRing::from_backup(&closed.to_record().unwrap(), None).is_err());
+    }
+
+    fn public_of(m: &KeyMaterial) -> KeyMaterial {
+        let spki = m.public_key_spki().unwrap().unwrap();
+        KeyMaterial::public_only(
+            m.key_type,
+            &spki,
+            SecretBytes::from_slice(&crate::engine::crypto::random_bytes(32).unwrap()),
+        )
+        .unwrap()
+    }
+
+    fn signs(ring: &KeyRing, v: u32) -> bool {
+        ring.versions[&v]
+            .material
+            .sign(b"m", crate::engine::crypto::HashAlgorithm::Sha2_256)
+            .is_ok()
+    }
+
+    #[test]
+    fn public_only_versions_survive_the_record_as_format_5() {
+        let pair = KeyMaterial::generate(KeyType::EcdsaP256).unwrap();
+        let opts = KeyOptions {
+            exportable: true,
+            allow_plaintext_backup: true,
+            ..KeyOptions::new(KeyType::EcdsaP256)
+        };
+        let ring = KeyRing::with_material("p", &opts, public_of(&pair), true, 1)
+            .unwrap()
+            .with_import(KeyMaterial::generate(KeyType::EcdsaP256).unwrap(), None, 2)
+            .unwrap();
+        assert_eq!(ring.latest_version, 2);
+        let bytes = ring.to_record().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["format"], 5);
+        let v1 = &v["versions"][0];
+        assert!(v1.get("secret").is_none(), "no secret written: {v1}");
+        assert!(v1["public_key"].is_string());
+        assert!(v["versions"][1].get("public_key").is_none());
+        let back = KeyRing::from_record("p", &bytes).unwrap();
+        assert!(back.versions[&1].material.is_public_only());
+        assert!(!back.versions[&2].material.is_public_only());
+        assert!(!signs(&back, 1) && signs(&back, 2));
+        assert_eq!(
+            back.versions[&1].material.public_key().unwrap(),
+            pair.public_key().unwrap()
+        );
+        // A Transit backup of it restores as it was: still public-only.
+        let restored = KeyRing::from_backup(&bytes, Some("copy")).unwrap();
+        assert!(restored.versions[&1].material.is_public_only());
+
+        // Records no build writes are refused rather than misread: a
+        // version with both a secret and a public key (a backup cannot
+        // smuggle a private key into a public-only version beside it),
+        // with neither, a public key in a format 4 record or in a derived
+        // key.
+        let full_secret = v["versions"][1]["secret"].clone();
+        let mut both = v.clone();
+        both["versions"][0]["secret"] = full_secret;
+        let mut neither = v.clone();
+        neither["versions"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("public_key");
+        let mut old = v.clone();
+        old["format"] = serde_json::json!(4);
+        let mut derived = v.clone();
+        derived["derived"] = serde_json::json!(true);
+        for (what, bad) in [
+            ("both", both),
+            ("neither", neither),
+            ("format 4", old),
+            ("derived", derived),
+        ] {
+            let bad = serde_json::to_vec(&bad).unwrap();
+            assert!(KeyRing::from_record("p", &bad).is_err(), "{what}");
+            assert!(KeyRing::from_backup(&bad, None).is_err(), "{what}");
+        }
+        // A public key of another curve than the type is refused too.
+        let mut curve = v.clone();
+        let p384 = KeyMaterial::generate(KeyType::EcdsaP384).unwrap();
+        curve["versions"][0]["public_key"] =
+            serde_json::json!(STANDARD.encode(p384.public_key_spki().unwrap().unwrap()));
+        assert!(KeyRing::from_record("p", &serde_json::to_vec(&curve).unwrap()).is_err());
+        // Format 4 records (every version with its secret) still read.
+        let full = KeyRing::new("f", &KeyOptions::new(KeyType::Ed25519), 1).unwrap();
+        let mut v4: serde_json::Value = serde_json::from_slice(&full.to_record().unwrap()).unwrap();
+        v4["format"] = serde_json::json!(4);
+        let back = KeyRing::from_record("f", &serde_json::to_vec(&v4).unwrap()).unwrap();
+        assert!(signs(&back, 1));
+    }
+
+    #[test]
+    fn import_version_follows_vaults_rules_for_public_only_versions() {
+        let t = KeyType::Ed25519;
+        let opts = KeyOptions::new(t);
+        let pair1 = KeyMaterial::generate(t).unwrap();
+        let ring = KeyRing::with_material("k", &opts, public_of(&pair1), true, 1).unwrap();
+        assert!(!signs(&ring, 1));
+        let hmac1 = ring.versions[&1].material.hmac_key.duplicate();
+        // Another public key: a new (public-only) version.
+        let pair2 = KeyMaterial::generate(t).unwrap();
+        let two = ring.with_import(public_of(&pair2), None, 2).unwrap();
+        assert_eq!(two.latest_version, 2);
+        assert!(!signs(&two, 1) && !signs(&two, 2));
+        // The latest version's private key, without `version`: completes it.
+        let done = two
+            .with_import(
+                KeyMaterial::from_parts(t, pair2.secret.duplicate(), pair2.hmac_key.duplicate())
+                    .unwrap(),
+                None,
+                3,
+            )
+            .unwrap();
+        assert_eq!(done.latest_version, 2, "completed, not added");
+        assert!(signs(&done, 2) && !signs(&done, 1));
+        assert_eq!(
+            done.versions[&2].created, 2,
+            "the version keeps its creation time"
+        );
+        // Version 1's private key without `version`: the latest is complete,
+        // so it becomes a new version (Vault); with `version: 1` it
+        // completes version 1, keeping its HMAC key.
+        let copy1 = || {
+            KeyMaterial::from_parts(t, pair1.secret.duplicate(), pair1.hmac_key.duplicate())
+                .unwrap()
+        };
+        let added = done.with_import(copy1(), None, 4).unwrap();
+        assert_eq!(added.latest_version, 3);
+        assert!(!signs(&added, 1));
+        let completed = done.with_import(copy1(), Some(1), 4).unwrap();
+        assert_eq!(completed.latest_version, 2);
+        assert!(signs(&completed, 1));
+        assert_eq!(
+            completed.versions[&1].material.hmac_key.expose_secret(),
+            hmac1.expose_secret()
+        );
+        // Refused: a key that does not match; a public key into a version
+        // that has one; anything into a complete version; a missing version.
+        let stranger = KeyMaterial::generate(t).unwrap();
+        let err = two.with_import(stranger, Some(1), 5).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(two.with_import(public_of(&pair1), Some(1), 5).is_err());
+        assert!(completed.with_import(copy1(), Some(1), 5).is_err());
+        assert!(two.with_import(copy1(), Some(9), 5).is_err());
+        assert!(two
+            .with_import(KeyMaterial::generate(KeyType::EcdsaP256).unwrap(), None, 5)
+            .is_err());
+        // A private key that does not match the public-only latest version
+        // becomes a new version (Vault's ImportPublicOrPrivate falls through).
+        let other = two
+            .with_import(KeyMaterial::generate(t).unwrap(), None, 5)
+            .unwrap();
+        assert_eq!(other.latest_version, 3);
+        assert!(!signs(&other, 2) && signs(&other, 3));
+        // `version` on a symmetric key: nothing to complete.
+        let aes = KeyRing::with_material(
+            "a",
+            &KeyOptions::new(KeyType::Aes256Gcm96),
+            KeyMaterial::generate(KeyType::Aes256Gcm96).unwrap(),
+            true,
+            1,
+        )
+        .unwrap();
+        assert!(aes
+            .with_import(
+                KeyMaterial::generate(KeyType::Aes256Gcm96).unwrap(),
+                Some(1),
+                2
+            )
+            .is_err());
+        // A derived (ed25519) key takes no public key.
+        let derived = KeyRing::with_material(
+            "d",
+            &KeyOptions {
+                derived: true,
+                ..KeyOptions::new(t)
+            },
+            KeyMaterial::generate(t).unwrap(),
+            true,
+            1,
+        )
+        .unwrap();
+        assert!(derived.with_import(public_of(&pair1), None, 2).is_err());
+    }
+
+    #[test]
+    fn a_public_only_key_rotates_only_with_allow_rotation_into_a_generated_version() {
+        let t = KeyType::EcdsaP384;
+        let pair = KeyMaterial::generate(t).unwrap();
+        let fixed =
+            KeyRing::with_material("f", &KeyOptions::new(t), public_of(&pair), true, 1).unwrap();
+        assert!(
+            fixed.rotated(2).is_err(),
+            "Vault: no rotation without allow_rotation"
+        );
+        let opts = KeyOptions {
+            allow_rotation: true,
+            ..KeyOptions::new(t)
+        };
+        let rotating = KeyRing::with_material("r", &opts, public_of(&pair), true, 1).unwrap();
+        let rotated = rotating.rotated(2).unwrap();
+        assert_eq!(rotated.latest_version, 2);
+        // The new version is the engine's own key pair; version 1 stays a
+        // verification key.
+        assert!(signs(&rotated, 2) && !signs(&rotated, 1));
     }
 }

@@ -191,6 +191,9 @@ pub fn aes_unwrap(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OaepHash {
     Sha1,
+    /// Not in aws-lc-rs: decrypted through aws-lc's EVP API by the
+    /// `oaep-sha224` crate (crates/oaep-sha224).
+    Sha224,
     Sha256,
     Sha384,
     Sha512,
@@ -202,26 +205,40 @@ impl OaepHash {
         match s.map(str::to_ascii_uppercase).as_deref() {
             None | Some("") | Some("SHA256") => Ok(OaepHash::Sha256),
             Some("SHA1") => Ok(OaepHash::Sha1),
+            Some("SHA224") => Ok(OaepHash::Sha224),
             Some("SHA384") => Ok(OaepHash::Sha384),
             Some("SHA512") => Ok(OaepHash::Sha512),
-            Some("SHA224") => Err(EngineError::InvalidRequest(
-                "hash_function SHA224 is not supported here (aws-lc-rs offers no OAEP-SHA224): \
-                 use SHA256, SHA384, SHA512 or SHA1"
-                    .into(),
-            )),
             Some(other) => Err(EngineError::InvalidRequest(format!(
-                "unknown hash function: {other}"
+                "unknown hash function: {other} (use SHA1, SHA224, SHA256, SHA384 or SHA512)"
             ))),
         }
     }
 
-    pub fn algorithm(self) -> &'static OaepAlgorithm {
+    /// aws-lc-rs's algorithm for this hash; `None` for SHA-224, which
+    /// aws-lc-rs does not offer (see [`rsa_oaep_decrypt`]).
+    pub fn algorithm(self) -> Option<&'static OaepAlgorithm> {
         match self {
-            OaepHash::Sha1 => &OAEP_SHA1_MGF1SHA1,
-            OaepHash::Sha256 => &OAEP_SHA256_MGF1SHA256,
-            OaepHash::Sha384 => &OAEP_SHA384_MGF1SHA384,
-            OaepHash::Sha512 => &OAEP_SHA512_MGF1SHA512,
+            OaepHash::Sha1 => Some(&OAEP_SHA1_MGF1SHA1),
+            OaepHash::Sha224 => None,
+            OaepHash::Sha256 => Some(&OAEP_SHA256_MGF1SHA256),
+            OaepHash::Sha384 => Some(&OAEP_SHA384_MGF1SHA384),
+            OaepHash::Sha512 => Some(&OAEP_SHA512_MGF1SHA512),
         }
+    }
+}
+
+/// RSA-OAEP decryption of an import's OAEP block with `hash` for OAEP and
+/// MGF1 and no label (Go's `rsa.DecryptOAEP`, Vault's import): aws-lc-rs
+/// for SHA-1/256/384/512, aws-lc's EVP API for SHA-224. Every failure is
+/// [`CryptoError::DecryptionFailed`].
+pub fn rsa_oaep_decrypt(
+    key: &KeyMaterial,
+    hash: OaepHash,
+    block: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    match hash.algorithm() {
+        Some(alg) => key.rsa_oaep_decrypt_with(alg, block),
+        None => key.rsa_oaep_sha224_decrypt(block),
     }
 }
 
@@ -248,9 +265,7 @@ pub fn rsa_aes_unwrap(
     }
     let (rsa_block, wrapped) = ciphertext.split_at(rsa_len);
     let failed = || EngineError::InvalidRequest(UNWRAP_FAILED.into());
-    let ephemeral = wrapping
-        .rsa_oaep_decrypt_with(hash.algorithm(), rsa_block)
-        .map_err(|_| failed())?;
+    let ephemeral = rsa_oaep_decrypt(wrapping, hash, rsa_block).map_err(|_| failed())?;
     if ephemeral.len() != 32 {
         return Err(failed());
     }
@@ -260,6 +275,11 @@ pub fn rsa_aes_unwrap(
 /// The payload that represents one key version when wrapped: the raw key
 /// (AEAD and HMAC types), PKCS#8 v1 DER (Ed25519, ECDSA, RSA).
 pub fn key_payload(material: &KeyMaterial) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    if material.is_public_only() {
+        return Err(CryptoError::PublicKeyOnly {
+            op: "wrapping (a wrap carries the private key)",
+        });
+    }
     let secret = material.secret.expose_secret();
     match material.key_type {
         KeyType::Ed25519 => {
@@ -345,6 +365,17 @@ pub struct WrappedKey {
     pub mechanism: Mechanism,
     /// The KW/KWP output (not secret: it is ciphertext).
     pub wrapped: Vec<u8>,
+}
+
+/// What a Vault import (`keys/:name/import`, `import_version`) brings in:
+/// `ciphertext` (the private key wrapped for the transit wrapping key) or
+/// `public_key` (a PEM SubjectPublicKeyInfo, a verification-only version).
+pub enum ImportSource<'a> {
+    Wrapped {
+        ciphertext: &'a [u8],
+        hash: OaepHash,
+    },
+    PublicKey(&'a str),
 }
 
 /// What an unwrap or import brings in, besides the key itself.
@@ -452,14 +483,43 @@ impl Engine {
         self.insert_imported(by, name, opts, material)
     }
 
+    /// Vault's `keys/:name/import` with `public_key`: a new key ring whose
+    /// first version holds only a public key. It verifies (and, RSA,
+    /// encrypts); nothing signs or decrypts with it until
+    /// `import_version` supplies the matching private key.
+    pub fn import_public_key(
+        &self,
+        by: &Principal,
+        name: &str,
+        opts: &KeyOptions,
+        pem: &str,
+    ) -> Result<Arc<KeyRing>, EngineError> {
+        Self::require(by, Role::CryptoUser)?;
+        opts.validate()?;
+        refuse_convergent(opts)?;
+        if opts.derived {
+            // Vault's rule: a derived ed25519 key is an HKDF key, not a pair.
+            return Err(EngineError::InvalidRequest(
+                "a public key alone cannot be imported as a derived key (a derived key is an \
+                 HKDF key, not a key pair)"
+                    .into(),
+            ));
+        }
+        self.refuse_existing(name)?;
+        let material = KeyMaterial::public_only_from_pem(opts.key_type, pem)?;
+        self.insert_imported(by, name, opts, material)
+    }
+
     /// Vault's `keys/:name/import_version`: a new latest version of an
-    /// imported key from wrapped material.
+    /// imported key, or the private key of a public-key-only version
+    /// (`version`, or the latest when it matches); the rules are
+    /// [`KeyRing::with_import`]'s.
     pub fn import_key_version(
         &self,
         by: &Principal,
         name: &str,
-        ciphertext: &[u8],
-        hash: OaepHash,
+        source: ImportSource<'_>,
+        version: Option<u32>,
     ) -> Result<Arc<KeyRing>, EngineError> {
         let ring = self.ring(by, name)?;
         if !ring.imported_key {
@@ -467,12 +527,18 @@ impl Engine {
                 "the import_version endpoint can only be used with an imported key".into(),
             ));
         }
-        let payload = self.vault_unwrap(ciphertext, hash)?;
-        let mut material = Some(material_from_payload(ring.key_type, &payload)?);
+        let material = match source {
+            ImportSource::Wrapped { ciphertext, hash } => {
+                let payload = self.vault_unwrap(ciphertext, hash)?;
+                material_from_payload(ring.key_type, &payload)?
+            }
+            ImportSource::PublicKey(pem) => KeyMaterial::public_only_from_pem(ring.key_type, pem)?,
+        };
+        let mut material = Some(material);
         self.update_ring(by, name, |current| {
             let ring = current.ok_or_else(|| EngineError::KeyNotFound(name.into()))?;
             let material = material.take().ok_or_else(changed_meanwhile)?;
-            ring.with_imported_version(material, now_unix()).map(Some)
+            ring.with_import(material, version, now_unix()).map(Some)
         })
     }
 
@@ -687,12 +753,26 @@ mod tests {
     }
 
     #[test]
+    fn a_public_only_version_has_no_payload_to_wrap() {
+        let pair = KeyMaterial::generate(KeyType::Ed25519).unwrap();
+        let spki = pair.public_key_spki().unwrap().unwrap();
+        let public =
+            KeyMaterial::public_only(KeyType::Ed25519, &spki, SecretBytes::from_slice(&[3u8; 32]))
+                .unwrap();
+        assert!(matches!(
+            key_payload(&public),
+            Err(CryptoError::PublicKeyOnly { .. })
+        ));
+        assert!(key_payload(&pair).is_ok());
+    }
+
+    #[test]
     fn mechanisms_and_hashes_parse() {
         assert_eq!(Mechanism::parse("aes-kwp").unwrap(), Mechanism::AesKwp);
         assert!(Mechanism::parse("AES-KWP").is_err());
         assert_eq!(OaepHash::parse(None).unwrap(), OaepHash::Sha256);
         assert_eq!(OaepHash::parse(Some("sha1")).unwrap(), OaepHash::Sha1);
-        assert!(OaepHash::parse(Some("SHA224")).is_err());
+        assert_eq!(OaepHash::parse(Some("Sha224")).unwrap(), OaepHash::Sha224);
         assert!(OaepHash::parse(Some("MD5")).is_err());
     }
 }

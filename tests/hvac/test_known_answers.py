@@ -24,7 +24,10 @@ result:
   imported key, its ciphertexts opened locally after the restore;
 - export of an exportable key checked by use (its HMAC key recomputes the
   engine's HMAC), refusal for a non-exportable one (every export type), and
-  refusal of an import wrapped for another wrapping key.
+  refusal of an import wrapped for another wrapping key;
+- public_key import (ed25519, ECDSA, RSA key pairs made here): local
+  signatures verify in the engine, signing is refused, RSA encrypts to the
+  local key, import_version with the wrapped private key completes it.
 """
 
 import base64
@@ -403,6 +406,59 @@ def backup_and_restore(transit, client, wrapping):
     check(True, "backup of a key without allow_plaintext_backup is refused")
     ok("backup_key/restore_key: the restored key is the known key; refusals")
 
+def imported_public_keys(transit, client, wrapping):
+    """Vault's public_key import: a key pair made here, only its public key
+    imported; the engine verifies local signatures, RSA encrypts to the
+    local private key, signing is refused; import_version with the wrapped
+    private key completes version 1, which then signs."""
+    msg = b"signed by the key holder"
+    keys = {
+        "ed25519": ed25519.Ed25519PrivateKey.generate(),
+        "ecdsa-p384": ec.generate_private_key(ec.SECP384R1()),
+        "rsa-2048": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    }
+    for ty, private in keys.items():
+        name = f"pubimp-{ty}"
+        pem = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        client.adapter.post(f"/v1/transit/keys/{name}/import", json={"type": ty, "public_key": pem})
+        shown = public_key_of(transit, name, ty)
+        check(
+            shown.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            == private.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo),
+            f"{ty}: keys/:name shows the imported public key",
+        )
+        alg = "sha2-384" if ty == "ecdsa-p384" else "sha2-256"
+        if ty == "ed25519":
+            local = private.sign(msg)
+        elif ty.startswith("ecdsa"):
+            local = private.sign(msg, ec.ECDSA(HASHES[alg]()))
+        else:
+            h = HASHES[alg]()
+            local = private.sign(msg, apad.PSS(mgf=apad.MGF1(h), salt_length=h.digest_size), h)
+        for good, m in ((True, msg), (False, msg + b"!")):
+            valid = transit.verify_signed_data(name=name, hash_input=b64(m), signature="vault:v1:" + b64(local),
+                                               hash_algorithm=alg)
+            check(valid["data"]["valid"] is good, f"{ty}: a local signature verifies: {good}")
+        e = raises(exceptions.InvalidRequest, transit.sign_data, name=name, hash_input=b64(msg), hash_algorithm=alg)
+        check("only a public key" in str(e), f"{ty}: signing is refused, saying why: {e}")
+        if ty.startswith("rsa"):
+            ct = transit.encrypt_data(name=name, plaintext=b64(b"for the holder"))["data"]["ciphertext"]
+            oaep = apad.OAEP(mgf=apad.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+            check(private.decrypt(unb64(body_of(ct)), oaep) == b"for the holder", "RSA encrypts to the holder")
+            raises(exceptions.InvalidRequest, transit.decrypt_data, name=name, ciphertext=ct)
+        client.adapter.post(
+            f"/v1/transit/keys/{name}/import_version",
+            json={"ciphertext": byok_wrap(wrapping, pkcs8(private)), "hash_function": "SHA256"},
+        )
+        check(transit.read_key(name=name)["data"]["latest_version"] == 1, f"{ty}: version 1 completed")
+        _, sig = engine_signature(transit, name, ty, msg, alg, "asn1")
+        verify_locally(private.public_key(), ty, sig, msg, alg)
+    ok("public_key import of " + ", ".join(keys) + ": local signatures verify, signing refused, RSA encrypts; "
+       "import_version with the private key completes the version")
+
 
 def main():
     client = hvac.Client(url=ADDR, token=TOKEN, verify=CA)
@@ -412,6 +468,7 @@ def main():
     imported_hmac(transit, client, wrapping)
     generated_signing(transit, client)
     imported_signing(transit, client, wrapping)
+    imported_public_keys(transit, client, wrapping)
     export_and_refusals(transit, client, wrapping)
     backup_and_restore(transit, client, wrapping)
     print(f"hvac known answers: {checks} checks passed against {ADDR}")
