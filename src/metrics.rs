@@ -217,26 +217,36 @@ pub enum MetricsError {
     },
 }
 
-fn counter_vec(
+/// Registers `collector` and hands back the handle its owner keeps (every
+/// module's metrics are registered through here: one registry, one way).
+pub(crate) fn registered<C>(r: &Registry, collector: C) -> prometheus::Result<C>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    r.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+pub(crate) fn counter_vec(
     r: &Registry,
     name: &str,
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(r, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
-fn gauge_vec(
+pub(crate) fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    registered(r, IntGauge::new(name, help)?)
+}
+
+pub(crate) fn gauge_vec(
     r: &Registry,
     name: &str,
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntGaugeVec> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(r, IntGaugeVec::new(Opts::new(name, help), labels)?)
 }
 
 /// Latency buckets from 100 µs (a cached AES call) to 10 s (a stalled disk).

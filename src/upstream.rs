@@ -178,15 +178,12 @@ impl PoolMetrics {
             ),
             &["node", "outcome"],
         )?;
-        registry.register(Box::new(up.clone()))?;
-        registry.register(Box::new(leader.clone()))?;
-        registry.register(Box::new(ejections.clone()))?;
-        registry.register(Box::new(requests.clone()))?;
+        use crate::metrics::registered;
         Ok(PoolMetrics {
-            up,
-            leader,
-            ejections,
-            requests,
+            up: registered(registry, up)?,
+            leader: registered(registry, leader)?,
+            ejections: registered(registry, ejections)?,
+            requests: registered(registry, requests)?,
         })
     }
 }

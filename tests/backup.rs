@@ -306,10 +306,7 @@ async fn a_public_only_key_survives_backup_and_restore_as_a_verification_key() {
     let rng = SystemRandom::new();
     let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
     let holder = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, doc.as_ref()).unwrap();
-    let pem = format!(
-        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-        b64(holder.public_key().as_der().unwrap().as_ref())
-    );
+    let pem = public_key_pem(holder.public_key().as_der().unwrap().as_ref());
     let (st, body) = s
         .post(
             &c,

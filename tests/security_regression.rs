@@ -2001,10 +2001,7 @@ async fn a_public_only_imported_key_can_never_sign_or_decrypt() {
     // The holder's key pair, made outside the engine.
     let holder = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
     let spki = holder.public_key().as_der().unwrap();
-    let pem = format!(
-        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-        b64e.encode(spki.as_ref())
-    );
+    let pem = public_key_pem(spki.as_ref());
     let (st, body) = s
         .post(
             &c,

@@ -874,16 +874,7 @@ type Signer = Box<dyn Fn(&[u8]) -> Vec<u8>>;
 
 impl Outside {
     fn pem(&self) -> String {
-        let body = STANDARD.encode(&self.spki);
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            lines.join("\n")
-        )
+        public_key_pem(&self.spki)
     }
 
     fn ed25519() -> Outside {

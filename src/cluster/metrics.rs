@@ -17,11 +17,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntGauge, IntGaugeVec, Registry};
 use tokio::sync::watch;
 
 use super::{Cluster, ClusterStatus};
 use crate::engine::EngineState;
+use crate::metrics::{gauge, gauge_vec};
 
 /// How often the gauges are refreshed (and peers probed, on the leader).
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -41,23 +42,6 @@ pub struct ClusterMetrics {
     /// No labels; a child exists only while this node is the leader.
     holding: IntGaugeVec,
     lag: IntGaugeVec,
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-    let g = IntGauge::new(name, help)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
-}
-
-fn gauge_vec(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::Result<IntGaugeVec> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
 }
 
 impl ClusterMetrics {

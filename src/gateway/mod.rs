@@ -438,49 +438,10 @@ impl Server {
         // A gateway has no engine to back up: its nodes' leader does it.
         if self.state.upstream.is_none() && self.state.engine.config().backup.schedule_dir.is_some()
         {
-            let state = self.state.clone();
-            let interval = state.engine.config().backup.schedule_interval;
-            let mut stop = stop_rx.clone();
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                // The first tick fires at once: the first backup is one
-                // interval after start.
-                tick.tick().await;
-                loop {
-                    tokio::select! {
-                        _ = stop.changed() => break,
-                        _ = tick.tick() => {}
-                    }
-                    // In a cluster, one member writes the scheduled backup:
-                    // the leader (docs/CLUSTER.md).
-                    if let Some(cluster) = &state.cluster {
-                        if !cluster.is_leader() {
-                            tracing::debug!(
-                                node = cluster.node_id(),
-                                "scheduled backup skipped: this member is not the cluster's leader"
-                            );
-                            continue;
-                        }
-                    }
-                    let engine = state.engine.clone();
-                    let done = tokio::task::spawn_blocking(move || engine.scheduled_backup()).await;
-                    let event = match done {
-                        Ok(Ok(Some(path))) => Event::new("backup.scheduled", Outcome::Success)
-                            .detail("file", path.display().to_string()),
-                        Ok(Ok(None)) => continue,
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, "scheduled backup failed");
-                            Event::new("backup.scheduled", Outcome::Error)
-                                .detail("error", e.to_string())
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "scheduled backup task failed");
-                            Event::new("backup.scheduled", Outcome::Error)
-                        }
-                    };
-                    audit_local(&state, event).await;
-                }
-            });
+            tasks.spawn(scheduled_backups_forever(
+                self.state.clone(),
+                stop_rx.clone(),
+            ));
         }
         // A gateway's keys are on its nodes, and their leader rotates them.
         if self.state.upstream.is_none() {
@@ -698,6 +659,60 @@ async fn audit_local(state: &AppState, event: Event) {
     }
 }
 
+/// Waits for the next tick of a leader-only timer; `false` once the server
+/// stops. In a cluster, ticks while this member is not the leader are
+/// skipped: scheduled backups, automatic rotations and logout pruning are
+/// the leader's (docs/CLUSTER.md), and what they write replicates.
+async fn next_leader_tick(
+    state: &AppState,
+    tick: &mut tokio::time::Interval,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return false,
+            _ = tick.tick() => {}
+        }
+        match &state.cluster {
+            Some(cluster) if !cluster.is_leader() => tracing::debug!(
+                node = cluster.node_id(),
+                "{what} skipped: this member is not the cluster's leader"
+            ),
+            _ => return true,
+        }
+    }
+}
+
+/// `[backup] schedule_dir`: a backup every `schedule_interval` (the first
+/// one interval after start), audited as `backup.scheduled`.
+async fn scheduled_backups_forever(
+    state: Arc<AppState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(state.engine.config().backup.schedule_interval);
+    // The first tick fires at once: the first backup is one interval after start.
+    tick.tick().await;
+    while next_leader_tick(&state, &mut tick, &mut stop, "scheduled backup").await {
+        let engine = state.engine.clone();
+        let done = tokio::task::spawn_blocking(move || engine.scheduled_backup()).await;
+        let event = match done {
+            Ok(Ok(Some(path))) => Event::new("backup.scheduled", Outcome::Success)
+                .detail("file", path.display().to_string()),
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "scheduled backup failed");
+                Event::new("backup.scheduled", Outcome::Error).detail("error", e.to_string())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "scheduled backup task failed");
+                Event::new("backup.scheduled", Outcome::Error)
+            }
+        };
+        audit_local(&state, event).await;
+    }
+}
+
 /// Vault's `auto_rotate_period` (and, in a cluster, pruning expired logout
 /// records, `Engine::prune_logouts`): every `[engine] auto_rotate_check_seconds`,
 /// rotates the keys that are due (`Engine::rotate_due_keys` with the system
@@ -711,16 +726,7 @@ async fn auto_rotate_forever(state: Arc<AppState>, mut stop: tokio::sync::watch:
     // A restart after a long stop may find many keys due at once; Delay
     // keeps a slow pass from being followed by a burst of catch-up ticks.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            _ = tick.tick() => {}
-        }
-        if let Some(cluster) = &state.cluster {
-            if !cluster.is_leader() {
-                continue;
-            }
-        }
+    while next_leader_tick(&state, &mut tick, &mut stop, "automatic rotation check").await {
         let engine = state.engine.clone();
         let Ok(done) = tokio::task::spawn_blocking(move || {
             let now = std::time::SystemTime::now()

@@ -399,35 +399,38 @@ pub struct ReloadMetrics {
 
 impl ReloadMetrics {
     pub fn register(r: &Registry) -> prometheus::Result<ReloadMetrics> {
-        let reloads = IntCounterVec::new(
-            Opts::new(
-                "hsmgate_config_reloads_total",
-                "Config reloads (SIGHUP or file change) by outcome; a failure keeps the old config serving.",
-            ),
-            &["outcome"],
+        use crate::metrics::registered;
+        let reloads = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "hsmgate_config_reloads_total",
+                    "Config reloads (SIGHUP or file change) by outcome; a failure keeps the old config serving.",
+                ),
+                &["outcome"],
+            )?,
         )?;
-        r.register(Box::new(reloads.clone()))?;
         for outcome in ["success", "failure"] {
             reloads.with_label_values(&[outcome]);
         }
-        let last_success = Gauge::new(
-            "hsmgate_config_last_reload_success_timestamp_seconds",
-            "When the running config was loaded (start or last successful reload), Unix time.",
+        let last_success = registered(
+            r,
+            Gauge::new(
+                "hsmgate_config_last_reload_success_timestamp_seconds",
+                "When the running config was loaded (start or last successful reload), Unix time.",
+            )?,
         )?;
-        r.register(Box::new(last_success.clone()))?;
-        let last_successful = IntGauge::new(
+        let last_successful = crate::metrics::gauge(
+            r,
             "hsmgate_config_last_reload_successful",
             "1 if the last config load or reload succeeded, 0 if it was rejected.",
         )?;
-        r.register(Box::new(last_successful.clone()))?;
-        let info = IntGaugeVec::new(
-            Opts::new(
-                "hsmgate_config_info",
-                "Always 1; sha256 is the first 16 hex digits of the running config tree's SHA-256 (as hsmgate check prints it).",
-            ),
+        let info = crate::metrics::gauge_vec(
+            r,
+            "hsmgate_config_info",
+            "Always 1; sha256 is the first 16 hex digits of the running config tree's SHA-256 (as hsmgate check prints it).",
             &["sha256"],
         )?;
-        r.register(Box::new(info.clone()))?;
         Ok(ReloadMetrics {
             reloads,
             last_success,

@@ -581,6 +581,21 @@ pub fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
+/// A DER SubjectPublicKeyInfo as the PEM `PUBLIC KEY` block Vault's
+/// `public_key` import takes (64-column base64 lines, as OpenSSL writes).
+pub fn public_key_pem(spki_der: &[u8]) -> String {
+    let body = b64(spki_der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        lines.join("\n")
+    )
+}
+
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
