@@ -310,7 +310,15 @@ fn writer_thread(log: Weak<AuditLog>, queue: mpsc::Receiver<Job>) {
         }
         // Dropping the jobs answers their callers "closed".
         let Some(log) = log.upgrade() else { return };
-        log.write_round(jobs);
+        // A panic in one round (a bug) must not end the thread and with it
+        // every later record: that round's callers get "closed" (their
+        // answer channels drop) and the next round starts afresh.
+        let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            log.write_round(jobs);
+        }));
+        if round.is_err() {
+            tracing::error!("audit writer: a round panicked; its records count as unwritten");
+        }
     }
 }
 
