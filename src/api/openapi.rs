@@ -156,6 +156,9 @@ pub fn lookup(method: &str, path: &str) -> Lookup {
 /// the leading slash); checked by a test.
 const MAX_SEGMENTS: usize = 8;
 
+/// A `ROUTES` entry: method and path template.
+type Route = (&'static str, &'static str);
+
 /// One segment of a route template: literal text, or a `{param}` matching
 /// one non-empty segment.
 enum Segment {
@@ -166,7 +169,7 @@ enum Segment {
 /// `ROUTES` split once, at first use: the router matches every request
 /// against it (a linear scan splitting each template was 2% of the server's
 /// CPU under load, docs/BENCHMARKS.md).
-static COMPILED: std::sync::LazyLock<Vec<(&'static (&'static str, &'static str), Vec<Segment>)>> =
+static COMPILED: std::sync::LazyLock<Vec<(&'static Route, Vec<Segment>)>> =
     std::sync::LazyLock::new(|| {
         ROUTES
             .iter()
