@@ -254,14 +254,20 @@ async fn scheduled_backups_rotate_and_restore() {
     );
     let s = TestServer::start(with_backup(&config));
     let (ct, _, _) = populate_and_back_up(&s).await;
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..300 {
-        let names: Vec<String> = std::fs::read_dir(out.path())
+    let backups = || -> Vec<String> {
+        std::fs::read_dir(out.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .filter(|n| n.ends_with(".hsmbak"))
-            .collect();
-        assert!(names.len() <= 2, "more than schedule_keep: {names:?}");
+            .collect()
+    };
+    // A new backup is complete on disk before the oldest is removed (never
+    // the other way round: a failed write must not cost a kept backup), so
+    // a read between the two sees schedule_keep + 1 files, never more.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        let names = backups();
+        assert!(names.len() <= 3, "more than schedule_keep + 1: {names:?}");
         seen.extend(names);
         if seen.len() >= 4 {
             break;
@@ -269,6 +275,16 @@ async fn scheduled_backups_rotate_and_restore() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(seen.len() >= 4, "saw only {seen:?}");
+    // And after each prune exactly schedule_keep remain.
+    let mut kept = backups();
+    for _ in 0..100 {
+        if kept.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        kept = backups();
+    }
+    assert_eq!(kept.len(), 2, "schedule_keep = 2 not kept: {kept:?}");
     let newest = std::fs::read_dir(out.path())
         .unwrap()
         .map(|e| e.unwrap().path())
