@@ -402,46 +402,29 @@ fn required_b64(body: &Body, k: &str) -> Result<Vec<u8>, ApiError> {
 /// for the wrapping key, with `hash_function`) and `public_key` (a PEM
 /// SubjectPublicKeyInfo). Vault takes `ciphertext` when both are sent;
 /// hsmgate refuses the ambiguity.
-enum Source {
-    Wrapped { ciphertext: Vec<u8>, hash: OaepHash },
-    PublicKey(String),
-}
-
-impl Source {
-    fn read(body: &Body) -> Result<Source, ApiError> {
-        let given = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
-        match (given("ciphertext"), given("public_key")) {
-            (true, true) => Err(bad(
-                "only one of ciphertext and public_key may be set: ciphertext imports the \
-                 private key (wrapped), public_key only the public key"
-                    .into(),
-            )),
-            (false, false) => Err(bad(
-                "one of ciphertext (the wrapped private key) or public_key (a PEM public key) \
-                 is required"
-                    .into(),
-            )),
-            (true, false) => Ok(Source::Wrapped {
-                hash: OaepHash::parse(body.str("hash_function").map_err(bad)?)?,
-                ciphertext: required_b64(body, "ciphertext")?,
-            }),
-            (false, true) => Ok(Source::PublicKey(
-                body.str("public_key")
-                    .map_err(bad)?
-                    .unwrap_or_default()
-                    .to_string(),
-            )),
-        }
-    }
-
-    fn as_import(&self) -> ImportSource<'_> {
-        match self {
-            Source::Wrapped { ciphertext, hash } => ImportSource::Wrapped {
-                ciphertext,
-                hash: *hash,
-            },
-            Source::PublicKey(pem) => ImportSource::PublicKey(pem),
-        }
+fn import_source(body: &Body) -> Result<ImportSource, ApiError> {
+    let given = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
+    match (given("ciphertext"), given("public_key")) {
+        (true, true) => Err(bad(
+            "only one of ciphertext and public_key may be set: ciphertext imports the \
+             private key (wrapped), public_key only the public key"
+                .into(),
+        )),
+        (false, false) => Err(bad(
+            "one of ciphertext (the wrapped private key) or public_key (a PEM public key) \
+             is required"
+                .into(),
+        )),
+        (true, false) => Ok(ImportSource::Wrapped {
+            hash: OaepHash::parse(body.str("hash_function").map_err(bad)?)?,
+            ciphertext: required_b64(body, "ciphertext")?,
+        }),
+        (false, true) => Ok(ImportSource::PublicKey(
+            body.str("public_key")
+                .map_err(bad)?
+                .unwrap_or_default()
+                .to_string(),
+        )),
     }
 }
 
@@ -458,11 +441,13 @@ async fn import_key(call: &Call<'_>, name: &str) -> Result<Response<Full<Bytes>>
         ));
     }
     let opts = key_options(&body)?;
-    let source = Source::read(&body)?;
+    let source = import_source(&body)?;
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| match &source {
-        Source::Wrapped { ciphertext, hash } => e.import_key(&by, &name, &opts, ciphertext, *hash),
-        Source::PublicKey(pem) => e.import_public_key(&by, &name, &opts, pem),
+        ImportSource::Wrapped { ciphertext, hash } => {
+            e.import_key(&by, &name, &opts, ciphertext, *hash)
+        }
+        ImportSource::PublicKey(pem) => e.import_public_key(&by, &name, &opts, pem),
     })
     .await?;
     call.ok(key_info(&ring)?)
@@ -477,11 +462,11 @@ async fn import_key_version(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let by = call.principal()?;
     let body = Body::parse(call)?;
-    let source = Source::read(&body)?;
+    let source = import_source(&body)?;
     let version = body.u32("version").map_err(bad)?.filter(|v| *v != 0);
     let name = name.to_string();
     let ring = blocking(call.engine(), move |e| {
-        e.import_key_version(&by, &name, source.as_import(), version)
+        e.import_key_version(&by, &name, &source, version)
     })
     .await?;
     call.ok(key_info(&ring)?)

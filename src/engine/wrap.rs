@@ -370,12 +370,9 @@ pub struct WrappedKey {
 /// What a Vault import (`keys/:name/import`, `import_version`) brings in:
 /// `ciphertext` (the private key wrapped for the transit wrapping key) or
 /// `public_key` (a PEM SubjectPublicKeyInfo, a verification-only version).
-pub enum ImportSource<'a> {
-    Wrapped {
-        ciphertext: &'a [u8],
-        hash: OaepHash,
-    },
-    PublicKey(&'a str),
+pub enum ImportSource {
+    Wrapped { ciphertext: Vec<u8>, hash: OaepHash },
+    PublicKey(String),
 }
 
 /// What an unwrap or import brings in, besides the key itself.
@@ -518,7 +515,7 @@ impl Engine {
         &self,
         by: &Principal,
         name: &str,
-        source: ImportSource<'_>,
+        source: &ImportSource,
         version: Option<u32>,
     ) -> Result<Arc<KeyRing>, EngineError> {
         let ring = self.ring(by, name)?;
@@ -529,7 +526,7 @@ impl Engine {
         }
         let material = match source {
             ImportSource::Wrapped { ciphertext, hash } => {
-                let payload = self.vault_unwrap(ciphertext, hash)?;
+                let payload = self.vault_unwrap(ciphertext, *hash)?;
                 material_from_payload(ring.key_type, &payload)?
             }
             ImportSource::PublicKey(pem) => KeyMaterial::public_only_from_pem(ring.key_type, pem)?,

@@ -241,6 +241,17 @@ def verify_locally(public, key_type, sig: bytes, msg: bytes, alg="sha2-256", pad
         public.verify(sig, msg, pad, h)
 
 
+def sign_locally(private, key_type, msg: bytes, alg="sha2-256", padding=None) -> bytes:
+    """A signature made outside the engine (PSS with a hash-length salt, as Vault's)."""
+    if key_type == "ed25519":
+        return private.sign(msg)
+    if key_type.startswith("ecdsa"):
+        return private.sign(msg, ec.ECDSA(HASHES[alg]()))
+    h = HASHES[alg]()
+    pad = apad.PKCS1v15() if padding == "pkcs1v15" else apad.PSS(mgf=apad.MGF1(h), salt_length=h.digest_size)
+    return private.sign(msg, pad, h)
+
+
 def jws_to_der(key_type, raw: bytes) -> bytes:
     """JWS ECDSA signatures are r || s, each the curve's scalar size."""
     if not key_type.startswith("ecdsa"):
@@ -326,14 +337,7 @@ def imported_signing(transit, client, wrapping):
                 local = private.sign(msg, apad.PKCS1v15(), HASHES[alg]())
                 check(sig == local, f"{ty} pkcs1v15 {alg}: byte-equal to the local signature")
             # A local signature, marshaled the same way, verifies in the engine.
-            if ty == "ed25519":
-                local = private.sign(msg)
-            elif ty.startswith("ecdsa"):
-                local = private.sign(msg, ec.ECDSA(HASHES[alg]()))
-            else:
-                h = HASHES[alg]()
-                pad = apad.PKCS1v15() if padding == "pkcs1v15" else apad.PSS(mgf=apad.MGF1(h), salt_length=h.digest_size)
-                local = private.sign(msg, pad, h)
+            local = sign_locally(private, ty, msg, alg, padding)
             if marshaling == "jws":
                 text = "vault:v1:" + base64.urlsafe_b64encode(der_to_jws(ty, local)).decode().rstrip("=")
             else:
@@ -431,13 +435,7 @@ def imported_public_keys(transit, client, wrapping):
             f"{ty}: keys/:name shows the imported public key",
         )
         alg = "sha2-384" if ty == "ecdsa-p384" else "sha2-256"
-        if ty == "ed25519":
-            local = private.sign(msg)
-        elif ty.startswith("ecdsa"):
-            local = private.sign(msg, ec.ECDSA(HASHES[alg]()))
-        else:
-            h = HASHES[alg]()
-            local = private.sign(msg, apad.PSS(mgf=apad.MGF1(h), salt_length=h.digest_size), h)
+        local = sign_locally(private, ty, msg, alg)
         for good, m in ((True, msg), (False, msg + b"!")):
             valid = transit.verify_signed_data(name=name, hash_input=b64(m), signature="vault:v1:" + b64(local),
                                                hash_algorithm=alg)
