@@ -65,8 +65,7 @@ fn jwt_login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         .map(|d| d.as_secs())
         .unwrap_or(0)
         .min(call.engine().session_ttl().as_secs());
-    let mut envelope = call.envelope(serde_json::Value::Null);
-    envelope["auth"] = json!({
+    let auth = json!({
         "client_token": token.expose_secret(),
         "accessor": "",
         "policies": principal.policies(),
@@ -77,7 +76,7 @@ fn jwt_login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
         "token_type": "service",
         "orphan": true,
     });
-    Ok(rescue::json_response(StatusCode::OK, &envelope))
+    Ok(call.respond(StatusCode::OK, &serde_json::Value::Null, Some(&auth)))
 }
 
 /// Revokes the caller's session token (204). A JWT has nothing to revoke

@@ -143,8 +143,7 @@ async fn login(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
 /// Vault's login shape: the token in `auth.client_token`.
 fn session_response(call: &Call<'_>, success: &LoginSuccess) -> Response<Full<Bytes>> {
     let ttl = call.engine().session_ttl().as_secs();
-    let mut envelope = call.envelope(serde_json::Value::Null);
-    envelope["auth"] = json!({
+    let auth = json!({
         "client_token": success.token.expose_secret(),
         "accessor": "",
         "policies": success.principal.policies(),
@@ -155,7 +154,7 @@ fn session_response(call: &Call<'_>, success: &LoginSuccess) -> Response<Full<By
         "token_type": "service",
         "orphan": true,
     });
-    rescue::json_response(StatusCode::OK, &envelope)
+    call.respond(StatusCode::OK, &serde_json::Value::Null, Some(&auth))
 }
 
 fn status(call: &Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {

@@ -164,10 +164,9 @@ impl Body {
     fn b64(&self, k: &str) -> Result<Option<Vec<u8>>, String> {
         match self.str(k)? {
             None => Ok(None),
-            Some(s) => STANDARD
-                .decode(s.trim().as_bytes())
+            Some(s) => crate::engine::keyring::decode_b64(s.trim().as_bytes())
                 .map(Some)
-                .map_err(|_| format!("{k} is not valid base64")),
+                .ok_or_else(|| format!("{k} is not valid base64")),
         }
     }
 
@@ -624,7 +623,6 @@ fn single_or_batch(
             })
         })
         .collect();
-    let envelope = call.envelope(json!({ "batch_results": results }));
     let status = if failed == 0 {
         StatusCode::OK
     } else if failed < items.len() {
@@ -637,7 +635,7 @@ fn single_or_batch(
     } else {
         StatusCode::BAD_REQUEST
     };
-    Ok(rescue::json_response(status, &envelope))
+    Ok(call.respond(status, &json!({ "batch_results": results }), None))
 }
 
 /// Engine errors inside a batch item become that item's message (the key

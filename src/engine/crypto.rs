@@ -1586,10 +1586,15 @@ pub(crate) fn aes_gcm_open(
 
 pub fn random_bytes(n: usize) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     let mut buf = Zeroizing::new(vec![0u8; n]);
-    SystemRandom::new()
-        .fill(&mut buf)
-        .map_err(|_| CryptoError::RandomFailure)?;
+    fill_random(&mut buf)?;
     Ok(buf)
+}
+
+/// Fills `buf` from the system CSPRNG (aws-lc's).
+pub fn fill_random(buf: &mut [u8]) -> Result<(), CryptoError> {
+    SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| CryptoError::RandomFailure)
 }
 
 fn random_secret() -> Result<SecretBytes, CryptoError> {

@@ -269,7 +269,8 @@ pub async fn serve(
                 let state = state.clone();
                 let conn_info = conn_info.clone();
                 let busy = service_activity.begin();
-                // Spawned now, not at the first poll (see `router::handle`).
+                // Counted in flight now: dropped by hyper, even unpolled, the
+                // request still runs to its end (see `router::detach`).
                 let answer = router::handle(state, conn_info, req);
                 async move {
                     let response = answer.await;

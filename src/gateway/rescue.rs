@@ -159,8 +159,9 @@ pub fn respond(err: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
     resp
 }
 
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
-    // Serializing a serde_json::Value cannot fail.
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    // Callers pass JSON values and plain structs of them: serializing
+    // those cannot fail.
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;

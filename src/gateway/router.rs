@@ -68,7 +68,7 @@ pub fn classify(path: &str) -> RouteClass {
     }
 }
 
-/// Handles one request on a task of its own (see [`detach`]).
+/// Handles one request, detached from its connection (see [`detach`]).
 pub fn handle(
     state: Arc<AppState>,
     conn: ConnInfo,
@@ -77,36 +77,97 @@ pub fn handle(
     detach(&state.clone(), handle_detached(state, conn, req))
 }
 
-/// Runs `request` on a task of its own: if the client hangs up (hyper then
-/// drops the returned future), the request still runs to its end — the
-/// engine call *and* its audit record — so no action can be cut off from
-/// its record by a disconnect. Shutdown waits for these tasks
+/// A request's answer that cannot cut the request short: if the client
+/// hangs up (hyper then drops this future), the request still runs to its
+/// end — the engine call *and* its audit record — so no action can be cut
+/// off from its record by a disconnect. Shutdown waits for such requests
 /// ([`super::InFlight`]).
 ///
-/// Not an `async fn` on purpose: the task is spawned when hyper calls the
-/// service, not when it first polls the answer. A client that writes its
-/// request and hangs up at once makes hyper drop the answer unpolled; an
-/// `async fn` would then never have started the request at all, and a
-/// request is either refused before it starts or run to its end, never cut
-/// short. Must be called inside the Tokio runtime.
+/// The request runs inline, polled by the connection's own task: no task
+/// spawn, no copy of the (large) request future into a task cell, no
+/// wake-up of another worker per request — the spawn those cost was 4% of
+/// the server's CPU under Transit load (docs/BENCHMARKS.md, session 7).
+/// Only when the answer is dropped before the request finished (a hang-up,
+/// or dropped unpolled: a client that writes its request and hangs up at
+/// once) does [`Drop`] hand the pinned, boxed request to a task of its own
+/// to finish it. A request is either refused before it starts or run to
+/// its end, never cut short.
+///
+/// A panic in a handler ends only that request: the caller gets a plain
+/// 500 and the connection goes on. Must be called inside the Tokio runtime.
 pub fn detach(
     state: &Arc<AppState>,
     request: impl Future<Output = Response<Full<Bytes>>> + Send + 'static,
-) -> impl Future<Output = Response<Full<Bytes>>> + Send + 'static {
+) -> Detached {
     let guard = super::InFlight::enter(state);
-    let task = tokio::spawn(async move {
+    Detached::new(async move {
         let response = request.await;
         drop(guard);
         response
-    });
-    async move {
-        match task.await {
-            Ok(response) => response,
-            Err(e) => {
-                // A panic in a handler: the caller gets a plain 500.
-                tracing::error!(error = %e, "request task failed");
-                rescue::respond(&ApiError::Internal(e.to_string()), "")
+    })
+}
+
+/// A request, boxed and pinned where it will stay (so a hang-up can hand
+/// it, half-run, to a task of its own).
+type BoxedRequest = std::pin::Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+
+/// The answer [`detach`] returns.
+pub struct Detached {
+    /// `None` once the request has finished (or panicked).
+    request: Option<BoxedRequest>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Detached {
+    fn new(request: impl Future<Output = Response<Full<Bytes>>> + Send + 'static) -> Self {
+        Detached {
+            request: Some(Box::pin(request)),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Future for Detached {
+    type Output = Response<Full<Bytes>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let Some(request) = self.request.as_mut() else {
+            panic!("a request's answer polled after it was given");
+        };
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.as_mut().poll(cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(response)) => {
+                self.request = None;
+                Poll::Ready(response)
             }
+            Err(panic) => {
+                // The half-run request is dropped here (its in-flight
+                // guard with it), never resumed.
+                self.request = None;
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                tracing::error!(error = %what, "request failed");
+                Poll::Ready(rescue::respond(&ApiError::Internal(what), ""))
+            }
+        }
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(request) = self.request.take() {
+            // Nobody waits for the answer any more; the request finishes on
+            // a task of its own (a panic there ends that task only).
+            drop(self.runtime.spawn(request));
         }
     }
 }
@@ -392,23 +453,136 @@ pub(crate) async fn read_body(
 
 /// A UUID-shaped random id (Vault's `request_id` format).
 pub(crate) fn new_request_id() -> String {
-    let b = crypto::random_bytes(16)
-        .map(|b| b.to_vec())
-        .unwrap_or_else(|_| vec![0; 16]);
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    /// Random bytes for request ids, drawn from the system CSPRNG 64 ids at
+    /// a time: one 16-byte draw per request cost more than the id was
+    /// worth (1.5% of the server's CPU under Transit load, with the
+    /// formatting another 1.5%; docs/BENCHMARKS.md, session 7). Ids are
+    /// unique and unpredictable, not secret.
+    struct Pool {
+        bytes: [u8; 1024],
+        used: usize,
+    }
+    thread_local! {
+        static POOL: std::cell::RefCell<Pool> =
+            const { std::cell::RefCell::new(Pool { bytes: [0; 1024], used: 1024 }) };
+    }
+    let mut id = [0u8; 16];
+    POOL.with_borrow_mut(|pool| {
+        if pool.used == pool.bytes.len() {
+            if crypto::fill_random(&mut pool.bytes).is_err() {
+                pool.bytes = [0; 1024];
+            }
+            pool.used = 0;
+        }
+        id.copy_from_slice(&pool.bytes[pool.used..pool.used + 16]);
+        // Used bytes are not kept around.
+        pool.bytes[pool.used..pool.used + 16].fill(0);
+        pool.used += 16;
+    });
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(36);
+    for (i, byte) in id.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push(HEX[usize::from(byte >> 4)] as char);
+        text.push(HEX[usize::from(byte & 0x0f)] as char);
+    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request whose answer is dropped — unpolled, or after its first
+    /// step — still runs to its end (on a task of its own); one whose
+    /// answer is awaited runs inline and answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_answer_does_not_cut_its_request_short() {
+        let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let request = |gate: Option<tokio::sync::oneshot::Receiver<()>>| {
+            let finished = finished.clone();
+            async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                rescue::empty_response(hyper::StatusCode::NO_CONTENT)
+            }
+        };
+        // Allow: awaited, it answers.
+        let answer = Detached::new(request(None)).await;
+        assert_eq!(answer.status(), hyper::StatusCode::NO_CONTENT);
+        // Dropped before its first poll.
+        drop(Detached::new(request(None)));
+        // Dropped while it waits half-way.
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let mut answer = Detached::new(request(Some(gate)));
+        let polled = futures_poll_once(&mut answer).await;
+        assert!(polled.is_none(), "the request waits for its gate");
+        drop(answer);
+        open.send(()).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while finished.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "a dropped request never finished"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A panicking handler ends its own request with a 500; the caller
+    /// (the connection) goes on.
+    #[tokio::test]
+    async fn a_panicking_request_answers_500() {
+        let answer = Detached::new(async {
+            if std::hint::black_box(true) {
+                panic!("handler bug");
+            }
+            rescue::empty_response(hyper::StatusCode::OK)
+        })
+        .await;
+        assert_eq!(answer.status(), hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    /// Polls `fut` once; `Some` if it was ready.
+    async fn futures_poll_once<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *fut).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// UUID-shaped (8-4-4-4-12 lowercase hex) and never repeated, across
+    /// several refills of the per-thread pool (64 ids each).
+    #[test]
+    fn request_ids_are_uuid_shaped_and_distinct() {
+        let ids: Vec<String> = (0..1000).map(|_| new_request_id()).collect();
+        for id in &ids {
+            let groups: Vec<&str> = id.split('-').collect();
+            assert_eq!(
+                groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12],
+                "{id}"
+            );
+            assert!(
+                id.bytes()
+                    .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{id}"
+            );
+        }
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Not all zero (a failed draw would give zeros).
+        assert!(ids
+            .iter()
+            .any(|id| id.bytes().any(|b| b != b'0' && b != b'-')));
+    }
 
     #[test]
     fn classes() {
