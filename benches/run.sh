@@ -24,6 +24,10 @@
 #   AUDIT_FSYNC=every | batched   AUDIT_KEY_USE=all | per_minute | off
 #                 the servers' [audit] settings (default every / all: one
 #                 durable record per operation; see docs/OPERATIONS.md)
+#   ECHO=1        BENCH=ops: also measure "echo", the hello server sent the
+#                 exact encrypt request and answering with its body (the same
+#                 bytes each way as encrypt, none of the work), and report
+#                 encrypt / echo (needs "encrypt" in OPS)
 #   KEEP=1        keep the temp dir (data dirs, configs, logs, raw wrk output)
 #   NO_BUILD=1    skip `cargo build` (use the existing release binaries)
 #   BIN_DIR       where hsmgate and examples/hello_tls are (default
@@ -489,12 +493,16 @@ ratios() { # A B: per-round req/s A/B
 }
 report_pairs() { # BASE then label pairs "label:base"
     local pair a b
+    local -A shown=()
     for pair in "$@"; do
         a=${pair%%:*} b=${pair#*:}
-        # shellcheck disable=SC2046
-        row "$a req/s" $(vals RPS "$a")
-        # shellcheck disable=SC2046
-        row "$a p99 ms" $(vals P99 "$a")
+        if [[ -z ${shown[$a]:-} ]]; then
+            shown[$a]=1
+            # shellcheck disable=SC2046
+            row "$a req/s" $(vals RPS "$a")
+            # shellcheck disable=SC2046
+            row "$a p99 ms" $(vals P99 "$a")
+        fi
         # shellcheck disable=SC2046
         if [[ $a != "$b" ]]; then row "ratio $a / $b (req/s)" $(ratios "$a" "$b"); fi
     done
@@ -515,9 +523,15 @@ ops)
     wait_listening "$TMP/hello.out" "$!" hello_tls
     add_target hello "https://127.0.0.1:$FREE_PORT"
     pairs=("hello:hello")
+    if [[ -n ${ECHO:-} ]]; then
+        [[ " $OPS " == *" encrypt "* ]] || die "ECHO=1 needs encrypt in OPS"
+        add_target echo "https://127.0.0.1:$FREE_PORT" encrypt gate
+        pairs+=("echo:hello")
+    fi
     for op in $OPS; do
         add_target "$op" "${GATE_URL[gate]}" "$op" gate
         pairs+=("$op:hello")
+        if [[ -n ${ECHO:-} && $op == encrypt ]]; then pairs+=("encrypt:echo"); fi
     done
     measure
     check_alive

@@ -13,6 +13,12 @@
 //! The file lives in a subdirectory so Cargo does not also infer it as a
 //! `[[bench]]` target; it is built as `--example hello_tls`.
 //!
+//! A request with a body (`BENCH=ops ECHO=1 benches/run.sh` sends it the
+//! exact Transit encrypt request wrk sends hsmgate) is answered with that
+//! body: the same bytes each way as an encrypt, through the same transport,
+//! with none of the work — the I/O-equivalent ceiling. A request without a
+//! body gets `hello`.
+//!
 //! Usage: `hello_tls [ADDR]` (default `127.0.0.1:8443`). The certificate is a
 //! fresh self-signed one for localhost/127.0.0.1, kept only in memory.
 use std::convert::Infallible;
@@ -21,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -69,8 +75,21 @@ fn tls_config() -> Result<Arc<ServerConfig>, BoxError> {
     Ok(Arc::new(server))
 }
 
-async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
+async fn hello(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    // The gateway's default body limit (config/hsmgate.toml [limits]).
+    let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    if body.is_empty() {
+        return Ok(Response::new(Full::new(Bytes::from_static(b"hello"))));
+    }
+    let mut answer = Response::new(Full::new(body));
+    answer.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(answer)
 }
 
 async fn serve(addr: SocketAddr) -> Result<(), BoxError> {
