@@ -28,6 +28,11 @@
 #                 exact encrypt request and answering with its body (the same
 #                 bytes each way as encrypt, none of the work), and report
 #                 encrypt / echo (needs "encrypt" in OPS)
+#   PIN_SERVER=1 PIN_WRK=0   CPU lists (taskset -c) for the servers (hsmgate,
+#                 hello_tls) and for wrk: with both set, each side has its own
+#                 cores, so req/s per server core can be read off directly
+#                 (e.g. against the raw per-core figures of benches/engine.sh).
+#                 BENCH=ops and fence only.
 #   KEEP=1        keep the temp dir (data dirs, configs, logs, raw wrk output)
 #   NO_BUILD=1    skip `cargo build` (use the existing release binaries)
 #   BIN_DIR       where hsmgate and examples/hello_tls are (default
@@ -76,6 +81,12 @@ BIN_DIR=${BIN_DIR:-$REPO/target/release}
 HSMGATE=$BIN_DIR/hsmgate
 HELLO=$BIN_DIR/examples/hello_tls
 [[ -x $HSMGATE && -x $HELLO ]] || die "missing $HSMGATE or $HELLO"
+
+# --- CPU pinning (PIN_SERVER, PIN_WRK) ----------------------------------
+ON_SERVER_CPUS=()
+ON_WRK_CPUS=()
+if [[ -n ${PIN_SERVER:-} ]]; then ON_SERVER_CPUS=(taskset -c "$PIN_SERVER"); fi
+if [[ -n ${PIN_WRK:-} ]]; then ON_WRK_CPUS=(taskset -c "$PIN_WRK"); fi
 
 # --- scratch space and cleanup -----------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/hsmgate-bench.XXXXXX")
@@ -368,7 +379,7 @@ start_gate() {
     "$HSMGATE" check --config "$dir/hsmgate.toml" >"$dir/check.out" 2>&1 \
         || { cat "$dir/check.out" >&2; die "hsmgate check refused the $profile config"; }
     say "hsmgate ($name: $profile policy set) serve --config $dir/hsmgate.toml"
-    HSMGATE_LOG=${HSMGATE_LOG:-info} "$HSMGATE" serve --config "$dir/hsmgate.toml" --data-dir "$dir/data" \
+    HSMGATE_LOG=${HSMGATE_LOG:-info} "${ON_SERVER_CPUS[@]}" "$HSMGATE" serve --config "$dir/hsmgate.toml" --data-dir "$dir/data" \
         >"$dir/hsmgate.out" 2>"$dir/hsmgate.log" &
     PIDS+=($!)
     GATE_PID[$name]=$!
@@ -428,11 +439,11 @@ WRK_ARGS=(-t"$WRK_THREADS" -c"$WRK_CONNS" --latency)
 run_wrk() { # label duration tag -> raw output file
     local label=$1 dur=$2 out=$TMP/wrk-$1-$3.txt op=${T_OP[$1]}
     if [[ -z $op ]]; then
-        wrk "${WRK_ARGS[@]}" -d"$dur" "${T_URL[$label]}/" >"$out"
+        "${ON_WRK_CPUS[@]}" wrk "${WRK_ARGS[@]}" -d"$dur" "${T_URL[$label]}/" >"$out"
     else
         OP=$(op_lua "$op") TRANSIT_KEY=${T_KEY[$label]} VAULT_TOKEN=${T_TOKEN[$label]} \
             CIPHERTEXT=${T_CT[$label]} \
-            wrk "${WRK_ARGS[@]}" -d"$dur" -s "$REPO/benches/transit.lua" "${T_URL[$label]}" >"$out"
+            "${ON_WRK_CPUS[@]}" wrk "${WRK_ARGS[@]}" -d"$dur" -s "$REPO/benches/transit.lua" "${T_URL[$label]}" >"$out"
     fi
     if grep -q 'Non-2xx' "$out"; then
         cat "$out" >&2
@@ -476,7 +487,7 @@ measure() {
 header() {
     echo
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) cores  load before: $LOAD_BEFORE  after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "BENCH=$BENCH ROUNDS=$ROUNDS; wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') ${WRK_ARGS[*]} -d$WRK_DURATION, keep-alive, HTTP/1.1 over TLS 1.3 on loopback; HSMGATE_LOG=${HSMGATE_LOG:-info}; audit fsync=$AUDIT_FSYNC key_use=$AUDIT_KEY_USE"
+    echo "BENCH=$BENCH ROUNDS=$ROUNDS; wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') ${WRK_ARGS[*]} -d$WRK_DURATION, keep-alive, HTTP/1.1 over TLS 1.3 on loopback; HSMGATE_LOG=${HSMGATE_LOG:-info}; audit fsync=$AUDIT_FSYNC key_use=$AUDIT_KEY_USE; servers on CPUs ${PIN_SERVER:-any}, wrk on ${PIN_WRK:-any}"
     echo
     printf '| | '; for r in $(seq 1 "$ROUNDS"); do printf 'round %s | ' "$r"; done; echo 'median |'
     printf '|---|'; for r in $(seq 1 "$ROUNDS"); do printf -- '---:|'; done; echo '---:|'
@@ -518,7 +529,7 @@ case $BENCH in
 ops)
     start_gate gate realistic
     free_port 8443
-    "$HELLO" "127.0.0.1:$FREE_PORT" >"$TMP/hello.out" 2>"$TMP/hello.log" &
+    "${ON_SERVER_CPUS[@]}" "$HELLO" "127.0.0.1:$FREE_PORT" >"$TMP/hello.out" 2>"$TMP/hello.log" &
     PIDS+=($!)
     wait_listening "$TMP/hello.out" "$!" hello_tls
     add_target hello "https://127.0.0.1:$FREE_PORT"

@@ -222,20 +222,29 @@ impl Pool {
         })
     }
 
-    /// Health checks every node each interval until `stop` fires. The first
-    /// round runs at once, so a gateway serves as soon as a node is healthy.
+    /// One health round: every node checked at once; returns when all
+    /// answered or timed out (`timeout_ms`). The gateway runs the first
+    /// round before any listener serves (`gateway::Server::run`), so a
+    /// request that arrives with the gateway meets the nodes' real state,
+    /// not an empty pool's 503.
+    pub async fn check_all(self: &Arc<Self>) {
+        let mut checks = tokio::task::JoinSet::new();
+        for i in 0..self.nodes.len() {
+            let pool = self.clone();
+            checks.spawn(async move { pool.check(&pool.nodes[i]).await });
+        }
+        while checks.join_next().await.is_some() {}
+    }
+
+    /// A health round every interval until `stop` fires (after the first,
+    /// which [`Pool::check_all`] ran at start-up).
     pub async fn run_health_checks(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            let mut checks = tokio::task::JoinSet::new();
-            for i in 0..self.nodes.len() {
-                let pool = self.clone();
-                checks.spawn(async move { pool.check(&pool.nodes[i]).await });
-            }
-            while checks.join_next().await.is_some() {}
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = stop.changed() => return,
             }
+            self.check_all().await;
         }
     }
 

@@ -433,6 +433,10 @@ impl Server {
             });
         }
         if let Some(pool) = &self.state.upstream {
+            // The first round before the listeners serve (connections wait
+            // in the backlog, at most `timeout_ms`): a request arriving
+            // with the gateway is sent, not refused for an unchecked pool.
+            pool.check_all().await;
             tasks.spawn(pool.clone().run_health_checks(stop_rx.clone()));
         }
         // A gateway has no engine to back up: its nodes' leader does it.
