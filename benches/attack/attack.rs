@@ -23,6 +23,11 @@
 //! d. memory: VmRSS / VmHWM of the server idle, with KEEPALIVE kept-alive
 //!    connections open, and after MEM_FLOOD distinct untrusted sources.
 //!
+//! PIN=1 runs each flood (a, b, d) in a process of its own (`attack flood`)
+//! pinned to other CPUs than this process (the allowed client), hsmgate and
+//! the bare loop, in the runs with and without the flood alike: see
+//! `Attacker` and `Pinning`, and docs/SECURITY.md for what it measures.
+//!
 //! The file lives in a subdirectory so Cargo does not infer a `[[bench]]`
 //! target; it is built as `--example attack`. Knobs: see benches/attack.sh.
 use std::collections::BTreeMap;
@@ -34,8 +39,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -619,7 +627,7 @@ fn load_for(setup: &Arc<Setup>, conns: u64, d: Duration) -> LoadResult {
 
 // --- floods ------------------------------------------------------------------
 
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct FloodCount {
     /// Connections whose close (EOF or reset) the client saw.
     closed: AtomicU64,
@@ -684,26 +692,38 @@ async fn connect_and_wait(source: IpAddr, to: SocketAddr, n: &FloodCount) {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Serialize, Deserialize)]
 enum FloodKind {
     Login,
     Connect,
 }
 
-/// `conc` tasks share `total` attempts (or run until `deadline`), source
-/// `first + i % sources` for attempt i.
-#[allow(clippy::too_many_arguments)]
-async fn flood(
+/// One flood: `conc` tasks share `total` attempts (or run for `duration`),
+/// source `first + i % sources` for attempt i. Sent to the attacker process
+/// as JSON under PIN=1.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct FloodSpec {
     kind: FloodKind,
-    hello: Arc<Vec<u8>>,
     to: SocketAddr,
     first: u64,
     sources: u64,
     total: Option<u64>,
-    deadline: Option<Instant>,
+    duration: Option<Duration>,
     conc: u64,
-) -> (Arc<FloodCount>, Duration) {
+}
+
+async fn flood(spec: FloodSpec, hello: Arc<Vec<u8>>) -> (Arc<FloodCount>, Duration) {
+    let FloodSpec {
+        kind,
+        to,
+        first,
+        sources,
+        total,
+        duration,
+        conc,
+    } = spec;
     let started = Instant::now();
+    let deadline = duration.map(|d| started + d);
     let n = Arc::new(FloodCount::default());
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -763,6 +783,209 @@ fn spawn_bare() -> Res<(Child, SocketAddr)> {
         .ok_or("bare-accept did not start")?
         .parse()?;
     Ok((child, addr))
+}
+
+// --- the attacker's process (PIN=1) ------------------------------------------
+
+/// Where the floods run: in this process beside the allowed client (the
+/// default), or with PIN=1 in a process of their own (`attack flood`, one
+/// per flood) pinned to CPUs that hsmgate and the allowed client do not get.
+/// The slowloris connections of scenario c stay in this process either way.
+struct Attacker {
+    /// The ClientHello the login flood replays (see `client_hello`).
+    hello: Arc<Vec<u8>>,
+    pin: Option<Pinning>,
+    /// The attacker process's `Cpus_allowed_list`, as it reported it.
+    cpus_seen: std::sync::Mutex<String>,
+}
+
+/// What a flood sent and saw, and what it cost the attacker's process.
+struct Flooded {
+    n: Arc<FloodCount>,
+    took: Duration,
+    /// CPU seconds of the attacker process (PIN=1 only: otherwise the
+    /// attacker is this process, which also runs the allowed client).
+    attacker_cpu: Option<f64>,
+}
+
+/// `attack flood` reads one job as JSON on stdin ...
+#[derive(Serialize, Deserialize)]
+struct FloodJob {
+    cpus: Vec<usize>,
+    spec: FloodSpec,
+    hello: Vec<u8>,
+}
+
+/// ... and answers one report as JSON on stdout.
+#[derive(Serialize, Deserialize)]
+struct FloodReport {
+    count: FloodCount,
+    took: Duration,
+    cpu_seconds: f64,
+    cpus_allowed: String,
+}
+
+impl Attacker {
+    async fn flood(&self, spec: FloodSpec) -> Res<Flooded> {
+        let Some(pin) = &self.pin else {
+            let (n, took) = flood(spec, self.hello.clone()).await;
+            return Ok(Flooded {
+                n,
+                took,
+                attacker_cpu: None,
+            });
+        };
+        let job = serde_json::to_vec(&FloodJob {
+            cpus: pin.attacker.clone(),
+            spec,
+            hello: self.hello.to_vec(),
+        })?;
+        // Blocking on the child off the runtime: the allowed client runs on
+        // a runtime of its own, this one only waits.
+        let report = tokio::task::spawn_blocking(move || -> Res<FloodReport> {
+            let mut child = Command::new(std::env::current_exe()?)
+                .arg("flood")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            // Cannot fail: stdin is piped just above.
+            let mut stdin = child.stdin.take().unwrap();
+            std::io::Write::write_all(&mut stdin, &job)?;
+            drop(stdin);
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                return Err(format!("attack flood exited with {}", out.status).into());
+            }
+            Ok(serde_json::from_slice(&out.stdout)?)
+        })
+        .await??;
+        *self.cpus_seen.lock().unwrap() = report.cpus_allowed;
+        Ok(Flooded {
+            n: Arc::new(report.count),
+            took: report.took,
+            attacker_cpu: Some(report.cpu_seconds),
+        })
+    }
+
+    /// The line above the table that says who ran where.
+    fn placement(&self, server: u32, bare: u32) -> String {
+        let (srv, bare, me) = (
+            cpus_allowed(&server.to_string()),
+            cpus_allowed(&bare.to_string()),
+            cpus_allowed("self"),
+        );
+        match &self.pin {
+            Some(_) => format!(
+                "pinned (PIN=1): hsmgate on CPUs {srv}, the bare accept loop on {bare}, the allowed client (this harness) on {me}; \
+                 the attacker in a process of its own (`attack flood`) on {} (slowloris, c, stays in the harness)",
+                self.cpus_seen.lock().unwrap()
+            ),
+            None => format!(
+                "not pinned (PIN unset): the attacker and the allowed client share the harness process; \
+                 hsmgate on CPUs {srv}, the bare accept loop on {bare}, the harness on {me}"
+            ),
+        }
+    }
+}
+
+/// PIN=1: the CPUs each side gets.
+struct Pinning {
+    /// This process (the allowed client) and so, by inheritance, hsmgate and
+    /// the bare accept loop.
+    server: Vec<usize>,
+    /// The attacker's processes.
+    attacker: Vec<usize>,
+}
+
+impl Pinning {
+    /// PIN=1 with ATTACKER_CPUS (default: the last CPU this process may
+    /// use) and SERVER_CPUS (default: the others); None without PIN.
+    fn from_env() -> Res<Option<Pinning>> {
+        if std::env::var("PIN").map_or(true, |v| v.is_empty() || v == "0") {
+            return Ok(None);
+        }
+        let set = sched_getaffinity(Pid::from_raw(0))?;
+        let mine: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect();
+        let cpus = |name: &str, default: Vec<usize>| match std::env::var(name) {
+            Ok(v) => parse_cpus(&v).map_err(|e| format!("{name}={v}: {e}")),
+            Err(_) => Ok(default),
+        };
+        let attacker = cpus("ATTACKER_CPUS", mine.last().copied().into_iter().collect())?;
+        let others = mine.iter().copied().filter(|c| !attacker.contains(c));
+        let server = cpus("SERVER_CPUS", others.collect())?;
+        if attacker.is_empty() || server.is_empty() {
+            return Err(format!(
+                "PIN=1 needs two CPUs or more (one for the attacker, the rest for hsmgate and the allowed client); \
+                 this process may use {mine:?}"
+            )
+            .into());
+        }
+        if server.iter().any(|c| attacker.contains(c)) {
+            return Err(
+                format!("SERVER_CPUS {server:?} and ATTACKER_CPUS {attacker:?} overlap").into(),
+            );
+        }
+        Ok(Some(Pinning { server, attacker }))
+    }
+}
+
+/// A CPU list as `taskset -c` and `Cpus_allowed_list` write it: "0-2,5".
+fn parse_cpus(s: &str) -> Res<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+        if a > b {
+            return Err(format!("{part}: not a range").into());
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
+}
+
+/// Pins the calling thread, and so the threads and processes it starts
+/// afterwards; called before any other thread exists.
+fn pin_self(cpus: &[usize]) -> Res<()> {
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c)?;
+    }
+    sched_setaffinity(Pid::from_raw(0), &set)
+        .map_err(|e| format!("cannot pin to CPUs {cpus:?}: {e}"))?;
+    Ok(())
+}
+
+/// The kernel's `Cpus_allowed_list` of process `pid` ("self" for this one).
+fn cpus_allowed(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map_or_else(|| "?".into(), |v| v.trim().to_string())
+}
+
+/// `attack flood`: one flood from a process pinned to the CPUs the job
+/// names, for PIN=1 (see `Attacker`).
+fn flood_process() -> Res<()> {
+    let job: FloodJob = serde_json::from_reader(std::io::stdin().lock())?;
+    // Before the runtime starts its threads, so that they inherit it (and
+    // tokio sizes the runtime to these CPUs).
+    pin_self(&job.cpus)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (n, took) = rt.block_on(flood(job.spec, Arc::new(job.hello)));
+    drop(rt);
+    let report = json!({
+        "count": &*n,
+        "took": took,
+        "cpu_seconds": cpu_seconds("self"),
+        "cpus_allowed": cpus_allowed("self"),
+    });
+    println!("{report}");
+    Ok(())
 }
 
 // --- slowloris ---------------------------------------------------------------
@@ -931,24 +1154,36 @@ fn say(s: &str) {
 }
 
 fn main() -> Res<()> {
-    if std::env::args().nth(1).as_deref() == Some("bare-accept") {
-        return bare_accept();
+    match std::env::args().nth(1).as_deref() {
+        Some("bare-accept") => return bare_accept(),
+        Some("flood") => return flood_process(),
+        _ => {}
     }
     let bin = PathBuf::from(std::env::var("HSMGATE").map_err(|_| "set HSMGATE=<hsmgate binary>")?);
     let k = Knobs::from_env();
+    let pin = Pinning::from_env()?;
+    if let Some(p) = &pin {
+        // No other thread exists yet: the runtimes below, hsmgate and the
+        // bare accept loop all inherit these CPUs.
+        pin_self(&p.server)?;
+    }
     let server = start_server(&bin)?;
     let pid = server.child.id();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(k, server, pid))
+    rt.block_on(run(k, pin, server, pid))
 }
 
-async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
+async fn run(k: Knobs, pin: Option<Pinning>, server: Server, pid: u32) -> Res<()> {
     let cert = server.data_dir.join("tls/cert.pem");
     let tls = tls_connector(&cert);
     let api = server.api;
-    let hello = Arc::new(client_hello(&cert, api));
+    let attacker = &Attacker {
+        hello: Arc::new(client_hello(&cert, api)),
+        pin,
+        cpus_seen: Default::default(),
+    };
     // Init, officer, crypto user, key.
     let init_token = std::fs::read_to_string(server.data_dir.join("init-token"))?;
     let admin_pw = format!("attack-admin-{}", std::process::id());
@@ -1035,6 +1270,7 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         let (mut with, mut without, mut ratio, mut rate) = (vec![], vec![], vec![], vec![]);
         let (mut p99w, mut p99o) = (vec![], vec![]);
         let (mut srv_cpu, mut att_cpu, mut srv_cpu_o) = (vec![], vec![], vec![]);
+        let mut attacker_cpu = vec![];
         let (mut with_control, mut ratio_control) = (vec![], vec![]);
         let totals = FloodCount::default();
         let mut load_errors = 0u64;
@@ -1043,30 +1279,29 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             let n = per_round.min(k.attempts - done);
             done += n;
             let (conns, sources, conc) = (k.conns, k.sources, k.flood_conc);
-            let run_flood = |first| {
-                let hello = hello.clone();
+            let login_flood = |to, total, duration| FloodSpec {
+                kind: FloodKind::Login,
+                to,
+                first: 0,
+                sources,
+                total,
+                duration,
+                conc,
+            };
+            let run_flood = || {
                 let setup = setup.clone();
                 async move {
                     let stop = Arc::new(AtomicBool::new(false));
                     let l = load_thread(setup, conns, None, stop.clone());
                     let (srv0, me0) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
-                    let (c, took) = flood(
-                        FloodKind::Login,
-                        hello,
-                        api,
-                        first,
-                        sources,
-                        Some(n),
-                        None,
-                        conc,
-                    )
-                    .await;
+                    let f = attacker.flood(login_flood(api, Some(n), None)).await?;
                     let cpu = (
                         cpu_seconds(&pid.to_string()) - srv0,
                         cpu_seconds("self") - me0,
+                        f.attacker_cpu,
                     );
                     stop.store(true, Ordering::Relaxed);
-                    (c, took, l.join().unwrap(), cpu)
+                    Res::Ok((f.n, f.took, l.join().unwrap(), cpu))
                 }
             };
             let alone = |d| {
@@ -1081,35 +1316,24 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             // The control: the same flood for as long, aimed at the bare
             // accept loop while the allowed load runs against hsmgate.
             let control = |d: Duration| {
-                let hello = hello.clone();
                 let setup = setup.clone();
                 async move {
                     let stop = Arc::new(AtomicBool::new(false));
                     let l = load_thread(setup, conns, None, stop.clone());
-                    let _ = flood(
-                        FloodKind::Login,
-                        hello,
-                        bare,
-                        0,
-                        sources,
-                        None,
-                        Some(Instant::now() + d),
-                        conc,
-                    )
-                    .await;
+                    attacker.flood(login_flood(bare, None, Some(d))).await?;
                     stop.store(true, Ordering::Relaxed);
-                    l.join().unwrap()
+                    Res::Ok(l.join().unwrap())
                 }
             };
             let (c, took, lw, lo, lc, cpu, cpu_o);
             if r % 2 == 0 {
-                (c, took, lw, cpu) = run_flood(0).await;
+                (c, took, lw, cpu) = run_flood().await?;
                 (lo, cpu_o) = alone(took.max(Duration::from_secs(2)));
-                lc = control(took.max(Duration::from_secs(2))).await;
+                lc = control(took.max(Duration::from_secs(2))).await?;
             } else {
-                lc = control(k.duration).await;
+                lc = control(k.duration).await?;
                 (lo, cpu_o) = alone(k.duration);
-                (c, took, lw, cpu) = run_flood(0).await;
+                (c, took, lw, cpu) = run_flood().await?;
             }
             with_control.push(lc.ops_per_s);
             ratio_control.push(lw.ops_per_s / lc.ops_per_s);
@@ -1134,6 +1358,9 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             rate.push(n as f64 / took.as_secs_f64());
             srv_cpu.push(cpu.0 / took.as_secs_f64());
             att_cpu.push(cpu.1 / took.as_secs_f64());
+            if let Some(a) = cpu.2 {
+                attacker_cpu.push(a / took.as_secs_f64());
+            }
             with.push(lw.ops_per_s);
             without.push(lo.ops_per_s);
             ratio.push(lw.ops_per_s / lo.ops_per_s);
@@ -1186,10 +1413,21 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             srv_cpu,
         );
         t.row("a. server CPU without the flood (cores busy)", srv_cpu_o);
-        t.row(
-            "a. harness CPU during the flood (attacker + allowed client, cores busy)",
-            att_cpu,
-        );
+        if attacker_cpu.is_empty() {
+            t.row(
+                "a. harness CPU during the flood (attacker + allowed client, cores busy)",
+                att_cpu,
+            );
+        } else {
+            t.row(
+                "a. harness CPU during the flood (the allowed client alone, cores busy)",
+                att_cpu,
+            );
+            t.row(
+                "a. attacker process CPU during the flood (cores busy)",
+                attacker_cpu,
+            );
+        }
         t.row("a. allowed encrypt/s during the flood", with);
         t.row("a. allowed encrypt/s without", without);
         t.row("a. ratio with / without (goal ≥ 0.8)", ratio);
@@ -1219,43 +1457,44 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         for r in 0..k.rounds {
             let first = 5_000_000 + r * 1_000_000;
             let (sources, conc, duration) = (k.sources, k.flood_conc, k.duration);
-            let against = |to, target: u32| {
-                let hello = hello.clone();
-                async move {
-                    let cpu0 = cpu_seconds(&target.to_string());
-                    let (c, took) = flood(
-                        FloodKind::Connect,
-                        hello,
+            let against = |to, target: u32| async move {
+                let cpu0 = cpu_seconds(&target.to_string());
+                let f = attacker
+                    .flood(FloodSpec {
+                        kind: FloodKind::Connect,
                         to,
                         first,
                         sources,
-                        None,
-                        Some(Instant::now() + duration),
+                        total: None,
+                        duration: Some(duration),
                         conc,
-                    )
-                    .await;
-                    let closed = c.closed.load(Ordering::Relaxed) as f64;
-                    let cpu = cpu_seconds(&target.to_string()) - cpu0;
-                    // Server CPU microseconds per closed connection.
-                    (closed / took.as_secs_f64(), c, cpu * 1e6 / closed.max(1.0))
-                }
+                    })
+                    .await?;
+                let closed = f.n.closed.load(Ordering::Relaxed) as f64;
+                let cpu = cpu_seconds(&target.to_string()) - cpu0;
+                // Server CPU microseconds per closed connection.
+                Res::Ok((
+                    closed / f.took.as_secs_f64(),
+                    f.n,
+                    cpu * 1e6 / closed.max(1.0),
+                ))
             };
             // Plain rate first (nothing else running), then the same flood
             // with the allowed load beside it, and the load alone.
             let (h, b, hc, hcpu, bcpu);
             if r % 2 == 0 {
-                (h, hc, hcpu) = against(api, pid).await;
-                (b, _, bcpu) = against(bare, bare_pid).await;
+                (h, hc, hcpu) = against(api, pid).await?;
+                (b, _, bcpu) = against(bare, bare_pid).await?;
             } else {
-                (b, _, bcpu) = against(bare, bare_pid).await;
-                (h, hc, hcpu) = against(api, pid).await;
+                (b, _, bcpu) = against(bare, bare_pid).await?;
+                (h, hc, hcpu) = against(api, pid).await?;
             }
             h_us.push(hcpu);
             b_us.push(bcpu);
             hung += hc.hung.load(Ordering::Relaxed) + hc.handshakes.load(Ordering::Relaxed);
             let stop = Arc::new(AtomicBool::new(false));
             let l = load_thread(setup.clone(), k.conns, None, stop.clone());
-            let _ = against(api, pid).await;
+            against(api, pid).await?;
             stop.store(true, Ordering::Relaxed);
             let lw = l.join().unwrap();
             let lo = load_for(&setup, k.conns, k.duration);
@@ -1413,17 +1652,17 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
             ));
             cycles.push((n, open.0, closed.0, fds));
         }
-        let (c, took) = flood(
-            FloodKind::Connect,
-            hello.clone(),
-            api,
-            2_000_000,
-            k.mem_flood.max(1),
-            Some(k.mem_flood),
-            None,
-            k.flood_conc,
-        )
-        .await;
+        let Flooded { n: c, took, .. } = attacker
+            .flood(FloodSpec {
+                kind: FloodKind::Connect,
+                to: api,
+                first: 2_000_000,
+                sources: k.mem_flood.max(1),
+                total: Some(k.mem_flood),
+                duration: None,
+                conc: k.flood_conc,
+            })
+            .await?;
         let after_flood = memory(pid);
         say(&format!(
             "d: {} distinct sources in {:.1} s: VmRSS {} KiB; waiting for the sweep and the denial summary",
@@ -1505,8 +1744,11 @@ async fn run(k: Knobs, server: Server, pid: u32) -> Res<()> {
         );
     }
 
+    let placement = attacker.placement(pid, bare_pid);
     let _ = bare_child.kill();
     let _ = bare_child.wait();
+    println!();
+    println!("{placement}");
     println!();
     t.print(k.rounds);
     drop(server);
